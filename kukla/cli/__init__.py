@@ -1,0 +1,1 @@
+"""The `kukla` command line (Typer)."""

@@ -1,0 +1,106 @@
+"""Typer commands generated from a stage's config dataclass.
+
+One field, one flag: the flag's help is the field's docstring, and the values go
+through `kukla.config.from_dict`, the same path a TOML file or the Python API takes.
+Precedence: field default < `--config FILE` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_origin
+
+import typer
+
+from kukla.config import _strip_optional, field_docs, field_types, from_dict, read_toml
+from kukla.errors import KuklaError
+
+C = TypeVar("C")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn a KuklaError into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KuklaError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: committed work is kept; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _cli_type(tp: Any) -> Any:
+    """The type Typer parses; lists arrive as repeatable text and are split on commas."""
+    origin = get_origin(tp)
+    if origin in (list, tuple):
+        return list[str]
+    if origin is Literal or origin is dict:
+        return str
+    return tp if tp in (int, float, bool, str, Path) else str
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = field.default_factory()  # type: ignore[misc]
+    else:
+        return "required"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value)) or "none"
+    return f"default: {value}"
+
+
+def config_command(
+    cls: type[C],
+    run: Callable[[C], Any],
+    *,
+    arguments: tuple[str, ...] = (),
+    section: str | None = None,
+) -> Callable[..., Any]:
+    """A Typer command whose parameters are the fields of `cls`; it calls `run(config)`."""
+    docs, types_ = field_docs(cls), field_types(cls)
+    params = []
+    for field in dataclasses.fields(cls):
+        tp, _ = _strip_optional(types_[field.name])
+        choices = f" [{'|'.join(map(str, get_args(tp)))}]" if get_origin(tp) is Literal else ""
+        help_text = f"{docs.get(field.name, '')}{choices} ({_default_text(field)})"
+        flag = "--" + field.name.replace("_", "-")
+        if field.name in arguments:
+            default = typer.Argument(None, help=help_text, show_default=False)
+        elif tp is bool:
+            default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+        else:
+            default = typer.Option(None, flag, help=help_text, show_default=False)
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=default, annotation=Optional[_cli_type(tp)]))
+    params.append(inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        default=typer.Option(None, "--config", help="TOML file with these settings; flags override it."),
+    ))
+
+    def command(**kwargs: Any) -> Any:
+        config_path = kwargs.pop("config")
+        data = read_toml(config_path, section) if config_path else {}
+        if config_path and section is not None:
+            source = f"{config_path} [{section}]"
+        else:
+            source = str(config_path or "command line")
+        data.update({k: v for k, v in kwargs.items() if v is not None and v != [] and v != ()})
+        return run(from_dict(cls, data, source=source))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = inspect.getdoc(run)
+    wrapped = friendly(command)
+    wrapped.__signature__ = command.__signature__  # type: ignore[attr-defined]
+    return wrapped

@@ -1,0 +1,177 @@
+"""Typed configuration shared by the CLI, TOML files and the Python API.
+
+Each stage has one dataclass. Every field carries a docstring right under it; those
+docstrings become the CLI's `--help`, and the README's configuration reference. The
+CLI, a TOML file and Python all go through `from_dict`, so validation happens once,
+and every error names the field it is about.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import tomllib
+import types
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from kukla.errors import ConfigError, KuklaError
+
+C = TypeVar("C")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (base classes included)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for stmt, following in zip(body, body[1:] + [None]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[stmt.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _split_items(value: Any) -> list[Any]:
+    """Lists come as TOML arrays, repeated flags, or comma-separated text: `32,64`."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, str):
+            out.extend(part.strip() for part in item.split(",") if part.strip())
+        else:
+            out.append(item)
+    return out
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert `value` to `tp`, or raise a ConfigError naming the field."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
+        if optional:
+            return None
+        raise ConfigError(name, "a value is required")
+    origin = get_origin(tp)
+    try:
+        if origin is Literal:
+            choices = get_args(tp)
+            if value not in choices:
+                raise ConfigError(name, f"{value!r} is not one of {', '.join(map(str, choices))}")
+            return value
+        if origin in (list, tuple):
+            (item_tp, *_) = get_args(tp) or (str,)
+            items = [coerce(name, item_tp, v) for v in _split_items(value)]
+            return items if origin is list else tuple(items)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(name, f"expected a table, got {value!r}")
+            return dict(value)
+        if tp is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    return True
+                if lowered in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, str):
+                return int(float(value)) if "e" in value.lower() else int(value.replace("_", ""))
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is Path:
+            return Path(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+    """Build and validate a config; unknown keys are refused with the nearest valid name."""
+    types_ = field_types(cls)
+    unknown = [key for key in data if key.replace("-", "_") not in types_]
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key.replace("-", "_"), list(types_), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise KuklaError(f"{source}: unknown setting {key!r}{hint}")
+    values = {key.replace("-", "_"): coerce(key, types_[key.replace("-", "_")], v) for key, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(missing[0], f"is required ({source})") from None
+        raise KuklaError(f"{source}: {exc}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/TOML-ready dict of a config (paths as strings)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def read_toml(path: Path, section: str | None = None) -> dict[str, Any]:
+    """Read a TOML config file, optionally one `[section]` of it."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KuklaError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise KuklaError(f"config file {path} is not valid TOML: {exc}") from None
+    if section is None:
+        return data
+    if section in data and isinstance(data[section], dict):
+        return data[section]
+    raise KuklaError(f"config file {path} has no [{section}] section")
+
+
+def load_config(cls: type[C], path: Path, section: str | None = None, **overrides: Any) -> C:
+    """Config from a TOML file, with keyword overrides on top (the Python API's entry)."""
+    data = read_toml(path, section)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, data, source=str(path))

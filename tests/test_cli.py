@@ -1,0 +1,96 @@
+"""The command line itself: version, help on every command, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+import kukla
+from kukla.cli.app import app
+from kukla.cli.options import config_command
+from kukla.config import field_docs, from_dict, load_config
+from kukla.errors import ConfigError
+
+runner = CliRunner()
+
+
+def _commands(typer_app: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    names = [prefix + (c.name or c.callback.__name__,) for c in typer_app.registered_commands]
+    for group in typer_app.registered_groups:
+        names += _commands(group.typer_instance, prefix + (group.name,))
+    return names
+
+
+def test_version_is_printed() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"kukla {kukla.__version__}"
+
+
+def test_every_command_has_help() -> None:
+    for command in _commands(app):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage" in result.output
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    out = subprocess.run([sys.executable, "-m", "kukla", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and kukla.__version__ in out.stdout
+
+
+@dataclass
+class _Demo:
+    width: int = 16
+    """Number of latents."""
+    k: list[float] = field(default_factory=lambda: [4.0])
+    """Active latents per token; several values give a sweep."""
+    name: str = "x"
+    """A name."""
+
+    def __post_init__(self) -> None:
+        if self.width <= 0:
+            raise ConfigError("width", "must be positive")
+
+
+def test_field_docstrings_become_help() -> None:
+    assert field_docs(_Demo) == {"width": "Number of latents.", "k": "Active latents per token; several values give a sweep.", "name": "A name."}
+    demo_app = typer.Typer()
+    seen: list[_Demo] = []
+    demo_app.command("demo")(config_command(_Demo, seen.append))
+    demo_app.command("other")(lambda: None)
+    result = runner.invoke(demo_app, ["demo", "--help"])
+    assert "Number of latents" in result.output and "--width" in result.output
+
+
+def test_flags_override_config_file_which_overrides_defaults(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('width = 32\nname = "from-file"\n')
+    demo_app = typer.Typer()
+    seen: list[_Demo] = []
+    demo_app.command("demo")(config_command(_Demo, seen.append))
+    demo_app.command("other")(lambda: None)
+    result = runner.invoke(demo_app, ["demo", "--config", str(toml), "--k", "32,64", "--k", "8"])
+    assert result.exit_code == 0, result.output
+    assert seen == [_Demo(width=32, k=[32.0, 64.0, 8.0], name="from-file")]
+    assert load_config(_Demo, toml, width=8) == _Demo(width=8, name="from-file")
+
+
+def test_bad_config_values_name_the_field(tmp_path: Path) -> None:
+    demo_app = typer.Typer()
+    demo_app.command("demo")(config_command(_Demo, lambda c: None))
+    demo_app.command("other")(lambda: None)
+    result = runner.invoke(demo_app, ["demo", "--width", "-3"])
+    assert result.exit_code == 2
+    assert "width: must be positive" in result.output and "Traceback" not in result.output
+    try:
+        from_dict(_Demo, {"widht": 3})
+    except Exception as exc:  # noqa: BLE001 - the message is what we check
+        assert "did you mean 'width'" in str(exc)
+    else:
+        raise AssertionError("unknown key accepted")
