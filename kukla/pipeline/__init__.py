@@ -1,0 +1,1 @@
+"""The three stages: harvest (model → store), train (store → dictionaries), evaluate (→ report)."""

@@ -1,0 +1,1 @@
+"""The Zarr activation store: writer, global shuffle, reader and streaming batches."""
