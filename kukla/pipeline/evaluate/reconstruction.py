@@ -1,0 +1,154 @@
+"""Reconstruction and sparsity metrics, accumulated exactly over a stream of batches.
+
+    EV  = 1 − Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − x̄‖²      (x̄: the mean over all eval tokens)
+    FVU = 1 − EV
+    MSE = Σ_t ‖x_t − x̂_t‖² / (n_tokens · d)
+
+Sums are kept in float64 and the centred sum of squares is merged batch by batch with
+Chan's parallel update, so every figure is the same whatever the batch size. (SAEBench
+0.6.0 divides by the variance around zero, scoring 0.904 for the mean predictor, and its
+MSE depends on the batch size; neither is repeated here.)
+
+For Matryoshka dictionaries each level w is scored with its own prefix of the codes:
+x̂_w = decode(z with latents ≥ w zeroed), and L0_w counts only latents < w.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+DENSE_THRESHOLDS = (0.01, 0.1)
+"""A latent is 'dense' when it fires on more than this fraction of eval tokens."""
+
+
+class CentredSumOfSquares:
+    """Σ_t ‖x_t − x̄‖² over a stream, x̄ the mean of all tokens seen (Chan et al.'s merge)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.total = 0.0
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().double()
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(0)
+        m2_b = (x - mean_b).pow(2).sum().item()
+        if self.mean is None:
+            self.n, self.mean, self.total = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.total += m2_b + delta.pow(2).sum().item() * self.n * n_b / n
+        self.mean = self.mean + delta * (n_b / n)
+        self.n = n
+
+
+def explained_variance(residual_sum_sq: float, centred_sum_sq: float) -> float:
+    """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² (NaN when the targets do not vary at all)."""
+    return 1.0 - residual_sum_sq / centred_sum_sq if centred_sum_sq > 0 else float("nan")
+
+
+def level_reconstructions(z: Tensor, levels: list[int], decode: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """x̂ from each Matryoshka prefix: the codes beyond the level's width set to zero."""
+    outs = []
+    for width in levels:
+        masked = z.clone()
+        masked[:, width:] = 0
+        outs.append(decode(masked))
+    return outs
+
+
+class ReconstructionStats:
+    """Running reconstruction/sparsity sums for one dictionary on the eval tokens."""
+
+    def __init__(self, width: int, levels: list[int]) -> None:
+        self.width = width
+        self.levels = list(levels)
+        self.target = CentredSumOfSquares()
+        self.residual_sum_sq = 0.0
+        self.level_residual_sum_sq = [0.0] * len(self.levels)
+        self.level_l0_sum = [0] * len(self.levels)
+        self.cosine_sum = 0.0
+        self.n_tokens = 0
+        self.d = 0
+        self.l0_counts = torch.zeros(1, dtype=torch.long)
+        self.fire_counts = torch.zeros(width, dtype=torch.long)
+        self.activation_sum = torch.zeros(width, dtype=torch.float64)
+        self.activation_max = torch.full((width,), float("-inf"), dtype=torch.float64)
+
+    def update(self, target: Tensor, recon: Tensor, z: Tensor, level_recons: list[Tensor] | None = None) -> None:
+        """Add a batch: target activations, the full reconstruction, codes, per-level reconstructions."""
+        target, recon, z = target.detach(), recon.detach(), z.detach()
+        self.target.update(target)
+        t64 = target.double()
+        self.residual_sum_sq += (t64 - recon.double()).pow(2).sum().item()
+        self.cosine_sum += torch.nn.functional.cosine_similarity(t64, recon.double(), dim=-1).sum().item()
+        self.n_tokens += target.shape[0]
+        self.d = target.shape[1]
+        active = z != 0
+        l0 = active.sum(1).cpu()
+        counts = torch.bincount(l0, minlength=self.l0_counts.numel())
+        if counts.numel() > self.l0_counts.numel():
+            self.l0_counts = torch.nn.functional.pad(self.l0_counts, (0, counts.numel() - self.l0_counts.numel()))
+        self.l0_counts += counts
+        self.fire_counts += active.sum(0).cpu()
+        self.activation_sum += z.double().sum(0).cpu()
+        self.activation_max = torch.maximum(self.activation_max, z.double().max(0).values.cpu())
+        for i, width in enumerate(self.levels):
+            self.level_l0_sum[i] += int(active[:, :width].sum().item())
+            if level_recons is not None:
+                self.level_residual_sum_sq[i] += (t64 - level_recons[i].double()).pow(2).sum().item()
+
+    @property
+    def density(self) -> Tensor:
+        """Fraction of eval tokens on which each latent fired."""
+        return self.fire_counts.double() / max(self.n_tokens, 1)
+
+    def summary(self, density_bins: int = 40) -> dict[str, Any]:
+        """The JSON-ready metrics: EV, FVU, MSE, cosine, L0, dead/dense counts, histograms, levels."""
+        n = max(self.n_tokens, 1)
+        ev = explained_variance(self.residual_sum_sq, self.target.total)
+        l0_values = torch.arange(self.l0_counts.numel(), dtype=torch.float64)
+        density = self.density
+        alive = density > 0
+        log_density = torch.log10(density[alive])
+        lo = -math.log10(n) if n > 1 else -1.0  # the rarest possible firing: once
+        hist = torch.histc(log_density, bins=density_bins, min=lo, max=0.0) if alive.any() else torch.zeros(density_bins)
+        edges = torch.linspace(lo, 0.0, density_bins + 1)
+        out: dict[str, Any] = {
+            "n_tokens": self.n_tokens,
+            "explained_variance": ev,
+            "fvu": 1.0 - ev,
+            "mse": self.residual_sum_sq / (n * max(self.d, 1)),
+            "cosine": self.cosine_sum / n,
+            "l0": float((self.l0_counts.double() * l0_values).sum().item() / n),
+            "l0_histogram": {"l0": list(range(self.l0_counts.numel())), "count": self.l0_counts.tolist()},
+            "dead_latents": int((~alive).sum().item()),
+            "dead_fraction": float((~alive).double().mean().item()),
+            "log10_density_histogram": {"edges": edges.tolist(), "count": hist.long().tolist()},
+        }
+        for threshold in DENSE_THRESHOLDS:
+            out[f"dense_latents_above_{threshold:g}"] = int((density > threshold).sum().item())
+        out["levels"] = [
+            {
+                "width": width,
+                "explained_variance": explained_variance(self.level_residual_sum_sq[i], self.target.total),
+                "l0": self.level_l0_sum[i] / n,
+            }
+            for i, width in enumerate(self.levels)
+        ]
+        return out
+
+    def latent_columns(self) -> dict[str, Tensor]:
+        """Per-latent density, mean activation when active, and max activation."""
+        fired = self.fire_counts.clamp(min=1).double()
+        mean_active = torch.where(self.fire_counts > 0, self.activation_sum / fired, torch.zeros_like(fired))
+        max_act = torch.where(self.fire_counts > 0, self.activation_max, torch.zeros_like(fired))
+        return {"density": self.density, "mean_activation": mean_active, "max_activation": max_act}

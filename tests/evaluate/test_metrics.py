@@ -1,0 +1,95 @@
+"""Reconstruction metrics against direct numpy float64 computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kukla.pipeline.evaluate.geometry import best_match, max_cosine_to_others
+from kukla.pipeline.evaluate.reconstruction import ReconstructionStats, level_reconstructions
+
+
+def _stream(stats: ReconstructionStats, x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor, batch: int) -> None:
+    for start in range(0, x.shape[0], batch):
+        sl = slice(start, start + batch)
+        stats.update(x[sl], recon[sl], z[sl])
+
+
+def _data(n: int = 1000, d: int = 12, offset: float = 50.0) -> torch.Tensor:
+    # A large common offset: variance around zero would be far from the centred variance.
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(1)) * 2.0 + offset
+
+
+def test_explained_variance_is_zero_for_the_mean_predictor_and_one_for_the_identity() -> None:
+    x = _data()
+    z = torch.zeros(x.shape[0], 4)
+    mean_stats, identity_stats = ReconstructionStats(4, [4]), ReconstructionStats(4, [4])
+    _stream(mean_stats, x, x.mean(0).expand_as(x), z, 128)
+    _stream(identity_stats, x, x.clone(), z, 128)
+    assert abs(mean_stats.summary()["explained_variance"]) < 1e-9
+    assert abs(mean_stats.summary()["fvu"] - 1.0) < 1e-9
+    assert identity_stats.summary()["explained_variance"] == 1.0
+    assert identity_stats.summary()["mse"] == 0.0
+
+
+def test_metrics_match_numpy_float64_and_do_not_depend_on_batch_size() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = _data()
+    recon = x + 0.7 * torch.randn(x.shape, generator=g)
+    z = torch.relu(torch.randn(x.shape[0], 30, generator=g) - 1.0)
+    xn, rn, zn = x.double().numpy(), recon.double().numpy(), z.numpy()
+    ev = 1 - ((xn - rn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+    mse = ((xn - rn) ** 2).mean()
+    cos = np.mean((xn * rn).sum(1) / np.linalg.norm(xn, axis=1) / np.linalg.norm(rn, axis=1))
+    l0 = (zn != 0).sum(1)
+    summaries = []
+    for batch in (1000, 97, 8):
+        stats = ReconstructionStats(30, [30])
+        _stream(stats, x, recon, z, batch)
+        summaries.append(stats.summary())
+    for s in summaries:
+        assert abs(s["explained_variance"] - ev) < 1e-10
+        assert abs(s["mse"] - mse) < 1e-10
+        assert abs(s["cosine"] - cos) < 1e-6
+        assert abs(s["l0"] - l0.mean()) < 1e-12
+        assert s["l0_histogram"]["count"][: l0.max() + 1] == np.bincount(l0).tolist()
+        assert s["dead_latents"] == int(((zn != 0).sum(0) == 0).sum())
+        assert s["dense_latents_above_0.1"] == int(((zn != 0).mean(0) > 0.1).sum())
+    assert summaries[0]["log10_density_histogram"] == summaries[2]["log10_density_histogram"]
+
+
+def test_per_level_metrics_match_masking_the_codes_by_hand() -> None:
+    g = torch.Generator().manual_seed(3)
+    d, width, levels = 10, 24, [4, 10, 24]
+    w_dec = torch.randn(width, d, generator=g)
+    b_dec = torch.randn(d, generator=g)
+    x = torch.randn(500, d, generator=g)
+    z = torch.relu(torch.randn(500, width, generator=g))
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        return codes @ w_dec + b_dec
+
+    stats = ReconstructionStats(width, levels)
+    for start in range(0, 500, 64):
+        zb = z[start:start + 64]
+        stats.update(x[start:start + 64], decode(zb), zb, level_reconstructions(zb, levels, decode))
+    xn = x.double().numpy()
+    for level, width_w in zip(stats.summary()["levels"], levels):
+        zw = z.double().numpy()[:, :width_w]
+        recon = zw @ w_dec.double().numpy()[:width_w] + b_dec.double().numpy()
+        ev = 1 - ((xn - recon) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+        assert abs(level["explained_variance"] - ev) < 1e-5
+        assert abs(level["l0"] - (zw != 0).sum(1).mean()) < 1e-12
+    assert abs(stats.summary()["levels"][-1]["explained_variance"] - stats.summary()["explained_variance"]) < 1e-9
+
+
+def test_decoder_max_cosine_matches_the_full_matrix_when_chunked() -> None:
+    w = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
+    unit = w.double() / w.double().norm(dim=1, keepdim=True)
+    full = unit @ unit.T
+    full.fill_diagonal_(-2)
+    chunked = max_cosine_to_others(w, chunk_elements=300 * 7)
+    assert torch.allclose(chunked.double(), full.max(1).values, atol=1e-5)
+    truth = w[[5, 17]] * 3.0
+    value, index = best_match(truth, w, chunk_elements=300)
+    assert index.tolist() == [5, 17] and torch.allclose(value, torch.ones(2), atol=1e-5)
