@@ -1,0 +1,149 @@
+"""One dictionary's configuration: activation rule × prefix scheme × input/target pairing.
+
+`arch` is the user-facing name; the code only looks at the three independent choices
+it implies (`activation_rule`, `prefix_scheme`, `transcoder`), so a new combination is a
+config value, not a new class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from kukla.errors import ConfigError
+
+Arch = Literal["topk", "batchtopk", "relu", "matryoshka-batchtopk", "matryoshka-prefix", "jumprelu"]
+ActivationRule = Literal["topk", "batchtopk", "relu", "jumprelu"]
+PrefixScheme = Literal["none", "levels", "sampled"]
+
+
+def default_lr(width: int) -> float:
+    """Adam learning rate that scales as 1/√F: 2e-4 at F = 2¹⁴ (DESIGN §3)."""
+    return 2e-4 * (width / 2**14) ** -0.5
+
+
+@dataclass
+class DictionaryConfig:
+    """One sparse dictionary (SAE or transcoder); every training-relevant choice lives here."""
+
+    d_in: int
+    """Width of the input activations (the input hook's d_model)."""
+    width: int
+    """Number of latents F."""
+    arch: Arch = "matryoshka-batchtopk"
+    """topk (k per token), batchtopk (k·B per batch), relu (L1 penalty), matryoshka-batchtopk
+    (batchtopk + fixed nested `levels`), matryoshka-prefix (random prefixes each batch, Nabeshima),
+    jumprelu (inference only: what a loaded SAELens JumpReLU directory becomes)."""
+    k: float | None = None
+    """Active latents per token; for BatchTopK an average over the batch, so it may be fractional.
+    Required for topk/batchtopk/matryoshka-*, unused by relu."""
+    d_out: int | None = None
+    """Width of the target activations; defaults to d_in. Differs from d_in only for transcoders."""
+    transcoder: bool = False
+    """Map the input hook's activations to a different target hook's (e.g. mlp_in → mlp_out):
+    no input-side decoder bias, the decoder starts at zero and is not norm-constrained."""
+    activation: Literal["batchtopk", "relu"] = "batchtopk"
+    """Activation rule of matryoshka-prefix (the other archs fix their own)."""
+    levels: list[float] | None = None
+    """Cumulative Matryoshka level widths ending at `width` (e.g. 128,512,2048,8192,32768), or the
+    same as fractions of the width (0.03125,0.125,…,1). Required by matryoshka-batchtopk; with
+    topk/batchtopk/relu it makes them Matryoshka too. Stored as integer widths."""
+    n_prefixes: int = 9
+    """matryoshka-prefix: prefix lengths drawn per batch with P(l) ∝ √l − √(l−1) (with
+    replacement), plus the full width, which is always included."""
+    level_weights: list[float] | None = None
+    """Weight of each level's reconstruction term (fixed levels only), in level order. Default:
+    1/G each (the mean), so the loss has the scale of one FVU whatever G is and aux_coefficient
+    and l1_coefficient mean the same for every prefix scheme. SAELens' plain sum is all 1s.
+    Sampled prefixes always use the mean over the n_prefixes + 1 draws (a Monte Carlo estimate of
+    the expected prefix loss)."""
+    l1_coefficient: float = 1.0
+    """relu: weight of the L1 penalty Σᵢ zᵢ‖W_dec,i‖, measured in units of the target's RMS
+    deviation norm so it does not depend on the activations' scale."""
+    aux_k: int | None = None
+    """Dead latents used by the aux-k loss per token; default d_in // 2 (OpenAI's k_aux = d/2)."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the aux-k loss (the residual's FVU when reconstructed by dead latents only)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many training tokens without firing (counted in tokens, not
+    steps, so it means the same at any batch size)."""
+    sparse_path: bool = True
+    """TopK/BatchTopK: backward through the encoder only at the selected entries and decode by
+    gathering decoder rows (no dense B×F gradient). False runs the dense reference math."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "width", "n_prefixes", "dead_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.d_out < 1:
+            raise ConfigError("d_out", f"must be at least 1, got {self.d_out}")
+        if not self.transcoder and self.d_out != self.d_in:
+            raise ConfigError("d_out", f"an SAE reconstructs its input: d_out {self.d_out} != d_in {self.d_in} "
+                                       "(set transcoder to map one hook to another)")
+        if self.aux_k is None:
+            self.aux_k = max(1, self.d_in // 2)
+        if self.aux_k < 1:
+            raise ConfigError("aux_k", f"must be at least 1, got {self.aux_k}")
+        self._check_k()
+        self._check_levels()
+        if self.aux_coefficient < 0 or self.l1_coefficient < 0:
+            raise ConfigError("aux_coefficient" if self.aux_coefficient < 0 else "l1_coefficient",
+                              "must not be negative")
+
+    def _check_k(self) -> None:
+        if self.activation_rule in ("relu", "jumprelu"):
+            return
+        if self.k is None:
+            raise ConfigError("k", f"arch {self.arch} needs k (active latents per token)")
+        if not (0 < self.k < self.width):
+            raise ConfigError("k", f"must be above 0 and below width {self.width}, got {self.k}")
+        if self.activation_rule == "topk" and not float(self.k).is_integer():
+            raise ConfigError("k", f"topk keeps a whole number of latents per token, got {self.k} "
+                                   "(fractional k needs batchtopk)")
+
+    def _check_levels(self) -> None:
+        if self.arch == "matryoshka-batchtopk" and not self.levels:
+            raise ConfigError("levels", "matryoshka-batchtopk needs levels, e.g. 128,512,2048 ending at width")
+        if self.arch == "matryoshka-prefix" and self.levels:
+            raise ConfigError("levels", "matryoshka-prefix draws its prefixes; give n_prefixes, not levels")
+        if self.level_weights is not None and self.prefix_scheme != "levels":
+            raise ConfigError("level_weights", "applies to fixed levels only")
+        if not self.levels:
+            self.levels = None
+            return
+        values = [float(v) for v in self.levels]
+        if all(v <= 1 for v in values):  # fractions of the width
+            values = [v * self.width for v in values]
+        if any(not math.isclose(v, round(v), abs_tol=1e-6) for v in values):
+            raise ConfigError("levels", f"level widths must be whole numbers of latents, got {self.levels}")
+        widths = [int(round(v)) for v in values]
+        if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:])):
+            raise ConfigError("levels", f"must be strictly increasing and positive, got {self.levels}")
+        if widths[-1] != self.width:
+            raise ConfigError("levels", f"must end at width {self.width}, got {widths[-1]}")
+        self.levels = widths  # type: ignore[assignment]
+        if self.level_weights is not None:
+            if len(self.level_weights) != len(widths):
+                raise ConfigError("level_weights", f"needs one weight per level ({len(widths)}), "
+                                                   f"got {len(self.level_weights)}")
+            if any(w < 0 for w in self.level_weights) or sum(self.level_weights) <= 0:
+                raise ConfigError("level_weights", "must be non-negative with a positive sum")
+
+    @property
+    def activation_rule(self) -> ActivationRule:
+        """How codes are chosen from pre-activations during training."""
+        if self.arch == "matryoshka-prefix":
+            return self.activation
+        if self.arch == "matryoshka-batchtopk":
+            return "batchtopk"
+        return self.arch  # type: ignore[return-value]
+
+    @property
+    def prefix_scheme(self) -> PrefixScheme:
+        """none: one reconstruction; levels: fixed nested widths; sampled: Nabeshima prefixes."""
+        if self.arch == "matryoshka-prefix":
+            return "sampled"
+        return "levels" if self.levels else "none"

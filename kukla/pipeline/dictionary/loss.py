@@ -1,0 +1,114 @@
+"""The training objective: Matryoshka reconstruction + aux-k (+ L1 for ReLU), in one pass.
+
+    loss = Σⱼ wⱼ · FVUⱼ + aux_coefficient · FVU_aux (+ l1_coefficient · L1)
+    FVUⱼ = Σ_b ‖y_b − ŷ_b^(pⱼ)‖² / Σ_b ‖y_b − ȳ‖²,   ŷ^(p) = b_dec + Σ_{i<p} zᵢ W_dec,i
+
+One encoder pass; the codes are chosen once over the whole dictionary and every prefix
+reuses them; the prefix reconstructions are a cumulative sum over segment contributions.
+Both terms are normalised variances (OpenAI's normalised MSE), so the aux weight 1/32 and
+the level weights mean the same at any activation scale.
+
+aux-k: the top k_aux dead pre-activations per token reconstruct the detached residual
+e = y − ŷ (no bias), FVU_aux = Σ‖e − ê‖² / Σ‖e − ē‖²; its gradient trains dead latents'
+encoder and decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kukla.errors import KuklaError
+from kukla.pipeline.dictionary import reference, sparse
+from kukla.pipeline.dictionary.activations import select_batch_topk, select_dead_topk, select_topk
+from kukla.pipeline.dictionary.prefixes import prefix_weights
+
+
+@dataclass
+class TrainOutput:
+    """What one training pass gives the trainer."""
+
+    loss: Tensor
+    """Scalar to backpropagate."""
+    metrics: dict[str, float]
+    """mse (raw units, per element), fvu, l0, aux, dead (fraction), l1 (relu), fvu/level_<w> (fixed levels)."""
+    fired: Tensor
+    """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
+
+
+def training_loss(dictionary, x: Tensor, y: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> TrainOutput:
+    """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder)."""
+    cfg = dictionary.cfg
+    rule = cfg.activation_rule
+    if rule == "jumprelu":
+        raise KuklaError("a JumpReLU dictionary (loaded from SAELens) is inference-only here: train batchtopk instead")
+    W_enc, b_enc, W_dec, b_dec = dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec
+    n_rows, width = x.shape[0], cfg.width
+    bounds, weights = prefix_weights(cfg, generator)
+    x_c = dictionary.centered_input(x)
+    target = dictionary.scaled_target(x, y)
+    dead = dictionary.dead_mask()
+    use_aux = cfg.aux_coefficient > 0 and bool(dead.any())
+    path = sparse if (cfg.sparse_path and rule != "relu") else reference
+
+    if path is sparse:
+        with torch.no_grad():
+            pre = x_c @ W_enc + b_enc
+    else:
+        pre_grad = x_c @ W_enc + b_enc
+        pre = pre_grad.detach()
+    if rule == "relu":  # dense codes z = relu(pre): nothing to select
+        rows = cols = torch.zeros(0, dtype=torch.long, device=pre.device)
+    elif rule == "topk":
+        rows, cols = select_topk(pre, int(cfg.k))
+    else:
+        rows, cols = select_batch_topk(pre, float(cfg.k))
+    aux_rows, aux_cols = select_dead_topk(pre, dead, int(cfg.aux_k)) if use_aux else (rows[:0], cols[:0])
+    all_rows, all_cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])
+    if path is sparse:
+        gathered = sparse.encode_at(x_c, W_enc, b_enc, pre, all_rows, all_cols)
+    else:
+        gathered = pre_grad[all_rows, all_cols]
+    values, aux_values = gathered[: rows.numel()].relu(), gathered[rows.numel():].relu()
+
+    if rule == "relu":  # dense codes: the reference path, whatever sparse_path says
+        z = pre_grad.relu()
+        segments = reference.dense_segments(z, W_dec, bounds)
+    else:
+        segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
+    partial = segments.float().cumsum(dim=1)  # [B, G, d]: reconstruction minus b_dec at each prefix
+    to_explain = (target - b_dec).float()
+    sq_err = (to_explain[:, None, :] - partial).pow(2).sum(dim=(0, 2))  # [G]
+    total_var = (target - target.mean(dim=0)).float().pow(2).sum().clamp_min(1e-12)
+    fvu = sq_err / total_var
+    loss = (fvu * torch.tensor(weights, device=fvu.device)).sum()
+
+    aux = torch.zeros((), device=loss.device)
+    if use_aux:
+        residual = (to_explain - partial[:, -1]).detach()
+        aux_out = path.decode_segments(aux_rows, aux_cols, aux_values, W_dec, [width], n_rows)[:, 0].float()
+        aux = (residual - aux_out).pow(2).sum() / (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        loss = loss + cfg.aux_coefficient * aux
+    l1 = torch.zeros((), device=loss.device)
+    if rule == "relu":
+        l1 = (z * W_dec.norm(dim=1)).sum(dim=1).mean() / (total_var / n_rows).sqrt()
+        loss = loss + cfg.l1_coefficient * l1
+
+    if rule == "relu":
+        fired, n_active = (pre > 0).any(dim=0), (pre > 0).sum()
+    else:
+        fired = torch.zeros(width, dtype=torch.bool, device=x.device)
+        fired[cols[values > 0]] = True
+        n_active = (values > 0).sum()
+    names = ["mse", "fvu", "l0", "aux", "dead"] + (["l1"] if rule == "relu" else [])
+    figures = [sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,
+               fvu[-1].detach(), n_active / n_rows, aux.detach(), dead.float().mean()]
+    figures += [l1.detach()] if rule == "relu" else []
+    if cfg.prefix_scheme == "levels":
+        names += [f"fvu/level_{w}" for w in bounds]
+        figures += list(fvu.detach())
+    metrics = dict(zip(names, torch.stack([f.float().to(loss.device) for f in figures]).tolist()))
+    return TrainOutput(loss=loss, metrics=metrics, fired=fired)

@@ -1,0 +1,179 @@
+"""The dictionary: parameters, inference (encode/decode on raw activations) and constraints.
+
+Notation (DESIGN §3): x_s = x·input_scale, pre = (x_s − b_dec)·W_enc + b_enc for an SAE
+(x_s·W_enc + b_enc for a transcoder), ŷ_s = z·W_dec + b_dec, output ŷ = ŷ_s / target_scale.
+The scales (SAELens-style √d / E‖x‖) are buffers, so every public method takes raw activations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kukla.errors import KuklaError
+from kukla.pipeline.dictionary.activations import jumprelu, topk_codes
+from kukla.pipeline.dictionary.config import DictionaryConfig
+from kukla.pipeline.dictionary.geometric_median import geometric_median
+
+
+class Dictionary(nn.Module):
+    """A sparse dictionary (SAE or transcoder) as configured by `DictionaryConfig`."""
+
+    def __init__(self, cfg: DictionaryConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_out, width = cfg.d_in, self.d_out, cfg.width
+        self.W_enc = nn.Parameter(torch.empty(d_in, width))
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.W_dec = nn.Parameter(torch.empty(width, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("target_scale", torch.tensor(1.0))
+        self.register_buffer("threshold", torch.full((width,), math.nan))
+        self.register_buffer("inference_l0", torch.tensor(math.nan))
+        self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        self.metadata: dict[str, Any] = {}
+        """What `load_dictionary` read beside the weights (kukla.json); empty for a new one."""
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """SAE: random unit decoder rows, W_enc = W_decᵀ. Transcoder: random unit encoder columns, W_dec = 0."""
+        if self.cfg.transcoder:
+            directions = torch.randn(self.cfg.width, self.cfg.d_in)
+            self.W_enc.copy_((directions / directions.norm(dim=1, keepdim=True)).t())
+            self.W_dec.zero_()
+        else:
+            directions = torch.randn(self.cfg.width, self.d_out)
+            self.W_dec.copy_(directions / directions.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # --- shape ---------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_out(self) -> int:
+        return int(self.cfg.d_out or self.cfg.d_in)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    @property
+    def levels(self) -> list[int]:
+        """Matryoshka level widths (cumulative, ending at width); [width] when there are none."""
+        return [int(w) for w in self.cfg.levels] if self.cfg.levels else [self.cfg.width]
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the inference threshold has been set (BatchTopK needs it to encode)."""
+        return not bool(torch.isnan(self.threshold).any())
+
+    # --- scaling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_scales(self, input_mean_norm: float, target_mean_norm: float | None = None) -> None:
+        """Scale activations to E‖x‖ = √d (SAELens' `expected_average_only_in`), from the store's mean norms.
+
+        Call before `initialize`. A transcoder's target gets its own scale; an SAE's is its input's.
+        """
+        self.input_scale.fill_(math.sqrt(self.d_in) / input_mean_norm)
+        if self.cfg.transcoder:
+            if target_mean_norm is None:
+                raise KuklaError("a transcoder needs the target hook's mean norm to scale its targets")
+            self.target_scale.fill_(math.sqrt(self.d_out) / target_mean_norm)
+        else:
+            self.target_scale.copy_(self.input_scale)
+
+    def centered_input(self, x: Tensor) -> Tensor:
+        """x_s − b_dec (SAE) or x_s (transcoder): what the encoder multiplies."""
+        x_s = x.to(self.W_enc.dtype) * self.input_scale
+        return x_s if self.cfg.transcoder else x_s - self.b_dec
+
+    def scaled_target(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """The target in training units: y·target_scale (a transcoder) or x·input_scale (an SAE)."""
+        if self.cfg.transcoder:
+            if y is None:
+                raise KuklaError("a transcoder trains on (input, target) pairs: pass the target hook's rows as y")
+            return y.to(self.W_dec.dtype) * self.target_scale
+        return x.to(self.W_dec.dtype) * self.input_scale
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return self.centered_input(x) @ self.W_enc + self.b_enc
+
+    # --- inference -------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Inference codes [B, F]: TopK per token; BatchTopK → JumpReLU at the calibrated threshold; ReLU."""
+        pre = self.pre_activations(x)
+        rule = self.cfg.activation_rule
+        if rule == "topk":
+            return topk_codes(pre, int(self.cfg.k or 0))
+        if rule == "relu":
+            return pre.relu()
+        if not self.calibrated:
+            raise KuklaError("this BatchTopK dictionary has no inference threshold yet: "
+                             "run calibrate_threshold on held-out rows first")
+        return jumprelu(pre, self.threshold)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Output in raw units of the target: (z·W_dec + b_dec) / target_scale."""
+        return (z @ self.W_dec + self.b_dec) / self.target_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction (SAE) or prediction of the target (transcoder), in raw units."""
+        return self.decode(self.encode(x))
+
+    def training_loss(self, x: Tensor, y: Tensor | None = None,
+                      generator: torch.Generator | None = None):  # -> TrainOutput
+        """One training pass; see `kukla.pipeline.dictionary.loss.training_loss`."""
+        from kukla.pipeline.dictionary.loss import training_loss
+
+        return training_loss(self, x, y, generator)
+
+    # --- initialisation and constraints ----------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, x: Tensor, y: Tensor | None = None) -> None:
+        """b_dec = geometric median of a sample (of the target, in training units); call after set_scales.
+
+        A transcoder's decoder is zero at this point, so its first predictions are that median.
+        """
+        self.b_dec.copy_(geometric_median(self.scaled_target(x, y).float()).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def project_decoder_grads(self) -> None:
+        """Remove each decoder row's gradient component along the row (SAE), before the step.
+
+        With unit rows, that keeps ‖W_dec,i‖ = 1 to first order, so the step does not fight
+        the renormalisation in `normalize_decoder`.
+        """
+        if self.cfg.transcoder or self.W_dec.grad is None:
+            return
+        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        grad = self.W_dec.grad
+        grad -= (grad * rows).sum(dim=1, keepdim=True) * rows
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit-norm decoder rows (SAE), after the step; transcoders are not norm-constrained."""
+        if not self.cfg.transcoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # --- dead latents ----------------------------------------------------------------------
+    @torch.no_grad()
+    def update_dead(self, fired: Tensor, n_tokens: int) -> None:
+        """Advance every latent's tokens-since-fired by n_tokens; reset the ones that fired.
+
+        Under DDP pass the all-reduced (OR) fired mask and the global token count.
+        """
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+
+    def dead_mask(self) -> Tensor:
+        """Latents that have not fired for `dead_tokens` tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens

@@ -1,0 +1,23 @@
+"""Dense reference math for the training pass: plain autograd over B×F matrices.
+
+`sparse.py` computes the same values and gradients without the dense B×F gradient; the tests
+hold the two together. Both take the selected entries as (rows, cols), sorted row-major.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def decode_segments(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
+                    bounds: list[int], n_rows: int) -> Tensor:
+    """[B, G, d_out]: each segment [bounds[g-1], bounds[g]) of latents' contribution to the output."""
+    z = torch.zeros(n_rows, W_dec.shape[0], dtype=values.dtype, device=values.device)
+    return dense_segments(z.index_put((rows, cols), values), W_dec, bounds)
+
+
+def dense_segments(z: Tensor, W_dec: Tensor, bounds: list[int]) -> Tensor:
+    """[B, G, d_out] segment contributions of dense codes z [B, F]."""
+    starts = [0, *bounds[:-1]]
+    return torch.stack([z[:, s:e] @ W_dec[s:e] for s, e in zip(starts, bounds)], dim=1)
