@@ -1,0 +1,112 @@
+"""Checkpoints that a kill can never leave half-written.
+
+Layout of a run's output directory:
+
+    out/checkpoints/step-00001000/trainer_state.pt   optimisers, step, RNG states, stream cursors
+    out/checkpoints/step-00001000/<member>/           SAELens-loadable dictionary dir per sweep member
+    out/checkpoints/latest                            name of the newest complete checkpoint
+    out/<member>/                                     the final dictionaries
+
+A checkpoint is built in a hidden temporary directory, renamed into place (atomic on one
+file system), and only then named by `latest` (itself replaced atomically). A kill at any
+moment leaves `latest` pointing at a complete checkpoint, or at nothing yet.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kukla.errors import KuklaError
+
+STATE_FILE = "trainer_state.pt"
+_LATEST = "latest"
+
+
+def checkpoints_dir(out: Path) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of the run in `out`, or None."""
+    pointer = checkpoints_dir(out) / _LATEST
+    if not pointer.exists():
+        return None
+    path = checkpoints_dir(out) / pointer.read_text().strip()
+    if not (path / STATE_FILE).exists():
+        raise KuklaError(f"{pointer} names {path.name}, which is incomplete; delete {pointer} to start over")
+    return path
+
+
+def publish_dir(build: Callable[[Path], None], final: Path) -> Path:
+    """Build a directory in a temporary sibling, then rename it over `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    build(tmp)
+    _fsync_tree(tmp)
+    if final.exists():  # an earlier run reached the same step: replace it whole
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def write_checkpoint(out: Path, step: int, build: Callable[[Path], None], keep: int) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`."""
+    root = checkpoints_dir(out)
+    path = publish_dir(build, root / f"step-{step:08d}")
+    pointer_tmp = root / f".{_LATEST}-{os.getpid()}"
+    pointer_tmp.write_text(path.name + "\n")
+    _fsync_file(pointer_tmp)
+    os.replace(pointer_tmp, root / _LATEST)
+    _prune(root, keep, path)
+    return path
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the trainer state (a plain torch pickle of tensors, ints and dicts)."""
+    torch.save(state, Path(path) / STATE_FILE)
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    """Read the trainer state written by `save_state` (our own file, so full unpickling)."""
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else steps:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a killed writer
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(path: Path) -> None:
+    """Make a checkpoint durable before it is named: files first, then their directories."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            _fsync_file(Path(dirpath) / name)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,204 @@
+"""`TrainConfig`: every setting of `kukla train`, for the CLI, TOML files and Python alike.
+
+A run trains a sweep: every combination of `width` × `k` × `seed` is one dictionary,
+all fed from one stream of the store (each batch is read once). Settings that shape a
+single dictionary (architecture, levels, aux-k, …) keep the dictionary module's names
+and go to each member's `DictionaryConfig` unchanged, so they are defined and checked
+there; this file adds the sweep axes and everything about the training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from kukla.errors import ConfigError
+from kukla.pipeline.dictionary.config import Arch, DictionaryConfig
+
+Decay = Literal["linear", "cosine", "constant"]
+ActivationName = Literal["batchtopk", "relu"]
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DictionaryConfig)}
+#: Settings that go unchanged from TrainConfig to every member's DictionaryConfig.
+PASSED_TO_DICTIONARY = ("arch", "levels", "level_weights", "n_prefixes", "activation", "l1_coefficient",
+                        "aux_k", "aux_coefficient", "dead_tokens", "sparse_path")
+#: Matryoshka levels when none are given: F·{1/32, 3/32, 7/32, 15/32, 1} (Bussmann et al.).
+DEFAULT_LEVEL_FRACTIONS = (1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dictionary of a sweep: its name (its directory under --out) and its config."""
+
+    name: str
+    seed: int
+    config: DictionaryConfig
+
+
+@dataclass
+class TrainConfig:
+    store: Path
+    """Finalized activation store to train on (a path or fsspec URL)."""
+    out: Path
+    """Output directory: one dictionary directory per sweep member, checkpoints, metrics.jsonl."""
+    hook: str | None = None
+    """Hook to train an SAE on (reconstructs its own input). Give this, or --input-hook and --target-hook."""
+    input_hook: str | None = None
+    """Transcoder input hook (e.g. blocks.3.ln2.hook_normalized)."""
+    target_hook: str | None = None
+    """Transcoder target hook (e.g. blocks.3.hook_mlp_out); Matryoshka levels apply to its reconstruction."""
+    width: list[int] = field(default_factory=lambda: [16384])
+    """Number of latents; several values (4096,8192) sweep them."""
+    k: list[float] = field(default_factory=lambda: [64.0])
+    """Active latents per token (a per-token average for BatchTopK, so it may be fractional); several values sweep them. Ignored by relu."""
+    seed: list[int] = field(default_factory=lambda: [0])
+    """Initialisation seeds; several values sweep them. The first also seeds the data order."""
+    # Per-dictionary settings: same names, types and defaults as DictionaryConfig (a test keeps
+    # them in step); each member's DictionaryConfig receives them unchanged and validates them.
+    arch: Arch = _DEFAULTS["arch"]
+    """Activation rule × prefix scheme (see DictionaryConfig.arch)."""
+    levels: list[float] | None = None
+    """Matryoshka level widths, cumulative (128,512,2048) or fractions of the width (0.0625,0.25,1); fractions suit a width sweep. Default for matryoshka-batchtopk: F·{1/32, 3/32, 7/32, 15/32, 1}."""
+    level_weights: list[float] | None = _DEFAULTS["level_weights"]
+    """Weight of each level's reconstruction term; default 1/G each (see DictionaryConfig.level_weights)."""
+    n_prefixes: int = _DEFAULTS["n_prefixes"]
+    """matryoshka-prefix: prefix lengths drawn per batch, plus the full width."""
+    activation: ActivationName = _DEFAULTS["activation"]
+    """Activation rule of matryoshka-prefix."""
+    l1_coefficient: float = _DEFAULTS["l1_coefficient"]
+    """relu: weight of the L1 penalty (in units of the target's RMS deviation norm)."""
+    aux_k: int | None = _DEFAULTS["aux_k"]
+    """Dead latents used by the aux-k loss per token; default d_in // 2."""
+    aux_coefficient: float = _DEFAULTS["aux_coefficient"]
+    """Weight of the aux-k loss."""
+    dead_tokens: int = _DEFAULTS["dead_tokens"]
+    """A latent is dead after this many training tokens without firing."""
+    sparse_path: bool = _DEFAULTS["sparse_path"]
+    """TopK/BatchTopK: sparse encoder backward and gathered decode; false runs the dense reference."""
+    tokens: int = 100_000_000
+    """Training tokens (summed over ranks); more than the store holds runs several epochs."""
+    batch_size: int = 4096
+    """Global batch in tokens (split evenly across ranks)."""
+    lr: float | None = None
+    """Adam learning rate; default 2e-4·√(2¹⁴/width), per width."""
+    warmup: float = 0.01
+    """Fraction of the steps over which the learning rate rises linearly from 0."""
+    decay: Decay = "linear"
+    """Learning-rate decay to 0 after decay_start."""
+    decay_start: float = 0.8
+    """Fraction of the steps after which the learning rate decays."""
+    grad_clip: float = 1.0
+    """Clip each dictionary's gradient norm to this (0: no clipping)."""
+    init_tokens: int = 16384
+    """Training rows used to initialise (b_dec = their geometric median)."""
+    calibration_tokens: int = 262144
+    """Held-out rows used to calibrate the BatchTopK inference threshold (capped at the store's held-out rows)."""
+    checkpoint_every: int = 2000
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint (starts fresh if there is none)."""
+    log_every: int = 50
+    """Steps between metric lines (metrics.jsonl, progress bar, W&B)."""
+    wandb: bool = False
+    """Log to Weights & Biases (respects WANDB_MODE=offline)."""
+    wandb_project: str = "kukla"
+    """W&B project."""
+    wandb_name: str | None = None
+    """W&B run name; default: the output directory's name."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (under torchrun each rank takes cuda:LOCAL_RANK)."""
+    compile: bool = False
+    """torch.compile each dictionary's training loss (GPU; slow to start)."""
+    threads: int | None = None
+    """CPU threads for torch; default cores−1 (at least 1): on small machines torch's default stalls."""
+    prefetch: int = 4
+    """Batches the stream decodes ahead."""
+
+    def __post_init__(self) -> None:
+        if self.hook is not None and (self.input_hook is not None or self.target_hook is not None):
+            raise ConfigError("hook", "give --hook (an SAE) or --input-hook with --target-hook (a transcoder), not both")
+        if self.hook is None and (self.input_hook is None or self.target_hook is None):
+            raise ConfigError("hook", "is required (or --input-hook and --target-hook for a transcoder)")
+        for name in ("width", "k", "seed"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(name, "needs at least one value")
+            if len(set(values)) != len(values):
+                raise ConfigError(name, f"lists a value twice: {values}")
+        if self.arch == "jumprelu":
+            raise ConfigError("arch", "jumprelu is an inference rule; train batchtopk (it is saved as JumpReLU)")
+        self.members(d_in=1, d_out=1)  # each member's DictionaryConfig checks k, levels, widths now
+        positive = {"tokens": self.tokens, "batch_size": self.batch_size, "init_tokens": self.init_tokens,
+                    "calibration_tokens": self.calibration_tokens, "log_every": self.log_every,
+                    "keep_checkpoints": self.keep_checkpoints, "prefetch": self.prefetch}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(name, "must be positive")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError("lr", "must be positive")
+        for name in ("warmup", "decay_start"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, "must be a fraction between 0 and 1")
+        if self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every", "must be 0 (only at the end) or a number of steps")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip", "must be 0 (off) or positive")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError("threads", "must be positive")
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """Hooks the stream reads: (hook,) for an SAE, (input, target) for a transcoder."""
+        return (self.hook,) if self.hook is not None else (self.input_hook, self.target_hook)  # type: ignore[return-value]
+
+    def members(self, d_in: int, d_out: int) -> list[Member]:
+        """Every width × k × seed combination, in a fixed order (the checkpoint relies on it)."""
+        shared = {name: getattr(self, name) for name in PASSED_TO_DICTIONARY}
+        out = []
+        for width, k, seed in itertools.product(self.width, self.k, self.seed):
+            levels = self.levels
+            if not levels and self.arch == "matryoshka-batchtopk":
+                levels = sorted({max(1, round(f * width)) for f in DEFAULT_LEVEL_FRACTIONS})
+            cfg = DictionaryConfig(**{**shared, "levels": levels}, d_in=d_in, d_out=d_out, width=width,
+                                   k=None if self.arch == "relu" else k, transcoder=self.hook is None)
+            name = f"{self.arch}-w{width}" + ("" if self.arch == "relu" else f"-k{k:g}") + f"-s{seed}"
+            out.append(Member(name=name, seed=seed, config=cfg))
+        return out
+
+    def threads_default(self) -> int:
+        """Threads to use on CPU: measured on 2 shared cores, 1 thread beat 2 by 1.4–17×."""
+        return self.threads or max(1, (os.cpu_count() or 2) - 1)
+
+    def total_steps(self, world: int) -> int:
+        """Optimiser steps in the run (each consumes one global batch)."""
+        return math.ceil(self.tokens / self.local_batch(world) / world)
+
+    def local_batch(self, world: int) -> int:
+        """Rows each rank reads per step."""
+        if self.batch_size % world:
+            raise ConfigError("batch_size", f"{self.batch_size} does not split evenly over {world} ranks")
+        return self.batch_size // world
+
+
+def learning_rate(config: TrainConfig, base: float, step: int, total: int) -> float:
+    """Linear warmup from 0, constant, then decay to 0 over the last (1 − decay_start) of the steps."""
+    warm = config.warmup * total
+    if warm > 0 and step < warm:
+        return base * (step + 1) / warm
+    start = config.decay_start * total
+    if config.decay == "constant" or step < start or total <= start:
+        return base
+    progress = min(1.0, (step - start) / (total - start))
+    if config.decay == "linear":
+        return base * (1 - progress)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _show(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)

@@ -1,0 +1,224 @@
+"""The training run: store → sweep of dictionaries, with checkpoints, resume and calibration.
+
+Exact resume: a checkpoint holds everything the next step depends on (weights and
+buffers, Adam moments, every random generator, each rank's stream cursor, the step), so
+a run killed after checkpoint N and resumed computes the same steps N+1… as a run that
+never stopped, and ends with identical weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kukla.config import to_dict
+from kukla.errors import KuklaError
+from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
+from kukla.pipeline.train import checkpoint
+from kukla.pipeline.train.config import TrainConfig
+from kukla.pipeline.train.distributed import Ranks, barrier, gather_objects, sum_over_ranks
+from kukla.pipeline.train.log import TrainLog, start_wandb
+from kukla.pipeline.train.sweep import Trainee, build_trainees, step_metrics, train_step
+from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
+
+#: Settings that may change between a run and its resumption (they do not touch the math).
+RESUMABLE_CHANGES = {"resume", "wandb", "wandb_project", "wandb_name", "threads", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "prefetch", "compile", "device", "store"}
+#: Held-out rows used to calibrate a periodic checkpoint (the final one uses calibration_tokens).
+CHECKPOINT_CALIBRATION_ROWS = 32768
+
+
+def open_checked_store(config: TrainConfig) -> Store:
+    """The store, or a one-line error if it is missing, unfinished, or lacks a hook."""
+    store = open_store(config.store)
+    for hook in config.hooks:
+        if hook not in store.hooks:
+            near = difflib.get_close_matches(hook, list(store.hooks), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise KuklaError(f"hook {hook!r} is not in store {config.store}; {hint}"
+                             f"it holds: {', '.join(sorted(store.hooks))}")
+    return store
+
+
+def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
+    """Train every member of the sweep; returns the final dictionary directories."""
+    store = open_checked_store(config)
+    hooks = config.hooks
+    members = config.members(store.hooks[hooks[0]], store.hooks[hooks[-1]])
+    total_steps = config.total_steps(ranks.world)
+    local_batch = config.local_batch(ranks.world)
+    out = Path(config.out)
+    state = _resume_state(config, ranks)
+
+    train_rows = store.n_rows - store.holdout_rows
+    init = tuple(store.read(h, 0, min(config.init_tokens, train_rows)).float() for h in hooks)
+    scales = (store.hook_stats(hooks[0])["mean_norm"],
+              store.hook_stats(hooks[-1])["mean_norm"] if len(hooks) > 1 else None)
+    trainees = build_trainees(config, members, ranks, scales, init)
+    per_epoch = batches_per_epoch(store, local_batch, split="train", world=ranks.world)
+    if per_epoch == 0:
+        raise KuklaError(f"store {config.store} has {train_rows} training rows, fewer than one batch "
+                         f"(--batch-size {config.batch_size}); lower it or harvest more tokens")
+    epochs = math.ceil(total_steps / per_epoch)
+    stream = ActivationStream(store, list(hooks), local_batch, split="train", rank=ranks.rank, world=ranks.world,
+                              epochs=epochs, seed=config.seed[0], device=ranks.device,
+                              prefetch=config.prefetch, with_rows=True)
+    step, wandb_id = 0, None
+    if state is not None:
+        step, wandb_id = state["step"], state.get("wandb_id")
+        _restore(state, trainees, stream, ranks)
+
+    wandb_run = None
+    if config.wandb and ranks.is_main:
+        wandb_run = start_wandb(out, config.wandb_project, config.wandb_name or out.name, wandb_id, to_dict(config))
+    log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
+                   start_step=step, enabled=ranks.is_main, wandb_run=wandb_run)
+    try:
+        batches = iter(stream)
+        while step < total_steps:
+            batch = next(batches, None)
+            if batch is None:
+                raise KuklaError(f"the store's stream ended at step {step} of {total_steps}; "
+                                 "this is a bug in the epoch count, please report it")
+            train_step(trainees, batch.acts, step, total_steps, config, ranks, batch.rows)
+            step += 1
+            log.advance(config.batch_size)
+            if step % config.log_every == 0 or step == total_steps:
+                log.record(step, step * config.batch_size, _averaged_metrics(trainees, ranks))
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                _checkpoint(config, store, trainees, stream, step, ranks, wandb_run,
+                            min(CHECKPOINT_CALIBRATION_ROWS, config.calibration_tokens))
+        final = _checkpoint(config, store, trainees, stream, step, ranks, wandb_run, config.calibration_tokens)
+        outputs = _publish_final(final, trainees, out, ranks, log)
+    finally:
+        log.close()
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return outputs
+
+
+def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
+    latest = checkpoint.latest_checkpoint(config.out)
+    if latest is None:
+        return None
+    if not config.resume:
+        raise KuklaError(f"{config.out} already holds a training run; pass --resume to continue it, "
+                         "or choose another --out")
+    state = checkpoint.load_state(latest)
+    saved, now = state["config"], to_dict(config)
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        raise KuklaError(f"--resume: {changed[0]} differs from the run in {config.out} "
+                         f"({saved.get(changed[0])!r} there, {now[changed[0]]!r} now); resume with the same settings")
+    if state["world"] != ranks.world:
+        raise KuklaError(f"--resume: the run used {state['world']} ranks, this launch has {ranks.world}; "
+                         "resume with the same number of processes")
+    return state
+
+
+def _restore(state: dict[str, Any], trainees: list[Trainee], stream: ActivationStream, ranks: Ranks) -> None:
+    for trainee in trainees:
+        saved = state["members"][trainee.name]
+        trainee.dictionary.load_state_dict(saved["dictionary"])
+        trainee.optimizer.load_state_dict(saved["optimizer"])
+        trainee.generator.set_state(saved["generator"])
+    stream.load_state_dict(state["streams"][ranks.rank])
+    torch.set_rng_state(state["torch_rng"])
+    if ranks.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"][ranks.rank] if isinstance(state["cuda_rng"], list)
+                                 else state["cuda_rng"], ranks.device)
+
+
+def _averaged_metrics(trainees: list[Trainee], ranks: Ranks) -> dict[str, dict[str, float]]:
+    """Each member's latest figures, averaged over ranks (each rank saw different rows)."""
+    local = step_metrics(trainees)
+    if ranks.world == 1:
+        return local
+    keys = [(name, key) for name, m in local.items() for key in m]
+    values = torch.tensor([local[n][k] for n, k in keys], dtype=torch.float64,
+                          device=ranks.device if ranks.device.type == "cuda" else "cpu")
+    values = sum_over_ranks(values, ranks) / ranks.world
+    out: dict[str, dict[str, float]] = {name: {} for name in local}
+    for (name, key), value in zip(keys, values.tolist()):
+        out[name][key] = value
+    return out
+
+
+def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stream: ActivationStream,
+                step: int, ranks: Ranks, wandb_run: Any, calibration_rows: int) -> Path | None:
+    """Write a complete checkpoint on rank 0 (every rank hands over its stream cursor)."""
+    streams = gather_objects(stream.state_dict(), ranks)
+    cuda = gather_objects(torch.cuda.get_rng_state(ranks.device), ranks) if ranks.device.type == "cuda" else None
+    path = None
+    if ranks.is_main:
+        if any(t.member.config.activation_rule == "batchtopk" for t in trainees):
+            held_out = _held_out_inputs(store, config, calibration_rows, ranks)
+            for trainee in trainees:
+                if trainee.member.config.activation_rule == "batchtopk":
+                    calibrate_threshold(trainee.dictionary, held_out)
+        state = {
+            "format": 1, "step": step, "world": ranks.world, "config": to_dict(config),
+            "streams": streams, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
+            "wandb_id": getattr(wandb_run, "id", None),
+            "members": {t.name: {"dictionary": t.dictionary.state_dict(), "optimizer": t.optimizer.state_dict(),
+                                 "generator": t.generator.get_state()} for t in trainees},
+        }
+
+        def build(tmp: Path) -> None:
+            for trainee in trainees:
+                save_dictionary(trainee.dictionary, tmp / trainee.name, _metadata(config, store, trainee, step))
+            checkpoint.save_state(tmp, state)
+
+        path = checkpoint.write_checkpoint(config.out, step, build, config.keep_checkpoints)
+    barrier(ranks)
+    return path
+
+
+def _held_out_inputs(store: Store, config: TrainConfig, rows: int, ranks: Ranks) -> list[torch.Tensor]:
+    """Up to `rows` held-out input rows, in batches: BatchTopK's threshold is calibrated on them."""
+    n = min(rows, store.holdout_rows)
+    if n == 0:
+        raise KuklaError(f"store {config.store} has no held-out rows to calibrate the BatchTopK threshold on")
+    stream = ActivationStream(store, [config.hooks[0]], min(config.batch_size, n), split="holdout",
+                              epochs=1, seed=0, device=ranks.device, prefetch=config.prefetch, drop_last=False)
+    batches, seen = [], 0
+    for batch in stream:
+        batches.append(batch.acts[0][: n - seen])
+        seen += batches[-1].shape[0]
+        if seen >= n:
+            break
+    return batches
+
+
+def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int) -> dict[str, Any]:
+    summary = {k: float(v) for k, v in trainee.last.items()}
+    return {
+        "training": to_dict(config),
+        "sweep_member": trainee.name,
+        "seed": trainee.member.seed,
+        "store": {"path": str(config.store), "fingerprint": store.meta.get("fingerprint")},
+        "hooks": {"input": config.hooks[0], "target": config.hooks[-1]},
+        "step": step,
+        "tokens": step * config.batch_size,
+        "summary": summary,
+    }
+
+
+def _publish_final(final: Path | None, trainees: list[Trainee], out: Path, ranks: Ranks,
+                   log: TrainLog) -> list[Path]:
+    """Copy the final checkpoint's dictionaries to out/<member> (atomically) and report them."""
+    paths = [out / t.name for t in trainees]
+    if ranks.is_main and final is not None:
+        for trainee, path in zip(trainees, paths):
+            checkpoint.publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True),
+                                   path)
+            inference_l0 = float(trainee.dictionary.inference_l0)
+            log.summary(trainee.name, {"inference_l0": inference_l0, "path": str(path)})
+    barrier(ranks)
+    return paths
