@@ -32,5 +32,14 @@ def _root(
     """kukla: harvest → train → evaluate sparse dictionaries."""
 
 
+from kukla.cli.harvest import harvest_command  # noqa: E402 - registered after the app exists
+app.command("harvest")(harvest_command)
+from kukla.cli.train import command as train_command  # noqa: E402
+app.command("train")(train_command)
+
+from kukla.cli.run import demo_command, run_command  # noqa: E402
+app.command("run")(run_command)
+app.command("demo")(demo_command)
+
 def main() -> None:
     app()

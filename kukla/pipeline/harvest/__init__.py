@@ -1,0 +1,15 @@
+"""Harvest: run a model (or the toy-tree source) over text and write a shuffled activation store.
+
+    from kukla.pipeline.harvest import HarvestConfig, harvest
+    harvest(HarvestConfig(output="run.zarr", dataset="train.jsonl", hook=["resid_post:6", "mlp_out:6"]))
+
+The pieces, in the order a harvest uses them: `text` (dataset → packed BOS-led windows),
+`plan` (windows → budget cut → segments → ranks), `forward` (one segment through the
+model, all hooks at once), `toy` (the synthetic source), `run` (the resumable loop).
+"""
+
+from kukla.pipeline.harvest.config import HarvestConfig
+from kukla.pipeline.harvest.run import harvest
+from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree
+
+__all__ = ["HarvestConfig", "harvest", "ToyTree", "TOY_HOOK"]

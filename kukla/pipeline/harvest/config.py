@@ -1,0 +1,112 @@
+"""The harvest stage's one config: CLI flags, TOML `[harvest]` and Python all fill it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kukla.errors import ConfigError
+
+STORE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclass
+class HarvestConfig:
+    """Run a model (or the toy source) over text and write a finalized activation store."""
+
+    output: str
+    """Store to write (a folder, or an fsspec URL such as s3://bucket/run.zarr)."""
+    source: Literal["model", "toy-tree"] = "model"
+    """Where rows come from: a transformer over a text dataset, or the hierarchical toy generator."""
+    model: str = "google/gemma-3-270m"
+    """TransformerLens name (needs the Hub), local HF folder, or the embedded google/gemma-3-270m."""
+    hook: list[str] = field(default_factory=list)
+    """Hook points, repeatable: TransformerLens names or short forms like resid_post:6, mlp_out:6."""
+    dataset: str | None = None
+    """HF dataset name (streamed) or a local .txt/.jsonl/.json/.parquet file."""
+    dataset_subset: str | None = None
+    """HF dataset configuration name (e.g. wikitext-103-raw-v1); none for local files."""
+    split: str = "train"
+    """Dataset split to read."""
+    revision: str | None = None
+    """Dataset revision (git ref on the Hub) so a rerun reads the same text."""
+    text_column: str = "text"
+    """Column holding the text."""
+    context_size: int = 128
+    """Tokens per window, the BOS included; at most the model's n_ctx."""
+    tokens: int = 1_000_000
+    """Tokens to store: windows are planned until this many storable tokens (rows) are covered."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    segment_windows: int = 64
+    """Windows per committed segment: the unit of resume and of the rank split."""
+    keep_special_tokens: bool = False
+    """Store BOS/EOS/pad and other special-token positions too (left out by default)."""
+    outlier_factor: float | None = None
+    """Drop tokens whose norm at any hook exceeds this many times that hook's median norm."""
+    device: str = "cpu"
+    """Torch device for the model (cpu, cuda, cuda:1, mps)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in."""
+    store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    """Dtype of the stored activations (float16 refuses values that overflow)."""
+    rank: int | None = None
+    """This process's rank; defaults to torchrun's RANK, else 0."""
+    world: int | None = None
+    """Number of harvest processes; defaults to torchrun's WORLD_SIZE, else 1."""
+    finalize: bool = True
+    """On rank 0, wait for every rank's part, then shuffle and merge them into the final store."""
+    finalize_wait: float = 86_400.0
+    """Seconds rank 0 waits for the other ranks before leaving finalize to `kukla store finalize`."""
+    memory_budget_gb: float = 2.0
+    """Memory the global shuffle may use, in GB."""
+    seed: int = 0
+    """Seed of the global shuffle (and of the toy source)."""
+    overwrite: bool = False
+    """Replace a store of another run at the output path."""
+    toy_tree: list[int] = field(default_factory=lambda: [32, 4])
+    """Toy source: branching per level, roots first (32,4 = 32 parents with 4 children each)."""
+    toy_p_root: float = 0.05
+    """Toy source: probability that a root feature fires on a row."""
+    toy_p_child: float = 0.25
+    """Toy source: probability that a child fires on a row where its parent fires."""
+    toy_dim: int = 256
+    """Toy source: dimension of the rows."""
+    toy_noise: float = 0.01
+    """Toy source: standard deviation of the Gaussian noise added to every coordinate."""
+    toy_magnitude_std: float = 0.1
+    """Toy source: spread of feature magnitudes around 1 (magnitude = |1 + std·N(0,1)|)."""
+
+    def __post_init__(self) -> None:
+        positive = {"context_size": self.context_size, "tokens": self.tokens, "batch_size": self.batch_size,
+                    "segment_windows": self.segment_windows, "toy_dim": self.toy_dim}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(name, "must be positive")
+        if self.context_size < 2:
+            raise ConfigError("context_size", "must be at least 2 (the BOS and one token)")
+        if self.source == "model":
+            if not self.hook:
+                raise ConfigError("hook", "give at least one hook, e.g. --hook resid_post:6")
+            if not self.dataset:
+                raise ConfigError("dataset", "give a dataset: an HF name or a local .txt/.jsonl/.parquet file")
+        if self.outlier_factor is not None and self.outlier_factor <= 1:
+            raise ConfigError("outlier_factor", "must be above 1 (a multiple of the median norm)")
+        if self.rank is None:
+            self.rank = int(os.environ.get("RANK", 0))
+        if self.world is None:
+            self.world = int(os.environ.get("WORLD_SIZE", 1))
+        if self.world < 1:
+            raise ConfigError("world", "must be at least 1")
+        if not 0 <= self.rank < self.world:
+            raise ConfigError("rank", f"must be in 0..{self.world - 1} (world is {self.world})")
+        if not self.toy_tree or any(b <= 0 for b in self.toy_tree):
+            raise ConfigError("toy_tree", "give positive branching factors, roots first, e.g. 32,4")
+        for name in ("toy_p_root", "toy_p_child"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, "must be a probability in [0, 1]")
+        if self.toy_noise < 0 or self.toy_magnitude_std < 0:
+            raise ConfigError("toy_noise" if self.toy_noise < 0 else "toy_magnitude_std", "must be ≥ 0")
+        if self.memory_budget_gb <= 0:
+            raise ConfigError("memory_budget_gb", "must be positive")

@@ -1,0 +1,164 @@
+"""The harvest loop: plan → (skip committed) → forward → write segment → finish → finalize.
+
+Every rank walks the whole plan in the same order (tokenizing is cheap next to the
+forward pass) and runs the model only on the segments it owns and has not committed yet,
+so a rerun after a crash continues where the journal says, and the union of all ranks'
+segments is exactly the planned set of rows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from transformer_lens import HookedTransformer
+
+from kukla.errors import KuklaError
+from kukla.pipeline.harvest.config import HarvestConfig
+from kukla.pipeline.harvest.forward import harvest_segment
+from kukla.pipeline.harvest.plan import Segment, cut_budget, owned, plan_segments
+from kukla.pipeline.harvest.text import dataset_spec, iter_texts, iter_windows, special_token_policy
+from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
+from kukla.pipeline.hooks import resolve_hooks, short_form
+from kukla.pipeline.models import load_model, model_summary
+from kukla.progress import progress
+from kukla.storage import StoreWriter, finalize_store
+from kukla.storage.location import Location
+from kukla.storage.parts import finished_key
+
+
+def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) -> str:
+    """Write the store `config.output`; finalized on rank 0 when every rank is done.
+
+    `model` skips loading (a model already in memory, e.g. one built from a
+    `HookedTransformerConfig`); `config.model` is then only recorded as its name.
+    Returns the store's path.
+    """
+    if config.source == "toy-tree":
+        meta, statics, segments = _toy_plan(config)
+    else:
+        meta, statics, segments = _model_plan(config, model)
+    with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
+                          overwrite=config.overwrite, dtype=config.store_dtype) as writer:
+        for name, array in statics.items():
+            writer.put_static(name, array)
+        planned, dropped = _write_owned_segments(writer, segments, config)
+        writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
+        writer.finish()
+    if config.finalize and config.rank == 0:
+        _finalize_when_ready(config)
+    return config.output
+
+
+def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: HarvestConfig) -> tuple[int, int]:
+    """Harvest this rank's uncommitted segments; (planned rows, rows dropped as outliers) of the rank."""
+    planned = dropped = 0
+    written = 0.0
+    bar = progress(-(-config.tokens // config.world), f"harvest rank {config.rank}/{config.world}")
+    try:
+        for segment, make_rows in segments:
+            if not owned(segment.id, config.rank, config.world):
+                continue
+            if segment.id not in writer.committed:
+                rows = make_rows()
+                writer.write_segment(segment.id, rows)
+                written += _stored_bytes(rows, config.store_dtype) / 1e9
+                bar.set_postfix_str(f"{written:.3f} GB written", refresh=False)
+            planned += segment.planned_rows
+            dropped += segment.planned_rows - int(writer.journal[segment.id]["rows"])
+            bar.update(segment.planned_rows)
+    finally:
+        bar.close()
+    return planned, dropped
+
+
+def _stored_bytes(rows: dict[str, np.ndarray], store_dtype: str) -> int:
+    """Uncompressed bytes of a segment as stored (activations in the store's dtype)."""
+    act_itemsize = 4 if store_dtype == "float32" else 2
+    return sum(a.size * act_itemsize if k.startswith("acts/") else a.nbytes for k, a in rows.items())
+
+
+SegmentWork = Iterator[tuple[Segment, Any]]
+
+
+def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple[dict, dict, SegmentWork]:
+    model = model if model is not None else load_model(config.model, device=config.device, dtype=config.dtype)
+    if config.context_size > model.cfg.n_ctx:
+        raise KuklaError(f"context_size {config.context_size} is above the model's n_ctx {model.cfg.n_ctx}; "
+                         f"pass --context-size {model.cfg.n_ctx} or less")
+    if model.tokenizer is None:
+        raise KuklaError("the model has no tokenizer; kukla needs one to turn text into windows")
+    widths = resolve_hooks(model, config.hook)
+    hooks = list(widths)
+    spec = dataset_spec(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
+    texts = iter_texts(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
+    windows = iter_windows(texts, model.tokenizer, config.context_size,
+                           keep_special_tokens=config.keep_special_tokens)
+    segments = plan_segments(cut_budget(windows, config.tokens), config.segment_windows)
+    meta = _common_meta(config) | {
+        "source": "model",
+        "model": {**model_summary(model), "name": config.model},
+        "dataset": spec,
+        "context_size": config.context_size,
+        "special_tokens": special_token_policy(model.tokenizer, config.keep_special_tokens),
+        "hooks": widths,
+        "hook_short_forms": {h: short_form(h) for h in hooks},
+        "outliers": {"factor": config.outlier_factor, "rule": "norm at any hook > factor × segment median"},
+    }
+
+    def work() -> SegmentWork:
+        for segment in segments:
+            yield segment, lambda s=segment: harvest_segment(
+                model, hooks, s, batch_size=config.batch_size, outlier_factor=config.outlier_factor)
+
+    return meta, {}, work()
+
+
+def _toy_plan(config: HarvestConfig) -> tuple[dict, dict, SegmentWork]:
+    params = {"dim": config.toy_dim, "p_root": config.toy_p_root, "p_child": config.toy_p_child,
+              "noise": config.toy_noise, "magnitude_std": config.toy_magnitude_std, "seed": config.seed}
+    tree = ToyTree.build(config.toy_tree, **params)
+    meta = _common_meta(config) | {
+        "source": "toy-tree",
+        "toy": toy_metadata(config.toy_tree, **params, n_features=tree.n_features),
+        "hooks": {TOY_HOOK: config.toy_dim},
+    }
+    rows_per_segment = config.segment_windows * config.context_size
+
+    def work() -> SegmentWork:
+        for segment_id, start in enumerate(range(0, config.tokens, rows_per_segment)):
+            n = min(rows_per_segment, config.tokens - start)
+            yield Segment(segment_id, n), lambda s=segment_id, n=n: toy_segment_rows(tree, s, n, config.seed)
+
+    return meta, tree.statics(), work()
+
+
+def _common_meta(config: HarvestConfig) -> dict[str, Any]:
+    """What every harvest records: the plan's inputs, so a rerun can prove it is the same run."""
+    return {
+        "planned_tokens": config.tokens,
+        "segment_windows": config.segment_windows,
+        "harvest": {"context_size": config.context_size, "keep_special_tokens": config.keep_special_tokens,
+                    "rows_per_rank": "static/harvest_rows_rank_RRRRR = [planned rows, dropped outliers]"},
+    }
+
+
+def _finalize_when_ready(config: HarvestConfig) -> None:
+    """Rank 0 polls until every rank's part is finished, then shuffles and merges them."""
+    location = Location(config.output)
+    deadline = time.monotonic() + config.finalize_wait
+    waiting = [r for r in range(config.world) if not location.exists(finished_key(r))]
+    if waiting:
+        print(f"rank 0: waiting for rank(s) {', '.join(map(str, waiting))} to finish before finalizing "
+              f"(up to {config.finalize_wait:.0f} s; or stop here and run `kukla store finalize {config.output}` "
+              "later)", file=sys.stderr, flush=True)
+    while waiting:
+        if time.monotonic() > deadline:
+            raise KuklaError(f"gave up waiting for rank(s) {', '.join(map(str, waiting))} after "
+                             f"{config.finalize_wait:.0f} s; once they finish, run: kukla store finalize {config.output}")
+        time.sleep(2.0)
+        waiting = [r for r in waiting if not location.exists(finished_key(r))]
+    finalize_store(config.output, memory_budget_bytes=int(config.memory_budget_gb * 1e9), seed=config.seed)

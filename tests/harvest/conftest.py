@@ -1,0 +1,66 @@
+"""Tiny real models and text for harvest tests, built offline in a few hundred milliseconds.
+
+`tiny_model_dir` is a local Hugging Face folder (a 2-layer GPT-2 with random weights and a
+character-level tokenizer), so subprocess tests load it the way users load a saved model;
+`tiny_model` is the HookedTransformer kukla loads from it.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+from kukla.pipeline.models import load_model
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+ALPHABET = string.ascii_letters + string.digits + " .,;:!?'\"-\n"
+
+
+def build_tiny_model_dir(folder: Path, *, n_layers: int = 2, n_ctx: int = 64) -> Path:
+    """A random GPT-2 and a char tokenizer saved with save_pretrained."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(ALPHABET))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=n_ctx, n_ctx=n_ctx, n_embd=32, n_layer=n_layers, n_head=4,
+                        bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"])
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def write_texts(path: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    """A jsonl of short, varied documents (lengths 20–120 characters)."""
+    rng = torch.Generator().manual_seed(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "Tom", "saw", "big", "red", "ball", "and", "ran", "home"]
+    with path.open("w") as f:
+        for _ in range(n_docs):
+            n = int(torch.randint(4, 24, (1,), generator=rng))
+            text = " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=rng)) + "."
+            f.write(json.dumps({"text": text, "id": _}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> HookedTransformer:
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture
+def texts(tmp_path: Path) -> Path:
+    return write_texts(tmp_path / "texts.jsonl")
