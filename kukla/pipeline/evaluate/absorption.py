@@ -1,0 +1,166 @@
+"""Feature absorption by SAEBench's first-letter method (Chanin et al.; fraction by Till).
+
+1. A logistic probe per first letter (one-vs-rest) on the hook's activations of
+   single-token words; letters whose probe scores below `min_probe_f1` on held-out words,
+   or detects fewer than `min_positives` of them, are left out (SAEBench's gate).
+2. k-sparse probing over the latents: an L1-penalised probe on the codes ranks latents per
+   letter; k grows from 1 while each added latent raises the k-sparse probe's F1 by at
+   least `f1_jump`. Those latents are the letter's *main latents*.
+3. For every held-out word the probe detects correctly, with p the unit probe direction:
+   act = x·p, main = Σ_main z_i cos(W_dec,i, p); absorbers = the 3 largest positive
+   z_i cos(W_dec,i, p) among other latents with cos ≥ 0.1. The absorption fraction is 0
+   when main ≥ act or the absorbers carry < 40 % of act, 1 when main ≤ 0, else
+   a/(a + main) with a = min(absorbers, act − main). Full absorption: every main latent
+   silent, and the top projecting latent (cos ≥ 0.025) carries ≥ 40 % of act.
+Per letter: mean fraction and full-absorption rate over its correctly detected words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+ABSORBER_COS = 0.1
+FULL_ABSORBER_COS = 0.025
+PROJECTION_SHARE = 0.4
+MAX_ABSORBERS = 3
+
+
+@dataclass
+class AbsorptionSettings:
+    """The gates and search limits (EvaluateConfig's absorption_* fields)."""
+
+    min_probe_f1: float = 0.6
+    min_positives: int = 20
+    max_k: int = 10
+    f1_jump: float = 0.03
+    l1: float = 0.01
+    epochs: int = 100
+    seed: int = 0
+
+
+def _f1(pred: Tensor, truth: Tensor) -> float:
+    tp = (pred & truth).sum().item()
+    denom = pred.sum().item() + truth.sum().item()
+    return 2 * tp / denom if denom else 0.0
+
+
+def _fit(features: Tensor, y: Tensor, shared: bool, *, l1: float, epochs: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Class-balanced one-vs-rest logistic regression, full-batch Adam, standardised inputs.
+
+    `features` is [N, d] shared by every class, or [N, C, d] with each class's own inputs.
+    Returns weights [C, d] and biases [C] that act on the raw (unstandardised) inputs."""
+    torch.manual_seed(seed)
+    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
+    xs = (features - mean) / std
+    y = y.float()
+    pos = y.sum(0).clamp(min=1)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=(y.shape[0] - pos) / pos)
+    w = torch.zeros(y.shape[1], xs.shape[-1], requires_grad=True)
+    b = torch.zeros(y.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            opt.zero_grad()
+            logits = xs @ w.T + b if shared else (xs * w).sum(-1) + b
+            loss = loss_fn(logits, y) + l1 * w.abs().sum(1).mean()
+            loss.backward()
+            opt.step()
+    w_raw = (w / std).detach()
+    return w_raw, (b - (w * mean / std).sum(-1)).detach()
+
+
+def train_probes(x: Tensor, targets: Tensor, *, l1: float = 0.0, epochs: int = 100, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """One-vs-rest logistic probes [n_classes, d] (+ bias [n_classes]) on shared inputs [N, d]."""
+    return _fit(x.float(), targets, True, l1=l1, epochs=epochs, seed=seed)
+
+
+def k_sparse_f1(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor, ranking: Tensor,
+                s: AbsorptionSettings) -> Tensor:
+    """Test F1 [max_k, C] of each class's k-sparse probe on its k top-ranked latents, k = 1..max_k."""
+    rows = []
+    for k in range(1, s.max_k + 1):
+        feats = ranking[:, :k]  # [C, k]
+        w, b = _fit(z_train[:, feats], y_train, False, l1=0.0, epochs=s.epochs, seed=s.seed)
+        pred = (z_test[:, feats] * w).sum(-1) + b > 0
+        rows.append(torch.tensor([_f1(pred[:, c], y_test[:, c]) for c in range(y_test.shape[1])]))
+    return torch.stack(rows)
+
+
+def main_latents(f1: Tensor, ranking: Tensor, f1_jump: float) -> tuple[list[int], float]:
+    """Grow k while each added latent raises F1 by more than `f1_jump`; those latents are the main ones."""
+    best, chosen = -1.0, 0
+    for k, value in enumerate(f1.tolist(), start=1):
+        if value <= best + f1_jump:
+            break
+        best, chosen = value, k
+    return ranking[:chosen].tolist(), best
+
+
+def word_absorption(act_proj: Tensor, latent_proj: Tensor, main: list[int], cos: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(absorption fraction, full absorption) per word, from x·p [N] and z_i·cos_i [N, F]."""
+    main_mask = torch.zeros(latent_proj.shape[1], dtype=torch.bool)
+    main_mask[main] = True
+    main_proj = latent_proj[:, main_mask].sum(1)
+    candidates = latent_proj.masked_fill(main_mask | (cos < ABSORBER_COS), 0).clamp(min=0)
+    absorbers = candidates.topk(min(MAX_ABSORBERS, candidates.shape[1]), dim=1).values.sum(1)
+    share = absorbers / act_proj
+    a = torch.minimum(absorbers, act_proj - main_proj)
+    partial = (a / (a + main_proj)).clamp(0, 1)
+    fraction = torch.where(main_proj <= 0, torch.ones_like(partial), partial)
+    fraction = torch.where((main_proj >= act_proj) | (share < PROJECTION_SHARE), torch.zeros_like(fraction), fraction)
+    top_value, top_index = latent_proj.max(1)
+    full = ((z[:, main_mask].abs() < 1e-8).all(1) & (cos[top_index] >= FULL_ABSORBER_COS)
+            & (act_proj > 0) & (top_value / act_proj >= PROJECTION_SHARE))
+    return fraction, full
+
+
+def first_letter_absorption(acts: Tensor, letters: Tensor, encode: Callable[[Tensor], Tensor], w_dec: Tensor,
+                            settings: AbsorptionSettings | None = None) -> dict[str, Any]:
+    """Absorption scores from word activations [N, d] and their first letters [N] (0–25)."""
+    s = settings or AbsorptionSettings()
+    g = torch.Generator().manual_seed(s.seed)
+    order = torch.randperm(acts.shape[0], generator=g)
+    n_train = int(0.8 * len(order))
+    train, test = order[:n_train], order[n_train:]
+    onehot = torch.nn.functional.one_hot(letters.long(), len(LETTERS)).bool()
+    acts = acts.float()
+    with torch.no_grad():
+        z = torch.cat([encode(chunk).float().cpu() for chunk in acts.split(1024)])
+    probe_w, probe_b = train_probes(acts[train], onehot[train], epochs=s.epochs, seed=s.seed)
+    code_w, _ = train_probes(z[train], onehot[train], l1=s.l1, epochs=s.epochs, seed=s.seed)
+    unit_dec = w_dec.detach().float().cpu()
+    unit_dec = unit_dec / unit_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    scores = acts[test] @ probe_w.T + probe_b
+    ranking = code_w.argsort(dim=1, descending=True)[:, :s.max_k]
+    sparse_f1 = k_sparse_f1(z[train], onehot[train], z[test], onehot[test], ranking, s)
+    per_letter: dict[str, dict[str, Any]] = {}
+    for i, letter in enumerate(LETTERS):
+        truth = onehot[test, i]
+        detected = (scores[:, i] > 0) & truth
+        probe_f1 = _f1(scores[:, i] > 0, truth)
+        if probe_f1 < s.min_probe_f1 or int(detected.sum()) < s.min_positives:
+            continue
+        main, main_f1 = main_latents(sparse_f1[:, i], ranking[i], s.f1_jump)
+        p = probe_w[i] / probe_w[i].norm()
+        cos = unit_dec @ p
+        words = test[detected]
+        fraction, full = word_absorption(acts[words] @ p, z[words] * cos, main, cos, z[words])
+        per_letter[letter] = {
+            "mean_absorption_fraction": float(fraction.mean()),
+            "full_absorption_rate": float(full.double().mean()),
+            "probe_f1": probe_f1, "k_sparse_f1": main_f1, "main_latents": main,
+            "probe_true_positives": int(detected.sum()),
+        }
+    kept = list(per_letter.values())
+    return {
+        "letters_total": len(LETTERS),
+        "letters_kept": len(kept),
+        "mean_absorption_fraction": sum(v["mean_absorption_fraction"] for v in kept) / len(kept) if kept else float("nan"),
+        "mean_full_absorption_rate": sum(v["full_absorption_rate"] for v in kept) / len(kept) if kept else float("nan"),
+        "per_letter": per_letter,
+    }

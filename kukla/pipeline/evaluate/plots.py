@@ -1,0 +1,91 @@
+"""Report figures as base64 PNG, so report.html is one self-contained file (no URLs)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def density_histogram(dicts: dict[str, dict[str, Any]]) -> str:
+    """log10 feature density of the live latents, one outline per dictionary."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for name, metrics in dicts.items():
+        hist = metrics["reconstruction"]["log10_density_histogram"]
+        ax.stairs(hist["count"], hist["edges"], label=f"{name} ({metrics['reconstruction']['dead_latents']} dead)")
+    ax.set_xlabel("log10 fraction of eval tokens on which the latent fires")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def l0_histogram(dicts: dict[str, dict[str, Any]]) -> str:
+    """Active latents per token."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for name, metrics in dicts.items():
+        hist = metrics["reconstruction"]["l0_histogram"]
+        counts = np.asarray(hist["count"], dtype=float)
+        edges = np.arange(len(counts) + 1) - 0.5
+        ax.stairs(counts / max(counts.sum(), 1), edges, label=f"{name} (mean {metrics['reconstruction']['l0']:.1f})")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("fraction of tokens")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def level_ev(dicts: dict[str, dict[str, Any]]) -> str:
+    """EV using only each Matryoshka prefix, against the prefix width."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for name, metrics in dicts.items():
+        levels = metrics["reconstruction"]["levels"]
+        ax.plot([lv["width"] for lv in levels], [lv["explained_variance"] for lv in levels], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("latents used (prefix width)")
+    ax.set_ylabel("explained variance")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def truth_heatmap(name: str, cosines: list[list[float]], truth_names: list[str], columns: list[int]) -> str:
+    """Cosine of each true feature (rows) with the matched latents and the closest others (columns)."""
+    matrix = np.asarray(cosines)
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.2 * len(columns)), min(10, 1.4 + 0.2 * len(truth_names))))
+    im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
+    ax.set_yticks(range(len(truth_names)), truth_names, fontsize=6)
+    ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=5, rotation=90)
+    ax.set_xlabel("latent (matched ones first)")
+    ax.set_title(f"{name}: decoder–truth cosine", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    return _png(fig)
+
+
+def absorption_per_letter(dicts: dict[str, dict[str, Any]]) -> str | None:
+    """Mean absorption fraction per first letter, grouped bars per dictionary."""
+    rows = {n: m["absorption"]["per_letter"] for n, m in dicts.items() if m.get("absorption", {}).get("per_letter")}
+    if not rows:
+        return None
+    letters = sorted({letter for per in rows.values() for letter in per})
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(rows)
+    for i, (name, per) in enumerate(rows.items()):
+        values = [per.get(letter, {}).get("mean_absorption_fraction", np.nan) for letter in letters]
+        ax.bar(np.arange(len(letters)) + i * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(letters)) + 0.4 - width / 2, letters)
+    ax.set_ylabel("mean absorption fraction")
+    ax.set_xlabel("first letter")
+    ax.legend(fontsize=7)
+    return _png(fig)
