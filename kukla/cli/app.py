@@ -41,5 +41,6 @@ from kukla.cli.run import demo_command, run_command  # noqa: E402
 app.command("run")(run_command)
 app.command("demo")(demo_command)
 
+
 def main() -> None:
     app()

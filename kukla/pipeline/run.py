@@ -1,0 +1,188 @@
+"""`kukla run CONFIG.toml`: harvest → train → evaluate from one file, as one batch job.
+
+Each stage's section *is* that stage's config, read with `kukla.config.from_dict`: its
+keys are the stage's own flags (`kukla harvest --context-size 128` ⇔ `context_size =
+128` under `[harvest]`), checked by the same code. A `[run]` section (`RunConfig`) names
+the run folder. `[[train]]` may be repeated: each table is one training run over the
+same store (e.g. a Matryoshka sweep and a plain one), and evaluate compares the
+dictionaries of all of them side by side.
+
+Paths that join the stages are filled in where a section leaves them out:
+
+    harvest.output        = <run.out>/store.zarr
+    train.store           = harvest.output
+    train.hook            = the harvest's hook, when it harvested exactly one
+    train.out             = <run.out>/dictionaries/<train.arch>
+    evaluate.store        = harvest.output (else the first train.store)
+    evaluate.dictionaries = every dictionary the train runs wrote
+    evaluate.out          = <run.out>/report
+    <stage>.device        = run.device (only where the section sets none)
+
+Rerunning the same file picks up where the last run stopped: harvest resumes from its
+journal (a finished store is kept), train resumes from its latest checkpoint
+(`resume = true` is the default here), and evaluate runs again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import typer
+
+from kukla.config import from_dict, read_toml, to_dict
+from kukla.errors import ConfigError, KuklaError
+from kukla.pipeline.evaluate.config import EvaluateConfig
+from kukla.pipeline.harvest.config import HarvestConfig
+from kukla.pipeline.hooks import expand_hook
+from kukla.pipeline.train.config import TrainConfig
+
+Stage = Literal["harvest", "train", "evaluate"]
+STAGES: tuple[Stage, ...] = ("harvest", "train", "evaluate")
+
+
+@dataclass
+class RunConfig:
+    """The whole job: which stages run and where their outputs go by default."""
+
+    out: Path = Path("kukla-run")
+    """Run folder: the store, the dictionaries and the report go inside it unless a section says otherwise."""
+    stages: list[Stage] = field(default_factory=lambda: list(STAGES))
+    """Stages to run, in pipeline order; a stage left out must not be needed by a later one without a path."""
+    device: str | None = None
+    """Device for every stage whose section names none (cpu, cuda, cuda:1)."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages", "name at least one of harvest, train, evaluate")
+        if len(set(self.stages)) != len(self.stages):
+            raise ConfigError("stages", f"lists a stage twice: {self.stages}")
+        self.stages = sorted(self.stages, key=STAGES.index)
+
+
+@dataclass
+class Pipeline:
+    """A validated pipeline: the stage configs, paths already joined."""
+
+    run: RunConfig
+    harvest: HarvestConfig | None
+    train: list[TrainConfig]
+    evaluate: EvaluateConfig | None
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """One section's settings, keys in the dataclasses' spelling (`context-size` → `context_size`)."""
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise KuklaError(f"[{name}] must be a table of settings")
+    return _keys(value)
+
+
+def _keys(table: dict[str, Any]) -> dict[str, Any]:
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def _with_device(section: dict[str, Any], run: RunConfig) -> dict[str, Any]:
+    if run.device is not None:
+        section.setdefault("device", run.device)
+    return section
+
+
+def build_pipeline(data: dict[str, Any], source: str = "config") -> Pipeline:
+    """Validate a parsed pipeline file (a dict of sections) into stage configs with joined paths."""
+    unknown = set(data) - {"run", *STAGES}
+    if unknown:
+        raise KuklaError(f"{source}: unknown section [{sorted(unknown)[0]}]; use [run], [harvest], [train], [evaluate]")
+    run = from_dict(RunConfig, _section(data, "run"), source=f"{source} [run]")
+    missing = [stage for stage in run.stages if stage not in data]
+    if missing:
+        raise KuklaError(f"{source}: stage {missing[0]} is to run but the file has no [{missing[0]}] section")
+
+    harvest = None
+    if "harvest" in run.stages:
+        section = _with_device(_section(data, "harvest"), run)
+        section.setdefault("output", str(run.out / "store.zarr"))
+        harvest = from_dict(HarvestConfig, section, source=f"{source} [harvest]")
+    store = harvest.output if harvest else _section(data, "harvest").get("output")
+
+    train_tables = data.get("train", [])
+    train_tables = [train_tables] if isinstance(train_tables, dict) else list(train_tables)
+    train: list[TrainConfig] = []
+    if "train" in run.stages:
+        for i, table in enumerate(train_tables):
+            section = _with_device(_keys(table), run)
+            section.setdefault("resume", True)
+            if store is not None:
+                section.setdefault("store", str(store))
+            if harvest and len(harvest.hook) == 1 and not {"hook", "input_hook", "target_hook"} & set(section):
+                section["hook"] = expand_hook(harvest.hook[0])
+            section.setdefault("out", str(run.out / "dictionaries" / section.get("arch", TrainConfig.arch)))
+            where = f"{source} [train]" if len(train_tables) == 1 else f"{source} [[train]] #{i + 1}"
+            train.append(from_dict(TrainConfig, section, source=where))
+        outs = [t.out for t in train]
+        if len(set(outs)) != len(outs):
+            raise ConfigError("out", f"{source}: two [[train]] runs write to the same folder; give each its own `out`")
+
+    evaluate = None
+    if "evaluate" in run.stages:
+        section = _with_device(_section(data, "evaluate"), run)
+        section.setdefault("out", str(run.out / "report"))
+        if store is None and train:
+            store = train[0].store
+        if store is not None:
+            section.setdefault("store", str(store))
+        if train:
+            section.setdefault("dictionaries", [str(p) for t in train for p in planned_dictionaries(t)])
+        evaluate = from_dict(EvaluateConfig, section, source=f"{source} [evaluate]")
+    return Pipeline(run=run, harvest=harvest, train=train, evaluate=evaluate)
+
+
+def planned_dictionaries(config: TrainConfig) -> list[Path]:
+    """The dictionary directories a train run writes: one per sweep member, under `out`.
+
+    Member names do not depend on the store's widths, so they are known before training.
+    """
+    return [Path(config.out) / member.name for member in config.members(d_in=1, d_out=1)]
+
+
+def read_pipeline(path: Path) -> Pipeline:
+    """A pipeline from a TOML file (see the module docstring for its sections)."""
+    return build_pipeline(read_toml(Path(path)), source=str(path))
+
+
+def run_pipeline(pipeline: Pipeline) -> Path | None:
+    """Run the pipeline's stages in order; returns the report's folder when evaluate ran."""
+    if pipeline.harvest is not None:
+        from kukla.pipeline.harvest.run import harvest
+
+        _banner("harvest", pipeline.harvest.output)
+        harvest(pipeline.harvest)
+    for config in pipeline.train:
+        from kukla.pipeline.train import train
+
+        _banner("train", config.out)
+        train(config)
+    if pipeline.evaluate is not None:
+        from kukla.pipeline.evaluate import evaluate  # type: ignore[attr-defined]
+
+        _banner("evaluate", pipeline.evaluate.out)
+        evaluate(pipeline.evaluate)
+        return Path(pipeline.evaluate.out)
+    return None
+
+
+def _banner(stage: str, output: Any) -> None:
+    typer.echo(f"── {stage} → {output}", err=True)
+
+
+def pipeline_settings(pipeline: Pipeline) -> dict[str, Any]:
+    """Every setting of every stage, paths joined: what `kukla run --check` prints."""
+    settings: dict[str, Any] = {"run": to_dict(pipeline.run)}
+    if pipeline.harvest is not None:
+        settings["harvest"] = to_dict(pipeline.harvest)
+    if pipeline.train:
+        settings["train"] = [to_dict(t) for t in pipeline.train]
+    if pipeline.evaluate is not None:
+        settings["evaluate"] = to_dict(pipeline.evaluate)
+    return settings
