@@ -1,0 +1,110 @@
+"""Token contexts: the text around a store row, and fresh windows of the store's dataset.
+
+Rows are shuffled, so the tokens before a row live anywhere in the store: one chunked scan
+of `tokens/sequence` and `tokens/position` collects them for all requested rows at once
+(memory: the requested rows × context length, never the whole store).
+
+Downstream metrics need whole windows. They are re-made from the store's dataset spec
+exactly as the harvest made them (same tokenizer, packing, BOS policy), taking the windows
+*after* the harvested ones, so the model is scored on text no dictionary trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kukla.progress import progress
+from kukla.storage import Store
+
+SCAN_ROWS = 1 << 20
+POSITION_SPAN = 1 << 24
+"""Positions in a window stay below this (keys are sequence · span + position)."""
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique rows → contiguous [start, stop) runs."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks)]
+
+
+def read_rows(store: Store, name: str, rows: np.ndarray) -> torch.Tensor:
+    """Any row-aligned array at arbitrary rows, read as contiguous runs, in the order given."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    parts = [store.read(name, start, stop) for start, stop in _runs(unique)]
+    return torch.cat(parts)[torch.from_numpy(inverse)]
+
+
+def has_token_ids(store: Store) -> bool:
+    """Whether the store's rows come from text (toy and imported rows carry −1)."""
+    if store.n_rows == 0 or "tokens/token_id" not in store.specs:
+        return False
+    return bool((store.read("tokens/token_id", store.n_rows - 1, store.n_rows) >= 0).all())
+
+
+def row_contexts(store: Store, rows: list[int], context_tokens: int) -> dict[int, list[int]]:
+    """For each row, the token ids of its window from `context_tokens` before it up to itself
+    (−1 where a position is not in the store, e.g. a BOS left out)."""
+    wanted = np.unique(np.asarray(rows, dtype=np.int64))
+    seq = read_rows(store, "tokens/sequence", wanted).numpy().astype(np.int64)
+    pos = read_rows(store, "tokens/position", wanted).numpy().astype(np.int64)
+    offsets = np.arange(-context_tokens, 1)
+    span = POSITION_SPAN
+    keys = seq[:, None] * span + (pos[:, None] + offsets)  # [rows, context + 1] (seq, position) keys
+    needed = np.unique(keys)
+    tokens = np.full(len(needed), -1, dtype=np.int64)
+    with progress(store.n_rows, "contexts (token scan)") as bar:
+        for start in range(0, store.n_rows, SCAN_ROWS):
+            stop = min(start + SCAN_ROWS, store.n_rows)
+            chunk_keys = (store.read("tokens/sequence", start, stop).numpy().astype(np.int64) * span
+                          + store.read("tokens/position", start, stop).numpy())
+            hit = np.isin(chunk_keys, needed)
+            if hit.any():
+                ids = store.read("tokens/token_id", start, stop).numpy()[hit]
+                tokens[np.searchsorted(needed, chunk_keys[hit])] = ids
+            bar.update(stop - start)
+    found = tokens[np.searchsorted(needed, keys)]
+    found[(pos[:, None] + offsets) < 0] = -1
+    return {row: found[i].tolist() for i, row in enumerate(wanted.tolist())}
+
+
+def render_context(ids: list[int], tokenizer: Any | None) -> str:
+    """The context as text with the active (last) token in «»; token ids when there is no tokenizer."""
+    *before, last = ids
+    before = [t for t in before if t >= 0]
+    if tokenizer is None:
+        return " ".join(map(str, before)) + f" «{last}»"
+    return tokenizer.decode(before) + "«" + tokenizer.decode([last]) + "»"
+
+
+def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.Tensor, bool]:
+    """`n_windows` full windows of the store's dataset, re-tokenized as the harvest did; the
+    second value says whether they all come after the harvested text (unseen by training)."""
+    from kukla.pipeline.harvest.text import iter_texts, iter_windows
+
+    meta = store.meta
+    spec = meta["dataset"]
+    keep_special = bool(meta.get("harvest", {}).get("keep_special_tokens", False))
+    texts = iter_texts(spec["name"], spec.get("subset"), spec.get("split", "train"), spec.get("revision"),
+                       spec.get("text_column", "text"))
+    harvested = int(meta.get("planned_tokens", 0))
+    kept = 0
+    seen: list[np.ndarray] = []
+    unseen: list[np.ndarray] = []
+    pad = meta.get("special_tokens", {}).get("pad_token_id")
+    for window in iter_windows(texts, tokenizer, int(meta["context_size"]), keep_special_tokens=keep_special):
+        full = not (pad is not None and window.tokens[-1] == pad and not window.keep[-1] and window.tokens[-2] == pad)
+        if kept >= harvested:
+            if full:
+                unseen.append(window.tokens)
+            if len(unseen) >= n_windows:
+                break
+        elif full and len(seen) < n_windows:
+            seen.append(window.tokens)
+        kept += int(window.keep.sum())
+    chosen = (unseen + seen)[:n_windows]
+    return torch.from_numpy(np.stack(chosen)) if chosen else torch.empty(0, 0, dtype=torch.long), len(unseen) >= n_windows

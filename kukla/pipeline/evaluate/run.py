@@ -1,0 +1,301 @@
+"""`evaluate(config) -> Path`: every metric for several dictionaries on one store, one report.
+
+One pass over the held-out rows feeds every dictionary (reconstruction, sparsity, per-level,
+top activations, toy truth); then the model runs once for the downstream metrics (clean and
+ablated passes shared by all dictionaries) and once for the absorption words. The report
+directory gets metrics.json LAST: a directory without it is an unfinished report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformer_lens import HookedTransformer
+
+from kukla.config import to_dict
+from kukla.errors import KuklaError
+from kukla.pipeline.dictionary import Dictionary, load_dictionary
+from kukla.pipeline.evaluate import contexts as ctx
+from kukla.pipeline.evaluate.config import EvaluateConfig
+from kukla.pipeline.evaluate.geometry import max_cosine_to_others
+from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
+from kukla.pipeline.evaluate.reconstruction import ReconstructionStats, level_reconstructions
+from kukla.pipeline.evaluate.report import write_html, write_markdown
+from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
+from kukla.progress import progress
+from kukla.storage import ActivationStream, Store, open_store
+
+
+@dataclass
+class Entry:
+    """One dictionary under evaluation and its running statistics."""
+
+    name: str
+    path: Path
+    dictionary: Dictionary
+    input_hook: str
+    target_hook: str
+    stats: ReconstructionStats
+    top: TopActivations
+    toy: ToyTruth | None = None
+    downstream: dict[str, Any] | None = None
+    absorption: dict[str, Any] | None = None
+
+    @property
+    def transcoder(self) -> bool:
+        return bool(self.dictionary.cfg.transcoder)
+
+
+def _hooks_of(dictionary: Dictionary, path: Path, store: Store) -> tuple[str, str]:
+    hooks = (dictionary.metadata or {}).get("hooks") or {}
+    source, target = hooks.get("input"), hooks.get("target")
+    if source is None:
+        if len(store.hooks) != 1:
+            raise KuklaError(f"{path} does not record its hook and store {store.url} has several "
+                             f"({', '.join(store.hooks)}): save the dictionary with its hook name")
+        source = next(iter(store.hooks))
+    target = target or source
+    for hook, width, what in ((source, dictionary.d_in, "d_in"), (target, dictionary.d_out, "d_out")):
+        if hook not in store.hooks:
+            raise KuklaError(f"{path} reads hook {hook!r}, which store {store.url} lacks; "
+                             f"its hooks: {', '.join(store.hooks)}")
+        if store.hooks[hook] != width:
+            raise KuklaError(f"{path} has {what} {width} but hook {hook!r} in store {store.url} is "
+                             f"{store.hooks[hook]} wide: this dictionary was trained on another model or hook")
+    return source, target
+
+
+def load_entries(config: EvaluateConfig, store: Store, device: str) -> list[Entry]:
+    """Load and check every dictionary against the store before any work starts."""
+    entries: list[Entry] = []
+    names: set[str] = set()
+    for path in config.dictionaries:
+        if not Path(path).is_dir():
+            raise KuklaError(f"dictionary directory {path} does not exist")
+        dictionary = load_dictionary(path).to(device).eval()
+        source, target = _hooks_of(dictionary, Path(path), store)
+        name = Path(path).resolve().name
+        while name in names:
+            name = f"{Path(path).resolve().parent.name}/{name}"
+        names.add(name)
+        entries.append(Entry(name, Path(path), dictionary, source, target,
+                             ReconstructionStats(dictionary.width, dictionary.levels),
+                             TopActivations(dictionary.width, config.top_examples)))
+    return entries
+
+
+def _attach_toy_truth(store: Store, entries: list[Entry]) -> bool:
+    if store.meta.get("source") != "toy-tree" or TOY_ACTIVITY not in store.specs:
+        return False
+    directions = store.read(TOY_DIRECTIONS).numpy()
+    parent = store.read(TOY_PARENT).numpy()
+    for entry in entries:
+        entry.toy = ToyTruth(directions, parent, entry.dictionary.W_dec.detach())
+    return True
+
+
+@torch.no_grad()
+def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], device: str) -> int:
+    """One pass over the held-out rows, feeding every dictionary; returns the rows evaluated."""
+    hooks = sorted({h for e in entries for h in (e.input_hook, e.target_hook)})
+    total = store.holdout_rows if config.max_tokens is None else min(config.max_tokens, store.holdout_rows)
+    toy = _attach_toy_truth(store, entries)
+    stream = ActivationStream(store, hooks, config.batch_size, split="holdout", device=device,
+                              with_rows=True, drop_last=False)
+    seen = 0
+    with progress(total, "evaluate (held-out rows)") as bar:
+        for batch in stream:
+            take = min(total - seen, batch.acts[0].shape[0])
+            acts = {h: a[:take] for h, a in zip(hooks, batch.acts)}
+            rows = batch.rows[:take]
+            activity = ctx.read_rows(store, TOY_ACTIVITY, rows.numpy()) if toy else None
+            for e in entries:
+                z = e.dictionary.encode(acts[e.input_hook])
+                recon = e.dictionary.decode(z)
+                levels = level_reconstructions(z, e.dictionary.levels, e.dictionary.decode) \
+                    if len(e.dictionary.levels) > 1 else [recon]
+                e.stats.update(acts[e.target_hook], recon, z, levels)
+                e.top.update(z, rows)
+                if e.toy is not None and activity is not None:
+                    e.toy.update(z, activity)
+            seen += take
+            bar.update(take)
+            if seen >= total:
+                break
+    return seen
+
+
+def _load_model(config: EvaluateConfig, store: Store, model: HookedTransformer | None,
+                notes: list[str]) -> HookedTransformer | None:
+    """The store's model (or the override); None with a note when it cannot be had."""
+    if model is not None:
+        return model
+    from kukla.pipeline.models import load_model
+
+    name = config.model or (store.meta.get("model") or {}).get("name")
+    if name is None:
+        problem = f"store {store.url} names no model (source {store.meta.get('source', '?')})"
+    else:
+        try:
+            return load_model(name, device=config.device, dtype=config.model_dtype)
+        except KuklaError as exc:
+            problem = f"model {name!r} unavailable: {exc}"
+    if config.require_downstream:
+        raise KuklaError(f"{problem}; downstream metrics are required (--require-downstream): pass --model")
+    notes.append(f"downstream metrics and absorption skipped: {problem}")
+    return None
+
+
+def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], model: HookedTransformer,
+                   notes: list[str]) -> None:
+    """CE recovered / ΔLM / KL for every dictionary, on fresh windows of the store's dataset."""
+    from kukla.pipeline.evaluate.downstream import Splice, evaluate_downstream
+
+    try:
+        windows, unseen = ctx.fresh_windows(store, model.tokenizer, config.downstream_contexts)
+    except (KuklaError, KeyError) as exc:
+        if config.require_downstream:
+            raise KuklaError(f"cannot re-read the store's text for downstream metrics: {exc}") from None
+        notes.append(f"downstream metrics skipped: cannot re-read the store's text ({exc})")
+        return
+    if not unseen:
+        notes.append("downstream contexts include harvested text (the dataset has no more windows after it)")
+    keep_special = bool(store.meta.get("harvest", {}).get("keep_special_tokens", False))
+    splices = {e.name: Splice(e.input_hook, e.target_hook, e.dictionary.forward) for e in entries}
+    means = {}
+    for e in entries:
+        if e.stats.target.mean is not None:
+            means.setdefault(e.target_hook, e.stats.target.mean.float())
+    results = evaluate_downstream(model, windows, splices, batch_size=config.downstream_batch_size,
+                                  first_position=0 if keep_special else 1,
+                                  mean_ablation=means if config.mean_ablation else None)
+    for e in entries:
+        e_result = results[e.name]
+        e_result["contexts"] = int(windows.shape[0])
+        e_result["context_size"] = int(windows.shape[1])
+        e.downstream = e_result
+
+
+def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTransformer,
+                   notes: list[str]) -> None:
+    """First-letter absorption for residual-stream SAEs (skipped with a note for the rest)."""
+    from kukla.pipeline.evaluate.absorption import AbsorptionSettings, first_letter_absorption
+    from kukla.pipeline.evaluate.words import word_activations
+
+    targets = [e for e in entries if not e.transcoder and "resid" in e.input_hook]
+    if not targets:
+        return
+    if model.tokenizer is None:
+        notes.append("absorption skipped: the model has no tokenizer")
+        return
+    settings = AbsorptionSettings(min_probe_f1=config.absorption_min_probe_f1,
+                                  min_positives=config.absorption_min_positives, max_k=config.absorption_max_k,
+                                  f1_jump=config.absorption_f1_jump, seed=config.seed)
+    for hook in sorted({e.input_hook for e in targets}):
+        words = word_activations(model, hook, seed=config.seed)
+        if words is None:
+            notes.append(f"absorption skipped for {hook}: too few single-token alphabetic words in the vocabulary")
+            continue
+        acts, letters = words
+        for e in (e for e in targets if e.input_hook == hook):
+            acts_dev = acts.to(e.dictionary.W_enc.device)
+            e.absorption = first_letter_absorption(acts_dev, letters, e.dictionary.encode,
+                                                   e.dictionary.W_dec, settings)
+
+
+def _dictionary_metrics(e: Entry) -> tuple[dict[str, Any], torch.Tensor]:
+    max_cos = max_cosine_to_others(e.dictionary.W_dec.detach())
+    out: dict[str, Any] = {
+        "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch,
+        "hooks": {"input": e.input_hook, "target": e.target_hook}, "d_in": e.dictionary.d_in,
+        "d_out": e.dictionary.d_out, "width": e.dictionary.width, "levels": e.dictionary.levels,
+        "reconstruction": e.stats.summary(),
+        "decoder": {"max_cosine_mean": float(max_cos.nanmean()),
+                    "latents_above_0.9": int((max_cos > 0.9).sum())},
+    }
+    for key, value in (("downstream", e.downstream), ("absorption", e.absorption)):
+        if value is not None:
+            out[key] = value
+    if e.toy is not None:
+        out["toy"] = e.toy.summary()
+    return out, max_cos
+
+
+def _write_tables(config: EvaluateConfig, store: Store, entries: list[Entry], out: Path,
+                  tokenizer: Any | None, max_cos: dict[str, torch.Tensor]) -> None:
+    top = {e.name: e.top.top_rows() for e in entries}
+    texts: dict[int, str] | None = None
+    if ctx.has_token_ids(store):
+        rows = sorted({r for rows in top.values() for latent in rows for r in latent})
+        ids = ctx.row_contexts(store, rows, config.context_tokens) if rows else {}
+        texts = {row: ctx.render_context(tokens, tokenizer) for row, tokens in ids.items()}
+    for e in entries:
+        columns = e.stats.latent_columns() | {"decoder_max_cosine": max_cos[e.name]}
+        contexts = [[texts[r] for r in latent] for latent in top[e.name]] if texts is not None else None
+        write_latent_table(out / f"latents_{_slug(e.name)}.parquet", levels=e.dictionary.levels,
+                           columns=columns, top_rows=top[e.name], contexts=contexts)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return _json_safe(value.item())
+    return value
+
+
+def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) -> Path:
+    """Evaluate `config.dictionaries` on `config.store`'s held-out rows; returns the report directory.
+
+    `model` skips loading the store's model (e.g. one built from a HookedTransformerConfig)."""
+    device = config.device
+    store = open_store(config.store)
+    if store.holdout_rows == 0:
+        raise KuklaError(f"store {store.url} holds no held-out rows to evaluate on: re-finalize it with held-out rows")
+    entries = load_entries(config, store, device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    notes: list[str] = []
+    n_eval = stream_heldout(config, store, entries, device)
+    tokenizer = None
+    if store.meta.get("source") == "toy-tree":
+        if config.require_downstream:
+            raise KuklaError(f"store {store.url} is a toy-tree store: it has no model for downstream metrics")
+        notes.append("toy-tree store: no model behind it, so no downstream metrics or absorption; "
+                     "see the ground-truth scores instead")
+    elif config.downstream or config.absorption:
+        lm = _load_model(config, store, model, notes)
+        if lm is not None:
+            tokenizer = lm.tokenizer
+            if config.downstream:
+                run_downstream(config, store, entries, lm, notes)
+            if config.absorption:
+                run_absorption(config, entries, lm, notes)
+    dicts, max_cos = {}, {}
+    for e in entries:
+        dicts[e.name], max_cos[e.name] = _dictionary_metrics(e)
+    _write_tables(config, store, entries, out, tokenizer, max_cos)
+    report = _json_safe({"store": {"path": str(config.store), "source": store.meta.get("source"),
+                                   "eval_tokens": n_eval, "fingerprint": store.fingerprint},
+                         "config": to_dict(config), "notes": notes, "dictionaries": dicts})
+    write_markdown(out / "report.md", report)
+    write_html(out / "report.html", report)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "metrics.json")
+    return out

@@ -1,0 +1,135 @@
+"""`evaluate(config)` end to end on real stores and saved dictionaries."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from kukla.errors import KuklaError
+from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+from kukla.storage import open_store
+from tests.evaluate.helpers import D, make_dictionary, write_rows_store
+
+
+def _config(dicts: list[Path], store: Path, out: Path, **kw) -> EvaluateConfig:
+    kw = {"downstream": False, "absorption": False, **kw}
+    return EvaluateConfig(dictionaries=dicts, store=store, out=out, **kw)
+
+
+def _heldout(store_path: Path) -> np.ndarray:
+    store = open_store(store_path)
+    return store.read("blocks.0.hook_resid_post", store.n_rows - store.holdout_rows).double().numpy()
+
+
+def _numpy_forward(path: Path, x: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and reconstruction (from the first `width` latents) in float64, straight from the
+    saved SAELens weights with the ReLU SAE math written out."""
+    w = {k: v.astype(np.float64) for k, v in load_file(str(path / "sae_weights.safetensors")).items()}
+    z = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)
+    width = width or z.shape[1]
+    return z, z[:, :width] @ w["W_dec"][:width] + w["b_dec"]
+
+
+@pytest.fixture(scope="module")
+def dicts(tmp_path_factory: pytest.TempPathFactory, rows_store: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dicts")
+    eye = torch.eye(D)
+    g = torch.Generator().manual_seed(1)
+    mean = torch.from_numpy(_heldout(rows_store).mean(0)).float()
+    return {
+        "identity": make_dictionary(root / "identity", torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0)),
+        "mean": make_dictionary(root / "mean", torch.zeros(D, 4), torch.randn(4, D, generator=g),
+                                b_enc=-torch.ones(4), b_dec=mean),
+        "random": make_dictionary(root / "random", torch.randn(D, 24, generator=g) / 3, torch.randn(24, D, generator=g),
+                                  b_enc=torch.randn(24, generator=g), b_dec=mean, levels=[4, 10, 24]),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory, rows_store: Path, dicts: dict[str, Path]) -> Path:
+    return evaluate(_config(list(dicts.values()), rows_store, tmp_path_factory.mktemp("report"), batch_size=256))
+
+
+def test_explained_variance_is_one_for_the_identity_and_zero_for_the_mean(report: Path) -> None:
+    metrics = json.loads((report / "metrics.json").read_text())["dictionaries"]
+    assert metrics["identity"]["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["mean"]["reconstruction"]["explained_variance"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["mean"]["reconstruction"]["dead_latents"] == 4
+
+
+def test_metrics_equal_a_direct_float64_computation_whatever_the_batch_size(
+        tmp_path: Path, rows_store: Path, dicts: dict[str, Path], report: Path) -> None:
+    x = _heldout(rows_store)
+    z, recon = _numpy_forward(dicts["random"], x)
+    ev = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    small = evaluate(_config([dicts["random"]], rows_store, tmp_path / "b7", batch_size=7))
+    for out in (report, small):
+        m = json.loads((out / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
+        assert m["n_tokens"] == len(x)
+        assert m["explained_variance"] == pytest.approx(ev, abs=1e-5)
+        assert m["l0"] == pytest.approx((z != 0).sum(1).mean(), abs=1e-3)
+        for level, width in zip(m["levels"], [4, 10, 24]):
+            recon_w = _numpy_forward(dicts["random"], x, width)[1]
+            ev_w = 1 - ((x - recon_w) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+            assert level["explained_variance"] == pytest.approx(ev_w, abs=1e-5)
+            assert level["l0"] == pytest.approx((z[:, :width] != 0).sum(1).mean(), abs=1e-3)
+    a = json.loads((report / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
+    b = json.loads((small / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
+    assert a["explained_variance"] == pytest.approx(b["explained_variance"], abs=1e-9)
+
+
+def test_report_is_self_contained_and_the_latent_table_loads(report: Path, rows_store: Path,
+                                                             dicts: dict[str, Path]) -> None:
+    page = (report / "report.html").read_text()
+    assert "<img" in page and "data:image/png;base64," in page
+    assert not re.search(r"(src|href)=['\"](?!data:)", page), "report.html refers to an outside resource"
+    assert "http://" not in page and "https://" not in page
+    assert "| explained variance |" in (report / "report.md").read_text()
+    table = pq.read_table(report / "latents_random.parquet").to_pydict()
+    assert len(table["latent"]) == 24
+    assert table["level"][:5] == [0, 0, 0, 0, 1] and table["level"][-1] == 2
+    store = open_store(rows_store)
+    for latent in range(24):
+        rows = table["top_rows"][latent]
+        assert len(rows) == len(table["top_contexts"][latent]) <= 8
+        assert all(store.n_rows - store.holdout_rows <= r < store.n_rows for r in rows)
+        if rows:  # the top row's activation is the table's max activation
+            x = store.read("blocks.0.hook_resid_post", rows[0], rows[0] + 1).double().numpy()
+            top_code = _numpy_forward(dicts["random"], x)[0][0, latent]
+            assert table["max_activation"][latent] == pytest.approx(top_code, rel=1e-4)
+
+
+def test_a_directory_that_is_no_dictionary_is_refused(tmp_path: Path, rows_store: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KuklaError, match="not a dictionary directory"):
+        evaluate(_config([tmp_path / "empty"], rows_store, tmp_path / "out"))
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_dictionary_of_another_width_or_hook_is_refused(tmp_path: Path, rows_store: Path) -> None:
+    wide = make_dictionary(tmp_path / "wide", torch.zeros(D + 1, 4), torch.zeros(4, D + 1))
+    with pytest.raises(KuklaError, match=f"d_in {D + 1}.*{D} wide"):
+        evaluate(_config([wide], rows_store, tmp_path / "out"))
+    elsewhere = make_dictionary(tmp_path / "elsewhere", torch.zeros(D, 4), torch.zeros(4, D),
+                                hook="blocks.3.hook_resid_post")
+    with pytest.raises(KuklaError, match="lacks"):
+        evaluate(_config([elsewhere], rows_store, tmp_path / "out"))
+
+
+def test_missing_model_skips_downstream_with_a_note_or_fails_when_required(
+        tmp_path: Path, rows_store: Path, dicts: dict[str, Path]) -> None:
+    out = evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out", downstream=True, max_tokens=100))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("downstream metrics and absorption skipped" in n for n in metrics["notes"])
+    assert "downstream" not in metrics["dictionaries"]["identity"]
+    assert metrics["store"]["eval_tokens"] == 100
+    with pytest.raises(KuklaError, match="require-downstream"):
+        evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out2", downstream=True,
+                         require_downstream=True))
