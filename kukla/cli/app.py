@@ -36,6 +36,8 @@ from kukla.cli.harvest import harvest_command  # noqa: E402 - registered after t
 app.command("harvest")(harvest_command)
 from kukla.cli.train import command as train_command  # noqa: E402
 app.command("train")(train_command)
+from kukla.cli.evaluate import command as evaluate_command  # noqa: E402
+app.command("evaluate")(evaluate_command)
 
 from kukla.cli.run import demo_command, run_command  # noqa: E402
 app.command("run")(run_command)
