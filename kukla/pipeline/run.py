@@ -35,6 +35,7 @@ from kukla.config import from_dict, read_toml, to_dict
 from kukla.errors import ConfigError, KuklaError
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.harvest.config import HarvestConfig
+from kukla.pipeline.harvest.toy import TOY_HOOK
 from kukla.pipeline.hooks import expand_hook
 from kukla.pipeline.train.config import TrainConfig
 
@@ -115,8 +116,9 @@ def build_pipeline(data: dict[str, Any], source: str = "config") -> Pipeline:
             section.setdefault("resume", True)
             if store is not None:
                 section.setdefault("store", str(store))
-            if harvest and len(harvest.hook) == 1 and not {"hook", "input_hook", "target_hook"} & set(section):
-                section["hook"] = expand_hook(harvest.hook[0])
+            hooks = harvested_hooks(harvest)
+            if len(hooks) == 1 and not {"hook", "input_hook", "target_hook"} & set(section):
+                section["hook"] = hooks[0]
             section.setdefault("out", str(run.out / "dictionaries" / section.get("arch", TrainConfig.arch)))
             where = f"{source} [train]" if len(train_tables) == 1 else f"{source} [[train]] #{i + 1}"
             train.append(from_dict(TrainConfig, section, source=where))
@@ -138,6 +140,15 @@ def build_pipeline(data: dict[str, Any], source: str = "config") -> Pipeline:
     return Pipeline(run=run, harvest=harvest, train=train, evaluate=evaluate)
 
 
+def harvested_hooks(harvest: HarvestConfig | None) -> list[str]:
+    """Full TransformerLens names of the hooks a harvest writes (the toy source has one)."""
+    if harvest is None:
+        return []
+    if harvest.source == "toy-tree":
+        return [TOY_HOOK]
+    return [expand_hook(spec) for spec in harvest.hook]
+
+
 def planned_dictionaries(config: TrainConfig) -> list[Path]:
     """The dictionary directories a train run writes: one per sweep member, under `out`.
 
@@ -157,7 +168,8 @@ def run_pipeline(pipeline: Pipeline) -> Path | None:
         from kukla.pipeline.harvest.run import harvest
 
         _banner("harvest", pipeline.harvest.output)
-        harvest(pipeline.harvest)
+        if pipeline.harvest.overwrite or not store_is_finished(pipeline.harvest):
+            harvest(pipeline.harvest)
     for config in pipeline.train:
         from kukla.pipeline.train import train
 
@@ -170,6 +182,35 @@ def run_pipeline(pipeline: Pipeline) -> Path | None:
         evaluate(pipeline.evaluate)
         return Path(pipeline.evaluate.out)
     return None
+
+
+def store_is_finished(config: HarvestConfig) -> bool:
+    """Whether `config.output` already holds this harvest's finalized store (a rerun keeps it).
+
+    A finalized store of *another* harvest is refused rather than silently trained on: the
+    settings that decide which rows exist must match what the store records.
+    """
+    from kukla.pipeline.harvest.text import dataset_spec
+    from kukla.storage import open_store
+
+    try:
+        store = open_store(config.output)
+    except KuklaError:  # missing or unfinished: harvest creates it or resumes it
+        return False
+    meta = store.meta
+    recorded = (meta.get("source"), meta.get("planned_tokens"), meta.get("segment_windows"),
+                meta.get("harvest", {}).get("context_size"), set(store.hooks))
+    wanted = (config.source, config.tokens, config.segment_windows, config.context_size,
+              set(harvested_hooks(config)))
+    if config.source == "model":
+        recorded += (meta.get("model", {}).get("name"), meta.get("dataset", {}).get("name"))
+        wanted += (config.model, dataset_spec(config.dataset or "", config.dataset_subset, config.split,
+                                              config.revision, config.text_column)["name"])
+    if recorded != wanted:
+        raise KuklaError(f"{config.output} is a finalized store of a different harvest; "
+                         "set overwrite = true under [harvest] to rebuild it, or choose another output")
+    typer.echo(f"   {config.output} is finalized: kept", err=True)
+    return True
 
 
 def _banner(stage: str, output: Any) -> None:
