@@ -1,0 +1,192 @@
+"""The store's layout, metadata and array geometry (the contract in docs/FORMATS.md §1).
+
+```
+PATH/zarr.json                     group; attrs["kukla"] = metadata (state writing → finalizing → finalized)
+PATH/acts/<hook>, tokens/*, truth/* row-aligned final arrays (after finalize)
+PATH/static/<name>                 store-level arrays
+PATH/manifest.parquet              one row per written segment (rank, segment, rows, ...)
+PATH/_parts/rank-RRRRR/...         per-rank segments, journal, lock (gone after finalize)
+PATH/_finalize/...                 the shuffle's plan, runs and progress (gone after finalize)
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+import kukla
+from kukla.errors import KuklaError
+from kukla.storage.codecs import STORED_NUMPY, compressors
+from kukla.storage.location import Location
+
+FORMAT_VERSION = 1
+TOKEN_ARRAYS = {"tokens/token_id": np.dtype(np.int32), "tokens/sequence": np.dtype(np.int64),
+                "tokens/position": np.dtype(np.int32)}
+#: Keys of the `kukla` attributes that kukla owns; the caller's meta may not use them.
+RESERVED = ("format_version", "kukla_version", "state", "dtype", "codec", "world", "fingerprint",
+            "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "hook_stats", "truth")
+TARGET_CHUNK_BYTES = 4 << 20
+TARGET_SHARD_BYTES = 256 << 20
+
+
+def meta_fingerprint(meta: dict[str, Any]) -> str:
+    """A short hash of the caller's metadata: the same run always gives the same store."""
+    text = json.dumps(meta, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_meta(meta: dict[str, Any]) -> dict[str, int]:
+    """The hooks {name: width} of a caller's meta, or a one-line error."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("hooks"), dict) or not meta["hooks"]:
+        raise KuklaError("store meta needs 'hooks': {hook_name: width} with at least one hook")
+    clash = [key for key in RESERVED if key in meta]
+    if clash:
+        raise KuklaError(f"store meta may not set {clash[0]!r}: kukla records it itself")
+    hooks = {}
+    for name, width in meta["hooks"].items():
+        if not isinstance(width, int) or width <= 0 or "/" in name:
+            raise KuklaError(f"hook {name!r}: width must be a positive int and the name may not hold '/'")
+        hooks[name] = width
+    return hooks
+
+
+def chunk_rows_for(widths: list[int], itemsize: int) -> int:
+    """Rows per chunk: a power of two keeping the widest hook's chunk near 4 MiB."""
+    row_bytes = max(widths) * itemsize
+    rows = 1 << max(0, int(math.log2(max(1, TARGET_CHUNK_BYTES // row_bytes))))
+    return int(min(max(rows, 64), 1 << 16))
+
+
+def holdout_default(n_rows: int) -> int:
+    """min(1% of rows, 2**20), and at least 1 when there are 2 rows or more."""
+    if n_rows <= 1:
+        return 0
+    return max(1, min(n_rows // 100, 1 << 20))
+
+
+@dataclass
+class ArraySpec:
+    """One row-aligned array: its name, the width of a row and its on-disk dtype."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def to_json(self) -> list[Any]:
+        return [self.name, list(self.row_shape), self.dtype.str]
+
+    @classmethod
+    def from_json(cls, value: list[Any]) -> "ArraySpec":
+        return cls(value[0], tuple(value[1]), np.dtype(value[2]))
+
+
+def array_specs(attrs: dict[str, Any]) -> list[ArraySpec]:
+    """Every row-aligned array of a store, in a fixed order: hooks, tokens, truth."""
+    stored = STORED_NUMPY[attrs["dtype"]]
+    specs = [ArraySpec(f"acts/{hook}", (width,), stored) for hook, width in attrs["hooks"].items()]
+    specs += [ArraySpec(name, (), dtype) for name, dtype in TOKEN_ARRAYS.items()]
+    specs += [ArraySpec.from_json(value) for value in attrs.get("truth") or []]
+    return specs
+
+
+def create_array(group: zarr.Group, spec: ArraySpec, n_rows: int, chunk_rows: int, shard_rows: int,
+                 codec: str) -> zarr.Array:
+    """A sharded, compressed, checksummed array for `spec` (empty chunks still written, so a
+    missing shard file means damage rather than zeros)."""
+    shard_rows = max(chunk_rows, shard_rows - shard_rows % chunk_rows)
+    return group.create_array(
+        spec.name, shape=(n_rows, *spec.row_shape), dtype=spec.dtype,
+        chunks=(chunk_rows, *spec.row_shape), shards=(shard_rows, *spec.row_shape),
+        compressors=(*compressors(codec, spec.dtype.itemsize), Crc32cCodec()),
+        fill_value=0, overwrite=True, config={"write_empty_chunks": True},
+    )
+
+
+def shard_key(spec: ArraySpec, shard_index: int) -> str:
+    """The object holding shard `shard_index` of an array (default "/" chunk keys)."""
+    return "/".join([spec.name, "c", str(shard_index)] + ["0"] * len(spec.row_shape))
+
+
+@dataclass
+class HookStats:
+    """Running sums over rows of one hook (float64), mergeable across segments and ranks."""
+
+    rows: int = 0
+    sum_norm: float = 0.0
+    sum_sq_norm: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x64 = x.astype(np.float64)
+        sq = np.einsum("ij,ij->i", x64, x64)
+        self.rows += x.shape[0]
+        self.sum_norm += float(np.sqrt(sq).sum())
+        self.sum_sq_norm += float(sq.sum())
+        self.max_abs = max(self.max_abs, float(np.abs(x64).max(initial=0.0)))
+
+    def merge(self, other: "HookStats") -> None:
+        self.rows += other.rows
+        self.sum_norm += other.sum_norm
+        self.sum_sq_norm += other.sum_sq_norm
+        self.max_abs = max(self.max_abs, other.max_abs)
+
+    def summary(self, width: int) -> dict[str, float]:
+        """mean_norm = E‖x‖; scale = √d / E‖x‖ (SAELens-style normalisation factor)."""
+        mean_norm = self.sum_norm / self.rows if self.rows else 0.0
+        return {
+            "rows": self.rows, "sum_norm": self.sum_norm, "sum_sq_norm": self.sum_sq_norm,
+            "max_abs": self.max_abs, "mean_norm": mean_norm,
+            "rms_norm": math.sqrt(self.sum_sq_norm / self.rows) if self.rows else 0.0,
+            "scale": math.sqrt(width) / mean_norm if mean_norm else 1.0,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "HookStats":
+        return cls(int(value["rows"]), float(value["sum_norm"]), float(value["sum_sq_norm"]), float(value["max_abs"]))
+
+
+@dataclass
+class Attributes:
+    """Read and write the `kukla` attributes in the root zarr.json, atomically."""
+
+    location: Location
+    value: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, location: Location) -> "Attributes":
+        if not location.exists():
+            raise KuklaError(f"{location.url} does not exist: give the path of a kukla store "
+                             "(made by `kukla harvest` or `kukla store import`)")
+        try:
+            value = location.read_json("zarr.json").get("attributes", {}).get("kukla")
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            value = None
+        if not isinstance(value, dict) or "format_version" not in value:
+            raise KuklaError(f"{location.url} is not a kukla store (no kukla metadata in zarr.json): "
+                             "check the path")
+        if value["format_version"] > FORMAT_VERSION:
+            raise KuklaError(f"{location.url} has store format {value['format_version']}; this kukla "
+                             f"reads up to {FORMAT_VERSION}: upgrade kukla")
+        return cls(location, value)
+
+    def write(self) -> None:
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": {"kukla": self.value}}
+        self.location.put_bytes("zarr.json", json.dumps(doc, indent=1, default=str).encode())
+
+
+def new_attributes(meta: dict[str, Any], *, dtype: str, codec: str, world: int, chunk_rows: int) -> dict[str, Any]:
+    return {**meta, "format_version": FORMAT_VERSION, "kukla_version": kukla.__version__,
+            "state": "writing", "dtype": dtype, "codec": codec, "world": world,
+            "fingerprint": meta_fingerprint(meta), "chunk_rows": chunk_rows}

@@ -1,0 +1,151 @@
+"""Where a store lives: a local folder or an fsspec URL (file://, memory://, s3://, gs://).
+
+Object stores have no rename, so every commit in kukla is "write the data, then put one
+small object" (a single PUT is atomic there). Locally we get the same guarantee with a
+temporary file, fsync and `os.replace`, and fsync the data files before committing them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+from zarr.storage import FsspecStore, LocalStore
+
+from kukla.errors import KuklaError
+
+#: OS errors that mean "no room left" (ENOSPC), a file size limit (EFBIG) or a quota (EDQUOT).
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class Location:
+    """A store's root: a filesystem plus a path on it, with the few operations kukla needs."""
+
+    def __init__(self, path: str | Path) -> None:
+        text = str(path)
+        if "://" in text and not text.startswith("file://"):
+            self.fs, self.root = fsspec.core.url_to_fs(text)
+            self.url = text.rstrip("/")
+        else:
+            local = text[len("file://"):] if text.startswith("file://") else text
+            self.fs, self.root = LocalFileSystem(), str(Path(local).expanduser().absolute())
+            self.url = self.root
+        self.root = self.root.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def join(self, *parts: str) -> str:
+        parts = tuple(p for p in parts if p)
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def zarr_store(self, sub: str = "", *, read_only: bool = False) -> zarr.abc.store.Store:
+        """A Zarr store rooted at `sub` (local folders skip fsspec's overhead)."""
+        path = self.join(sub) if sub else self.root
+        if self.is_local:
+            return LocalStore(path, read_only=read_only)
+        url = f"{self.url}/{sub}" if sub else self.url
+        return FsspecStore.from_url(url, read_only=read_only)
+
+    def exists(self, sub: str = "") -> bool:
+        return self.fs.exists(self.join(sub) if sub else self.root)
+
+    def read_json(self, sub: str) -> Any:
+        with self.fs.open(self.join(sub), "rb") as f:
+            return json.loads(f.read())
+
+    def put_bytes(self, sub: str, data: bytes | memoryview) -> None:
+        """Write one object atomically: readers see the old content or the new, never a part."""
+        path = self.join(sub)
+        if not self.is_local:
+            self.fs.pipe_file(path, bytes(data))
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+
+    def put_json(self, sub: str, value: Any) -> None:
+        self.put_bytes(sub, json.dumps(value, indent=1, sort_keys=True).encode())
+
+    def read_range(self, sub: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of one object (a ranged GET on object stores)."""
+        if self.is_local:
+            with open(self.join(sub), "rb") as f:
+                f.seek(start)
+                return f.read(stop - start)
+        return self.fs.cat_file(self.join(sub), start=start, end=stop)
+
+    def listdir(self, sub: str) -> list[str]:
+        """Names (not paths) directly under `sub`; empty when it does not exist."""
+        path = self.join(sub)
+        if not self.fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
+    def remove(self, sub: str) -> None:
+        path = self.join(sub)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def make_durable(self, sub: str) -> None:
+        """fsync every file under `sub` (local only: an object store's PUT is already durable)."""
+        if not self.is_local:
+            return
+        top = self.join(sub)
+        if os.path.isfile(top):
+            _fsync_file(top)
+            return
+        for folder, _, files in os.walk(top):
+            for name in files:
+                _fsync_file(os.path.join(folder, name))
+            fsync_dir(folder)
+
+    def disk_usage(self, sub: str = "") -> int:
+        """Bytes stored under `sub` (the whole store by default)."""
+        path = self.join(sub) if sub else self.root
+        return int(self.fs.du(path, total=True)) if self.fs.exists(path) else 0
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in `path` survive a power cut (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def disk_full_error(exc: OSError, location: Location, what: str) -> KuklaError | None:
+    """A one-line error for a full disk, or None when `exc` is another OS error."""
+    if exc.errno not in DISK_FULL_ERRNOS:
+        return None
+    return KuklaError(
+        f"disk full while {what} in {location.url} ({os.strerror(exc.errno)}): committed work is kept;"
+        " free some space and rerun the same command to resume"
+    )

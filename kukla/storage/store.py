@@ -1,0 +1,131 @@
+"""open_store and Store: metadata and random-access reads of a kukla store.
+
+A store being written can be read (for inspection) with allow_unfinalized=True: its rows are
+then the committed segments in (rank, segment) order, unshuffled.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from kukla.errors import KuklaError
+from kukla.storage.codecs import TORCH_DTYPES, from_stored
+from kukla.storage.format import ArraySpec, Attributes, HookStats, array_specs
+from kukla.storage.location import Location
+from kukla.storage.parts import SegmentTable, read_journal
+
+
+class Store:
+    """A kukla store opened for reading; `read` hides the bf16-as-uint16 storage."""
+
+    def __init__(self, location: Location, attrs: dict[str, Any]) -> None:
+        self.location = location
+        self.meta: dict[str, Any] = attrs
+        self.finalized = attrs["state"] == "finalized"
+        self.specs: dict[str, ArraySpec] = {spec.name: spec for spec in array_specs(attrs)}
+        if self.finalized:
+            self._group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
+            self.n_rows: int = int(attrs["n_rows"])
+            self.holdout_rows: int = int(attrs["holdout_rows"])
+            self._segments = None
+        else:
+            self._segments = SegmentTable.read(location, attrs["world"], attrs["codec"])
+            self.n_rows = self._segments.n_rows
+            self.holdout_rows = 0
+            self._group = None
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    @property
+    def hooks(self) -> dict[str, int]:
+        """Hook name -> width, in the order the store lists them."""
+        return dict(self.meta["hooks"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.meta["dtype"]]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.meta["chunk_rows"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    def check_hooks(self, hooks: list[str] | tuple[str, ...]) -> None:
+        unknown = [h for h in hooks if h not in self.meta["hooks"]]
+        if unknown:
+            raise KuklaError(f"hook {unknown[0]!r} is not in store {self.url}; its hooks: {', '.join(self.hooks)}")
+
+    def hook_stats(self, name: str) -> dict[str, float]:
+        """mean_norm (E‖x‖), rms_norm, max_abs, scale = √d / E‖x‖, rows."""
+        self.check_hooks([name])
+        if "hook_stats" in self.meta:
+            return dict(self.meta["hook_stats"][name])
+        stats = HookStats()
+        for entry in self._journal_entries():
+            stats.merge(HookStats.from_json(entry["stats"][name]))
+        return stats.summary(self.hooks[name])
+
+    def _journal_entries(self) -> list[dict[str, Any]]:
+        return [e for rank in range(self.meta["world"]) for e in read_journal(self.location, rank).values()]
+
+    def array_name(self, name: str) -> str:
+        """Full array name for `name`: a bare hook name means acts/<hook>."""
+        if name in self.specs or name.startswith("static/"):
+            return name
+        if name in self.meta["hooks"]:
+            return f"acts/{name}"
+        if name.startswith("acts/"):
+            self.check_hooks([name[5:]])
+        raise KuklaError(f"store {self.url} has no array {name!r}; arrays: {', '.join(self.specs)}")
+
+    def read_stored(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) as stored on disk (bf16 as uint16 bits)."""
+        name = self.array_name(name)
+        if name.startswith("static/"):
+            group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+            try:
+                return group[name][...] if stop is None and start == 0 else group[name][start:stop]
+            except KeyError:
+                raise KuklaError(f"store {self.url} has no array {name!r}") from None
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        start = max(0, min(start, stop))
+        if self._group is not None:
+            return self._group[name][start:stop]
+        assert self._segments is not None
+        if start == stop:
+            spec = self.specs[name]
+            return np.empty((0, *spec.row_shape), spec.dtype)
+        return self._segments.read_rows(name, start, stop)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of any row-aligned array, or a static array, as a torch tensor."""
+        data = self.read_stored(name, start, stop)
+        return from_stored(data, self.meta["dtype"] if self.array_name(name).startswith("acts/") else "")
+
+    @cached_property
+    def arrays(self) -> dict[str, Any]:
+        """Open zarr arrays of a finalized store (for verify/info)."""
+        assert self._group is not None
+        return {name: self._group[name] for name in self.specs}
+
+
+def open_store(path: str | Path, *, allow_unfinalized: bool = False) -> Store:
+    """Open a store for reading; an unfinished one is refused unless allow_unfinalized."""
+    location = Location(path)
+    attrs = Attributes.read(location).value
+    if attrs["state"] != "finalized":
+        if not allow_unfinalized or attrs["state"] == "finalizing":
+            raise KuklaError(f"{location.url} is not finalized (state {attrs['state']}): run `kukla store finalize "
+                             f"{location.url}` once every rank has finished writing")
+    return Store(location, attrs)

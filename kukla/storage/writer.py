@@ -1,0 +1,201 @@
+"""StoreWriter: one rank's segments of row-aligned arrays, committed atomically, resumable.
+
+Every planned segment is written once: `committed` tells a resumed harvest what to skip,
+and a segment whose write was killed has no journal entry, so it is written again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from kukla.errors import KuklaError
+from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec, store_dtype,
+                                  to_stored)
+from kukla.storage.format import (TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta, chunk_rows_for,
+                                  new_attributes)
+from kukla.storage.location import Location, disk_full_error
+from kukla.storage.parts import WriterLock, finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
+
+Rows = Mapping[str, "np.ndarray | torch.Tensor"]
+
+
+class StoreWriter:
+    """Writes one rank's part of a store; `finalize_store` later merges and shuffles all parts."""
+
+    def __init__(self, location: Location, attrs: dict[str, Any], rank: int) -> None:
+        self.location, self.attrs, self.rank = location, attrs, rank
+        self.hooks: dict[str, int] = dict(attrs["hooks"])
+        self.dtype: str = attrs["dtype"]
+        self.codec = numcodecs_codec(attrs["codec"])
+        self.lock = WriterLock(location, f"{part_dir(rank)}/lock.json", f"rank {rank} of store {location.url}")
+        self.lock.acquire()
+        self.journal = read_journal(location, rank)
+        self.committed: set[int] = set(self.journal)
+        self.stats = {hook: HookStats() for hook in self.hooks}
+        for entry in self.journal.values():
+            for hook, value in entry["stats"].items():
+                self.stats[hook].merge(HookStats.from_json(value))
+
+    @classmethod
+    def open(cls, path: str | Path, meta: dict[str, Any], *, rank: int = 0, world: int = 1,
+             overwrite: bool = False, dtype: str = "bfloat16", codec: str = DEFAULT_CODEC,
+             chunk_rows: int | None = None) -> "StoreWriter":
+        """Create the store (state "writing") or resume this rank's part of the same run."""
+        hooks = check_meta(meta)
+        dtype, codec = store_dtype(dtype), check_codec(codec)
+        if not (0 <= rank < world):
+            raise KuklaError(f"rank {rank} is outside world size {world}")
+        location = Location(path)
+        chunk_rows = chunk_rows or chunk_rows_for(list(hooks.values()), STORED_NUMPY[dtype].itemsize)
+        wanted = new_attributes(meta, dtype=dtype, codec=codec, world=world, chunk_rows=chunk_rows)
+        existing = _existing(location)
+        if existing is not None:
+            same = all(existing.get(k) == wanted[k] for k in ("fingerprint", "dtype", "codec", "world"))
+            if not overwrite and not same:
+                raise KuklaError(f"{location.url} holds a store of a different run (or dtype/codec/world): "
+                                 "choose another path, or pass overwrite to replace it")
+            if not overwrite and existing.get("state") != "writing":
+                raise KuklaError(f"{location.url} is already a {existing.get('state')} store of this run: "
+                                 "nothing to write (pass overwrite to rebuild it)")
+            if same and existing.get("state") == "writing":
+                return cls(location, existing, rank)
+        if location.exists() and (overwrite or existing is None) and location.listdir(""):
+            if not overwrite:
+                raise KuklaError(f"{location.url} exists and is not a kukla store: choose an empty or new path")
+            location.remove("")
+        Attributes(location, wanted).write()
+        return cls(location, wanted, rank)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the lock (committed segments stay; the part can be resumed)."""
+        self.lock.release()
+
+    def write_segment(self, segment: int, rows: Rows) -> None:
+        """Write one segment and commit it in the journal once its data is durable."""
+        if not self.lock.held:
+            raise KuklaError(f"writer for {self.location.url} is closed: open a new StoreWriter to resume")
+        if segment in self.committed:
+            raise KuklaError(f"segment {segment} of rank {self.rank} is already committed: skip the ids in "
+                             "writer.committed when resuming")
+        arrays, truth = self._stored_arrays(segment, rows)
+        n = next(iter(arrays.values())).shape[0]
+        key = segment_dir(self.rank, segment)
+        try:
+            infos = {name: write_blob(self.location, f"{key}/{name}.bin", data, self.codec)
+                     for name, data in arrays.items()}
+        except OSError as exc:
+            raise disk_full_error(exc, self.location, f"writing segment {segment}") or exc
+        seg_stats = {}
+        for hook in self.hooks:
+            stats = HookStats()
+            stats.add(_as_float(arrays[f"acts/{hook}"], self.dtype))
+            seg_stats[hook] = stats.summary(self.hooks[hook])
+        sequences = arrays["tokens/sequence"]
+        entry = {"segment": segment, "rank": self.rank, "rows": n, "stats": seg_stats, "truth": truth, "arrays": infos,
+                 "first_sequence": int(sequences.min()) if n else -1,
+                 "last_sequence": int(sequences.max()) if n else -1, "time": time.time()}
+        try:
+            self.location.put_json(journal_key(self.rank, segment), entry)
+        except OSError as exc:
+            raise disk_full_error(exc, self.location, f"committing segment {segment}") or exc
+        self.journal[segment] = entry
+        self.committed.add(segment)
+        for hook, value in seg_stats.items():
+            self.stats[hook].merge(HookStats.from_json(value))
+
+    def _stored_arrays(self, segment: int, rows: Rows) -> tuple[dict[str, np.ndarray], list[Any]]:
+        """Check a segment's keys and row counts; convert to on-disk dtypes."""
+        unknown = [k for k in rows if not (k.startswith(("acts/", "truth/")) or k in TOKEN_ARRAYS)]
+        if unknown:
+            raise KuklaError(f"segment {segment}: unknown key {unknown[0]!r}: use acts/<hook>, "
+                             f"{', '.join(TOKEN_ARRAYS)} or truth/<name>")
+        for key in rows:
+            if key.startswith("acts/") and key[5:] not in self.hooks:
+                raise KuklaError(f"segment {segment}: hook {key[5:]!r} is not in this store; its hooks: "
+                                 f"{', '.join(self.hooks)}")
+        missing = [h for h in self.hooks if f"acts/{h}" not in rows]
+        if missing:
+            raise KuklaError(f"segment {segment}: no rows for hook {missing[0]!r}: every segment holds every hook")
+        counts = {k: int(v.shape[0]) for k, v in rows.items()}
+        if len(set(counts.values())) != 1:
+            raise KuklaError(f"segment {segment}: arrays have different row counts {counts}: rows must be aligned")
+        n = next(iter(counts.values()))
+        arrays: dict[str, np.ndarray] = {}
+        for hook, width in self.hooks.items():
+            x = rows[f"acts/{hook}"]
+            if tuple(x.shape) != (n, width):
+                raise KuklaError(f"segment {segment}: hook {hook!r} has shape {tuple(x.shape)}, expected ({n}, {width})")
+            arrays[f"acts/{hook}"] = to_stored(x, self.dtype, f"segment {segment}, hook {hook!r}")
+        for name, dtype in TOKEN_ARRAYS.items():
+            arrays[name] = (as_numpy(rows[name]).astype(dtype).reshape(n) if name in rows
+                            else np.full(n, -1, dtype=dtype))
+        truth = []
+        for key in sorted(k for k in rows if k.startswith("truth/")):
+            arrays[key] = np.ascontiguousarray(as_numpy(rows[key]))
+            truth.append(ArraySpec(key, arrays[key].shape[1:], arrays[key].dtype).to_json())
+        previous = next(iter(self.journal.values()), None)
+        if previous is not None and previous["truth"] != truth:
+            raise KuklaError(f"segment {segment}: truth arrays {truth} differ from earlier segments' "
+                             f"{previous['truth']}: every segment holds the same truth arrays")
+        return arrays, truth
+
+    def put_static(self, name: str, array: Any) -> None:
+        """A store-level array (e.g. "static/directions"), kept as given through finalize."""
+        name = name.removeprefix("static/")
+        data = np.ascontiguousarray(as_numpy(array))
+        try:
+            group = zarr.open_group(self.location.zarr_store(), mode="a")
+            target = group.create_array(f"static/{name}", shape=data.shape, dtype=data.dtype,
+                                        chunks=data.shape or None, overwrite=True)
+            target[...] = data
+            self.location.make_durable(f"static/{name}")
+        except OSError as exc:
+            raise disk_full_error(exc, self.location, f"writing static/{name}") or exc
+        Attributes(self.location, self.attrs).write()  # zarr rewrote the root metadata: restore ours
+
+    def finish(self) -> None:
+        """Mark this rank's part complete (with its Parquet manifest); finalize needs every rank's."""
+        entries = [self.journal[s] for s in sorted(self.journal)]
+        table = pa.table({
+            "rank": pa.array([e["rank"] for e in entries], pa.int32()),
+            "segment": pa.array([e["segment"] for e in entries], pa.int64()),
+            "rows": pa.array([e["rows"] for e in entries], pa.int64()),
+            "first_sequence": pa.array([e["first_sequence"] for e in entries], pa.int64()),
+            "last_sequence": pa.array([e["last_sequence"] for e in entries], pa.int64()),
+        })
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.location.put_bytes(f"{part_dir(self.rank)}/manifest.parquet", sink.getvalue().to_pybytes())
+        self.location.put_json(finished_key(self.rank), {
+            "rank": self.rank, "rows": int(table["rows"].to_numpy().sum()) if entries else 0,
+            "segments": len(entries), "stats": {h: s.summary(self.hooks[h]) for h, s in self.stats.items()},
+        })
+
+
+def _existing(location: Location) -> dict[str, Any] | None:
+    if not location.exists("zarr.json"):
+        return None
+    try:
+        return Attributes.read(location).value
+    except KuklaError:
+        return None
+
+
+def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return stored

@@ -1,0 +1,90 @@
+"""The global shuffle: every row exactly once, hooks aligned, order uniformly mixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kukla.errors import KuklaError
+from kukla.storage import finalize_store, open_store
+
+from .conftest import write_sequences  # noqa: TID252
+
+
+def _ids(path: Path) -> np.ndarray:
+    store = open_store(path)
+    x = store.read("blocks.0.hook_resid_post").numpy()
+    y = store.read("blocks.0.hook_mlp_out").numpy()
+    ids = store.read("tokens/token_id").numpy()
+    np.testing.assert_array_equal(x[:, 0], ids)
+    np.testing.assert_array_equal(y[:, 0], -ids)
+    np.testing.assert_array_equal(store.read("truth/row").numpy(), ids)
+    ctx = 16
+    np.testing.assert_array_equal(store.read("tokens/sequence").numpy() * ctx + store.read("tokens/position").numpy(), ids)
+    return ids
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_seq=st.integers(1, 24), budget_kib=st.sampled_from([64, 96, 256, 4096]), world=st.integers(1, 3))
+def test_shuffle_keeps_every_row_once_with_hooks_aligned(tmp_path_factory: pytest.TempPathFactory, n_seq: int,
+                                                          budget_kib: int, world: int) -> None:
+    path = tmp_path_factory.mktemp("s") / "store"
+    for rank in range(world):
+        write_sequences(path, n_seq, 16, rank=rank, world=world, per_segment=6)
+    finalize_store(path, memory_budget_bytes=budget_kib << 10, seed=n_seq)
+    ids = _ids(path)
+    assert sorted(ids.tolist()) == list(range(n_seq * 16))
+
+
+def test_small_budget_forces_many_buckets_and_still_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    write_sequences(path, 64, 16)
+    finalize_store(path, memory_budget_bytes=64 << 10)
+    plan_rows_per_bucket = (64 << 10) // 6 // (8 * 4 + 4 * 4 + 4 + 8 + 4 + 8)
+    assert 1024 / plan_rows_per_bucket > 4  # the budget really split the rows into several buckets
+    assert sorted(_ids(path).tolist()) == list(range(1024))
+
+
+def test_positions_end_up_mixed(tmp_path: Path) -> None:
+    """Unshuffled or chunk-shuffled stores keep neighbours from one sequence; a uniform shuffle does not."""
+    path = tmp_path / "store"
+    n_seq, ctx = 64, 16
+    write_sequences(path, n_seq, ctx)
+    finalize_store(path, memory_budget_bytes=64 << 10, seed=1)
+    seq = open_store(path).read("tokens/sequence").numpy()
+    ids = open_store(path).read("tokens/token_id").numpy()
+    same_neighbour = float(np.mean(seq[1:] == seq[:-1]))
+    assert same_neighbour < 3 / n_seq  # uniform: ~1/64; unshuffled: 15/16; chunks of 16 permuted: ~15/16
+    n = len(ids)
+    rank_corr = np.corrcoef(np.arange(n), ids)[0, 1]
+    assert abs(rank_corr) < 4 / np.sqrt(n)
+    # Each quarter of the store holds about a quarter of every position.
+    counts = np.array([np.bincount(ids[q * n // 4:(q + 1) * n // 4] % ctx, minlength=ctx) for q in range(4)])
+    expected = n / 4 / ctx
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 100  # 45 degrees of freedom: p ≈ 1e-5 at 100
+
+
+def test_same_seed_gives_same_store_and_other_seed_another(tmp_path: Path, make_store) -> None:
+    a = open_store(make_store(name="a", seed=3)).read("tokens/token_id")
+    b = open_store(make_store(name="b", seed=3)).read("tokens/token_id")
+    c = open_store(make_store(name="c", seed=4)).read("tokens/token_id")
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+def test_finalize_refuses_until_every_rank_finished(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    write_sequences(path, 8, 16, rank=0, world=2)
+    write_sequences(path, 8, 16, rank=1, world=2, finish=False)
+    with pytest.raises(KuklaError, match="rank 1 of 2 has not finished"):
+        finalize_store(path)
+
+
+def test_holdout_tail_is_recorded(make_store) -> None:
+    store = open_store(make_store(n_seq=16, ctx=16))
+    assert store.n_rows == 256 and store.holdout_rows == 2  # 1% of 256
+    assert open_store(make_store(name="h", holdout_rows=40)).holdout_rows == 40

@@ -1,0 +1,121 @@
+"""StoreWriter: dtypes round-trip, bad values refused, one writer per part, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kukla.errors import KuklaError
+from kukla.storage import StoreWriter, finalize_store, open_store
+
+HOOKS = {"h": 16}
+
+
+def _write(path: Path, x: torch.Tensor | np.ndarray, dtype: str) -> None:
+    with StoreWriter.open(path, {"hooks": HOOKS}, dtype=dtype, chunk_rows=64) as writer:
+        writer.write_segment(0, {"acts/h": x})
+        writer.finish()
+    finalize_store(path, holdout_rows=0)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                               ("float32", torch.float32)])
+def test_activations_round_trip_in_each_store_dtype(tmp_path: Path, dtype: str, torch_dtype: torch.dtype) -> None:
+    x = torch.randn(100, 16, generator=torch.Generator().manual_seed(0)) * 30
+    _write(tmp_path / dtype, x, dtype)
+    store = open_store(tmp_path / dtype)
+    assert store.dtype == torch_dtype
+    back = store.read("acts/h")
+    assert back.dtype == torch_dtype
+    # rows are shuffled: compare as sets of rows, against torch's own rounding
+    expected = x.to(torch_dtype).float()
+    assert sorted(map(tuple, back.float().tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def test_bf16_tensors_are_stored_bit_exact(tmp_path: Path) -> None:
+    x = torch.randn(50, 16).to(torch.bfloat16)
+    _write(tmp_path / "s", x, "bfloat16")
+    back = open_store(tmp_path / "s").read("h")
+    assert sorted(back.view(torch.int16).flatten().tolist()) == sorted(x.view(torch.int16).flatten().tolist())
+
+
+def test_fp16_overflow_is_refused(tmp_path: Path) -> None:
+    x = torch.zeros(4, 16)
+    x[2, 3] = 70000.0
+    with pytest.raises(KuklaError, match="beyond float16's range"):
+        _write(tmp_path / "s", x, "float16")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_activations_are_refused(tmp_path: Path, bad: float) -> None:
+    x = torch.zeros(4, 16)
+    x[1, 1] = bad
+    with pytest.raises(KuklaError, match="NaN or inf"):
+        _write(tmp_path / "s", x, "bfloat16")
+
+
+def test_second_live_writer_of_a_part_is_refused(tmp_path: Path) -> None:
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}):
+        with pytest.raises(KuklaError, match="already being written"):
+            StoreWriter.open(tmp_path / "s", {"hooks": HOOKS})
+        StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}, rank=1, world=2).close() if False else None
+    StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}).close()  # released: the next run may resume
+
+
+def test_other_runs_store_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    StoreWriter.open(tmp_path / "s", {"hooks": HOOKS, "model": "a"}).close()
+    with pytest.raises(KuklaError, match="different run"):
+        StoreWriter.open(tmp_path / "s", {"hooks": HOOKS, "model": "b"})
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS, "model": "b"}, overwrite=True) as writer:
+        assert writer.committed == set()
+
+
+def test_resumed_writer_knows_committed_segments(tmp_path: Path) -> None:
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}) as writer:
+        writer.write_segment(0, {"acts/h": np.ones((3, 16))})
+        writer.write_segment(2, {"acts/h": np.ones((3, 16))})
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}) as writer:
+        assert writer.committed == {0, 2}
+        with pytest.raises(KuklaError, match="already committed"):
+            writer.write_segment(2, {"acts/h": np.ones((3, 16))})
+
+
+def test_unfinalized_store_is_refused_by_readers_unless_allowed(tmp_path: Path) -> None:
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}) as writer:
+        writer.write_segment(0, {"acts/h": np.ones((3, 16))})
+    with pytest.raises(KuklaError, match="not finalized"):
+        open_store(tmp_path / "s")
+    assert open_store(tmp_path / "s", allow_unfinalized=True).read("h").shape == (3, 16)
+
+
+def test_mismatched_segment_rows_and_unknown_hooks_are_refused(tmp_path: Path) -> None:
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}) as writer:
+        with pytest.raises(KuklaError, match="different row counts"):
+            writer.write_segment(0, {"acts/h": np.ones((3, 16)), "tokens/position": np.zeros(2)})
+        with pytest.raises(KuklaError, match="its hooks: h"):
+            writer.write_segment(0, {"acts/h": np.ones((3, 16)), "acts/g": np.ones((3, 16))})
+
+
+def test_hook_stats_match_an_independent_mean_norm(tmp_path: Path) -> None:
+    x = torch.randn(200, 16) * torch.linspace(0.5, 4, 200)[:, None]
+    _write(tmp_path / "s", x, "float32")
+    stats = open_store(tmp_path / "s").hook_stats("h")
+    mean_norm = x.double().norm(dim=1).mean().item()
+    assert stats["mean_norm"] == pytest.approx(mean_norm, rel=1e-9)
+    assert stats["scale"] == pytest.approx(4.0 / mean_norm, rel=1e-9)
+
+
+def test_memory_url_store_round_trips() -> None:
+    import uuid
+
+    url = f"memory://kukla-test-{uuid.uuid4().hex}/store"
+    x = np.arange(40 * 16, dtype=np.float32).reshape(40, 16)
+    with StoreWriter.open(url, {"hooks": HOOKS}, dtype="float32", chunk_rows=64) as writer:
+        writer.write_segment(0, {"acts/h": x})
+        writer.finish()
+    finalize_store(url)
+    back = open_store(url).read("h").numpy()
+    assert sorted(back[:, 0].tolist()) == x[:, 0].tolist()
