@@ -2,18 +2,23 @@
 
 `tiny_model_dir` is a local Hugging Face folder (a 2-layer GPT-2 with random weights and a
 character-level tokenizer), so subprocess tests load it the way users load a saved model;
-`tiny_model` is the HookedTransformer kukla loads from it.
+`tiny_model` is the HookedTransformer kukla loads from it; `config_model` is a random
+HookedTransformer built straight from a `HookedTransformerConfig` with that tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from kukla.pipeline.models import load_model
 
@@ -64,3 +69,55 @@ def tiny_model(tiny_model_dir: Path) -> HookedTransformer:
 @pytest.fixture
 def texts(tmp_path: Path) -> Path:
     return write_texts(tmp_path / "texts.jsonl")
+
+
+@pytest.fixture
+def long_texts(tmp_path: Path) -> Path:
+    return write_texts(tmp_path / "long.jsonl", n_docs=200)
+
+
+@pytest.fixture(scope="session")
+def config_model(tiny_model_dir: Path) -> HookedTransformer:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = HookedTransformerConfig(n_layers=3, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=32,
+                                  d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN", seed=0)
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _kukla_cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    child_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                 **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "kukla", *args], cwd=REPO, env=child_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.fixture
+def kukla_cli():
+    """Starts `python -m kukla ...` as a real child process (one torch thread, no network)."""
+    return _kukla_cli
+
+
+def read_rows(path: str) -> dict[str, np.ndarray]:
+    """Every row-aligned array of a finalized store, as numpy."""
+    from kukla.storage import open_store
+
+    store = open_store(path)
+    return {name: store.read(name).numpy() for name in store.specs}
+
+
+def rows_by_token(rows: dict[str, np.ndarray]) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    """Rows keyed by (sequence, position), the provenance every model row carries."""
+    keys = list(zip(rows["tokens/sequence"].tolist(), rows["tokens/position"].tolist()))
+    assert len(set(keys)) == len(keys), "a token is stored twice"
+    return {key: {name: array[i] for name, array in rows.items()} for i, key in enumerate(keys)}
+
+
+@pytest.fixture
+def store_rows():
+    """(read_rows, rows_by_token): read a finalized store back, and index it by token."""
+    return read_rows, rows_by_token

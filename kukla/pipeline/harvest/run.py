@@ -26,7 +26,7 @@ from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store
-from kukla.storage.location import Location
+from kukla.storage.location import Location, disk_full_error
 from kukla.storage.parts import finished_key
 
 
@@ -41,13 +41,16 @@ def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) ->
         meta, statics, segments = _toy_plan(config)
     else:
         meta, statics, segments = _model_plan(config, model)
-    with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
-                          overwrite=config.overwrite, dtype=config.store_dtype) as writer:
-        for name, array in statics.items():
-            writer.put_static(name, array)
-        planned, dropped = _write_owned_segments(writer, segments, config)
-        writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
-        writer.finish()
+    try:
+        with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
+                              overwrite=config.overwrite, dtype=config.store_dtype) as writer:
+            for name, array in statics.items():
+                writer.put_static(name, array)
+            planned, dropped = _write_owned_segments(writer, segments, config)
+            writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
+            writer.finish()
+    except OSError as exc:  # the writer names disk-full in segments; this covers metadata writes too
+        raise disk_full_error(exc, Location(config.output), "harvesting") or exc
     if config.finalize and config.rank == 0:
         _finalize_when_ready(config)
     return config.output

@@ -1,0 +1,104 @@
+"""Bad input gets one line that says what to do, before any work, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kukla.cli.app import app
+from kukla.errors import ConfigError, KuklaError
+from kukla.pipeline.harvest import HarvestConfig, harvest
+from kukla.pipeline.models import load_model
+from kukla.storage import open_store
+
+
+def _config(out: Path, texts: Path, **overrides) -> HarvestConfig:
+    settings = dict(output=str(out), dataset=str(texts), hook=["resid_post:0"], context_size=16, tokens=200,
+                    segment_windows=2)
+    return HarvestConfig(**(settings | overrides))
+
+
+def test_unknown_model_name_suggests_the_nearest_names() -> None:
+    with pytest.raises(KuklaError, match="nearest: gpt2-small"):
+        load_model("gpt2-smal")
+
+
+def test_hub_model_offline_names_the_offline_path() -> None:
+    with pytest.raises(KuklaError, match="save_pretrained.*pass that folder"):
+        load_model("gpt2")
+
+
+def test_missing_text_column_lists_the_columns(config_model, texts: Path, tmp_path: Path) -> None:
+    with pytest.raises(KuklaError, match="no column 'body'.*text, id.*--text-column"):
+        harvest(_config(tmp_path / "s.zarr", texts, text_column="body"), model=config_model)
+
+
+def test_empty_dataset_is_refused(config_model, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(KuklaError, match="empty"):
+        harvest(_config(tmp_path / "s.zarr", empty), model=config_model)
+
+
+def test_context_size_above_n_ctx_is_refused(config_model, texts: Path, tmp_path: Path) -> None:
+    with pytest.raises(KuklaError, match="above the model's n_ctx 32"):
+        harvest(_config(tmp_path / "s.zarr", texts, context_size=33), model=config_model)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_unknown_hook_and_layer_out_of_range_list_the_valid_ones(config_model, texts: Path, tmp_path: Path) -> None:
+    with pytest.raises(KuklaError, match=r"layer 7 is out of range; this model has layers 0–2"):
+        harvest(_config(tmp_path / "s.zarr", texts, hook=["resid_post:7"]), model=config_model)
+    with pytest.raises(KuklaError, match="unknown hook 'blocks.0.hook_resid_pots'; valid: resid_pre, resid_mid"):
+        harvest(_config(tmp_path / "s.zarr", texts, hook=["blocks.0.hook_resid_pots"]), model=config_model)
+    with pytest.raises(KuklaError, match="unknown hook kind 'resid'"):
+        harvest(_config(tmp_path / "s.zarr", texts, hook=["resid:0"]), model=config_model)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_another_runs_store_is_refused_unless_overwrite(config_model, texts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    harvest(_config(out, texts), model=config_model)
+    with pytest.raises(KuklaError, match="different run.*overwrite"):
+        harvest(_config(out, texts, hook=["resid_post:1"]), model=config_model)
+    assert open_store(str(out)).hooks == {"blocks.0.hook_resid_post": 16}  # untouched
+    harvest(_config(out, texts, hook=["resid_post:1"], overwrite=True), model=config_model)
+    assert open_store(str(out)).hooks == {"blocks.1.hook_resid_post": 16}
+
+
+def test_disk_full_is_one_clear_line_and_the_rerun_resumes(config_model, texts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    config = _config(out, texts, tokens=400, store_dtype="float32", segment_windows=8)  # 7.7 kB shards
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (5000, hard))  # metadata fits, a segment does not
+    try:
+        with pytest.raises(KuklaError, match="disk full.*rerun the same command to resume"):
+            harvest(config, model=config_model)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    harvest(config, model=config_model)
+    assert open_store(str(out)).n_rows == 400
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="hook: give at least one hook"):
+        HarvestConfig(output=str(tmp_path), dataset="x.txt")
+    with pytest.raises(ConfigError, match="rank: must be in 0..1"):
+        HarvestConfig(output=str(tmp_path), source="toy-tree", rank=2, world=2)
+    with pytest.raises(ConfigError, match="toy_p_child"):
+        HarvestConfig(output=str(tmp_path), source="toy-tree", toy_p_child=1.5)
+
+
+def test_cli_prints_one_line_and_exits_2(texts: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["harvest", str(tmp_path / "s.zarr"), "--dataset", str(texts),
+                                      "--model", str(tmp_path / "nowhere"), "--hook", "resid_post:0"])
+    assert result.exit_code == 2
+    assert "unknown model" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

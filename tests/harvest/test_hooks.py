@@ -1,0 +1,36 @@
+"""Hook names: short forms, validation against a model, and the layer the forward stops at."""
+
+from __future__ import annotations
+
+import pytest
+
+from kukla.errors import KuklaError
+from kukla.pipeline.hooks import SHORT_FORMS, expand_hook, resolve_hooks, short_form, stop_at_layer
+
+
+def test_short_forms_round_trip_to_transformerlens_names() -> None:
+    assert expand_hook("resid_post:6") == "blocks.6.hook_resid_post"
+    assert expand_hook("mlp_in:2") == "blocks.2.hook_mlp_in"
+    assert expand_hook("blocks.3.hook_attn_out") == "blocks.3.hook_attn_out"
+    for kind in SHORT_FORMS:
+        assert short_form(expand_hook(f"{kind}:11")) == f"{kind}:11"
+    with pytest.raises(KuklaError, match="whole number"):
+        expand_hook("resid_post:x")
+
+
+def test_forward_stops_after_the_last_needed_block() -> None:
+    assert stop_at_layer(["blocks.1.hook_resid_post", "blocks.4.hook_mlp_out"], 18) == 5
+    assert stop_at_layer(["hook_embed"], 18) == 0
+    assert stop_at_layer(["blocks.17.hook_resid_post"], 18) == 18
+    assert stop_at_layer(["ln_final.hook_normalized"], 18) is None
+
+
+def test_hooks_are_checked_and_measured_against_the_model(config_model) -> None:
+    widths = resolve_hooks(config_model, ["mlp_in:1", "mlp_post:0", "z:2", "blocks.0.hook_resid_mid"])
+    assert widths == {"blocks.1.hook_mlp_in": 16, "blocks.0.mlp.hook_post": 32, "blocks.2.attn.hook_z": 16,
+                      "blocks.0.hook_resid_mid": 16}
+    assert config_model.cfg.use_hook_mlp_in  # the flag without which hook_mlp_in never fires
+    with pytest.raises(KuklaError, match="not one vector per token"):
+        resolve_hooks(config_model, ["blocks.0.attn.hook_pattern"])
+    with pytest.raises(KuklaError, match="given twice"):
+        resolve_hooks(config_model, ["resid_post:0", "blocks.0.hook_resid_post"])

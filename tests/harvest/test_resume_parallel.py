@@ -1,0 +1,93 @@
+"""Crashes and ranks change nothing: every planned token is stored exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kukla.errors import KuklaError
+from kukla.pipeline.harvest import HarvestConfig, harvest
+from kukla.storage import open_store
+
+HOOKS = ["resid_post:0", "mlp_out:1"]
+
+
+def _config(model_dir: Path, texts: Path, out: Path, tokens: int, segment_windows: int) -> dict[str, str]:
+    return {"model": str(model_dir), "dataset": str(texts), "hook": ",".join(HOOKS), "context-size": "16",
+            "tokens": str(tokens), "segment-windows": str(segment_windows), "batch-size": "2",
+            "store-dtype": "float32", "output": str(out)}
+
+
+def _cli_args(config: dict[str, str]) -> list[str]:
+    flags = [arg for key, value in config.items() if key != "output" for arg in (f"--{key}", value)]
+    return ["harvest", config["output"], *flags]
+
+
+def _in_process(config: dict[str, str], model, **overrides) -> str:
+    from kukla.config import from_dict
+
+    settings = {key.replace("-", "_"): value for key, value in config.items()} | overrides
+    return harvest(from_dict(HarvestConfig, settings), model=model)
+
+
+def _sorted_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = np.lexsort((rows["tokens/position"], rows["tokens/sequence"]))
+    return {name: array[order] for name, array in rows.items()}
+
+
+def _assert_same_rows(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    a, b = _sorted_rows(a), _sorted_rows(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+
+
+def _committed(out: Path) -> int:
+    journal = out / "_parts" / "rank-00000" / "journal"
+    return len(list(journal.glob("seg-*.json"))) if journal.exists() else 0
+
+
+@pytest.mark.slow
+def test_resumed_harvest_stores_every_token_once(tiny_model_dir: Path, tiny_model, long_texts: Path,
+                                                 tmp_path: Path, kukla_cli, store_rows) -> None:
+    read_rows, rows_by_token = store_rows
+    out = tmp_path / "killed.zarr"
+    config = _config(tiny_model_dir, long_texts, out, tokens=1200, segment_windows=1)
+    first = kukla_cli(*_cli_args(config))
+    deadline = time.monotonic() + 180
+    while _committed(out) < 3 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    committed = _committed(out)
+    assert 3 <= committed < 1200 // 15, "the kill must land mid-way"
+    with pytest.raises(KuklaError, match="not finalized"):
+        open_store(str(out))
+
+    second = kukla_cli(*_cli_args(config))
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    resumed = read_rows(str(out))
+    reference = read_rows(_in_process(config | {"output": str(tmp_path / "whole.zarr")}, tiny_model))
+    assert len(rows_by_token(resumed)) == 1200
+    _assert_same_rows(resumed, reference)
+
+
+@pytest.mark.slow
+def test_two_rank_harvest_equals_one_rank_harvest(tiny_model_dir: Path, tiny_model, long_texts: Path,
+                                                  tmp_path: Path, kukla_cli, store_rows) -> None:
+    read_rows, _ = store_rows
+    config = _config(tiny_model_dir, long_texts, tmp_path / "two.zarr", tokens=600, segment_windows=3)
+    rank0 = kukla_cli(*_cli_args(config), env={"RANK": "0", "WORLD_SIZE": "2"})  # torchrun's variables
+    _in_process(config, tiny_model, rank=1, world=2, finalize=False)
+    _, err = rank0.communicate(timeout=300)
+    assert rank0.returncode == 0, err
+    two = open_store(config["output"])
+    assert two.meta["world"] == 2 and two.read("static/harvest_rows_rank_00001")[0] > 0
+    one = read_rows(_in_process(config | {"output": str(tmp_path / "one.zarr")}, tiny_model))
+    _assert_same_rows(read_rows(config["output"]), one)
