@@ -73,3 +73,112 @@ def test_sampled_prefix_loss_averages_every_draw_including_full_width(sparse_pat
     torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(_grads(d, out.loss), _grads(d, naive)):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def _with_dead_latents(d: Dictionary, dead: slice) -> None:
+    d.tokens_since_fired[dead] = d.cfg.dead_tokens
+
+
+@pytest.mark.parametrize("arch,transcoder", [("matryoshka-batchtopk", False), ("topk", False),
+                                             ("matryoshka-batchtopk", True), ("matryoshka-prefix", False)])
+def test_sparse_path_matches_dense_reference_in_values_and_gradients(arch, transcoder):
+    results = []
+    for sparse_path in (False, True):
+        torch.manual_seed(1)
+        settings = dict(d_in=12, width=48, k=3.0, arch=arch, sparse_path=sparse_path, aux_k=5,
+                        levels=[4, 12, 28, 48] if arch == "matryoshka-batchtopk" else None,
+                        transcoder=transcoder, d_out=9 if transcoder else None)
+        d = Dictionary(DictionaryConfig(**settings))
+        x, y = torch.randn(40, 12) * 2 + 0.5, torch.randn(40, 9) if transcoder else None
+        d.set_scales(float(x.norm(dim=1).mean()), float(y.norm(dim=1).mean()) if transcoder else None)
+        d.initialize(x, y)
+        with torch.no_grad():
+            d.W_dec.add_(0.1 * torch.randn_like(d.W_dec))  # a transcoder's decoder starts at zero
+            d.W_enc.add_(0.1 * torch.randn_like(d.W_enc))
+        _with_dead_latents(d, slice(20, 40))
+        out = d.training_loss(x, y, generator=torch.Generator().manual_seed(3))
+        assert out.metrics["aux"] > 0
+        results.append((out.loss.detach(), out.metrics, out.fired, _grads(d, out.loss)))
+    (loss_r, metrics_r, fired_r, grads_r), (loss_s, metrics_s, fired_s, grads_s) = results
+    torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fired_s, fired_r)
+    for key in metrics_r:
+        assert metrics_s[key] == pytest.approx(metrics_r[key], rel=1e-5, abs=1e-7)
+    for name, ours, ref in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads_s, grads_r):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batch_topk_keeps_k_times_batch_entries_once_for_all_prefixes():
+    d, x = _dictionary(k=2.5)  # fractional: 2.5 · 40 = 100 entries over the batch
+    out = d.training_loss(x)
+    assert out.metrics["l0"] * x.shape[0] == pytest.approx(100)
+    # every level's FVU is that of the full-dictionary codes cut to the level, not a per-level selection
+    with torch.no_grad():
+        x_s = x * d.input_scale
+        z = _naive_batch_topk_codes(d.pre_activations(x), 2.5)
+        assert int((z > 0).sum()) == 100
+        per_row = (z > 0).sum(1)
+        assert per_row.min() != per_row.max()  # BatchTopK: rows differ, only the average is k
+        for width in (4, 12, 28, 48):
+            recon = z[:, :width] @ d.W_dec[:width] + d.b_dec
+            fvu = float(((x_s - recon) ** 2).sum() / ((x_s - x_s.mean(0)) ** 2).sum())
+            assert out.metrics[f"fvu/level_{width}"] == pytest.approx(fvu, rel=1e-5)
+
+
+def _naive_aux(d: Dictionary, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """Top k_aux dead pre-activations per token reconstruct the detached residual; FVU of that."""
+    x_s = x * d.input_scale
+    pre = (x_s - d.b_dec) @ d.W_enc + d.b_enc
+    z = _naive_batch_topk_codes(pre, float(d.cfg.k))
+    residual = (x_s - (z @ d.W_dec + d.b_dec)).detach()
+    masked = pre.masked_fill(~dead, float("-inf"))
+    top = masked.topk(k_aux, dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    return ((residual - z_aux @ d.W_dec) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum()
+
+
+@pytest.mark.parametrize("sparse_path", [False, True])
+def test_aux_k_reconstructs_the_residual_with_dead_latents_and_trains_their_encoder(sparse_path):
+    d, x = _dictionary(arch="batchtopk", levels=None, aux_k=4, sparse_path=sparse_path, aux_coefficient=0.5)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True
+    d.tokens_since_fired[dead] = d.cfg.dead_tokens
+    out = d.training_loss(x)
+    naive_aux = _naive_aux(d, x, dead, 4)
+    assert out.metrics["aux"] == pytest.approx(float(naive_aux.detach()), rel=1e-5)
+    d.cfg.aux_coefficient = 0.0
+    without_aux = d.training_loss(x).loss
+    torch.testing.assert_close(out.loss, without_aux + 0.5 * naive_aux, rtol=1e-5, atol=1e-6)
+    # the aux term's gradient reaches the encoder columns of dead latents (sparsify's fused kernel drops it)
+    aux_grad_enc, aux_grad_dec = torch.autograd.grad(out.loss - without_aux, [d.W_enc, d.W_dec])
+    assert aux_grad_enc[:, dead].abs().sum() > 0 and aux_grad_dec[dead].abs().sum() > 0
+    assert aux_grad_enc[:, ~dead].abs().max() < 1e-6  # only dead latents take part in aux-k
+    naive_enc, = torch.autograd.grad(0.5 * _naive_aux(d, x, dead, 4), [d.W_enc])
+    torch.testing.assert_close(aux_grad_enc, naive_enc, rtol=1e-4, atol=1e-6)
+
+
+def test_no_aux_loss_while_no_latent_is_dead():
+    d, x = _dictionary()
+    assert d.training_loss(x).metrics["aux"] == 0.0
+
+
+def test_relu_loss_is_fvu_plus_scale_free_l1():
+    d, x = _dictionary(arch="relu", levels=None, k=None, l1_coefficient=0.3)
+    out = d.training_loss(x)
+    x_s = x * d.input_scale
+    z = ((x_s - d.b_dec) @ d.W_enc + d.b_enc).relu()
+    var = ((x_s - x_s.mean(0)) ** 2).sum()
+    fvu = ((x_s - z @ d.W_dec - d.b_dec) ** 2).sum() / var
+    l1 = (z * d.W_dec.norm(dim=1)).sum(1).mean() / (var / x.shape[0]).sqrt()
+    torch.testing.assert_close(out.loss, fvu + 0.3 * l1, rtol=1e-5, atol=1e-6)
+    assert out.metrics["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()))
+    assert torch.equal(out.fired, (z > 0).any(0))
+
+
+def test_mse_metric_is_in_raw_units():
+    d, x = _dictionary(arch="batchtopk", levels=None)
+    out = d.training_loss(x)
+    with torch.no_grad():
+        z = _naive_batch_topk_codes(d.pre_activations(x), 3.0)
+        recon = d.decode(z)
+    assert out.metrics["mse"] == pytest.approx(float(((x - recon) ** 2).mean()), rel=1e-5)

@@ -1,7 +1,8 @@
 """Activation rules: which latents are active for a batch of pre-activations.
 
-Training rules return the selected entries as (rows, cols) so the sparse path can gather and
-scatter there; the chosen values are relu(pre) at those entries. Inference rules return codes.
+Training rules return the selected entries as (rows, cols), row-major with ascending columns,
+so the sparse path can gather and scatter there; the values are relu(pre) at those entries.
+Inference rules return dense codes.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+_SAMPLE = 1 << 16  # entries sampled to estimate BatchTopK's cutoff
+
 
 def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest pre-activations of every row (TopK, per token)."""
-    cols = pre.topk(k, dim=-1, sorted=False).indices
+    cols = pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
     return rows, cols.reshape(-1)
 
@@ -30,10 +33,28 @@ def select_batch_topk(pre: Tensor, k: float) -> tuple[Tensor, Tensor]:
     """
     flat = pre.reshape(-1)
     n = min(batch_topk_count(k, pre.shape[0]), flat.numel())
-    idx = flat.topk(n, sorted=False).indices
+    idx = _largest(flat, n)
     idx = idx[flat[idx] > 0].sort().values  # non-positive entries are zero after relu: not active
     width = pre.shape[1]
     return idx // width, idx % width
+
+
+def _largest(flat: Tensor, n: int) -> Tensor:
+    """Indices of the n largest entries, exactly; a full top-k over B·F entries is slow on CPU.
+
+    A strided sample estimates a cutoff that about 2n entries pass; the top n of those are the
+    top n overall whenever at least n pass (else fall back to the full top-k).
+    """
+    stride = flat.numel() // _SAMPLE
+    if stride < 8 or 4 * n > flat.numel():
+        return flat.topk(n, sorted=False).indices
+    sample = flat[::stride]
+    keep = min(sample.numel(), 2 * n // stride + 16)
+    cutoff = sample.topk(keep, sorted=False).values.min()
+    candidates = (flat >= cutoff).nonzero().squeeze(1)
+    if candidates.numel() < n:
+        return flat.topk(n, sorted=False).indices
+    return candidates[flat[candidates].topk(n, sorted=False).indices]
 
 
 def select_dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
@@ -43,7 +64,7 @@ def select_dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Ten
     if k == 0:
         empty = torch.zeros(0, dtype=torch.long, device=pre.device)
         return empty, empty
-    top = pre.index_select(1, dead_cols).topk(k, dim=-1, sorted=False).indices
+    top = pre.index_select(1, dead_cols).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
     return rows, dead_cols[top.reshape(-1)]
 

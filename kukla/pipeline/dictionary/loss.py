@@ -69,16 +69,18 @@ def training_loss(dictionary, x: Tensor, y: Tensor | None = None,
     aux_rows, aux_cols = select_dead_topk(pre, dead, int(cfg.aux_k)) if use_aux else (rows[:0], cols[:0])
     all_rows, all_cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])
     if path is sparse:
-        gathered = sparse.encode_at(x_c, W_enc, b_enc, pre, all_rows, all_cols)
+        gathered = sparse.encode_at(dictionary.scaled_input(x), dictionary.input_bias, W_enc, b_enc, pre,
+                                    all_rows, all_cols)
     else:
         gathered = pre_grad[all_rows, all_cols]
     values, aux_values = gathered[: rows.numel()].relu(), gathered[rows.numel():].relu()
 
-    if rule == "relu":  # dense codes: the reference path, whatever sparse_path says
+    if rule == "relu":  # dense codes z = relu(pre): the reference path, whatever sparse_path says
         z = pre_grad.relu()
         segments = reference.dense_segments(z, W_dec, bounds)
+        aux_out = reference.dense_codes(aux_rows, aux_cols, aux_values, n_rows, width) @ W_dec
     else:
-        segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
+        segments, aux_out = path.decode(rows, cols, values, aux_rows, aux_cols, aux_values, W_dec, bounds, n_rows)
     partial = segments.float().cumsum(dim=1)  # [B, G, d]: reconstruction minus b_dec at each prefix
     to_explain = (target - b_dec).float()
     sq_err = (to_explain[:, None, :] - partial).pow(2).sum(dim=(0, 2))  # [G]
@@ -89,8 +91,7 @@ def training_loss(dictionary, x: Tensor, y: Tensor | None = None,
     aux = torch.zeros((), device=loss.device)
     if use_aux:
         residual = (to_explain - partial[:, -1]).detach()
-        aux_out = path.decode_segments(aux_rows, aux_cols, aux_values, W_dec, [width], n_rows)[:, 0].float()
-        aux = (residual - aux_out).pow(2).sum() / (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        aux = (residual - aux_out.float()).pow(2).sum() / (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         loss = loss + cfg.aux_coefficient * aux
     l1 = torch.zeros((), device=loss.device)
     if rule == "relu":

@@ -91,10 +91,19 @@ class Dictionary(nn.Module):
         else:
             self.target_scale.copy_(self.input_scale)
 
+    def scaled_input(self, x: Tensor) -> Tensor:
+        """x_s = x · input_scale."""
+        return x.to(self.W_enc.dtype) * self.input_scale
+
+    @property
+    def input_bias(self) -> Tensor | None:
+        """What the encoder subtracts from x_s: b_dec for an SAE, nothing for a transcoder."""
+        return None if self.cfg.transcoder else self.b_dec
+
     def centered_input(self, x: Tensor) -> Tensor:
         """x_s − b_dec (SAE) or x_s (transcoder): what the encoder multiplies."""
-        x_s = x.to(self.W_enc.dtype) * self.input_scale
-        return x_s if self.cfg.transcoder else x_s - self.b_dec
+        bias = self.input_bias
+        return self.scaled_input(x) if bias is None else self.scaled_input(x) - bias
 
     def scaled_target(self, x: Tensor, y: Tensor | None) -> Tensor:
         """The target in training units: y·target_scale (a transcoder) or x·input_scale (an SAE)."""

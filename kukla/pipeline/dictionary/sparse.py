@@ -24,50 +24,59 @@ def _bag_offsets(keys: Tensor, n_bags: int) -> Tensor:
 
 
 class _GatherPreacts(torch.autograd.Function):
-    """pre[rows, cols] from a pre-activation matrix computed without grad; sparse backward.
+    """pre[rows, cols] from pre = (x_s − bias)·W_enc + b_enc computed without grad; sparse backward.
 
-    rows/cols may come in any order and from several selections (main codes and aux-k).
+    rows/cols may come in any order and from several selections (main codes and aux-k). The
+    input bias (an SAE's b_dec) is shared by all rows, so its gradient is −W_enc·(Σ over the
+    selected entries' gradients per latent): no per-row input gradient is formed.
     """
 
     @staticmethod
-    def forward(ctx, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor,  # type: ignore[override]
-                rows: Tensor, cols: Tensor) -> Tensor:
-        ctx.save_for_backward(x_c, W_enc, rows, cols)
+    def forward(ctx, x_s: Tensor, bias: Tensor | None, W_enc: Tensor, b_enc: Tensor,  # type: ignore[override]
+                pre: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        ctx.save_for_backward(x_s if bias is None else x_s - bias, W_enc, rows, cols)
         return pre[rows, cols]
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x_c, W_enc, rows, cols = ctx.saved_tensors
         width = W_enc.shape[1]
-        grad_x = grad_W = grad_b = None
         grad = grad.to(x_c.dtype)  # under autocast the gathered values may be bf16
-        if ctx.needs_input_grad[0]:  # row b: Σⱼ g[b,j] · W_enc[:, cols[b,j]]
-            order = torch.argsort(rows, stable=True)
-            grad_x = F.embedding_bag(cols[order], W_enc.t().contiguous(), _bag_offsets(rows[order], x_c.shape[0]),
-                                     mode="sum", per_sample_weights=grad[order])
-        if ctx.needs_input_grad[1]:  # column c: Σ_b g[b,c] · x_c[b]
+        per_latent = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        grad_bias = grad_W = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = -(W_enc @ per_latent)
+        if ctx.needs_input_grad[2]:  # column c: Σ_b g[b,c] · x_c[b]
             order = torch.argsort(cols, stable=True)
-            by_col = cols[order]
-            grad_W = F.embedding_bag(rows[order], x_c, _bag_offsets(by_col, width),
+            grad_W = F.embedding_bag(rows[order], x_c, _bag_offsets(cols[order], width),
                                      mode="sum", per_sample_weights=grad[order]).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        return grad_x, grad_W, grad_b, None, None, None
+        grad_b = per_latent if ctx.needs_input_grad[3] else None
+        return None, grad_bias, grad_W, grad_b, None, None, None
 
 
-def encode_at(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Pre-activations at the selected entries, with a sparse backward."""
-    return _GatherPreacts.apply(x_c, W_enc, b_enc, pre, rows, cols)
+def encode_at(x_s: Tensor, bias: Tensor | None, W_enc: Tensor, b_enc: Tensor, pre: Tensor,
+              rows: Tensor, cols: Tensor) -> Tensor:
+    """Pre-activations at the selected entries, with a sparse backward (x_s carries no gradient)."""
+    return _GatherPreacts.apply(x_s.detach(), bias, W_enc, b_enc, pre, rows, cols)
 
 
-def decode_segments(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
-                    bounds: list[int], n_rows: int) -> Tensor:
-    """[B, G, d_out] segment contributions, one bag of gathered decoder rows per (token, segment)."""
+def decode(rows: Tensor, cols: Tensor, values: Tensor, aux_rows: Tensor, aux_cols: Tensor, aux_values: Tensor,
+           W_dec: Tensor, bounds: list[int], n_rows: int) -> tuple[Tensor, Tensor]:
+    """Segment contributions [B, G, d_out] of the codes and aux-k output [B, d_out] (no bias).
+
+    One `embedding_bag` over bags (token, segment) and (token, aux), so the decoder gradient is
+    formed once. Entries come row-major with ascending columns (as the selections return them),
+    which already orders the bags; anything else is sorted first.
+    """
     n_segments = len(bounds)
     segment = torch.bucketize(cols, torch.tensor(bounds, device=cols.device), right=True)
-    bag = rows * n_segments + segment
-    order = torch.argsort(bag, stable=True)
-    bag = bag[order]
-    out = F.embedding_bag(cols[order], W_dec, _bag_offsets(bag, n_rows * n_segments),
-                          mode="sum", per_sample_weights=values[order].to(W_dec.dtype))
-    return out.reshape(n_rows, n_segments, W_dec.shape[1])
+    bags = torch.cat([rows * n_segments + segment, n_rows * n_segments + aux_rows])
+    entries = torch.cat([cols, aux_cols])
+    weights = torch.cat([values, aux_values]).to(W_dec.dtype)
+    if bags.numel() > 1 and not bool((bags[1:] >= bags[:-1]).all()):
+        order = torch.argsort(bags, stable=True)
+        bags, entries, weights = bags[order], entries[order], weights[order]
+    out = F.embedding_bag(entries, W_dec, _bag_offsets(bags, n_rows * (n_segments + 1)),
+                          mode="sum", per_sample_weights=weights)
+    d_out = W_dec.shape[1]
+    return out[: n_rows * n_segments].reshape(n_rows, n_segments, d_out), out[n_rows * n_segments:]
