@@ -33,10 +33,10 @@ class Store:
             self._group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
             self.n_rows: int = int(attrs["n_rows"])
             self.holdout_rows: int = int(attrs["holdout_rows"])
-            self._segments = None
+            self.segments = None
         else:
-            self._segments = SegmentTable.read(location, attrs["world"], attrs["codec"])
-            self.n_rows = self._segments.n_rows
+            self.segments = SegmentTable.read(location, attrs["world"], attrs["codec"])
+            self.n_rows = self.segments.n_rows
             self.holdout_rows = 0
             self._group = None
 
@@ -102,11 +102,11 @@ class Store:
         start = max(0, min(start, stop))
         if self._group is not None:
             return self._group[name][start:stop]
-        assert self._segments is not None
+        assert self.segments is not None
         if start == stop:
             spec = self.specs[name]
             return np.empty((0, *spec.row_shape), spec.dtype)
-        return self._segments.read_rows(name, start, stop)
+        return self.segments.read_rows(name, start, stop)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of any row-aligned array, or a static array, as a torch tensor."""

@@ -1,0 +1,146 @@
+"""`kukla store info | verify | finalize | import`: inspect, check, finish and create stores."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import typer
+
+from kukla.cli.options import config_command
+from kukla.errors import ConfigError, KuklaError
+from kukla.storage.codecs import DEFAULT_CODEC, check_codec, store_dtype
+
+store_app = typer.Typer(name="store", help="Inspect, verify, finalize and import activation stores.",
+                        no_args_is_help=True)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(name: str, text: str) -> int:
+    """'2GiB', '512MB', '1e9' or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(name, f"cannot read {text!r} as a size: use e.g. 2GiB, 512MB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class InfoConfig:
+    path: str
+    """Store folder or fsspec URL."""
+    json: bool = False
+    """Print machine-readable JSON instead of text."""
+
+
+@dataclass
+class VerifyConfig:
+    path: str
+    """Store folder or fsspec URL."""
+
+
+@dataclass
+class FinalizeConfig:
+    path: str
+    """Store folder or fsspec URL whose ranks have all finished writing."""
+    memory_budget: str = "2GiB"
+    """Memory the two-pass shuffle may use (e.g. 512MiB, 8GB); more memory, fewer buckets."""
+    seed: int = 0
+    """Seed of the global shuffle: the same seed gives the same store."""
+    holdout_rows: int | None = None
+    """Rows held out for evaluation at the store's tail (default: 1% of rows, at most 2**20)."""
+
+    def __post_init__(self) -> None:
+        parse_bytes("memory_budget", self.memory_budget)
+        if self.holdout_rows is not None and self.holdout_rows < 0:
+            raise ConfigError("holdout_rows", "must be 0 or more")
+
+
+@dataclass
+class ImportConfig:
+    out: str
+    """Store to create (folder or fsspec URL)."""
+    hook: list[str] = field(default_factory=list)
+    """NAME=FILE, repeatable: a .npy or .safetensors file ([rows, width] or [..., width]) per hook; FILE:KEY picks a tensor."""
+    dtype: str = "bfloat16"
+    """Stored dtype: bfloat16, float16 (refuses overflow) or float32."""
+    codec: str = DEFAULT_CODEC
+    """Compression: none, zstd-<level> or blosc-<zstd|lz4|lz4hc|zlib>-<level>-<noshuffle|shuffle|bitshuffle>."""
+    drop_nonfinite: bool = False
+    """Drop rows holding NaN or inf (and report how many) instead of refusing the input."""
+    memory_budget: str = "2GiB"
+    """Memory the global shuffle may use."""
+    seed: int = 0
+    """Seed of the global shuffle."""
+    overwrite: bool = False
+    """Replace a store of another run at OUT."""
+
+    def __post_init__(self) -> None:
+        if not self.hook or any("=" not in h for h in self.hook):
+            raise ConfigError("hook", "give one or more NAME=FILE (e.g. --hook blocks.6.hook_resid_post=acts.npy)")
+        try:
+            store_dtype(self.dtype)
+            check_codec(self.codec)
+        except KuklaError as exc:
+            raise ConfigError("dtype" if "dtype" in str(exc) else "codec", str(exc)) from None
+        parse_bytes("memory_budget", self.memory_budget)
+
+
+def _info(config: InfoConfig) -> None:
+    """Tokens, hooks and widths, dtype, bytes on disk, compression ratio, and whether it is finalized."""
+    from kukla.storage.verify import store_info
+
+    info = store_info(config.path)
+    if config.json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    state = "finalized" if info["finalized"] else f"{info['state']}, NOT finalized: run `kukla store finalize`"
+    typer.echo(f"{info['path']}: {state}")
+    typer.echo(f"tokens: {info['tokens']:,} ({info['holdout_rows']:,} held out)   dtype: {info['dtype']}   "
+               f"codec: {info['codec']}")
+    for hook, width in info["hooks"].items():
+        typer.echo(f"  {hook}: width {width}, mean norm {info['mean_norm'][hook]:.4g}")
+    ratio = info["compression_ratio"]
+    typer.echo(f"bytes on disk: {info['bytes_on_disk']:,}   compression ratio: "
+               f"{'n/a' if ratio is None else f'{ratio:.2f}'}")
+
+
+def _verify(config: VerifyConfig) -> None:
+    """Decode every chunk and check the row counts against the manifest; each damaged chunk is named (exit 2)."""
+    from kukla.storage.verify import verify_store
+
+    problems = verify_store(config.path)
+    for problem in problems:
+        typer.echo(f"damaged: {problem}", err=True)
+    if problems:
+        raise KuklaError(f"{len(problems)} problem(s) in {config.path}: see the lines above")
+    typer.echo(f"ok: every chunk of {config.path} decodes and the counts match")
+
+
+def _finalize(config: FinalizeConfig) -> None:
+    """Merge every rank's part with a global shuffle and mark the store finalized (rerun to resume)."""
+    from kukla.storage import finalize_store
+
+    finalize_store(config.path, memory_budget_bytes=parse_bytes("memory_budget", config.memory_budget),
+                   seed=config.seed, holdout_rows=config.holdout_rows)
+    typer.echo(f"finalized: {config.path}")
+
+
+def _import(config: ImportConfig) -> None:
+    """Turn existing activations (.npy, .safetensors) into a finalized, shuffled store."""
+    from kukla.storage.importer import import_arrays
+
+    hooks = dict(h.split("=", 1) for h in config.hook)
+    rows, dropped = import_arrays(config.out, hooks, dtype=config.dtype, codec=config.codec,
+                                  drop_nonfinite=config.drop_nonfinite, seed=config.seed,
+                                  memory_budget_bytes=parse_bytes("memory_budget", config.memory_budget),
+                                  overwrite=config.overwrite)
+    note = f", dropped {dropped:,} rows with NaN/inf" if config.drop_nonfinite else ""
+    typer.echo(f"imported {rows:,} rows into {config.out}{note}")
+
+
+store_app.command("info")(config_command(InfoConfig, _info, arguments=("path",)))
+store_app.command("verify")(config_command(VerifyConfig, _verify, arguments=("path",)))
+store_app.command("finalize")(config_command(FinalizeConfig, _finalize, arguments=("path",)))
+store_app.command("import")(config_command(ImportConfig, _import, arguments=("out",)))

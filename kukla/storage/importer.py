@@ -1,0 +1,127 @@
+"""`kukla store import`: activations a user already has (.npy, .safetensors) → a finalized,
+globally shuffled store, so stores made by other tools train the same way as harvested ones."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kukla.errors import KuklaError
+from kukla.progress import progress
+from kukla.storage.codecs import DEFAULT_CODEC
+from kukla.storage.shuffle import finalize_store
+from kukla.storage.store import open_store
+from kukla.storage.writer import StoreWriter
+
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
+
+
+@dataclass
+class Source:
+    """One hook's input file, read lazily by leading index (rows = leading dims flattened)."""
+
+    path: Path
+    key: str | None
+    shape: tuple[int, ...]
+    array: Any  # np.memmap or a safetensors slice
+
+    @property
+    def width(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def per_index(self) -> int:
+        """Rows per leading index ([n_seq, ctx, d] files have ctx rows per sequence)."""
+        return math.prod(self.shape[1:-1])
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Leading indices [lo, hi) as float32 rows."""
+        block = self.array[lo:hi]
+        if isinstance(block, torch.Tensor):
+            return block.float().reshape(-1, self.width).numpy()
+        return np.asarray(block, dtype=np.float32).reshape(-1, self.width)
+
+
+def open_source(spec: str, hook: str) -> Source:
+    """`FILE` or `FILE:KEY` (a tensor inside a .safetensors file)."""
+    text, key = spec, None
+    if not os.path.exists(text) and ":" in text:
+        text, key = text.rsplit(":", 1)
+    path = Path(text)
+    if not path.exists():
+        raise KuklaError(f"--hook {hook}={spec}: {path} does not exist")
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r")
+        dtype = str(array.dtype)
+        shape = array.shape
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        handle = safe_open(str(path), framework="pt")
+        keys = list(handle.keys())
+        if key is None:
+            if len(keys) != 1 and hook not in keys:
+                raise KuklaError(f"{path} holds tensors {', '.join(keys)}: name one as --hook {hook}={path}:KEY")
+            key = hook if hook in keys else keys[0]
+        if key not in keys:
+            raise KuklaError(f"{path} has no tensor {key!r}; it holds {', '.join(keys)}")
+        array = handle.get_slice(key)
+        dtype, shape = array.get_dtype(), tuple(array.get_shape())
+    else:
+        raise KuklaError(f"--hook {hook}={spec}: unsupported file type {path.suffix!r}: give a .npy or .safetensors file")
+    if dtype not in FLOAT_DTYPES:
+        raise KuklaError(f"{path}: unsupported dtype {dtype}: activations must be float16, bfloat16, float32 or float64")
+    if len(shape) < 2 or 0 in shape:
+        raise KuklaError(f"{path}: shape {tuple(shape)} is not [rows, width] (or [..., width]) with rows")
+    return Source(path, key, tuple(shape), array)
+
+
+def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloat16", codec: str = DEFAULT_CODEC,
+                  drop_nonfinite: bool = False, seed: int = 0, memory_budget_bytes: int = 2 << 30,
+                  overwrite: bool = False, rows_per_segment: int = 1 << 16) -> tuple[int, int]:
+    """Import, shuffle and finalize; returns (rows stored, rows dropped for NaN/inf)."""
+    if not hooks:
+        raise KuklaError("give at least one --hook NAME=FILE")
+    sources = {hook: open_source(spec, hook) for hook, spec in hooks.items()}
+    rows = {hook: s.rows for hook, s in sources.items()}
+    leading = {hook: s.shape[0] for hook, s in sources.items()}
+    if len(set(rows.values())) != 1 or len(set(leading.values())) != 1:
+        listed = ", ".join(f"{h}={rows[h]} ({sources[h].path.name})" for h in hooks)
+        raise KuklaError(f"hooks have different row counts: {listed}: every hook needs one row per token, in order")
+    first = next(iter(sources.values()))
+    meta = {"source": "import", "hooks": {h: s.width for h, s in sources.items()},
+            "files": {h: {"path": str(s.path.absolute()), "key": s.key, "bytes": s.path.stat().st_size,
+                          "mtime": s.path.stat().st_mtime} for h, s in sources.items()},
+            "drop_nonfinite": drop_nonfinite}
+    step = max(1, rows_per_segment // max(1, first.per_index))
+    with StoreWriter.open(out, meta, dtype=dtype, codec=codec, overwrite=overwrite) as writer:
+        with progress(first.rows, "import") as bar:
+            for segment, lo in enumerate(range(0, first.shape[0], step)):
+                hi = min(first.shape[0], lo + step)
+                if segment not in writer.committed:
+                    block = {f"acts/{h}": s.read(lo, hi) for h, s in sources.items()}
+                    keep = np.logical_and.reduce([np.isfinite(x).all(axis=1) for x in block.values()])
+                    if not keep.all():
+                        if not drop_nonfinite:
+                            writer.close()
+                            writer.location.remove("")
+                            bad = lo * first.per_index + int(np.argmin(keep))
+                            raise KuklaError(f"row {bad} holds NaN or inf: fix the input, or pass --drop-nonfinite to "
+                                             "drop such rows (the count is reported)")
+                        block = {name: x[keep] for name, x in block.items()}
+                    writer.write_segment(segment, block)
+                bar.update((hi - lo) * first.per_index)
+        writer.finish()
+    finalize_store(out, memory_budget_bytes=memory_budget_bytes, seed=seed)
+    stored = open_store(out).n_rows
+    return stored, first.rows - stored

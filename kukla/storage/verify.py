@@ -1,0 +1,122 @@
+"""`kukla store info` and `kukla store verify`: what a store holds, and whether all of it decodes."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kukla.progress import progress
+from kukla.storage.parts import read_blob, segment_dir
+from kukla.storage.store import Store, open_store
+
+READ_BYTES = 64 << 20  # verify decodes this much at a time, then narrows a failure down to chunks
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """Tokens, hooks and widths, dtype, bytes on disk, compression ratio, state."""
+    store = open_store(path, allow_unfinalized=True)
+    raw = sum(store.n_rows * spec.row_bytes for spec in store.specs.values())
+    on_disk = store.location.disk_usage()
+    return {
+        "path": store.url, "state": store.meta["state"], "finalized": store.finalized, "tokens": store.n_rows,
+        "holdout_rows": store.holdout_rows, "hooks": store.hooks, "dtype": store.meta["dtype"],
+        "codec": store.meta["codec"], "bytes_on_disk": on_disk, "bytes_uncompressed": raw,
+        "compression_ratio": raw / on_disk if on_disk else None, "world": store.meta["world"],
+        "shuffle_seed": store.meta.get("shuffle_seed"), "model": store.meta.get("model"),
+        "source": store.meta.get("source"), "kukla_version": store.meta["kukla_version"],
+        "mean_norm": {hook: store.hook_stats(hook)["mean_norm"] for hook in store.hooks},
+    }
+
+
+def verify_store(path: str | Path) -> list[str]:
+    """Decode every chunk and check every count; returns the problems found (empty when sound)."""
+    store = open_store(path, allow_unfinalized=True)
+    if not store.finalized:
+        return _verify_segments(store)
+    problems = _check_manifest(store)
+    total = store.n_rows * len(store.specs)
+    with progress(total, "verify", unit="row") as bar:
+        for name, spec in store.specs.items():
+            array = store.arrays[name]
+            if array.shape[0] != store.n_rows:
+                problems.append(f"{name} has {array.shape[0]} rows, the store says {store.n_rows}: the store is "
+                                "damaged; rebuild it (rerun harvest + finalize, or import)")
+                continue
+            problems += _missing_shards(store, name, array)
+            step = max(store.chunk_rows, READ_BYTES // max(1, spec.row_bytes) // store.chunk_rows * store.chunk_rows)
+            for start in range(0, store.n_rows, step):
+                problems += _decode(store, name, start, min(store.n_rows, start + step))
+                bar.update(min(store.n_rows, start + step) - start)
+    for name in _static_names(store):
+        try:
+            store.read_stored(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to decode is what we report
+            problems.append(f"{name} does not decode ({type(exc).__name__}: {exc}): restore it or rewrite the store")
+    return problems
+
+
+def _decode(store: Store, name: str, start: int, stop: int) -> list[str]:
+    """Rows [start, stop) of one array; on failure, find the exact chunks that do not decode."""
+    try:
+        store.read_stored(name, start, stop)
+        return []
+    except Exception:  # noqa: BLE001
+        pass
+    problems = []
+    for lo in range(start, stop, store.chunk_rows):
+        hi = min(stop, lo + store.chunk_rows)
+        try:
+            store.read_stored(name, lo, hi)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{name} rows {lo}-{hi - 1}: chunk does not decode ({type(exc).__name__}: "
+                            f"{str(exc)[:80]}): the shard file under {store.location.join(name, 'c')} is damaged; "
+                            "restore it from a copy, or rebuild the store")
+    return problems
+
+
+def _missing_shards(store: Store, name: str, array: Any) -> list[str]:
+    """Zarr reads a missing shard as zeros, so count the shard files instead."""
+    shard_rows = array.shards[0] if array.shards else array.chunks[0]
+    expected = math.ceil(store.n_rows / shard_rows)
+    present = set(store.location.listdir(f"{name}/c"))
+    missing = [i for i in range(expected) if str(i) not in present]
+    return [f"{name}: shard {i} (rows {i * shard_rows}-{min(store.n_rows, (i + 1) * shard_rows) - 1}) is missing: "
+            "restore it from a copy, or rebuild the store" for i in missing]
+
+
+def _check_manifest(store: Store) -> list[str]:
+    if not store.location.exists("manifest.parquet"):
+        return ["manifest.parquet is missing: the store was not finalized by kukla; rebuild it"]
+    import pyarrow.parquet as pq
+
+    with store.location.fs.open(store.location.join("manifest.parquet"), "rb") as f:
+        manifest = pq.read_table(io.BytesIO(f.read()))
+    rows = int(np.sum(manifest["rows"].to_numpy())) if manifest.num_rows else 0
+    if rows != store.n_rows:
+        return [f"manifest.parquet lists {rows} rows but the store holds {store.n_rows}: rows were lost or "
+                "duplicated; rebuild the store"]
+    return []
+
+
+def _static_names(store: Store) -> list[str]:
+    return [f"static/{name}" for name in store.location.listdir("static") if name != "zarr.json"]
+
+
+def _verify_segments(store: Store) -> list[str]:
+    """A store being written: every committed segment decodes and has its journal's row count."""
+    problems = []
+    table = store.segments
+    for entry in table.entries:
+        for name, info in entry["arrays"].items():
+            key = f"{segment_dir(entry['rank'], entry['segment'])}/{name}.bin"
+            try:
+                data = read_blob(store.location, key, info, table.codec)
+                if data.shape[0] != entry["rows"]:
+                    raise ValueError(f"{data.shape[0]} rows, journal says {entry['rows']}")
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"rank {entry['rank']} segment {entry['segment']} {name}: {exc}")
+    return problems
