@@ -42,6 +42,8 @@ app.command("evaluate")(evaluate_command)
 from kukla.cli.run import demo_command, run_command  # noqa: E402
 app.command("run")(run_command)
 app.command("demo")(demo_command)
+from kukla.cli.store import store_app  # noqa: E402
+app.add_typer(store_app, name="store")
 
 
 def main() -> None:
