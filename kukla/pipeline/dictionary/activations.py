@@ -7,6 +7,8 @@ Inference rules return dense codes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,13 +35,12 @@ def select_batch_topk(pre: Tensor, k: float) -> tuple[Tensor, Tensor]:
     """
     flat = pre.reshape(-1)
     n = min(batch_topk_count(k, pre.shape[0]), flat.numel())
-    idx = _largest(flat, n)
+    idx = _largest(flat, n, pre.shape[1])
     idx = idx[flat[idx] > 0].sort().values  # non-positive entries are zero after relu: not active
-    width = pre.shape[1]
-    return idx // width, idx % width
+    return idx // pre.shape[1], idx % pre.shape[1]
 
 
-def _largest(flat: Tensor, n: int) -> Tensor:
+def _largest(flat: Tensor, n: int, width: int) -> Tensor:
     """Indices of the n largest entries, exactly; a full top-k over B·F entries is slow on CPU.
 
     A strided sample estimates a cutoff that about 2n entries pass; the top n of those are the
@@ -48,6 +49,8 @@ def _largest(flat: Tensor, n: int) -> Tensor:
     stride = flat.numel() // _SAMPLE
     if stride < 8 or 4 * n > flat.numel():
         return flat.topk(n, sorted=False).indices
+    while math.gcd(stride, width) != 1:  # so the sample visits every latent, not a few columns
+        stride += 1
     sample = flat[::stride]
     keep = min(sample.numel(), 2 * n // stride + 16)
     cutoff = sample.topk(keep, sorted=False).values.min()
