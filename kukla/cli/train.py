@@ -25,3 +25,7 @@ def run(config: TrainConfig) -> None:
 
 
 command = config_command(TrainConfig, run, arguments=("store",))
+
+
+if __name__ == "__main__":  # `python -m kukla.cli.train …`: this command alone, without the other stages' imports
+    typer.run(command)

@@ -1,0 +1,105 @@
+"""What a training run leaves behind: SAELens-loadable dictionaries, a calibrated threshold, logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HOOK, TARGET
+from safetensors.torch import load_file
+
+from kukla.pipeline.dictionary import load_dictionary
+from kukla.pipeline.train import TrainConfig, train
+
+SMALL = dict(batch_size=256, tokens=256 * 60, log_every=10, checkpoint_every=0, threads=1)
+
+
+def test_trained_sae_loads_in_saelens_and_encodes_like_ours(store: Path, tmp_path: Path) -> None:
+    from sae_lens import SAE
+
+    [path] = train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="matryoshka-batchtopk",
+                               width=[64], k=[4], levels=[8, 64], **SMALL))
+    ours = load_dictionary(path)
+    theirs = SAE.load_from_disk(str(path), device="cpu")
+    x = torch.randn(200, 16) * 2
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
+        assert torch.allclose(theirs.decode(ours.encode(x)), ours.decode(ours.encode(x)), atol=1e-5)
+    assert theirs.cfg.metadata.hook_name == HOOK
+    info = json.loads((path / "kukla.json").read_text())
+    assert info["levels"] == [8, 64] and info["metadata"]["training"]["width"] == [64]
+
+
+def test_trained_transcoder_loads_in_saelens(store: Path, tmp_path: Path) -> None:
+    from sae_lens import SAE
+
+    [path] = train(TrainConfig(store=store, out=tmp_path, input_hook=HOOK, target_hook=TARGET,
+                               arch="matryoshka-batchtopk", width=[48], k=[4], levels=[12, 48], **SMALL))
+    ours = load_dictionary(path)
+    theirs = SAE.load_from_disk(str(path), device="cpu")
+    x = torch.randn(100, 16)
+    with torch.no_grad():
+        assert torch.allclose(theirs.decode(theirs.encode(x)), ours(x), atol=1e-5)
+    assert ours.d_out == 12 and ours.cfg.transcoder
+
+
+def test_batchtopk_threshold_is_calibrated_on_held_out_rows(store: Path, tmp_path: Path) -> None:
+    from kukla.storage import open_store
+
+    [path] = train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="batchtopk", width=[64], k=[3],
+                               **SMALL))
+    dictionary = load_dictionary(path)
+    s = open_store(store)
+    held_out = s.read(HOOK, s.n_rows - s.holdout_rows, s.n_rows)
+    with torch.no_grad():
+        l0 = float((dictionary.encode(held_out) > 0).sum(dim=1).float().mean())
+    saved = json.loads((path / "kukla.json").read_text())["inference_l0"]
+    assert l0 == pytest.approx(saved, abs=1e-6) and abs(l0 - 3) < 0.05
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["inference_l0"] == pytest.approx(saved)
+
+
+def test_metrics_log_has_a_line_per_member_per_log_step(store: Path, tmp_path: Path) -> None:
+    paths = train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="topk", width=[32, 64], k=[4],
+                              **SMALL))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if not line.get("final")]
+    assert sorted({line["step"] for line in steps}) == list(range(10, 61, 10))
+    assert {line["dictionary"] for line in steps} == {p.name for p in paths}
+    for line in steps:
+        assert {"loss", "fvu", "l0", "dead_pct", "tokens_per_s", "lr"} <= set(line)
+        assert line["l0"] == pytest.approx(4) and 0 <= line["fvu"] < 1.5
+    first, last = steps[0], steps[-1]
+    assert last["fvu"] < first["fvu"]  # it learns
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_written(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="topk", width=[32], k=[4], wandb=True,
+                      wandb_project="kukla-test", **SMALL))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    [record] = list(runs[0].glob("run-*.wandb"))
+    assert record.stat().st_size > 0
+    assert b"topk-w32-k4-s0/fvu" in record.read_bytes()
+
+
+def test_sweep_member_equals_the_same_dictionary_trained_alone(store: Path, tmp_path: Path) -> None:
+    sweep = train(TrainConfig(store=store, out=tmp_path / "sweep", hook=HOOK, arch="batchtopk",
+                              width=[32, 64], k=[2, 4], **SMALL))
+    assert sorted(p.name for p in sweep) == sorted(f"batchtopk-w{w}-k{k}-s0" for w in (32, 64) for k in (2, 4))
+    [alone] = train(TrainConfig(store=store, out=tmp_path / "alone", hook=HOOK, arch="batchtopk",
+                                width=[64], k=[4], **SMALL))
+    from_sweep = load_file(str(tmp_path / "sweep" / alone.name / "sae_weights.safetensors"))
+    by_itself = load_file(str(alone / "sae_weights.safetensors"))
+    for name, value in by_itself.items():
+        assert torch.equal(from_sweep[name], value), name
+    # one stream for the whole sweep: the cursor advanced once per step, not once per member
+    state = torch.load(tmp_path / "sweep" / "checkpoints" / "step-00000060" / "trainer_state.pt",
+                       weights_only=False)
+    cursor = state["streams"][0]
+    assert cursor["epoch"] * (3584 // 256) + cursor["batch"] == 60
+    assert len(state["members"]) == 4

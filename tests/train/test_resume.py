@@ -1,0 +1,84 @@
+"""A run killed mid-way (SIGKILL, a real subprocess) and resumed ends with the weights of a run never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from conftest import HOOK
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from kukla.cli.train import command
+from kukla.config import from_dict
+from kukla.pipeline.train import TrainConfig, checkpoint, train
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "matryoshka-prefix-w64-k4-s0"
+
+
+def _flags(store: Path, out: Path, *extra: str) -> list[str]:
+    return [str(store), "--hook", HOOK, "--out", str(out), "--arch", "matryoshka-prefix", "--width", "64",
+            "--k", "4", "--n-prefixes", "3", "--batch-size", "128", "--tokens", str(128 * 300),
+            "--checkpoint-every", "30", "--log-every", "20", "--dead-tokens", "2000", "--threads", "1", *extra]
+
+
+def _config(store: Path, out: Path, **changes: object) -> TrainConfig:
+    """The config the CLI builds from `_flags` (same defaults, so runs are comparable)."""
+    flags = _flags(store, out)[1:]
+    data = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
+    return from_dict(TrainConfig, {**data, "store": store, **changes})
+
+
+@pytest.mark.slow
+def test_run_killed_mid_way_and_resumed_matches_uninterrupted_run(store: Path, tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kukla.cli.train", *_flags(store, killed)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while checkpoint.latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = checkpoint.latest_checkpoint(killed)
+    assert latest is not None and latest.name < "step-00000300", "the run finished before it was killed"
+    assert not (killed / NAME).exists()
+
+    train(_config(store, whole))
+    train(_config(store, killed, resume=True))
+    a = load_file(str(whole / NAME / "sae_weights.safetensors"))
+    b = load_file(str(killed / NAME / "sae_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    state_a = checkpoint.load_state(checkpoint.latest_checkpoint(whole))
+    state_b = checkpoint.load_state(checkpoint.latest_checkpoint(killed))
+    for key, value in state_a["members"][NAME]["dictionary"].items():
+        assert torch.equal(value, state_b["members"][NAME]["dictionary"][key]), key
+    lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "step" in line] == list(range(20, 301, 20))
+
+
+def test_existing_run_needs_resume_and_the_same_settings(store: Path, tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command("train")(command)
+    app.command("other")(lambda: None)
+    runner = CliRunner()
+    short = ["--tokens", "1280", "--checkpoint-every", "0"]
+    first = runner.invoke(app, ["train", *_flags(store, tmp_path, *short)])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["train", *_flags(store, tmp_path, *short)])
+    assert again.exit_code == 2 and "pass --resume" in again.output and "Traceback" not in again.output
+    changed = runner.invoke(app, ["train", *_flags(store, tmp_path, *short, "--k", "8", "--resume")])
+    assert changed.exit_code == 2 and "k differs" in changed.output
+    finished = runner.invoke(app, ["train", *_flags(store, tmp_path, *short, "--resume")])
+    assert finished.exit_code == 0 and str(tmp_path / NAME) in finished.output
