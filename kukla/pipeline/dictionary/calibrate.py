@@ -7,6 +7,8 @@ value that keeps exactly k·N of the N held-out tokens' pre-activations: the (k�
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Iterable
 
 import torch
@@ -14,13 +16,16 @@ from torch import Tensor
 
 from kukla.errors import KuklaError
 
+if TYPE_CHECKING:
+    from kukla.pipeline.dictionary.model import Dictionary
+
 # Each batch keeps its `_SLACK`·k·B largest positive pre-activations as candidates. The
 # answer is exact unless some batch has more than that above the final threshold (checked).
 _SLACK = 4
 
 
 @torch.no_grad()
-def calibrate_threshold(dictionary, batches: Iterable[Tensor | tuple[Tensor, ...]]) -> float:
+def calibrate_threshold(dictionary: Dictionary, batches: Iterable[Tensor | tuple[Tensor, ...]]) -> float:
     """Set `dictionary.threshold` so inference keeps k latents per token on these rows; return that L0.
 
     `batches` yields raw input activations (or tuples whose first item is the input, as the

@@ -58,9 +58,10 @@ class DictionaryConfig:
     and l1_coefficient mean the same for every prefix scheme. SAELens' plain sum is all 1s.
     Sampled prefixes always use the mean over the n_prefixes + 1 draws (a Monte Carlo estimate of
     the expected prefix loss)."""
-    l1_coefficient: float = 1.0
+    l1_coefficient: float = 0.3
     """relu: weight of the L1 penalty Σᵢ zᵢ‖W_dec,i‖, measured in units of the target's RMS
-    deviation norm so it does not depend on the activations' scale."""
+    deviation norm so it does not depend on the activations' scale. 0.3 is a starting point
+    (on a toy source it kept FVU ≈ 0.14 at about twice the true L0); sweep it per model."""
     aux_k: int | None = None
     """Dead latents used by the aux-k loss per token; default d_in // 2 (OpenAI's k_aux = d/2)."""
     aux_coefficient: float = 1 / 32

@@ -16,6 +16,7 @@ encoder and decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import reference, sparse
 from kukla.pipeline.dictionary.activations import select_batch_topk, select_dead_topk, select_topk
 from kukla.pipeline.dictionary.prefixes import prefix_weights
+
+if TYPE_CHECKING:
+    from kukla.pipeline.dictionary.model import Dictionary
 
 
 @dataclass
@@ -38,7 +42,7 @@ class TrainOutput:
     """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
 
 
-def training_loss(dictionary, x: Tensor, y: Tensor | None = None,
+def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
                   generator: torch.Generator | None = None) -> TrainOutput:
     """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder)."""
     cfg = dictionary.cfg

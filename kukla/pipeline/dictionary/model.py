@@ -17,6 +17,7 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.activations import jumprelu, topk_codes
 from kukla.pipeline.dictionary.config import DictionaryConfig
 from kukla.pipeline.dictionary.geometric_median import geometric_median
+from kukla.pipeline.dictionary.loss import TrainOutput, training_loss
 
 
 class Dictionary(nn.Module):
@@ -139,10 +140,9 @@ class Dictionary(nn.Module):
         return self.decode(self.encode(x))
 
     def training_loss(self, x: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None):  # -> TrainOutput
-        """One training pass; see `kukla.pipeline.dictionary.loss.training_loss`."""
-        from kukla.pipeline.dictionary.loss import training_loss
-
+                      generator: torch.Generator | None = None) -> TrainOutput:
+        """One training pass on raw activations (y: a transcoder's targets); `generator` draws
+        matryoshka-prefix's prefixes. See `kukla.pipeline.dictionary.loss`."""
         return training_loss(self, x, y, generator)
 
     # --- initialisation and constraints ----------------------------------------------------
