@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from kukla.progress import progress
+from kukla.storage.format import shard_key
 from kukla.storage.parts import read_blob, segment_dir
 from kukla.storage.store import Store, open_store
 
@@ -79,11 +80,13 @@ def _decode(store: Store, name: str, start: int, stop: int) -> list[str]:
 
 
 def _missing_shards(store: Store, name: str, array: Any) -> list[str]:
-    """Zarr reads a missing shard as zeros, so count the shard files instead."""
+    """Zarr reads a missing shard as zeros, so look for every shard file instead."""
     shard_rows = array.shards[0] if array.shards else array.chunks[0]
     expected = math.ceil(store.n_rows / shard_rows)
-    present = set(store.location.listdir(f"{name}/c"))
-    missing = [i for i in range(expected) if str(i) not in present]
+    folder = store.location.join(name, "c")
+    present = set(store.location.fs.find(folder)) if store.location.exists(f"{name}/c") else set()
+    spec = store.specs[name]
+    missing = [i for i in range(expected) if store.location.join(shard_key(spec, i)) not in present]
     return [f"{name}: shard {i} (rows {i * shard_rows}-{min(store.n_rows, (i + 1) * shard_rows) - 1}) is missing: "
             "restore it from a copy, or rebuild the store" for i in missing]
 

@@ -1,0 +1,115 @@
+"""`kukla store …`: info, verify (and what it says about a damaged chunk), finalize, import, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from kukla.cli.app import app
+from kukla.storage import open_store
+
+from .conftest import write_sequences  # noqa: TID252
+
+runner = CliRunner()
+
+
+def _kukla(*args: str) -> tuple[int, str]:
+    """Exit code and stdout + stderr (progress bars go to stderr)."""
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _stdout(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _one_line_error(code: int, output: str, *needles: str) -> None:
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
+    for needle in needles:
+        assert needle in errors[0], output
+
+
+def test_import_npy_and_safetensors_gives_a_finalized_shuffled_store(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    x[:, 0] = np.arange(200)  # ids exact in bf16 up to 256
+    y = torch.from_numpy(-x[:, :8].copy()).to(torch.bfloat16)
+    np.save(tmp_path / "x.npy", x)
+    save_file({"mlp_out": y}, tmp_path / "y.safetensors")
+    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"resid={tmp_path / 'x.npy'}",
+                       "--hook", f"mlp={tmp_path / 'y.safetensors'}", "--dtype", "float32")
+    assert code == 0, out
+    store = open_store(tmp_path / "s")
+    a, b = store.read("resid").numpy(), store.read("mlp").numpy()
+    assert sorted(a[:, 0].tolist()) == list(range(200)) and a[:, 0].tolist() != list(range(200))
+    np.testing.assert_array_equal(b[:, 0], -a[:, 0])  # hooks stay aligned through the shuffle
+    info = json.loads(_stdout("store", "info", tmp_path / "s", "--json"))
+    assert info["tokens"] == 200 and info["hooks"] == {"resid": 16, "mlp": 8}
+    assert info["finalized"] and info["dtype"] == "float32" and info["bytes_on_disk"] > 0
+    assert info["compression_ratio"] == pytest.approx(info["bytes_uncompressed"] / info["bytes_on_disk"])
+
+
+def test_import_refuses_or_drops_nonfinite_rows(tmp_path: Path) -> None:
+    x = np.ones((50, 4), np.float32)
+    x[[3, 7, 9], 1] = [np.nan, np.inf, -np.inf]
+    np.save(tmp_path / "x.npy", x)
+    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"h={tmp_path / 'x.npy'}")
+    _one_line_error(code, out, "row 3 holds NaN or inf", "--drop-nonfinite")
+    assert not (tmp_path / "s").exists()  # nothing half-written is left behind
+    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"h={tmp_path / 'x.npy'}", "--drop-nonfinite")
+    assert code == 0 and "dropped 3 rows" in out, out
+    assert open_store(tmp_path / "s").n_rows == 47
+
+
+def test_import_errors_are_one_line(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.ones((9, 4), np.float32))
+    np.save(tmp_path / "i.npy", np.ones((10, 4), np.int64))
+    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
+                            "--hook", f"b={tmp_path / 'b.npy'}"), "different row counts", "a=10", "b=9")
+    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"i={tmp_path / 'i.npy'}"),
+                    "unsupported dtype int64")
+    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
+                            "--codec", "brotli"), "unknown codec 'brotli'")
+    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
+                            "--dtype", "int8"), "unsupported store dtype")
+
+
+def test_readers_give_one_line_errors_for_bad_paths(tmp_path: Path) -> None:
+    _one_line_error(*_kukla("store", "info", tmp_path / "missing"), "does not exist")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    _one_line_error(*_kukla("store", "verify", tmp_path / "folder"), "not a kukla store")
+    write_sequences(tmp_path / "w", 4, 16, finish=False)
+    code, out = _kukla("store", "info", tmp_path / "w")
+    assert code == 0 and "NOT finalized" in out
+    _one_line_error(*_kukla("store", "finalize", tmp_path / "w"), "rank 0 of 1 has not finished")
+
+
+def test_finalize_then_verify_then_a_damaged_chunk_is_named(tmp_path: Path) -> None:
+    write_sequences(tmp_path / "s", 16, 16)
+    code, out = _kukla("store", "finalize", tmp_path / "s", "--memory-budget", "64KiB", "--seed", "3")
+    assert code == 0, out
+    assert open_store(tmp_path / "s").meta["shuffle_seed"] == 3
+    assert _stdout("store", "verify", tmp_path / "s").startswith("ok: every chunk")
+    shard = tmp_path / "s" / "acts" / "blocks.0.hook_resid_post" / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # flip a byte inside the first chunk of shard 1
+    shard.write_bytes(bytes(data))
+    code, out = _kukla("store", "verify", tmp_path / "s")
+    damaged = [line for line in out.splitlines() if line.startswith("damaged:")]
+    assert code == 2 and len(damaged) == 1, out
+    shard_rows = open_store(tmp_path / "s").arrays["acts/blocks.0.hook_resid_post"].shards[0]
+    assert f"acts/blocks.0.hook_resid_post rows {shard_rows}-{shard_rows + 15}" in damaged[0]
+    assert "restore it" in damaged[0]
+    shard.unlink()
+    code, out = _kukla("store", "verify", tmp_path / "s")
+    assert code == 2 and "shard 1" in out and "missing" in out
