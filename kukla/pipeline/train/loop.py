@@ -45,6 +45,18 @@ def open_checked_store(config: TrainConfig) -> Store:
     return store
 
 
+def init_rows(store: Store, config: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """The first init_tokens training rows of each hook: every rank reads the same ones."""
+    n = min(config.init_tokens, store.n_rows - store.holdout_rows)
+    return tuple(store.read(hook, 0, n).float() for hook in config.hooks)
+
+
+def mean_norms(store: Store, config: TrainConfig) -> tuple[float, float | None]:
+    """E‖x‖ of the input hook (and of the target hook, for a transcoder): the dictionaries' scales."""
+    target = store.hook_stats(config.hooks[-1])["mean_norm"] if len(config.hooks) > 1 else None
+    return store.hook_stats(config.hooks[0])["mean_norm"], target
+
+
 def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     """Train every member of the sweep; returns the final dictionary directories."""
     store = open_checked_store(config)
@@ -56,10 +68,7 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     state = _resume_state(config, ranks)
 
     train_rows = store.n_rows - store.holdout_rows
-    init = tuple(store.read(h, 0, min(config.init_tokens, train_rows)).float() for h in hooks)
-    scales = (store.hook_stats(hooks[0])["mean_norm"],
-              store.hook_stats(hooks[-1])["mean_norm"] if len(hooks) > 1 else None)
-    trainees = build_trainees(config, members, ranks, scales, init)
+    trainees = build_trainees(config, members, ranks, mean_norms(store, config), init_rows(store, config))
     per_epoch = batches_per_epoch(store, local_batch, split="train", world=ranks.world)
     if per_epoch == 0:
         raise KuklaError(f"store {config.store} has {train_rows} training rows, fewer than one batch "
