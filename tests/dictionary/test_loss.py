@@ -182,3 +182,14 @@ def test_mse_metric_is_in_raw_units():
         z = _naive_batch_topk_codes(d.pre_activations(x), 3.0)
         recon = d.decode(z)
     assert out.metrics["mse"] == pytest.approx(float(((x - recon) ** 2).mean()), rel=1e-5)
+
+
+def test_sparse_path_runs_under_bf16_autocast_with_fp32_gradients():
+    d, x = _dictionary(arch="batchtopk", levels=None, aux_k=4)
+    d.tokens_since_fired[::4] = d.cfg.dead_tokens
+    exact = d.training_loss(x).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d.training_loss(x)
+    grads = _grads(d, out.loss)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert float(out.loss.detach()) == pytest.approx(float(exact.detach()), rel=0.05)
