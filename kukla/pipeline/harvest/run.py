@@ -58,11 +58,12 @@ def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) ->
 
 def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: HarvestConfig) -> tuple[int, int]:
     """Harvest this rank's uncommitted segments; (planned rows, rows dropped as outliers) of the rank."""
-    planned = dropped = 0
+    planned = dropped = every_rank = 0
     written = 0.0
     bar = progress(-(-config.tokens // config.world), f"harvest rank {config.rank}/{config.world}")
     try:
         for segment, make_rows in segments:
+            every_rank += segment.planned_rows
             if not owned(segment.id, config.rank, config.world):
                 continue
             if segment.id not in writer.committed:
@@ -75,6 +76,9 @@ def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: Ha
             bar.update(segment.planned_rows)
     finally:
         bar.close()
+    if every_rank < config.tokens:
+        print(f"warning: the dataset ran out after {every_rank} of the {config.tokens} tokens asked for",
+              file=sys.stderr, flush=True)
     return planned, dropped
 
 

@@ -10,6 +10,9 @@ A window carries a `keep` mask: the positions that become store rows. BOS, separ
 pads and any other special token are left out unless `keep_special_tokens` is set; the
 mask is built from positions, not token ids, since many tokenizers share one id for
 BOS, EOS and pad.
+
+Local files are read through `datasets` like Hub datasets: .jsonl/.json and .parquet
+give one document per row; a .txt file gives one document per line.
 """
 
 from __future__ import annotations
