@@ -23,7 +23,7 @@ from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig
 from kukla.pipeline.train.distributed import Ranks, barrier, gather_objects, sum_over_ranks
 from kukla.pipeline.train.log import TrainLog, start_wandb
-from kukla.pipeline.train.sweep import Trainee, build_trainees, step_metrics, train_step
+from kukla.pipeline.train.sweep import NonFiniteLoss, Trainee, build_trainees, step_metrics, train_step
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
 
 #: Settings that may change between a run and its resumption (they do not touch the math).
@@ -94,7 +94,12 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
             if batch is None:
                 raise KuklaError(f"the store's stream ended at step {step} of {total_steps}; "
                                  "this is a bug in the epoch count, please report it")
-            train_step(trainees, batch.acts, step, total_steps, config, ranks, batch.rows)
+            try:
+                train_step(trainees, batch.acts, step, total_steps, config, ranks, batch.rows)
+            except NonFiniteLoss as exc:
+                latest = checkpoint.latest_checkpoint(out) if ranks.is_main else None
+                kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
+                raise KuklaError(f"{exc}; {kept}") from None
             step += 1
             log.advance(config.batch_size)
             if step % config.log_every == 0 or step == total_steps:
