@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kukla.pipeline.dictionary.activations import select_batch_topk, select_dead_topk, select_topk
+from kukla.pipeline.dictionary.activations import select_batch_topk, select_topk
 
 
 def _naive_batch_topk(pre: torch.Tensor, n: int) -> set[tuple[int, int]]:
@@ -41,14 +41,8 @@ def test_batch_topk_never_selects_non_positive_entries():
     assert list(zip(rows.tolist(), cols.tolist())) == [(3, 5)]
 
 
-def test_topk_and_dead_topk_select_per_row():
+def test_topk_selects_each_rows_largest_in_column_order():
     pre = torch.randn(20, 30, generator=torch.Generator().manual_seed(2))
     rows, cols = select_topk(pre, 4)
     expected = pre.topk(4, dim=1).indices.sort(dim=1).values
     assert torch.equal(cols.view(20, 4), expected) and torch.equal(rows.view(20, 4)[:, 0], torch.arange(20))
-    dead = torch.zeros(30, dtype=torch.bool)
-    dead[[1, 4, 9, 17, 25]] = True
-    rows, cols = select_dead_topk(pre, dead, 3)
-    masked = pre.masked_fill(~dead, float("-inf"))
-    assert torch.equal(cols.view(20, 3), masked.topk(3, dim=1).indices.sort(dim=1).values)
-    assert select_dead_topk(pre, dead, 10)[1].numel() == 20 * 5  # no more than the dead latents there are

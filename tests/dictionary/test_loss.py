@@ -141,7 +141,8 @@ def _naive_aux(d: Dictionary, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -
 def test_aux_k_reconstructs_the_residual_with_dead_latents_and_trains_their_encoder(sparse_path):
     d, x = _dictionary(arch="batchtopk", levels=None, aux_k=4, sparse_path=sparse_path, aux_coefficient=0.5)
     dead = torch.zeros(48, dtype=torch.bool)
-    dead[::3] = True
+    dead[::3] = True  # 16 dead latents, 4 of them per token
+
     d.tokens_since_fired[dead] = d.cfg.dead_tokens
     out = d.training_loss(x)
     naive_aux = _naive_aux(d, x, dead, 4)
@@ -155,6 +156,13 @@ def test_aux_k_reconstructs_the_residual_with_dead_latents_and_trains_their_enco
     assert aux_grad_enc[:, ~dead].abs().max() < 1e-6  # only dead latents take part in aux-k
     naive_enc, = torch.autograd.grad(0.5 * _naive_aux(d, x, dead, 4), [d.W_enc])
     torch.testing.assert_close(aux_grad_enc, naive_enc, rtol=1e-4, atol=1e-6)
+    # fewer dead latents than aux_k: every dead latent takes part
+    d.cfg.aux_coefficient = 0.5
+    d.tokens_since_fired.zero_()
+    d.tokens_since_fired[[5, 30]] = d.cfg.dead_tokens
+    few = torch.zeros(48, dtype=torch.bool)
+    few[[5, 30]] = True
+    assert d.training_loss(x).metrics["aux"] == pytest.approx(float(_naive_aux(d, x, few, 2).detach()), rel=1e-5)
 
 
 def test_no_aux_loss_while_no_latent_is_dead():

@@ -60,18 +60,6 @@ def _largest(flat: Tensor, n: int, width: int) -> Tensor:
     return candidates[flat[candidates].topk(n, sorted=False).indices]
 
 
-def select_dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """Per row, the top min(k_aux, #dead) pre-activations among dead latents (aux-k)."""
-    dead_cols = dead.nonzero().squeeze(1)
-    k = min(k_aux, dead_cols.numel())
-    if k == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=pre.device)
-        return empty, empty
-    top = pre.index_select(1, dead_cols).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
-    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-    return rows, dead_cols[top.reshape(-1)]
-
-
 def jumprelu(pre: Tensor, threshold: Tensor) -> Tensor:
     """relu(pre) where pre > threshold, else 0: BatchTopK at inference (SAELens' JumpReLU)."""
     return pre.relu() * (pre > threshold).to(pre.dtype)

@@ -5,9 +5,9 @@ backward only has to reach the selected entries: with nnz = k·B of them, the we
 gradients cost nnz·d instead of B·F·d. Decoding gathers k decoder rows per token. Both use
 `embedding_bag` (a gather-and-weighted-sum with its own backward), so no nnz×d tensor is built.
 
-Unlike sparsify's fused kernel, gradients arriving at the gathered pre-activations always flow
-back, whichever loss they come from: the aux-k entries go through the same function, so aux-k
-trains the encoder of dead latents.
+The aux-k term does not come through here: it works on the dead latents' columns with plain
+autograd (see `loss.py`), so its gradient always reaches the dead latents' encoder (sparsify's
+fused kernel drops it).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ def _bag_offsets(keys: Tensor, n_bags: int) -> Tensor:
 class _GatherPreacts(torch.autograd.Function):
     """pre[rows, cols] from pre = (x_s − bias)·W_enc + b_enc computed without grad; sparse backward.
 
-    rows/cols may come in any order and from several selections (main codes and aux-k). The
-    input bias (an SAE's b_dec) is shared by all rows, so its gradient is −W_enc·(Σ over the
+    rows/cols may come in any order. The input bias (an SAE's b_dec) is shared by all rows, so its gradient is −W_enc·(Σ over the
     selected entries' gradients per latent): no per-row input gradient is formed.
     """
 
@@ -60,23 +59,20 @@ def encode_at(x_s: Tensor, bias: Tensor | None, W_enc: Tensor, b_enc: Tensor, pr
     return _GatherPreacts.apply(x_s.detach(), bias, W_enc, b_enc, pre, rows, cols)
 
 
-def decode(rows: Tensor, cols: Tensor, values: Tensor, aux_rows: Tensor, aux_cols: Tensor, aux_values: Tensor,
-           W_dec: Tensor, bounds: list[int], n_rows: int) -> tuple[Tensor, Tensor]:
-    """Segment contributions [B, G, d_out] of the codes and aux-k output [B, d_out] (no bias).
+def decode_segments(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
+                    bounds: list[int], n_rows: int) -> Tensor:
+    """[B, G, d_out] segment contributions, one bag of gathered decoder rows per (token, segment).
 
-    One `embedding_bag` over bags (token, segment) and (token, aux), so the decoder gradient is
-    formed once. Entries come row-major with ascending columns (as the selections return them),
-    which already orders the bags; anything else is sorted first.
+    Entries come row-major with ascending columns (as the selections return them), which
+    already orders the bags; anything else is sorted first.
     """
     n_segments = len(bounds)
     segment = torch.bucketize(cols, torch.tensor(bounds, device=cols.device), right=True)
-    bags = torch.cat([rows * n_segments + segment, n_rows * n_segments + aux_rows])
-    entries = torch.cat([cols, aux_cols])
-    weights = torch.cat([values, aux_values]).to(W_dec.dtype)
+    bags = rows * n_segments + segment
+    entries, weights = cols, values.to(W_dec.dtype)
     if bags.numel() > 1 and not bool((bags[1:] >= bags[:-1]).all()):
         order = torch.argsort(bags, stable=True)
         bags, entries, weights = bags[order], entries[order], weights[order]
-    out = F.embedding_bag(entries, W_dec, _bag_offsets(bags, n_rows * (n_segments + 1)),
+    out = F.embedding_bag(entries, W_dec, _bag_offsets(bags, n_rows * n_segments),
                           mode="sum", per_sample_weights=weights)
-    d_out = W_dec.shape[1]
-    return out[: n_rows * n_segments].reshape(n_rows, n_segments, d_out), out[n_rows * n_segments:]
+    return out.reshape(n_rows, n_segments, W_dec.shape[1])
