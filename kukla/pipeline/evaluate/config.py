@@ -41,6 +41,9 @@ class EvaluateConfig:
     """Also report CE recovered against mean ablation (the held-out mean of the spliced hook)."""
     absorption: bool = True
     """SAEBench's first-letter absorption on the model's vocabulary (residual-stream SAEs only)."""
+    absorption_words: int = 4000
+    """Single-token words sampled from the vocabulary for the absorption probes (SAEBench uses
+    every alphabetic token); a fifth are held out, so fewer words leave letters below the gate."""
     absorption_min_probe_f1: float = 0.6
     """Leave out letters whose logistic first-letter probe scores below this F1 (SAEBench's gate)."""
     absorption_min_positives: int = 20
@@ -60,7 +63,7 @@ class EvaluateConfig:
         if not self.dictionaries:
             raise ConfigError("dictionaries", "give at least one dictionary directory")
         for name in ("batch_size", "downstream_contexts", "downstream_batch_size", "top_examples",
-                     "absorption_max_k", "absorption_min_positives"):
+                     "absorption_max_k", "absorption_min_positives", "absorption_words"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:

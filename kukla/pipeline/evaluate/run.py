@@ -198,7 +198,7 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
                                   min_positives=config.absorption_min_positives, max_k=config.absorption_max_k,
                                   f1_jump=config.absorption_f1_jump, seed=config.seed)
     for hook in sorted({e.input_hook for e in targets}):
-        words = word_activations(model, hook, seed=config.seed)
+        words = word_activations(model, hook, n_words=config.absorption_words, seed=config.seed)
         if words is None:
             notes.append(f"absorption skipped for {hook}: too few single-token alphabetic words in the vocabulary")
             continue

@@ -1,9 +1,10 @@
 """Hook activations of single-token words in a spelling prompt, for the absorption probes.
 
 SAEBench's prompt: a few in-context examples "{word} has the first letter: {LETTER}", then
-"{word} has the first letter:", read at the word's token. Here the examples are one fixed,
-seeded set shared by every word, so all prompts have the same length and batch without
-padding (SAEBench shuffles them per word).
+"{word} has the first letter:", read at the word's token. Attention is causal, so the
+activation at the word never sees the text after it: each prompt here stops at the word.
+The examples are one fixed, seeded set shared by every word (SAEBench shuffles them per
+word), so the prefix runs once into a key-value cache and each word costs one token.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import random
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from kukla.pipeline.evaluate.absorption import LETTERS
 from kukla.pipeline.hooks import stop_at_layer
+from kukla.progress import progress
 
-MAX_WORDS = 3000
-"""Words sampled from the vocabulary (SAEBench uses every alphabetic token)."""
-ICL_EXAMPLES = 6
+ICL_EXAMPLES = 4
 TEMPLATE = " has the first letter:"
 WORD_MARKERS = ("▁", "Ġ", " ")
 """How tokenizers mark a word-initial token (SentencePiece, byte-level BPE, plain)."""
@@ -38,28 +39,43 @@ def alphabetic_words(tokenizer, d_vocab: int) -> list[tuple[int, str]]:
 
 
 @torch.no_grad()
-def word_activations(model: HookedTransformer, hook: str, *, seed: int = 0,
-                     batch_size: int = 64) -> tuple[Tensor, Tensor] | None:
-    """(activations [N, d] at the word token, first-letter index [N]); None without enough words."""
+def prompt_activations(model: HookedTransformer, hook: str, prefix: list[int], word_ids: list[int], *,
+                       batch_size: int = 256) -> Tensor:
+    """The hook's activation at each word appended to the shared `prefix` ([N, d]).
+
+    The prefix runs once into a frozen key-value cache; each word then costs one token."""
+    stop = stop_at_layer([hook], model.cfg.n_layers)
+    device = model.cfg.device
+    batch_size = min(batch_size, len(word_ids))
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch_size)
+    model(torch.tensor([prefix] * batch_size, device=device), past_kv_cache=cache, stop_at_layer=stop)
+    cache.freeze()
+    acts = []
+    with progress(len(word_ids), f"absorption words ({hook})", unit="word") as bar:
+        for start in range(0, len(word_ids), batch_size):
+            ids = word_ids[start:start + batch_size]
+            padded = ids + [ids[-1]] * (batch_size - len(ids))  # the frozen cache has a fixed batch
+            tokens = torch.tensor(padded, device=device)[:, None]
+            _, out = model.run_with_cache(tokens, names_filter=[hook], past_kv_cache=cache, stop_at_layer=stop)
+            acts.append(out[hook][: len(ids), 0].float().cpu())
+            bar.update(len(ids))
+    return torch.cat(acts)
+
+
+def word_activations(model: HookedTransformer, hook: str, *, n_words: int = 4000,
+                     seed: int = 0) -> tuple[Tensor, Tensor] | None:
+    """(activations [N, d] at the word token, first-letter index [N]) for `n_words` words sampled
+    from the vocabulary (SAEBench takes them all); None without enough words."""
     tokenizer = model.tokenizer
     words = alphabetic_words(tokenizer, model.cfg.d_vocab)
     if len(words) < 10 * len(LETTERS):
         return None
     rng = random.Random(seed)
     rng.shuffle(words)
-    examples, words = words[:ICL_EXAMPLES], words[ICL_EXAMPLES:ICL_EXAMPLES + MAX_WORDS]
+    examples, words = words[:ICL_EXAMPLES], words[ICL_EXAMPLES:ICL_EXAMPLES + n_words]
     prefix_text = "".join(f"{w}{TEMPLATE} {w[0].upper()}\n" for _, w in examples)
     prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None:
         prefix = [tokenizer.bos_token_id, *prefix]
-    suffix = tokenizer(TEMPLATE, add_special_tokens=False)["input_ids"]
-    position = len(prefix)
-    stop = stop_at_layer([hook], model.cfg.n_layers)
-    acts = []
-    for start in range(0, len(words), batch_size):
-        ids = [[*prefix, token_id, *suffix] for token_id, _ in words[start:start + batch_size]]
-        tokens = torch.tensor(ids, device=model.cfg.device)
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop)
-        acts.append(cache[hook][:, position].float().cpu())
-    letters = torch.tensor([LETTERS.index(w[0].lower()) for _, w in words])
-    return torch.cat(acts), letters
+    acts = prompt_activations(model, hook, prefix, [token_id for token_id, _ in words])
+    return acts, torch.tensor([LETTERS.index(w[0].lower()) for _, w in words])
