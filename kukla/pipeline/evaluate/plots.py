@@ -21,30 +21,34 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def density_histogram(dicts: dict[str, dict[str, Any]]) -> str:
-    """log10 feature density of the live latents, one outline per dictionary."""
+def _outlines(dicts: dict[str, dict[str, Any]], hist_of: Any, xlabel: str, ylabel: str) -> str:
+    """One step outline per dictionary; `hist_of(metrics)` gives (counts, edges, legend label)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for name, metrics in dicts.items():
-        hist = metrics["reconstruction"]["log10_density_histogram"]
-        ax.stairs(hist["count"], hist["edges"], label=f"{name} ({metrics['reconstruction']['dead_latents']} dead)")
-    ax.set_xlabel("log10 fraction of eval tokens on which the latent fires")
-    ax.set_ylabel("latents")
+        counts, edges, label = hist_of(metrics["reconstruction"])
+        ax.stairs(counts, edges, label=f"{name} ({label})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def density_histogram(dicts: dict[str, dict[str, Any]]) -> str:
+    """log10 feature density of the live latents, one outline per dictionary."""
+    def hist(r: dict[str, Any]) -> tuple[Any, Any, str]:
+        h = r["log10_density_histogram"]
+        return h["count"], h["edges"], f"{r['dead_latents']} dead"
+
+    return _outlines(dicts, hist, "log10 fraction of eval tokens on which the latent fires", "latents")
 
 
 def l0_histogram(dicts: dict[str, dict[str, Any]]) -> str:
-    """Active latents per token."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    for name, metrics in dicts.items():
-        hist = metrics["reconstruction"]["l0_histogram"]
-        counts = np.asarray(hist["count"], dtype=float)
-        edges = np.arange(len(counts) + 1) - 0.5
-        ax.stairs(counts / max(counts.sum(), 1), edges, label=f"{name} (mean {metrics['reconstruction']['l0']:.1f})")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("fraction of tokens")
-    ax.legend(fontsize=7)
-    return _png(fig)
+    """Active latents per token, as a fraction of tokens."""
+    def hist(r: dict[str, Any]) -> tuple[Any, Any, str]:
+        counts = np.asarray(r["l0_histogram"]["count"], dtype=float)
+        return counts / max(counts.sum(), 1), np.arange(len(counts) + 1) - 0.5, f"mean {r['l0']:.1f}"
+
+    return _outlines(dicts, hist, "L0 (active latents per token)", "fraction of tokens")
 
 
 def level_ev(dicts: dict[str, dict[str, Any]]) -> str:
