@@ -42,19 +42,16 @@ class TrainOutput:
     """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
 
 
-def dead_latents_output(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+def dead_latents_output(pre_dead: Tensor, W_dec_dead: Tensor, k_aux: int) -> Tensor:
     """ê [B, d_out]: each token's top min(k_aux, #dead) dead pre-activations, relu'd, through their
     decoder rows (no bias).
 
-    Dense over the dead columns only, with plain autograd: on CPU that beat gathering k_aux
-    decoder rows per token 8× (k_aux = d/2 is 5× the main codes' k), and it cannot lose the
-    gradient into the dead latents' encoder.
+    Dense over the dead columns: on CPU that beat gathering k_aux decoder rows per token 8×
+    (k_aux = d/2 is 5× the main codes' k).
     """
-    cols = dead.nonzero().squeeze(1)
-    pre = x_c @ W_enc[:, cols] + b_enc[cols]
-    top = pre.detach().topk(min(k_aux, cols.numel()), dim=1, sorted=False).indices
-    z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top).relu())
-    return z @ W_dec[cols]
+    top = pre_dead.detach().topk(min(k_aux, pre_dead.shape[1]), dim=1, sorted=False).indices
+    z = torch.zeros_like(pre_dead).scatter(1, top, pre_dead.gather(1, top).relu())
+    return z @ W_dec_dead
 
 
 def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
@@ -105,7 +102,13 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     aux = torch.zeros((), device=loss.device)
     if use_aux:
         residual = (to_explain - partial[:, -1]).detach()
-        aux_out = dead_latents_output(x_c, W_enc, b_enc, W_dec, dead, int(cfg.aux_k)).float()
+        dead_cols = dead.nonzero().squeeze(1)
+        if path is sparse:
+            pre_dead = sparse.columns_at(dictionary.scaled_input(x), dictionary.input_bias, W_enc, b_enc, pre,
+                                         dead_cols)
+        else:
+            pre_dead = pre_grad[:, dead_cols]
+        aux_out = dead_latents_output(pre_dead, W_dec[dead_cols], int(cfg.aux_k)).float()
         aux = (residual - aux_out).pow(2).sum() / (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         loss = loss + cfg.aux_coefficient * aux
     l1 = torch.zeros((), device=loss.device)

@@ -5,9 +5,9 @@ backward only has to reach the selected entries: with nnz = k·B of them, the we
 gradients cost nnz·d instead of B·F·d. Decoding gathers k decoder rows per token. Both use
 `embedding_bag` (a gather-and-weighted-sum with its own backward), so no nnz×d tensor is built.
 
-The aux-k term does not come through here: it works on the dead latents' columns with plain
-autograd (see `loss.py`), so its gradient always reaches the dead latents' encoder (sparsify's
-fused kernel drops it).
+The aux-k term takes the dead latents' columns of the same pre-activations with a dense
+backward over those columns (`columns_at`): its gradient always reaches the dead latents'
+encoder (sparsify's fused kernel drops it).
 """
 
 from __future__ import annotations
@@ -57,6 +57,35 @@ def encode_at(x_s: Tensor, bias: Tensor | None, W_enc: Tensor, b_enc: Tensor, pr
               rows: Tensor, cols: Tensor) -> Tensor:
     """Pre-activations at the selected entries, with a sparse backward (x_s carries no gradient)."""
     return _GatherPreacts.apply(x_s.detach(), bias, W_enc, b_enc, pre, rows, cols)
+
+
+class _GatherColumns(torch.autograd.Function):
+    """pre[:, cols] from the same no-grad pre-activations (aux-k's dead latents), dense backward
+    over those columns only, so aux-k needs no second encoder pass."""
+
+    @staticmethod
+    def forward(ctx, x_s: Tensor, bias: Tensor | None, W_enc: Tensor, b_enc: Tensor,  # type: ignore[override]
+                pre: Tensor, cols: Tensor) -> Tensor:
+        ctx.save_for_backward(x_s if bias is None else x_s - bias, W_enc, cols)
+        return pre[:, cols]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x_c, W_enc, cols = ctx.saved_tensors
+        grad = grad.to(x_c.dtype)
+        column_sums = grad.sum(dim=0)
+        grad_bias = -(W_enc[:, cols] @ column_sums) if ctx.needs_input_grad[1] else None
+        grad_W = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_W = torch.zeros_like(W_enc).index_copy_(1, cols, x_c.t() @ grad)
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_copy_(0, cols, column_sums)
+        return None, grad_bias, grad_W, grad_b, None, None
+
+
+def columns_at(x_s: Tensor, bias: Tensor | None, W_enc: Tensor, b_enc: Tensor, pre: Tensor, cols: Tensor) -> Tensor:
+    """Pre-activations of the given latents for every row, without recomputing them."""
+    return _GatherColumns.apply(x_s.detach(), bias, W_enc, b_enc, pre, cols)
 
 
 def decode_segments(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
