@@ -1,8 +1,8 @@
 """Fast path for TopK/BatchTopK training: work only where latents are active.
 
 The encoder's forward matmul is dense anyway (selection needs every pre-activation), but its
-backward only has to reach the selected entries: with nnz = k·B of them, the weight and input
-gradients cost nnz·d instead of B·F·d. Decoding gathers k decoder rows per token. Both use
+backward only has to reach the selected entries: with nnz = k·B of them, the weight gradient
+costs nnz·d instead of B·F·d (and the input bias's F·d). Decoding gathers k decoder rows per token. Both use
 `embedding_bag` (a gather-and-weighted-sum with its own backward), so no nnz×d tensor is built.
 
 The aux-k term takes the dead latents' columns of the same pre-activations with a dense
@@ -26,8 +26,9 @@ def _bag_offsets(keys: Tensor, n_bags: int) -> Tensor:
 class _GatherPreacts(torch.autograd.Function):
     """pre[rows, cols] from pre = (x_s − bias)·W_enc + b_enc computed without grad; sparse backward.
 
-    rows/cols may come in any order. The input bias (an SAE's b_dec) is shared by all rows, so its gradient is −W_enc·(Σ over the
-    selected entries' gradients per latent): no per-row input gradient is formed.
+    rows/cols may come in any order. The input bias (an SAE's b_dec) is shared by all rows, so
+    its gradient is −W_enc·(Σ of the selected entries' gradients per latent): no per-row input
+    gradient is formed.
     """
 
     @staticmethod
