@@ -119,6 +119,26 @@ def shard_key(spec: ArraySpec, shard_index: int) -> str:
     return "/".join([spec.name, "c", str(shard_index)] + ["0"] * len(spec.row_shape))
 
 
+def write_manifest(location: Location, key: str, entries: list[dict[str, Any]]) -> None:
+    """A Parquet table with one row per segment (rank, segment, rows, offset in the merge order,
+    sequence range), for pyarrow/pandas users and for `kukla store verify`."""
+    import pyarrow as pa  # deferred: pyarrow pulls in pandas, seconds of import for every writer
+    import pyarrow.parquet as pq
+
+    rows = np.array([e["rows"] for e in entries], dtype=np.int64)
+    table = pa.table({
+        "rank": pa.array([e["rank"] for e in entries], pa.int32()),
+        "segment": pa.array([e["segment"] for e in entries], pa.int64()),
+        "rows": pa.array(rows),
+        "input_offset": pa.array(np.cumsum(rows) - rows),
+        "first_sequence": pa.array([e["first_sequence"] for e in entries], pa.int64()),
+        "last_sequence": pa.array([e["last_sequence"] for e in entries], pa.int64()),
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    location.put_bytes(key, sink.getvalue().to_pybytes())
+
+
 @dataclass
 class HookStats:
     """Running sums over rows of one hook (float64), mergeable across segments and ranks."""
@@ -129,12 +149,12 @@ class HookStats:
     max_abs: float = 0.0
 
     def add(self, x: np.ndarray) -> None:
-        x64 = x.astype(np.float64)
-        sq = np.einsum("ij,ij->i", x64, x64)
+        """Per-row squared norms in float32 (640-term sums), accumulated over rows in float64."""
+        sq = np.einsum("ij,ij->i", x, x).astype(np.float64)
         self.rows += x.shape[0]
         self.sum_norm += float(np.sqrt(sq).sum())
         self.sum_sq_norm += float(sq.sum())
-        self.max_abs = max(self.max_abs, float(np.abs(x64).max(initial=0.0)))
+        self.max_abs = max(self.max_abs, float(np.abs(x).max(initial=0.0)))
 
     def merge(self, other: "HookStats") -> None:
         self.rows += other.rows

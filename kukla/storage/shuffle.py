@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from kukla.errors import KuklaError
 from kukla.progress import progress
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, array_specs, create_array,
-                                  holdout_default, shard_key)
+                                  holdout_default, shard_key, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_journal
 
@@ -80,7 +78,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     for entry in entries:
         for hook, summary in entry["stats"].items():
             stats[hook].merge(HookStats.from_json(summary))
-    _write_manifest(location, entries)
+    write_manifest(location, "manifest.parquet", entries)
     specs = array_specs({**value, "truth": truth})
     row_bytes = sum(spec.row_bytes for spec in specs)
     n_rows = table.n_rows
@@ -98,22 +96,6 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     value.update(state="finalizing", truth=truth)
     attrs.write()
     return plan
-
-
-def _write_manifest(location: Location, entries: list[dict[str, Any]]) -> None:
-    """manifest.parquet: every segment written, in the order the shuffle read them."""
-    rows = np.array([e["rows"] for e in entries], dtype=np.int64)
-    table = pa.table({
-        "rank": pa.array([e["rank"] for e in entries], pa.int32()),
-        "segment": pa.array([e["segment"] for e in entries], pa.int64()),
-        "rows": pa.array(rows),
-        "input_offset": pa.array(np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else rows),
-        "first_sequence": pa.array([e["first_sequence"] for e in entries], pa.int64()),
-        "last_sequence": pa.array([e["last_sequence"] for e in entries], pa.int64()),
-    })
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    location.put_bytes("manifest.parquet", sink.getvalue().to_pybytes())
 
 
 def _specs(location: Location, plan: dict[str, Any]) -> list[ArraySpec]:

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import zarr
 
@@ -20,7 +18,7 @@ from kukla.errors import KuklaError
 from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec, store_dtype,
                                   to_stored)
 from kukla.storage.format import (TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta, chunk_rows_for,
-                                  new_attributes)
+                                  new_attributes, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.parts import WriterLock, finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
 
@@ -91,7 +89,7 @@ class StoreWriter:
         if segment in self.committed:
             raise KuklaError(f"segment {segment} of rank {self.rank} is already committed: skip the ids in "
                              "writer.committed when resuming")
-        arrays, truth = self._stored_arrays(segment, rows)
+        arrays, truth, floats = self._stored_arrays(segment, rows)
         n = next(iter(arrays.values())).shape[0]
         key = segment_dir(self.rank, segment)
         try:
@@ -102,7 +100,7 @@ class StoreWriter:
         seg_stats = {}
         for hook in self.hooks:
             stats = HookStats()
-            stats.add(_as_float(arrays[f"acts/{hook}"], self.dtype))
+            stats.add(floats[hook])
             seg_stats[hook] = stats.summary(self.hooks[hook])
         sequences = arrays["tokens/sequence"]
         entry = {"segment": segment, "rank": self.rank, "rows": n, "stats": seg_stats, "truth": truth, "arrays": infos,
@@ -117,8 +115,9 @@ class StoreWriter:
         for hook, value in seg_stats.items():
             self.stats[hook].merge(HookStats.from_json(value))
 
-    def _stored_arrays(self, segment: int, rows: Rows) -> tuple[dict[str, np.ndarray], list[Any]]:
-        """Check a segment's keys and row counts; convert to on-disk dtypes."""
+    def _stored_arrays(self, segment: int, rows: Rows) -> tuple[dict[str, np.ndarray], list[Any],
+                                                                 dict[str, np.ndarray]]:
+        """Check a segment's keys and row counts; convert to on-disk dtypes (and float32 for the stats)."""
         unknown = [k for k in rows if not (k.startswith(("acts/", "truth/")) or k in TOKEN_ARRAYS)]
         if unknown:
             raise KuklaError(f"segment {segment}: unknown key {unknown[0]!r}: use acts/<hook>, "
@@ -135,11 +134,13 @@ class StoreWriter:
             raise KuklaError(f"segment {segment}: arrays have different row counts {counts}: rows must be aligned")
         n = next(iter(counts.values()))
         arrays: dict[str, np.ndarray] = {}
+        floats: dict[str, np.ndarray] = {}
         for hook, width in self.hooks.items():
             x = rows[f"acts/{hook}"]
             if tuple(x.shape) != (n, width):
                 raise KuklaError(f"segment {segment}: hook {hook!r} has shape {tuple(x.shape)}, expected ({n}, {width})")
             arrays[f"acts/{hook}"] = to_stored(x, self.dtype, f"segment {segment}, hook {hook!r}")
+            floats[hook] = as_numpy(x).astype(np.float32, copy=False)
         for name, dtype in TOKEN_ARRAYS.items():
             arrays[name] = (as_numpy(rows[name]).astype(dtype).reshape(n) if name in rows
                             else np.full(n, -1, dtype=dtype))
@@ -151,7 +152,7 @@ class StoreWriter:
         if previous is not None and previous["truth"] != truth:
             raise KuklaError(f"segment {segment}: truth arrays {truth} differ from earlier segments' "
                              f"{previous['truth']}: every segment holds the same truth arrays")
-        return arrays, truth
+        return arrays, truth, floats
 
     def put_static(self, name: str, array: Any) -> None:
         """A store-level array (e.g. "static/directions"), kept as given through finalize."""
@@ -170,18 +171,9 @@ class StoreWriter:
     def finish(self) -> None:
         """Mark this rank's part complete (with its Parquet manifest); finalize needs every rank's."""
         entries = [self.journal[s] for s in sorted(self.journal)]
-        table = pa.table({
-            "rank": pa.array([e["rank"] for e in entries], pa.int32()),
-            "segment": pa.array([e["segment"] for e in entries], pa.int64()),
-            "rows": pa.array([e["rows"] for e in entries], pa.int64()),
-            "first_sequence": pa.array([e["first_sequence"] for e in entries], pa.int64()),
-            "last_sequence": pa.array([e["last_sequence"] for e in entries], pa.int64()),
-        })
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self.location.put_bytes(f"{part_dir(self.rank)}/manifest.parquet", sink.getvalue().to_pybytes())
+        write_manifest(self.location, f"{part_dir(self.rank)}/manifest.parquet", entries)
         self.location.put_json(finished_key(self.rank), {
-            "rank": self.rank, "rows": int(table["rows"].to_numpy().sum()) if entries else 0,
+            "rank": self.rank, "rows": sum(int(e["rows"]) for e in entries),
             "segments": len(entries), "stats": {h: s.summary(self.hooks[h]) for h, s in self.stats.items()},
         })
 
@@ -193,9 +185,3 @@ def _existing(location: Location) -> dict[str, Any] | None:
         return Attributes.read(location).value
     except KuklaError:
         return None
-
-
-def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return stored

@@ -104,8 +104,8 @@ def test_hook_stats_match_an_independent_mean_norm(tmp_path: Path) -> None:
     _write(tmp_path / "s", x, "float32")
     stats = open_store(tmp_path / "s").hook_stats("h")
     mean_norm = x.double().norm(dim=1).mean().item()
-    assert stats["mean_norm"] == pytest.approx(mean_norm, rel=1e-9)
-    assert stats["scale"] == pytest.approx(4.0 / mean_norm, rel=1e-9)
+    assert stats["mean_norm"] == pytest.approx(mean_norm, rel=1e-6)
+    assert stats["scale"] == pytest.approx(4.0 / mean_norm, rel=1e-6)
 
 
 def test_memory_url_store_round_trips() -> None:
