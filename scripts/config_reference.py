@@ -1,0 +1,140 @@
+"""Write the README's generated parts: the configuration reference and the benchmark figures.
+
+    python scripts/config_reference.py          # rewrite README.md in place
+    python scripts/config_reference.py --check  # exit 1 if README.md is out of date (a test runs this)
+
+The reference comes from the typed configs themselves (each field's type, default and the
+docstring under it, via `kukla.config.field_docs`), the same text `--help` prints, so the
+README cannot document a flag that does not exist. The figures are copied from
+benchmarks/RESULTS.md, whose owners keep them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kukla.cli.store import FinalizeConfig, ImportConfig  # noqa: E402
+from kukla.config import _strip_optional, field_docs, field_types  # noqa: E402
+from kukla.pipeline.demo import DemoConfig  # noqa: E402
+from kukla.pipeline.evaluate.config import EvaluateConfig  # noqa: E402
+from kukla.pipeline.harvest.config import HarvestConfig  # noqa: E402
+from kukla.pipeline.run import RunConfig  # noqa: E402
+from kukla.pipeline.train.config import TrainConfig  # noqa: E402
+
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+#: (command, config, positional arguments, section of a `kukla run` file)
+COMMANDS: list[tuple[str, type, tuple[str, ...], str | None]] = [
+    ("kukla harvest", HarvestConfig, ("output",), "[harvest]"),
+    ("kukla train", TrainConfig, ("store",), "[[train]]"),
+    ("kukla evaluate", EvaluateConfig, ("dictionaries",), "[evaluate]"),
+    ("kukla run", RunConfig, (), "[run]"),
+    ("kukla demo", DemoConfig, (), None),
+    ("kukla store finalize", FinalizeConfig, ("path",), None),
+    ("kukla store import", ImportConfig, ("out",), None),
+]
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        text = " \\| ".join(str(a) for a in typing.get_args(tp))
+    elif origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (str,)
+        text = f"list of {_type_name(item)}"
+    elif origin is dict:
+        text = "table"
+    else:
+        text = {Path: "path", str: "text", int: "int", float: "float", bool: "bool"}.get(tp, str(tp))
+    return text + (" or none" if optional else "")
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = field.default_factory()  # type: ignore[misc]
+    else:
+        return "required"
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def command_table(command: str, cls: type, arguments: tuple[str, ...], section: str | None) -> str:
+    """One command's settings: flag (TOML key), type, default, and what it means."""
+    docs, types_ = field_docs(cls), field_types(cls)
+    where = f" · `kukla run` section `{section}`" if section else ""
+    lines = [f"#### `{command}`{where}", "", _cell(cls.__doc__ or ""), "",
+             "| flag (TOML key) | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for field in dataclasses.fields(cls):
+        if field.name in arguments:
+            name = f"`{field.name.upper()}` (argument; `{field.name}`)"
+        else:
+            name = f"`--{field.name.replace('_', '-')}` (`{field.name}`)"
+        lines.append(f"| {name} | {_type_name(types_[field.name])} | {_cell(_default(field))} | "
+                     f"{_cell(docs.get(field.name, ''))} |")
+    return "\n".join(lines)
+
+
+def reference() -> str:
+    """The whole generated configuration reference (Markdown)."""
+    intro = ("Generated from the typed configs by `scripts/config_reference.py` (a test keeps it in "
+             "step). Every command also reads the same settings from `--config FILE.toml`; flags "
+             "override the file, which overrides the defaults. List settings take `a,b` or a "
+             "repeated flag; booleans take `--x/--no-x`.")
+    return "\n\n".join([intro, *(command_table(*row) for row in COMMANDS)])
+
+
+def results() -> str:
+    """benchmarks/RESULTS.md without its title, its sections one level down."""
+    if not RESULTS.exists():
+        return "_No benchmark figures yet: see `benchmarks/`._"
+    text = RESULTS.read_text().strip()
+    text = re.sub(r"\A# [^\n]*\n+", "", text)
+    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
+
+
+def _replace(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {start} … {end} markers")
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
+
+
+def generated_readme(text: str) -> str:
+    """README text with its generated parts brought up to date."""
+    return _replace(_replace(text, "config-reference", reference()), "benchmark-results", results())
+
+
+def main(argv: list[str]) -> int:
+    current = README.read_text()
+    wanted = generated_readme(current)
+    if "--check" in argv:
+        if current != wanted:
+            print("README.md is out of date: run python scripts/config_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

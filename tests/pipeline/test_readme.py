@@ -1,0 +1,31 @@
+"""The README's generated parts (configuration reference, benchmark figures) are up to date."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_reference_and_figures_are_regenerated_from_the_code() -> None:
+    script = _script()
+    readme = (ROOT / "README.md").read_text()
+    assert readme == script.generated_readme(readme), "README.md is stale: run python scripts/config_reference.py"
+
+
+def test_reference_documents_every_setting_of_every_stage() -> None:
+    script = _script()
+    reference = script.reference()
+    for _, cls, arguments, _ in script.COMMANDS:
+        for name in cls.__dataclass_fields__:
+            flag = f"`{name.upper()}` (argument" if name in arguments else f"`--{name.replace('_', '-')}` (`{name}`)"
+            assert flag in reference, (cls.__name__, name)
