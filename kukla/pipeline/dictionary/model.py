@@ -36,8 +36,7 @@ class Dictionary(nn.Module):
         self.register_buffer("threshold", torch.full((width,), math.nan))
         self.register_buffer("inference_l0", torch.tensor(math.nan))
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
-        self.metadata: dict[str, Any] = {}
-        """What `load_dictionary` read beside the weights (kukla.json); empty for a new one."""
+        self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)
         self.reset_parameters()
 
     @torch.no_grad()
