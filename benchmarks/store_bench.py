@@ -134,6 +134,24 @@ def phase_read(path: str, batch: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "rows": n, "peak_mb": rss.extra_mb}
 
 
+def phase_anchor(path: str, n: int, batch: int) -> dict:
+    """The same rows in SAELens's activation-cache format (a Hugging Face `datasets` Arrow folder,
+    float32 as SAELens caches them), read in batches as torch tensors."""
+    import datasets
+    import pyarrow as pa
+
+    rows = synthetic_rows(n)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), D)
+    folder = f"{path}.hf"
+    datasets.Dataset(pa.table({"resid": column})).save_to_disk(folder)
+    del rows, column
+    ds = datasets.load_from_disk(folder).with_format("torch")
+    t0 = time.perf_counter()
+    with PeakRSS() as rss:
+        count = sum(b["resid"].shape[0] for b in ds.iter(batch_size=batch))
+    return {"seconds": time.perf_counter() - t0, "rows": count, "peak_mb": rss.extra_mb}
+
+
 def phase_trainer(batch: int) -> dict:
     """Tokens/s of one dense TopK SAE step (d=640, F=10240, k=32, Adam) on this CPU: what the reader must beat."""
     import torch
@@ -172,7 +190,8 @@ def main() -> None:
     path = f"{args.out}/store.zarr"
     if args.phase:
         result = {"write": lambda: phase_write(path, args.rows), "finalize": lambda: phase_finalize(path, args.budget),
-                  "read": lambda: phase_read(path, args.batch), "trainer": lambda: phase_trainer(args.batch)}[args.phase]()
+                  "read": lambda: phase_read(path, args.batch),
+                  "anchor": lambda: phase_anchor(path, args.rows, args.batch), "trainer": lambda: phase_trainer(args.batch)}[args.phase]()
         print(json.dumps(result))
         return
     shutil.rmtree(args.out, ignore_errors=True)
@@ -191,7 +210,7 @@ def main() -> None:
     for r in bench_codecs(sample):
         print(f"{r['codec']:<26}{r['ratio']:>7.3f}{r['encode_MBps']:>13.0f}{r['decode_MBps']:>13.0f}")
     mb = args.rows * D * 2 / 1e6
-    write, fin, read, trainer = run("write"), run("finalize"), run("read"), run("trainer")
+    write, fin, read, anchor, trainer = run("write"), run("finalize"), run("read"), run("anchor"), run("trainer")
     from kukla.storage.verify import store_info
 
     info = store_info(path)
@@ -204,8 +223,12 @@ def main() -> None:
     print(f"shuffle budget {args.budget >> 20} MiB")
     print(f"\ntrainer (dense TopK SAE step, d={D}, F=10240, k=32, batch {args.batch}, 1 thread): "
           f"{trainer['tokens_per_s']:,.0f} tokens/s")
-    print(f"reader (batch {args.batch}, float32 out): {read['rows'] / read['seconds']:,.0f} tokens/s = "
-          f"{read['rows'] / read['seconds'] / trainer['tokens_per_s']:.1f}x the trainer")
+    ours = read["rows"] / read["seconds"]
+    print(f"reader (batch {args.batch}, float32 out): {ours:,.0f} tokens/s = {ours / trainer['tokens_per_s']:.1f}x "
+          "the trainer")
+    theirs = anchor["rows"] / anchor["seconds"]
+    print(f"anchor: SAELens cache format (HF datasets Arrow, float32) read as torch batches: {theirs:,.0f} tokens/s, "
+          f"peak +{anchor['peak_mb']:.0f} MB; kukla reader / anchor = {ours / theirs:.2f}x")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,15 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
     location.remove("_finalize")
 
 
+def unfinished_ranks(path: str | Path | Location) -> list[int]:
+    """Ranks of a store being written that have not called `finish()` yet (empty once finalized)."""
+    location = path if isinstance(path, Location) else Location(path)
+    attrs = Attributes.read(location).value
+    if attrs["state"] != "writing":
+        return []
+    return [r for r in range(attrs["world"]) if not location.exists(finished_key(r))]
+
+
 def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout_rows: int | None) -> dict[str, Any]:
     """The shuffle's fixed parameters: made once, read back on resume."""
     value = attrs.value
@@ -63,7 +72,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
             raise KuklaError(f"finalize of {location.url} was started with seed {plan['seed']}: rerun with that seed")
         return plan
     world = value["world"]
-    unfinished = [r for r in range(world) if not location.exists(finished_key(r))]
+    unfinished = unfinished_ranks(location)
     if unfinished:
         raise KuklaError(f"rank {unfinished[0]} of {world} has not finished writing {location.url}: rerun that "
                          "rank's job (it resumes from its journal) before finalizing")

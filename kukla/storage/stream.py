@@ -9,6 +9,7 @@ so `state_dict()` after batch i resumes at batch i + 1.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -146,7 +147,7 @@ class ActivationStream:
             return False
 
         try:
-            with ThreadPoolExecutor(max_workers=2) as pool:
+            with ThreadPoolExecutor(max_workers=min(self.prefetch, os.cpu_count() or 2)) as pool:
                 for e in range(epoch, self.epochs):
                     if not self._produce_epoch(e, batch if e == epoch else 0, pool, put, stop):
                         return

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kukla.errors import KuklaError
-from kukla.storage import finalize_store, open_store
+from kukla.storage import finalize_store, open_store, unfinished_ranks
 
 from .conftest import write_sequences  # noqa: TID252
 
@@ -80,6 +80,7 @@ def test_finalize_refuses_until_every_rank_finished(tmp_path: Path) -> None:
     path = tmp_path / "store"
     write_sequences(path, 8, 16, rank=0, world=2)
     write_sequences(path, 8, 16, rank=1, world=2, finish=False)
+    assert unfinished_ranks(path) == [1]
     with pytest.raises(KuklaError, match="rank 1 of 2 has not finished"):
         finalize_store(path)
 

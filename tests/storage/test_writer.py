@@ -108,14 +108,21 @@ def test_hook_stats_match_an_independent_mean_norm(tmp_path: Path) -> None:
     assert stats["scale"] == pytest.approx(4.0 / mean_norm, rel=1e-6)
 
 
-def test_memory_url_store_round_trips() -> None:
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_fsspec_url_store_round_trips(tmp_path: Path, scheme: str) -> None:
     import uuid
 
-    url = f"memory://kukla-test-{uuid.uuid4().hex}/store"
+    url = f"memory://kukla-test-{uuid.uuid4().hex}/store" if scheme == "memory" else f"file://{tmp_path}/store"
     x = np.arange(40 * 16, dtype=np.float32).reshape(40, 16)
     with StoreWriter.open(url, {"hooks": HOOKS}, dtype="float32", chunk_rows=64) as writer:
-        writer.write_segment(0, {"acts/h": x})
+        writer.write_segment(0, {"acts/h": x[:25]})
+        writer.write_segment(1, {"acts/h": x[25:]})
+        with pytest.raises(KuklaError, match="already being written"):
+            StoreWriter.open(url, {"hooks": HOOKS}, dtype="float32", chunk_rows=64)
         writer.finish()
-    finalize_store(url)
+    finalize_store(url, holdout_rows=4)
     back = open_store(url).read("h").numpy()
     assert sorted(back[:, 0].tolist()) == x[:, 0].tolist()
+    from kukla.storage.verify import verify_store
+
+    assert verify_store(url) == []
