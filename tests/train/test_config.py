@@ -1,0 +1,58 @@
+"""TrainConfig: one object for the CLI, TOML and Python; per-dictionary settings reach each member unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from kukla.config import load_config
+from kukla.errors import ConfigError
+from kukla.pipeline.dictionary import DictionaryConfig
+from kukla.pipeline.train.config import PASSED_TO_DICTIONARY, TrainConfig, learning_rate
+
+
+def test_dictionary_settings_keep_the_dictionary_modules_types_and_defaults() -> None:
+    ours = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    theirs = {f.name: f for f in dataclasses.fields(DictionaryConfig)}
+    our_types, their_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(DictionaryConfig)
+    for name in PASSED_TO_DICTIONARY:
+        assert ours[name].default == theirs[name].default, name
+        assert our_types[name] == their_types[name], name
+
+
+def test_a_toml_sweep_builds_every_member_with_its_own_config(tmp_path: Path) -> None:
+    toml = tmp_path / "sweep.toml"
+    toml.write_text('store = "s.zarr"\nout = "o"\nhook = "h"\narch = "matryoshka-batchtopk"\n'
+                    'width = [64, 128]\nk = [4, 8.5]\nseed = [0, 1]\nlevels = [0.25, 1]\naux_coefficient = 0.1\n')
+    config = load_config(TrainConfig, toml)
+    members = config.members(d_in=16, d_out=16)
+    assert len(members) == 8 and len({m.name for m in members}) == 8
+    wide = [m for m in members if m.config.width == 128]
+    assert all(m.config.levels == [32, 128] and m.config.aux_coefficient == 0.1 for m in wide)
+    assert {m.config.k for m in members} == {4.0, 8.5} and {m.seed for m in members} == {0, 1}
+
+
+def test_default_levels_are_the_documented_fractions() -> None:
+    [member] = TrainConfig(store=Path("s"), out=Path("o"), hook="h", width=[4096], k=[32]).members(8, 8)
+    assert member.config.levels == [128, 384, 896, 1920, 4096]
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hook": None}, "hook"), ({"input_hook": "a"}, "hook"), ({"k": [64]}, "k"),
+    ({"levels": [8, 4, 64]}, "levels"), ({"width": [64, 64]}, "width"), ({"warmup": 2.0}, "warmup"),
+])
+def test_bad_settings_name_their_field(changes: dict, field: str) -> None:
+    settings = dict(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4])
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(**{**settings, **changes})
+    assert error.value.field == field
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    config = TrainConfig(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4], warmup=0.1, decay_start=0.8)
+    rates = [learning_rate(config, 1.0, step, 100) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert rates[50] == 1.0 and rates[90] == pytest.approx(0.5) and rates[99] == pytest.approx(0.05)
