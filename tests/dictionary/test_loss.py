@@ -31,15 +31,19 @@ def _naive_batch_topk_codes(pre: torch.Tensor, k: float) -> torch.Tensor:
     return acts * (acts >= cutoff)
 
 
-def _naive_prefix_loss(d: Dictionary, x: torch.Tensor, prefixes: list[int], weights: list[float]) -> torch.Tensor:
+def _naive_prefix_loss(d: Dictionary, x: torch.Tensor, prefixes: list[int], weights: list[float],
+                       y: torch.Tensor | None = None) -> torch.Tensor:
     """Σ w · FVU with one full decode per prefix (what the cumulative sum must equal)."""
     x_s = x * d.input_scale
-    z = _naive_batch_topk_codes((x_s - d.b_dec) @ d.W_enc + d.b_enc, float(d.cfg.k))
-    total_var = ((x_s - x_s.mean(0)) ** 2).sum()
+    if y is None:  # SAE: reconstruct the input
+        z, target = _naive_batch_topk_codes((x_s - d.b_dec) @ d.W_enc + d.b_enc, float(d.cfg.k)), x_s
+    else:  # transcoder: predict the target hook
+        z, target = _naive_batch_topk_codes(x_s @ d.W_enc + d.b_enc, float(d.cfg.k)), y * d.target_scale
+    total_var = ((target - target.mean(0)) ** 2).sum()
     loss = torch.zeros(())
     for p, w in zip(prefixes, weights):
         recon = z[:, :p] @ d.W_dec[:p] + d.b_dec
-        loss = loss + w * ((x_s - recon) ** 2).sum() / total_var
+        loss = loss + w * ((target - recon) ** 2).sum() / total_var
     return loss
 
 
@@ -52,6 +56,23 @@ def test_cumulative_matryoshka_loss_and_gradients_equal_per_prefix_computation(s
     d, x = _dictionary(sparse_path=sparse_path, level_weights=[0.5, 1.0, 2.0, 0.25])
     out = d.training_loss(x)
     naive = _naive_prefix_loss(d, x, [4, 12, 28, 48], [0.5, 1.0, 2.0, 0.25])
+    torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(_grads(d, out.loss), _grads(d, naive)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse_path", [False, True])
+def test_matryoshka_transcoder_loss_and_gradients_equal_per_prefix_computation(sparse_path):
+    torch.manual_seed(4)
+    d = Dictionary(DictionaryConfig(d_in=12, d_out=7, width=48, k=3.0, arch="matryoshka-batchtopk",
+                                    levels=[4, 12, 28, 48], transcoder=True, sparse_path=sparse_path))
+    x, y = torch.randn(40, 12) * 2 + 0.5, torch.randn(40, 7) * 0.2 - 1
+    d.set_scales(float(x.norm(dim=1).mean()), float(y.norm(dim=1).mean()))
+    d.initialize(x, y)
+    with torch.no_grad():
+        d.W_dec.copy_(0.3 * torch.randn_like(d.W_dec))  # trained-like: a transcoder's decoder starts at zero
+    out = d.training_loss(x, y)
+    naive = _naive_prefix_loss(d, x, [4, 12, 28, 48], [0.25] * 4, y)
     torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(_grads(d, out.loss), _grads(d, naive)):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
