@@ -114,7 +114,7 @@ def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], d
             take = min(total - seen, batch.acts[0].shape[0])
             acts = {h: a[:take] for h, a in zip(hooks, batch.acts)}
             rows = batch.rows[:take]
-            activity = ctx.read_rows(store, TOY_ACTIVITY, rows.numpy()) if toy else None
+            activity = ctx.read_rows(store, TOY_ACTIVITY, rows.cpu().numpy()) if toy else None
             for e in entries:
                 z = e.dictionary.encode(acts[e.input_hook])
                 recon = e.dictionary.decode(z)
@@ -204,9 +204,10 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
             continue
         acts, letters = words
         for e in (e for e in targets if e.input_hook == hook):
-            acts_dev = acts.to(e.dictionary.W_enc.device)
-            e.absorption = first_letter_absorption(acts_dev, letters, e.dictionary.encode,
-                                                   e.dictionary.W_dec, settings)
+            def encode(x: torch.Tensor, d: Dictionary = e.dictionary) -> torch.Tensor:
+                return d.encode(x.to(d.W_enc.device)).cpu()
+
+            e.absorption = first_letter_absorption(acts, letters, encode, e.dictionary.W_dec.cpu(), settings)
 
 
 def _dictionary_metrics(e: Entry) -> tuple[dict[str, Any], torch.Tensor]:

@@ -47,8 +47,12 @@ def prompt_activations(model: HookedTransformer, hook: str, prefix: list[int], w
     stop = stop_at_layer([hook], model.cfg.n_layers)
     device = model.cfg.device
     batch_size = min(batch_size, len(word_ids))
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch_size)
-    model(torch.tensor([prefix] * batch_size, device=device), past_kv_cache=cache, stop_at_layer=stop)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
+    model(torch.tensor([prefix], device=device), past_kv_cache=cache, stop_at_layer=stop)
+    for entry in cache.entries:  # one prefix, seen by every word of a batch
+        entry.past_keys = entry.past_keys.expand(batch_size, -1, -1, -1)
+        entry.past_values = entry.past_values.expand(batch_size, -1, -1, -1)
+    cache.previous_attention_mask = cache.previous_attention_mask.expand(batch_size, -1)
     cache.freeze()
     acts = []
     with progress(len(word_ids), f"absorption words ({hook})", unit="word") as bar:
