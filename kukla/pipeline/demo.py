@@ -72,7 +72,7 @@ class DemoConfig:
     """Torch device for all three stages (cpu, cuda, cuda:1)."""
     tokens: int = 40_000
     """Tokens to harvest; training makes several passes over them."""
-    epochs: int = 5
+    epochs: int = 3
     """Passes the training makes over the harvested tokens."""
 
     def __post_init__(self) -> None:
