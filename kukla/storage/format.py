@@ -32,7 +32,7 @@ TOKEN_ARRAYS = {"tokens/token_id": np.dtype(np.int32), "tokens/sequence": np.dty
                 "tokens/position": np.dtype(np.int32)}
 #: Keys of the `kukla` attributes that kukla owns; the caller's meta may not use them.
 RESERVED = ("format_version", "kukla_version", "state", "dtype", "codec", "world", "fingerprint",
-            "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "hook_stats", "truth")
+            "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "shuffle_buckets", "hook_stats", "truth")
 TARGET_CHUNK_BYTES = 4 << 20
 TARGET_SHARD_BYTES = 256 << 20
 

@@ -48,6 +48,7 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
+                       shuffle_buckets=plan["n_buckets"],
                        holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
                        hook_stats=plan["hook_stats"], truth=plan["truth"])
     attrs.write()
@@ -91,13 +92,14 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     specs = array_specs({**value, "truth": truth})
     row_bytes = sum(spec.row_bytes for spec in specs)
     n_rows = table.n_rows
-    unit = max(1, budget // (6 * row_bytes))
+    unit = max(1, budget // (8 * row_bytes))  # bucket ≈ shard ≈ 1/8: bucket + its permutation + carry + encode
     chunk_rows = value["chunk_rows"]
     widest = max(spec.row_bytes for spec in specs)
     shard_rows = max(chunk_rows, min(unit, TARGET_SHARD_BYTES // widest) // chunk_rows * chunk_rows)
     plan = {
         "seed": seed, "n_rows": n_rows, "truth": truth,
-        "run_rows": max(1, budget // (3 * row_bytes)), "n_buckets": max(1, math.ceil(n_rows / unit)),
+        # a run and its sorted copy (plus decoded segments) stay within the budget
+        "run_rows": max(1, budget // (4 * row_bytes)), "n_buckets": max(1, math.ceil(n_rows / unit)),
         "shard_rows": shard_rows, "holdout_rows": holdout_default(n_rows) if holdout_rows is None else holdout_rows,
         "hook_stats": {hook: s.summary(value["hooks"][hook]) for hook, s in stats.items()},
     }
@@ -180,13 +182,15 @@ def _permute(location: Location, plan: dict[str, Any]) -> None:
             perm = np.random.default_rng([plan["seed"], 2, b]).permutation(size)
             skip = flushed - int(bucket_end[b] - size) if b == first else 0
             for spec in specs:
-                pieces = [np.frombuffer(location.read_range(
-                    f"{_run_key(k)}/{spec.name}.bin", int(run_offsets[k, b]) * spec.row_bytes,
-                    int(run_offsets[k, b] + counts[k, b]) * spec.row_bytes), dtype=spec.dtype)
-                    for k in range(n_runs) if counts[k, b]]
-                bucket = np.concatenate(pieces).reshape(size, *spec.row_shape) if pieces else \
-                    np.empty((0, *spec.row_shape), spec.dtype)
-                carry[spec.name].append(bucket[perm][skip:])
+                bucket = np.empty((size, *spec.row_shape), spec.dtype)
+                flat, at = bucket.reshape(-1).view(np.uint8), 0
+                for k in np.flatnonzero(counts[:, b]):
+                    start = int(run_offsets[k, b]) * spec.row_bytes
+                    piece = location.read_range(f"{_run_key(k)}/{spec.name}.bin", start,
+                                                start + int(counts[k, b]) * spec.row_bytes)
+                    flat[at:at + len(piece)] = np.frombuffer(piece, np.uint8)
+                    at += len(piece)
+                carry[spec.name].append(bucket[perm[skip:]])
             carried += size - skip
             while carried >= shard_rows:
                 flush(shard_rows)

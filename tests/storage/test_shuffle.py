@@ -44,8 +44,7 @@ def test_small_budget_forces_many_buckets_and_still_keeps_every_row(tmp_path: Pa
     path = tmp_path / "store"
     write_sequences(path, 64, 16)
     finalize_store(path, memory_budget_bytes=64 << 10)
-    plan_rows_per_bucket = (64 << 10) // 6 // (8 * 4 + 4 * 4 + 4 + 8 + 4 + 8)
-    assert 1024 / plan_rows_per_bucket > 4  # the budget really split the rows into several buckets
+    assert open_store(path).meta["shuffle_buckets"] >= 8  # the budget really split the rows into buckets
     assert sorted(_ids(path).tolist()) == list(range(1024))
 
 
