@@ -36,6 +36,7 @@ def test_hub_model_offline_names_the_offline_path() -> None:
 def test_missing_text_column_lists_the_columns(config_model, texts: Path, tmp_path: Path) -> None:
     with pytest.raises(KuklaError, match="no column 'body'.*text, id.*--text-column"):
         harvest(_config(tmp_path / "s.zarr", texts, text_column="body"), model=config_model)
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_empty_dataset_is_refused(config_model, tmp_path: Path) -> None:
@@ -43,6 +44,7 @@ def test_empty_dataset_is_refused(config_model, tmp_path: Path) -> None:
     empty.write_text("")
     with pytest.raises(KuklaError, match="empty"):
         harvest(_config(tmp_path / "s.zarr", empty), model=config_model)
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_context_size_above_n_ctx_is_refused(config_model, texts: Path, tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def test_resumed_harvest_stores_every_token_once(tiny_model_dir: Path, tiny_mode
     out = tmp_path / "killed.zarr"
     config = _config(tiny_model_dir, long_texts, out, tokens=1200, segment_windows=1)
     first = kukla_cli(*_cli_args(config))
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while _committed(out) < 3 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(first.pid, signal.SIGKILL)
@@ -70,7 +70,7 @@ def test_resumed_harvest_stores_every_token_once(tiny_model_dir: Path, tiny_mode
         open_store(str(out))
 
     second = kukla_cli(*_cli_args(config))
-    _, err = second.communicate(timeout=300)
+    _, err = second.communicate(timeout=900)
     assert second.returncode == 0, err
     resumed = read_rows(str(out))
     reference = read_rows(_in_process(config | {"output": str(tmp_path / "whole.zarr")}, tiny_model))
@@ -85,7 +85,7 @@ def test_two_rank_harvest_equals_one_rank_harvest(tiny_model_dir: Path, tiny_mod
     config = _config(tiny_model_dir, long_texts, tmp_path / "two.zarr", tokens=600, segment_windows=3)
     rank0 = kukla_cli(*_cli_args(config), env={"RANK": "0", "WORLD_SIZE": "2"})  # torchrun's variables
     _in_process(config, tiny_model, rank=1, world=2, finalize=False)
-    _, err = rank0.communicate(timeout=300)
+    _, err = rank0.communicate(timeout=900)
     assert rank0.returncode == 0, err
     two = open_store(config["output"])
     assert two.meta["world"] == 2 and two.read("static/harvest_rows_rank_00001")[0] > 0

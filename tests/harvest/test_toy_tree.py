@@ -64,3 +64,18 @@ def test_more_features_than_dimensions_get_nearly_orthogonal_unit_directions() -
     assert np.abs(gram - np.eye(250)).max() < 0.5
     rows, activity = tree.sample(100, np.random.default_rng(0))
     np.testing.assert_allclose(rows, activity @ tree.directions, atol=1e-5)  # no noise: exact
+
+
+def test_toy_tree_flags_reach_the_store_through_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kukla.cli.app import app
+
+    out = tmp_path / "cli.zarr"
+    result = CliRunner().invoke(app, ["harvest", str(out), "--source", "toy-tree", "--tokens", "500",
+                                      "--toy-tree", "4,2", "--toy-dim", "16", "--toy-p-root", "0.5"])
+    assert result.exit_code == 0, result.output
+    store = open_store(str(out))
+    assert store.n_rows == 500 and store.hooks == {TOY_HOOK: 16}
+    assert store.meta["toy"]["tree"] == [4, 2] and store.meta["toy"]["p_root"] == 0.5
+    assert store.read("truth/toy_activity").shape == (500, 12)

@@ -8,6 +8,7 @@ segments is exactly the planned set of rows.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Iterator
@@ -104,7 +105,10 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
     texts = iter_texts(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
     windows = iter_windows(texts, model.tokenizer, config.context_size,
                            keep_special_tokens=config.keep_special_tokens)
-    segments = plan_segments(cut_budget(windows, config.tokens), config.segment_windows)
+    first = next(windows, None)  # opens the dataset, checks its column, before any store exists
+    if first is None:
+        raise KuklaError(f"dataset {config.dataset!r} holds no text in column {config.text_column!r}")
+    segments = plan_segments(cut_budget(itertools.chain([first], windows), config.tokens), config.segment_windows)
     meta = _common_meta(config) | {
         "source": "model",
         "model": {**model_summary(model), "name": config.model},

@@ -100,7 +100,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def iter_windows(texts: Iterator[str], tokenizer: Any, context_size: int, *,
-                 keep_special_tokens: bool = False, tokenize_batch: int = 256) -> Iterator[Window]:
+                 keep_special_tokens: bool = False, tokenize_batch: int = 32) -> Iterator[Window]:
     """Pack tokenized texts into BOS-led windows, in order, with their `keep` masks."""
     if tokenizer.bos_token_id is None:
         raise KuklaError("the tokenizer has no BOS token; kukla starts every window with one")
