@@ -87,8 +87,8 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
         wandb_run = start_wandb(out, config.wandb_project, config.wandb_name or out.name, wandb_id, to_dict(config))
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
                    start_step=step, enabled=ranks.is_main, wandb_run=wandb_run)
+    batches = iter(stream)
     try:
-        batches = iter(stream)
         while step < total_steps:
             batch = next(batches, None)
             if batch is None:
@@ -97,7 +97,7 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
             try:
                 train_step(trainees, batch.acts, step, total_steps, config, ranks, batch.rows)
             except NonFiniteLoss as exc:
-                latest = checkpoint.latest_checkpoint(out) if ranks.is_main else None
+                latest = checkpoint.latest_checkpoint(out)
                 kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
                 raise KuklaError(f"{exc}; {kept}") from None
             step += 1
@@ -110,10 +110,8 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
         final = _checkpoint(config, store, trainees, stream, step, ranks, wandb_run, config.calibration_tokens)
         outputs = _publish_final(final, trainees, out, ranks, log)
     finally:
+        batches.close()  # stops the stream's prefetch thread
         log.close()
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
     return outputs
 
 
