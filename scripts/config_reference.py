@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kukla.cli.store import FinalizeConfig, ImportConfig  # noqa: E402
+from kukla.cli.options import _default_text  # noqa: E402
 from kukla.config import _strip_optional, field_docs, field_types  # noqa: E402
 from kukla.pipeline.demo import DemoConfig  # noqa: E402
 from kukla.pipeline.evaluate.config import EvaluateConfig  # noqa: E402
@@ -60,17 +61,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _default(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-    elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = field.default_factory()  # type: ignore[misc]
-    else:
-        return "required"
-    if isinstance(value, (list, tuple)):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "none" if value is None else str(value)
+    return _default_text(field).removeprefix("default: ")
 
 
 def _cell(text: str) -> str:

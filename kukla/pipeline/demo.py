@@ -34,34 +34,27 @@ segment_windows = 32
 
 # Two training runs over the same store: Matryoshka BatchTopK with levels
 # 128/384/896/1920/4096 (F·1/32, 3/32, 7/32, 15/32, 1), and plain BatchTopK.
-[[train]]
-arch = "matryoshka-batchtopk"
-width = [4096]
-k = [32]
-tokens = {train_tokens}
-batch_size = 1024
-init_tokens = 4096
-calibration_tokens = 4096
-checkpoint_every = 0
-dead_tokens = {dead_tokens}
-
-[[train]]
-arch = "batchtopk"
-width = [4096]
-k = [32]
-tokens = {train_tokens}
-batch_size = 1024
-init_tokens = 4096
-calibration_tokens = 4096
-checkpoint_every = 0
-dead_tokens = {dead_tokens}
-
+{train_tables}
 # CE/KL splice on 4 windows: each pass ends in Gemma's 262k-token unembedding, the
 # costliest step of the demo on a CPU.
 [evaluate]
 downstream_contexts = 4
 downstream_batch_size = 2
 """
+
+TRAIN_TABLE = """\
+[[train]]
+arch = "{arch}"
+width = [4096]
+k = [32]
+tokens = {train_tokens}
+batch_size = 1024
+init_tokens = 4096
+calibration_tokens = 4096
+checkpoint_every = 0
+dead_tokens = {dead_tokens}
+"""
+DEMO_ARCHS = ("matryoshka-batchtopk", "batchtopk")
 
 
 @dataclass
@@ -89,8 +82,10 @@ def write_demo_pipeline(config: DemoConfig) -> Path:
     out = Path(config.out).absolute()
     text = write_demo_text(out / "text" / "wikipedia-en.jsonl")
     train_tokens = config.tokens * config.epochs
+    tables = "\n".join(TRAIN_TABLE.format(arch=arch, train_tokens=train_tokens, dead_tokens=train_tokens // 4)
+                       for arch in DEMO_ARCHS)
     toml = DEMO_TOML.format(out=out.as_posix(), device=config.device, text=text.as_posix(),
-                            tokens=config.tokens, train_tokens=train_tokens, dead_tokens=train_tokens // 4)
+                            tokens=config.tokens, train_tables=tables)
     path = out / "pipeline.toml"
     path.write_text(toml)
     return path

@@ -35,29 +35,27 @@ toy_p_root = 0.2
 tokens = 6000
 segment_windows = 8
 
-[[train]]
-arch = "matryoshka-batchtopk"
-width = [32]
-levels = [4, 32]
-k = [2]
-tokens = 12000
-batch_size = 500
-init_tokens = 500
-calibration_tokens = 60
-threads = 1
-
-[[train]]
-arch = "batchtopk"
-width = [32]
-k = [2]
-tokens = 12000
-batch_size = 500
-init_tokens = 500
-calibration_tokens = 60
-threads = 1
-
+{train}
 [evaluate]
 """
+
+TRAIN = """\
+[[train]]
+arch = "{arch}"
+width = [32]
+k = [2]
+tokens = 12000
+batch_size = 500
+init_tokens = 500
+calibration_tokens = 60
+threads = 1
+"""
+
+
+def tiny_pipeline(out: Path) -> str:
+    """A toy-source run file: a Matryoshka BatchTopK (levels 4, 32) and a plain BatchTopK."""
+    matryoshka = TRAIN.format(arch="matryoshka-batchtopk") + "levels = [4, 32]\n"
+    return TINY.format(out=out.as_posix(), train=matryoshka + "\n" + TRAIN.format(arch="batchtopk"))
 
 
 def _files(folder: Path, suffix: str = "") -> dict[Path, int]:
@@ -72,7 +70,7 @@ def _weights(folder: Path) -> dict[Path, bytes]:
 @pytest.mark.slow
 def test_one_file_runs_all_stages_and_a_rerun_keeps_finished_work(tmp_path: Path) -> None:
     config = tmp_path / "pipeline.toml"
-    config.write_text(TINY.format(out=(tmp_path / "run").as_posix()))
+    config.write_text(tiny_pipeline(tmp_path / "run"))
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 0, result.output
     report = tmp_path / "run" / "report"
@@ -101,7 +99,7 @@ def test_one_file_runs_all_stages_and_a_rerun_keeps_finished_work(tmp_path: Path
 
 
 def _sections(out: Path) -> dict:
-    return tomllib.loads(TINY.format(out=out.as_posix()))
+    return tomllib.loads(tiny_pipeline(out))
 
 
 def test_stage_sections_are_the_stage_configs_with_paths_joined(tmp_path: Path) -> None:
@@ -157,10 +155,8 @@ def test_a_stage_to_run_needs_its_section(tmp_path: Path) -> None:
 
 
 def test_a_finalized_store_of_another_harvest_is_refused(tmp_path: Path) -> None:
-    sections = _sections(tmp_path)
-    sections["run"]["stages"] = ["harvest"]
     config = tmp_path / "pipeline.toml"
-    config.write_text(TINY.format(out=tmp_path.as_posix()).replace('[run]\n', '[run]\nstages = ["harvest"]\n'))
+    config.write_text(tiny_pipeline(tmp_path).replace('[run]\n', '[run]\nstages = ["harvest"]\n'))
     assert runner.invoke(app, ["run", str(config)]).exit_code == 0
     config.write_text(config.read_text().replace("tokens = 6000", "tokens = 7000"))
     result = runner.invoke(app, ["run", str(config)])
