@@ -27,7 +27,7 @@ def test_trained_sae_loads_in_saelens_and_encodes_like_ours(store: Path, tmp_pat
     with torch.no_grad():
         assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
         assert torch.allclose(theirs.decode(ours.encode(x)), ours.decode(ours.encode(x)), atol=1e-5)
-    assert theirs.cfg.metadata.hook_name == HOOK
+    assert theirs.cfg.metadata.hook_name == HOOK and theirs.cfg.metadata.model_name == "test-rows"
     info = json.loads((path / "kukla.json").read_text())
     assert info["levels"] == [8, 64] and info["metadata"]["training"]["width"] == [64]
 

@@ -209,8 +209,16 @@ def _held_out_inputs(store: Store, config: TrainConfig, rows: int, ranks: Ranks)
 
 
 def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int) -> dict[str, Any]:
+    """What save_dictionary records beside the weights (model, context and dataset also go to SAELens' cfg)."""
     summary = {k: float(v) for k, v in trainee.last.items()}
+    model, dataset = store.meta.get("model"), store.meta.get("dataset")
+    provenance = {
+        "model_name": model.get("name") if isinstance(model, dict) else model,
+        "context_size": (store.meta.get("harvest") or {}).get("context_size"),
+        "dataset_path": dataset.get("name") if isinstance(dataset, dict) else None,
+    }
     return {
+        **{key: value for key, value in provenance.items() if value is not None},
         "training": to_dict(config),
         "sweep_member": trainee.name,
         "seed": trainee.member.seed,
