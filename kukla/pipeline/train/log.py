@@ -9,6 +9,7 @@ the same W&B run id.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class TrainLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"dictionary": name, "final": True, **values}) + "\n")
+        if values.get("inference_l0") == values.get("inference_l0"):  # not NaN: a calibrated BatchTopK
+            self.bar.write(f"{name}: calibrated inference L0 {values['inference_l0']:.3f}", file=sys.stderr)
         if self.wandb_run is not None:
             self.wandb_run.summary.update({f"{name}/{k}": v for k, v in values.items()})
 
