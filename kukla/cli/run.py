@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -15,6 +16,7 @@ from kukla.pipeline.run import pipeline_settings
 @friendly
 def run_command(
     config_file: Path = typer.Argument(..., help="TOML file with run, harvest, train (one or several) and evaluate sections."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Stages to run, e.g. harvest or train,evaluate (overrides the file's run.stages): one file for every job of a batch pipeline."),
     check: bool = typer.Option(False, "--check", help="Validate the file and print every stage's full settings as JSON; run nothing."),
 ) -> None:
     """Run harvest → train → evaluate from one TOML file; rerun it to resume.
@@ -25,7 +27,7 @@ def run_command(
     """
     from kukla.pipeline.run import read_pipeline, run_pipeline
 
-    pipeline = read_pipeline(config_file)
+    pipeline = read_pipeline(config_file, stages=stages.split(",") if stages else None)
     if check:
         typer.echo(json.dumps(pipeline_settings(pipeline), indent=2))
         return

@@ -18,6 +18,11 @@ Paths that join the stages are filled in where a section leaves them out:
     evaluate.out          = <run.out>/report
     <stage>.device        = run.device (only where the section sets none)
 
+`stages` (in `[run]`, or `kukla run --stages`) picks the stages to run, so every job of a
+batch pipeline can share one file: harvest ranks run `--stages harvest`, torchrun runs
+`--stages train`; a `[harvest]` section still says where the store is when harvest is
+not among them.
+
 Rerunning the same file picks up where the last run stopped: harvest resumes from its
 journal (a finished store is kept), train resumes from its latest checkpoint
 (`resume = true` is the default here), and evaluate runs again.
@@ -72,16 +77,11 @@ class Pipeline:
     evaluate: EvaluateConfig | None
 
 
-def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+def _table(value: Any, where: str) -> dict[str, Any]:
     """One section's settings, keys in the dataclasses' spelling (`context-size` → `context_size`)."""
-    value = data.get(name, {})
     if not isinstance(value, dict):
-        raise KuklaError(f"[{name}] must be a table of settings")
-    return _keys(value)
-
-
-def _keys(table: dict[str, Any]) -> dict[str, Any]:
-    return {key.replace("-", "_"): value for key, value in table.items()}
+        raise KuklaError(f"{where} must be a table of settings")
+    return {key.replace("-", "_"): item for key, item in value.items()}
 
 
 def _with_device(section: dict[str, Any], run: RunConfig) -> dict[str, Any]:
@@ -90,54 +90,66 @@ def _with_device(section: dict[str, Any], run: RunConfig) -> dict[str, Any]:
     return section
 
 
-def build_pipeline(data: dict[str, Any], source: str = "config") -> Pipeline:
-    """Validate a parsed pipeline file (a dict of sections) into stage configs with joined paths."""
+def build_pipeline(data: dict[str, Any], source: str = "config", stages: list[str] | None = None) -> Pipeline:
+    """Validate a parsed pipeline file (a dict of sections) into stage configs with joined paths.
+
+    `stages` overrides `[run] stages`, so every job of a batch pipeline can share one file.
+    """
     unknown = set(data) - {"run", *STAGES}
     if unknown:
         raise KuklaError(f"{source}: unknown section [{sorted(unknown)[0]}]; use [run], [harvest], [train], [evaluate]")
-    run = from_dict(RunConfig, _section(data, "run"), source=f"{source} [run]")
+    run_section = _table(data.get("run", {}), f"{source} [run]")
+    if stages:
+        run_section["stages"] = stages
+    run = from_dict(RunConfig, run_section, source=f"{source} [run]")
     missing = [stage for stage in run.stages if stage not in data]
     if missing:
         raise KuklaError(f"{source}: stage {missing[0]} is to run but the file has no [{missing[0]}] section")
-
-    harvest = None
-    if "harvest" in run.stages:
-        section = _with_device(_section(data, "harvest"), run)
-        section.setdefault("output", str(run.out / "store.zarr"))
-        harvest = from_dict(HarvestConfig, section, source=f"{source} [harvest]")
-    store = harvest.output if harvest else _section(data, "harvest").get("output")
-
-    train_tables = data.get("train", [])
-    train_tables = [train_tables] if isinstance(train_tables, dict) else list(train_tables)
-    train: list[TrainConfig] = []
-    if "train" in run.stages:
-        for i, table in enumerate(train_tables):
-            section = _with_device(_keys(table), run)
-            section.setdefault("resume", True)
-            if store is not None:
-                section.setdefault("store", str(store))
-            hooks = harvested_hooks(harvest)
-            if len(hooks) == 1 and not {"hook", "input_hook", "target_hook"} & set(section):
-                section["hook"] = hooks[0]
-            section.setdefault("out", str(run.out / "dictionaries" / section.get("arch", TrainConfig.arch)))
-            where = f"{source} [train]" if len(train_tables) == 1 else f"{source} [[train]] #{i + 1}"
-            train.append(from_dict(TrainConfig, section, source=where))
-        outs = [t.out for t in train]
-        if len(set(outs)) != len(outs):
-            raise ConfigError("out", f"{source}: two [[train]] runs write to the same folder; give each its own `out`")
-
+    # A [harvest] section is read even when harvest does not run: it says where the store is.
+    harvest = _harvest_config(data["harvest"], run, source) if "harvest" in data else None
+    train = _train_configs(data.get("train", []), run, harvest, source) if "train" in run.stages else []
     evaluate = None
     if "evaluate" in run.stages:
-        section = _with_device(_section(data, "evaluate"), run)
-        section.setdefault("out", str(run.out / "report"))
-        if store is None and train:
-            store = train[0].store
-        if store is not None:
-            section.setdefault("store", str(store))
-        if train:
-            section.setdefault("dictionaries", [str(p) for t in train for p in planned_dictionaries(t)])
-        evaluate = from_dict(EvaluateConfig, section, source=f"{source} [evaluate]")
-    return Pipeline(run=run, harvest=harvest, train=train, evaluate=evaluate)
+        evaluate = _evaluate_config(data["evaluate"], run, harvest, train, source)
+    return Pipeline(run=run, harvest=harvest if "harvest" in run.stages else None, train=train, evaluate=evaluate)
+
+
+def _harvest_config(table: Any, run: RunConfig, source: str) -> HarvestConfig:
+    section = _with_device(_table(table, f"{source} [harvest]"), run)
+    section.setdefault("output", str(run.out / "store.zarr"))
+    return from_dict(HarvestConfig, section, source=f"{source} [harvest]")
+
+
+def _train_configs(tables: Any, run: RunConfig, harvest: HarvestConfig | None, source: str) -> list[TrainConfig]:
+    tables = [tables] if isinstance(tables, dict) else list(tables)
+    hooks = harvested_hooks(harvest)
+    configs = []
+    for i, table in enumerate(tables):
+        where = f"{source} [train]" if len(tables) == 1 else f"{source} [[train]] #{i + 1}"
+        section = _with_device(_table(table, where), run)
+        section.setdefault("resume", True)
+        if harvest is not None:
+            section.setdefault("store", str(harvest.output))
+        if len(hooks) == 1 and not {"hook", "input_hook", "target_hook"} & set(section):
+            section["hook"] = hooks[0]
+        section.setdefault("out", str(run.out / "dictionaries" / section.get("arch", TrainConfig.arch)))
+        configs.append(from_dict(TrainConfig, section, source=where))
+    outs = [config.out for config in configs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError("out", f"{source}: two [[train]] runs write to the same folder; give each its own `out`")
+    return configs
+
+
+def _evaluate_config(table: Any, run: RunConfig, harvest: HarvestConfig | None, train: list[TrainConfig],
+                     source: str) -> EvaluateConfig:
+    section = _with_device(_table(table, f"{source} [evaluate]"), run)
+    section.setdefault("out", str(run.out / "report"))
+    store = harvest.output if harvest is not None else (train[0].store if train else None)
+    if store is not None:
+        section.setdefault("store", str(store))
+    if train:
+        section.setdefault("dictionaries", [str(p) for config in train for p in planned_dictionaries(config)])
+    return from_dict(EvaluateConfig, section, source=f"{source} [evaluate]")
 
 
 def harvested_hooks(harvest: HarvestConfig | None) -> list[str]:
@@ -157,9 +169,9 @@ def planned_dictionaries(config: TrainConfig) -> list[Path]:
     return [Path(config.out) / member.name for member in config.members(d_in=1, d_out=1)]
 
 
-def read_pipeline(path: Path) -> Pipeline:
+def read_pipeline(path: Path, stages: list[str] | None = None) -> Pipeline:
     """A pipeline from a TOML file (see the module docstring for its sections)."""
-    return build_pipeline(read_toml(Path(path)), source=str(path))
+    return build_pipeline(read_toml(Path(path)), source=str(path), stages=stages)
 
 
 def run_pipeline(pipeline: Pipeline) -> Path | None:
