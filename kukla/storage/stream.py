@@ -69,7 +69,7 @@ class ActivationStream:
                  rank: int = 0, world: int = 1, epochs: int = 1, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prefetch: int = 4,
                  with_rows: bool = False, drop_last: bool = True) -> None:
-        hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+        hooks = [h.removeprefix("acts/") for h in ([hooks] if isinstance(hooks, str) else hooks)]
         store.check_hooks(hooks)
         if batch_size <= 0 or epochs <= 0 or prefetch <= 0:
             raise KuklaError("batch_size, epochs and prefetch must be positive")
