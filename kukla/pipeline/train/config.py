@@ -131,6 +131,8 @@ class TrainConfig:
                 raise ConfigError(name, "needs at least one value")
             if len(set(values)) != len(values):
                 raise ConfigError(name, f"lists a value twice: {values}")
+        if self.arch == "relu" and len(self.k) > 1:
+            raise ConfigError("k", "relu dictionaries have no k (their sparsity comes from l1_coefficient): give one value")
         if self.arch == "jumprelu":
             raise ConfigError("arch", "jumprelu is an inference rule; train batchtopk (it is saved as JumpReLU)")
         self.members(d_in=1, d_out=1)  # each member's DictionaryConfig checks k, levels, widths now
@@ -198,7 +200,3 @@ def learning_rate(config: TrainConfig, base: float, step: int, total: int) -> fl
     if config.decay == "linear":
         return base * (1 - progress)
     return base * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _show(values: list[float]) -> str:
-    return ",".join(f"{v:g}" for v in values)
