@@ -47,6 +47,7 @@ class PeakRSS:
 
     def __enter__(self) -> "PeakRSS":
         self.base = self.peak = self._now()
+        self.cpu0 = self._cpu()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -56,6 +57,12 @@ class PeakRSS:
         self.done.set()
         self.thread.join()
         self.extra_mb = (self.peak - self.base) / 2**20
+        self.cpu_s = self._cpu() - self.cpu0
+
+    @staticmethod
+    def _cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     @staticmethod
     def _now() -> int:
@@ -108,7 +115,7 @@ def phase_write(path: str, n: int) -> dict:
             writer.write_segment(s, {"acts/resid": rows[lo:lo + seg], "tokens/token_id": ids,
                                      "tokens/sequence": ids // 128, "tokens/position": ids % 128})
         writer.finish()
-    return {"seconds": time.perf_counter() - t0, "peak_mb": rss.extra_mb}
+    return {"seconds": time.perf_counter() - t0, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
 
 
 def phase_finalize(path: str, budget: int) -> dict:
@@ -117,7 +124,7 @@ def phase_finalize(path: str, budget: int) -> dict:
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         finalize_store(path, memory_budget_bytes=budget)
-    return {"seconds": time.perf_counter() - t0, "peak_mb": rss.extra_mb}
+    return {"seconds": time.perf_counter() - t0, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
 
 
 def phase_read(path: str, batch: int) -> dict:
@@ -131,7 +138,7 @@ def phase_read(path: str, batch: int) -> dict:
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         n = sum(b.acts[0].shape[0] for b in stream)
-    return {"seconds": time.perf_counter() - t0, "rows": n, "peak_mb": rss.extra_mb}
+    return {"seconds": time.perf_counter() - t0, "rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
 
 
 def phase_anchor(path: str, n: int, batch: int) -> dict:
@@ -149,7 +156,7 @@ def phase_anchor(path: str, n: int, batch: int) -> dict:
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         count = sum(b["resid"].shape[0] for b in ds.iter(batch_size=batch))
-    return {"seconds": time.perf_counter() - t0, "rows": count, "peak_mb": rss.extra_mb}
+    return {"seconds": time.perf_counter() - t0, "rows": count, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
 
 
 def phase_trainer(batch: int) -> dict:
@@ -217,18 +224,20 @@ def main() -> None:
     print(f"\nstore: {args.rows} rows x {D} bf16 = {mb:.0f} MB of activations, codec {info['codec']}, "
           f"ratio {info['compression_ratio']:.3f} (whole store on disk: {info['bytes_on_disk'] / 1e6:.0f} MB)")
     for name, r in [("write", write), ("shuffle", fin), ("read", read)]:
-        extra = f"  ({args.rows / r['seconds']:,.0f} rows/s)"
-        print(f"{name:<8}{mb / r['seconds']:>8.1f} MB/s{extra:<24}peak memory +{r['peak_mb']:.0f} MB "
-              "(resident, above the process's level before the phase)")
-    print(f"shuffle budget {args.budget >> 20} MiB")
+        print(f"{name:<8}{mb / r['seconds']:>7.1f} MB/s wall ({args.rows / r['seconds']:>7,.0f} rows/s), "
+              f"{mb / r['cpu_s']:>6.1f} MB per CPU-s ({args.rows / r['cpu_s']:>7,.0f} rows/CPU-s), "
+              f"peak memory +{r['peak_mb']:.0f} MB")
+    print(f"(peak memory: resident, above the process's level before the phase; shuffle budget "
+          f"{args.budget >> 20} MiB)")
     print(f"\ntrainer (dense TopK SAE step, d={D}, F=10240, k=32, batch {args.batch}, 1 thread): "
           f"{trainer['tokens_per_s']:,.0f} tokens/s")
     ours = read["rows"] / read["seconds"]
     print(f"reader (batch {args.batch}, float32 out): {ours:,.0f} tokens/s = {ours / trainer['tokens_per_s']:.1f}x "
           "the trainer")
     theirs = anchor["rows"] / anchor["seconds"]
-    print(f"anchor: SAELens cache format (HF datasets Arrow, float32) read as torch batches: {theirs:,.0f} tokens/s, "
-          f"peak +{anchor['peak_mb']:.0f} MB; kukla reader / anchor = {ours / theirs:.2f}x")
+    print(f"anchor: SAELens cache format (HF datasets Arrow, float32) read as torch batches: {theirs:,.0f} tokens/s "
+          f"({anchor['rows'] / anchor['cpu_s']:,.0f} per CPU-s), peak +{anchor['peak_mb']:.0f} MB; kukla reader / "
+          f"anchor = {ours / theirs:.2f}x wall, {read['cpu_s'] and (read['rows'] / read['cpu_s']) / (anchor['rows'] / anchor['cpu_s']):.2f}x per CPU-s")
 
 
 if __name__ == "__main__":
