@@ -133,3 +133,15 @@ def test_missing_model_skips_downstream_with_a_note_or_fails_when_required(
     with pytest.raises(KuklaError, match="require-downstream"):
         evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out2", downstream=True,
                          require_downstream=True))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path, rows_store: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "empty").mkdir()
+    out = subprocess.run([sys.executable, "-m", "kukla", "evaluate", str(tmp_path / "empty"), "--store", str(rows_store),
+                          "--out", str(tmp_path / "out"), "--no-downstream"], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "not a dictionary directory" in out.stderr and "Traceback" not in out.stderr
