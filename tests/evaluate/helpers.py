@@ -18,12 +18,10 @@ def write_rows_store(path: Path, rows: np.ndarray, *, holdout_rows: int, hook: s
     """A finalized float32 store of `rows` at one hook, with made-up token provenance."""
     writer = StoreWriter.open(path, {"hooks": {hook: rows.shape[1]}, "source": "test"}, dtype="float32")
     for i, (lo, hi) in enumerate([(0, len(rows) // 2), (len(rows) // 2, len(rows))]):
-        n = hi - lo
         writer.write_segment(i, {f"acts/{hook}": rows[lo:hi],
                                  "tokens/token_id": (np.arange(lo, hi) % 50).astype(np.int32),
                                  "tokens/sequence": (np.arange(lo, hi) // 10).astype(np.int64),
                                  "tokens/position": (np.arange(lo, hi) % 10).astype(np.int32)})
-        assert n > 0
     writer.finish()
     writer.close()
     finalize_store(path, holdout_rows=holdout_rows)
