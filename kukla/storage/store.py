@@ -101,7 +101,7 @@ class Store:
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         start = max(0, min(start, stop))
         if self._group is not None:
-            return self._group[name][start:stop]
+            return self.arrays[name][start:stop]
         assert self.segments is not None
         if start == stop:
             spec = self.specs[name]
@@ -115,7 +115,7 @@ class Store:
 
     @cached_property
     def arrays(self) -> dict[str, Any]:
-        """Open zarr arrays of a finalized store (for verify/info)."""
+        """The open zarr arrays of a finalized store (opened once: each open reads metadata)."""
         assert self._group is not None
         return {name: self._group[name] for name in self.specs}
 

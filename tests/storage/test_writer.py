@@ -61,7 +61,6 @@ def test_second_live_writer_of_a_part_is_refused(tmp_path: Path) -> None:
     with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}):
         with pytest.raises(KuklaError, match="already being written"):
             StoreWriter.open(tmp_path / "s", {"hooks": HOOKS})
-        StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}, rank=1, world=2).close() if False else None
     StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}).close()  # released: the next run may resume
 
 
