@@ -19,7 +19,6 @@ from kukla.pipeline.dictionary import DictionaryConfig, default_lr
     (dict(arch="topk", k=2.5, levels=None), "k"),
     (dict(level_weights=[1.0, 2.0]), "level_weights"),
     (dict(arch="matryoshka-prefix", levels=None, level_weights=[1.0]), "level_weights"),
-    (dict(arch="matryoshka-batchtopk", levels=None), "levels"),
     (dict(d_out=32), "d_out"),
     (dict(aux_k=0), "aux_k"),
 ])
@@ -30,6 +29,11 @@ def test_invalid_settings_raise_an_error_naming_the_field(settings, field):
         DictionaryConfig(**base)
     assert err.value.field == field
     assert str(err.value).startswith(f"{field}: ")
+
+
+def test_matryoshka_without_levels_gets_the_documented_fractions():
+    cfg = DictionaryConfig(d_in=16, width=4096, k=8, arch="matryoshka-batchtopk")
+    assert cfg.levels == [128, 384, 896, 1920, 4096]
 
 
 def test_levels_given_as_fractions_become_widths():

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from pathlib import Path
 
 import pytest
 
 from kukla.config import load_config
 from kukla.errors import ConfigError
-from kukla.pipeline.dictionary import DictionaryConfig
-from kukla.pipeline.train.config import PASSED_TO_DICTIONARY, TrainConfig, learning_rate
-
-
-def test_dictionary_settings_keep_the_dictionary_modules_types_and_defaults() -> None:
-    ours = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    theirs = {f.name: f for f in dataclasses.fields(DictionaryConfig)}
-    our_types, their_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(DictionaryConfig)
-    for name in PASSED_TO_DICTIONARY:
-        assert ours[name].default == theirs[name].default, name
-        assert our_types[name] == their_types[name], name
+from kukla.pipeline.train.config import TrainConfig, learning_rate
 
 
 def test_a_toml_sweep_builds_every_member_with_its_own_config(tmp_path: Path) -> None:

@@ -6,10 +6,10 @@ The trainer builds on this API: `Dictionary(cfg)`, `set_scales`, `initialize`, t
 """
 
 from kukla.pipeline.dictionary.calibrate import calibrate_threshold
-from kukla.pipeline.dictionary.config import DictionaryConfig, default_lr
+from kukla.pipeline.dictionary.config import DictionaryConfig, DictionarySettings, default_lr
 from kukla.pipeline.dictionary.directory import load_dictionary, save_dictionary
 from kukla.pipeline.dictionary.loss import TrainOutput
 from kukla.pipeline.dictionary.model import Dictionary
 
-__all__ = ["Dictionary", "DictionaryConfig", "TrainOutput", "calibrate_threshold", "default_lr",
+__all__ = ["Dictionary", "DictionaryConfig", "DictionarySettings", "TrainOutput", "calibrate_threshold", "default_lr",
            "load_dictionary", "save_dictionary"]

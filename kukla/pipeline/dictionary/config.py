@@ -23,32 +23,29 @@ def default_lr(width: int) -> float:
     return 2e-4 * (width / 2**14) ** -0.5
 
 
-@dataclass
-class DictionaryConfig:
-    """One sparse dictionary (SAE or transcoder); every training-relevant choice lives here."""
+#: Matryoshka levels when none are given: F·{1/32, 3/32, 7/32, 15/32, 1} (Bussmann et al.).
+DEFAULT_LEVEL_FRACTIONS = (1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0)
 
-    d_in: int
-    """Width of the input activations (the input hook's d_model)."""
-    width: int
-    """Number of latents F."""
+
+@dataclass(kw_only=True)
+class DictionarySettings:
+    """How a dictionary is built and trained, apart from its size (d_in, width, k).
+
+    A sweep shares these between its members, so the trainer's config inherits them and
+    every dictionary's config is these plus its own size: one definition, one validation.
+    """
+
     arch: Arch = "matryoshka-batchtopk"
     """topk (k per token), batchtopk (k·B per batch), relu (L1 penalty), matryoshka-batchtopk
     (batchtopk + fixed nested `levels`), matryoshka-prefix (random prefixes each batch, Nabeshima),
     jumprelu (inference only: what a loaded SAELens JumpReLU directory becomes)."""
-    k: float | None = None
-    """Active latents per token; for BatchTopK an average over the batch, so it may be fractional.
-    Required for topk/batchtopk/matryoshka-*, unused by relu."""
-    d_out: int | None = None
-    """Width of the target activations; defaults to d_in. Differs from d_in only for transcoders."""
-    transcoder: bool = False
-    """Map the input hook's activations to a different target hook's (e.g. mlp_in → mlp_out):
-    no input-side decoder bias, the decoder starts at zero and is not norm-constrained."""
     activation: Literal["batchtopk", "relu"] = "batchtopk"
     """Activation rule of matryoshka-prefix (the other archs fix their own)."""
     levels: list[float] | None = None
-    """Cumulative Matryoshka level widths ending at `width` (e.g. 128,512,2048,8192,32768), or the
-    same as fractions of the width (0.03125,0.125,…,1). Required by matryoshka-batchtopk; with
-    topk/batchtopk/relu it makes them Matryoshka too. Stored as integer widths."""
+    """Cumulative Matryoshka level widths ending at the width (e.g. 128,512,2048,8192,32768), or
+    the same as fractions of the width (0.03125,0.125,…,1; fractions suit a width sweep). Default
+    for matryoshka-batchtopk: F·{1/32, 3/32, 7/32, 15/32, 1}; with topk/batchtopk/relu, levels make
+    them Matryoshka too. Stored as integer widths."""
     n_prefixes: int = 9
     """matryoshka-prefix: prefix lengths drawn per batch with P(l) ∝ √l − √(l−1) (with
     replacement), plus the full width, which is always included."""
@@ -60,8 +57,7 @@ class DictionaryConfig:
     the expected prefix loss)."""
     l1_coefficient: float = 0.3
     """relu: weight of the L1 penalty Σᵢ zᵢ‖W_dec,i‖, measured in units of the target's RMS
-    deviation norm so it does not depend on the activations' scale. 0.3 is a starting point
-    (on a toy source it kept FVU ≈ 0.14 at about twice the true L0); sweep it per model."""
+    deviation norm so it does not depend on the activations' scale."""
     aux_k: int | None = None
     """Dead latents used by the aux-k loss per token; default d_in // 2 (OpenAI's k_aux = d/2)."""
     aux_coefficient: float = 1 / 32
@@ -74,7 +70,41 @@ class DictionaryConfig:
     gathering decoder rows (no dense B×F gradient). False runs the dense reference math."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "width", "n_prefixes", "dead_tokens"):
+        for name in ("n_prefixes", "dead_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise ConfigError("aux_k", f"must be at least 1, got {self.aux_k}")
+        if self.aux_coefficient < 0 or self.l1_coefficient < 0:
+            raise ConfigError("aux_coefficient" if self.aux_coefficient < 0 else "l1_coefficient",
+                              "must not be negative")
+        if self.arch == "matryoshka-prefix" and self.levels:
+            raise ConfigError("levels", "matryoshka-prefix draws its prefixes; give n_prefixes, not levels")
+        if self.level_weights is not None and (self.arch == "matryoshka-prefix" or not self.levels
+                                               and self.arch != "matryoshka-batchtopk"):
+            raise ConfigError("level_weights", "applies to fixed levels only")
+
+
+@dataclass(kw_only=True)
+class DictionaryConfig(DictionarySettings):
+    """One sparse dictionary (SAE or transcoder): the shared settings plus its own size."""
+
+    d_in: int
+    """Width of the input activations (the input hook's d_model)."""
+    width: int
+    """Number of latents F."""
+    k: float | None = None
+    """Active latents per token; for BatchTopK an average over the batch, so it may be fractional.
+    Required for topk/batchtopk/matryoshka-*, unused by relu."""
+    d_out: int | None = None
+    """Width of the target activations; defaults to d_in. Differs from d_in only for transcoders."""
+    transcoder: bool = False
+    """Map the input hook's activations to a different target hook's (e.g. mlp_in → mlp_out):
+    no input-side decoder bias, the decoder starts at zero and is not norm-constrained."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("d_in", "width"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.d_out is None:
@@ -86,13 +116,8 @@ class DictionaryConfig:
                                        "(set transcoder to map one hook to another)")
         if self.aux_k is None:
             self.aux_k = max(1, self.d_in // 2)
-        if self.aux_k < 1:
-            raise ConfigError("aux_k", f"must be at least 1, got {self.aux_k}")
         self._check_k()
         self._check_levels()
-        if self.aux_coefficient < 0 or self.l1_coefficient < 0:
-            raise ConfigError("aux_coefficient" if self.aux_coefficient < 0 else "l1_coefficient",
-                              "must not be negative")
 
     def _check_k(self) -> None:
         if self.activation_rule in ("relu", "jumprelu"):
@@ -107,11 +132,7 @@ class DictionaryConfig:
 
     def _check_levels(self) -> None:
         if self.arch == "matryoshka-batchtopk" and not self.levels:
-            raise ConfigError("levels", "matryoshka-batchtopk needs levels, e.g. 128,512,2048 ending at width")
-        if self.arch == "matryoshka-prefix" and self.levels:
-            raise ConfigError("levels", "matryoshka-prefix draws its prefixes; give n_prefixes, not levels")
-        if self.level_weights is not None and self.prefix_scheme != "levels":
-            raise ConfigError("level_weights", "applies to fixed levels only")
+            self.levels = sorted({max(1, round(f * self.width)) for f in DEFAULT_LEVEL_FRACTIONS})
         if not self.levels:
             self.levels = None
             return

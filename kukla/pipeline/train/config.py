@@ -1,10 +1,10 @@
 """`TrainConfig`: every setting of `kukla train`, for the CLI, TOML files and Python alike.
 
 A run trains a sweep: every combination of `width` × `k` × `seed` is one dictionary,
-all fed from one stream of the store (each batch is read once). Settings that shape a
-single dictionary (architecture, levels, aux-k, …) keep the dictionary module's names
-and go to each member's `DictionaryConfig` unchanged, so they are defined and checked
-there; this file adds the sweep axes and everything about the training run.
+all fed from one stream of the store (each batch is read once). The settings that shape
+each dictionary (architecture, levels, aux-k, …) are inherited from `DictionarySettings`
+and reach every member's `DictionaryConfig` unchanged, so they are defined and checked
+once, there; this file adds the sweep axes and everything about the training run.
 """
 
 from __future__ import annotations
@@ -18,16 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 from kukla.errors import ConfigError
-from kukla.pipeline.dictionary.config import Arch, DictionaryConfig
+from kukla.pipeline.dictionary.config import DictionaryConfig, DictionarySettings
 
 Decay = Literal["linear", "cosine", "constant"]
-ActivationName = Literal["batchtopk", "relu"]
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DictionaryConfig)}
-#: Settings that go unchanged from TrainConfig to every member's DictionaryConfig.
-PASSED_TO_DICTIONARY = ("arch", "levels", "level_weights", "n_prefixes", "activation", "l1_coefficient",
-                        "aux_k", "aux_coefficient", "dead_tokens", "sparse_path")
-#: Matryoshka levels when none are given: F·{1/32, 3/32, 7/32, 15/32, 1} (Bussmann et al.).
-DEFAULT_LEVEL_FRACTIONS = (1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0)
 
 
 @dataclass(frozen=True)
@@ -39,8 +32,11 @@ class Member:
     config: DictionaryConfig
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(DictionarySettings):
+    """Every setting of `kukla train`: the store and hooks, the sweep axes (width × k × seed),
+    the dictionary settings every member shares (inherited), and the run itself."""
+
     store: Path
     """Finalized activation store to train on (a path or fsspec URL)."""
     out: Path
@@ -57,28 +53,6 @@ class TrainConfig:
     """Active latents per token (a per-token average for BatchTopK, so it may be fractional); several values sweep them. Ignored by relu."""
     seed: list[int] = field(default_factory=lambda: [0])
     """Initialisation seeds; several values sweep them. The first also seeds the data order."""
-    # Per-dictionary settings: same names, types and defaults as DictionaryConfig (a test keeps
-    # them in step); each member's DictionaryConfig receives them unchanged and validates them.
-    arch: Arch = _DEFAULTS["arch"]
-    """Activation rule × prefix scheme (see DictionaryConfig.arch)."""
-    levels: list[float] | None = None
-    """Matryoshka level widths, cumulative (128,512,2048) or fractions of the width (0.0625,0.25,1); fractions suit a width sweep. Default for matryoshka-batchtopk: F·{1/32, 3/32, 7/32, 15/32, 1}."""
-    level_weights: list[float] | None = _DEFAULTS["level_weights"]
-    """Weight of each level's reconstruction term; default 1/G each (see DictionaryConfig.level_weights)."""
-    n_prefixes: int = _DEFAULTS["n_prefixes"]
-    """matryoshka-prefix: prefix lengths drawn per batch, plus the full width."""
-    activation: ActivationName = _DEFAULTS["activation"]
-    """Activation rule of matryoshka-prefix."""
-    l1_coefficient: float = _DEFAULTS["l1_coefficient"]
-    """relu: weight of the L1 penalty (in units of the target's RMS deviation norm)."""
-    aux_k: int | None = _DEFAULTS["aux_k"]
-    """Dead latents used by the aux-k loss per token; default d_in // 2."""
-    aux_coefficient: float = _DEFAULTS["aux_coefficient"]
-    """Weight of the aux-k loss."""
-    dead_tokens: int = _DEFAULTS["dead_tokens"]
-    """A latent is dead after this many training tokens without firing."""
-    sparse_path: bool = _DEFAULTS["sparse_path"]
-    """TopK/BatchTopK: sparse encoder backward and gathered decode; false runs the dense reference."""
     tokens: int = 100_000_000
     """Training tokens (summed over ranks); more than the store holds runs several epochs."""
     batch_size: int = 4096
@@ -121,6 +95,7 @@ class TrainConfig:
     """Batches the stream decodes ahead."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.hook is not None and (self.input_hook is not None or self.target_hook is not None):
             raise ConfigError("hook", "give --hook (an SAE) or --input-hook with --target-hook (a transcoder), not both")
         if self.hook is None and (self.input_hook is None or self.target_hook is None):
@@ -161,13 +136,10 @@ class TrainConfig:
 
     def members(self, d_in: int, d_out: int) -> list[Member]:
         """Every width × k × seed combination, in a fixed order (the checkpoint relies on it)."""
-        shared = {name: getattr(self, name) for name in PASSED_TO_DICTIONARY}
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DictionarySettings)}
         out = []
         for width, k, seed in itertools.product(self.width, self.k, self.seed):
-            levels = self.levels
-            if not levels and self.arch == "matryoshka-batchtopk":
-                levels = sorted({max(1, round(f * width)) for f in DEFAULT_LEVEL_FRACTIONS})
-            cfg = DictionaryConfig(**{**shared, "levels": levels}, d_in=d_in, d_out=d_out, width=width,
+            cfg = DictionaryConfig(**shared, d_in=d_in, d_out=d_out, width=width,
                                    k=None if self.arch == "relu" else k, transcoder=self.hook is None)
             name = f"{self.arch}-w{width}" + ("" if self.arch == "relu" else f"-k{k:g}") + f"-s{seed}"
             out.append(Member(name=name, seed=seed, config=cfg))
