@@ -4,16 +4,8 @@
 trainer on first use.
 """
 
-from typing import Any
-
+from kukla.lazy import lazy_exports
 from kukla.pipeline.train.config import TrainConfig
 
 __all__ = ["TrainConfig", "train"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "train":
-        from kukla.pipeline.train.api import train
-
-        return train
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"train": "kukla.pipeline.train.api"})
