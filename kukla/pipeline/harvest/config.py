@@ -46,7 +46,7 @@ class HarvestConfig:
     outlier_factor: float | None = None
     """Drop tokens whose norm at any hook exceeds this many times that hook's median norm."""
     device: str = "cpu"
-    """Torch device for the model (cpu, cuda, cuda:1, mps)."""
+    """Torch device for the model (cpu, cuda, cuda:1, mps); under torchrun, cuda means cuda:LOCAL_RANK."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
     store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
@@ -97,6 +97,8 @@ class HarvestConfig:
             self.rank = int(os.environ.get("RANK", 0))
         if self.world is None:
             self.world = int(os.environ.get("WORLD_SIZE", 1))
+        if self.device == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         if self.world < 1:
             raise ConfigError("world", "must be at least 1")
         if not 0 <= self.rank < self.world:
