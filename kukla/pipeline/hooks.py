@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens import HookedTransformer
 
 from kukla.errors import KuklaError
+
+if TYPE_CHECKING:  # hook names are parsed without loading transformer_lens (the CLI stays fast)
+    from transformer_lens import HookedTransformer
 
 SHORT_FORMS: dict[str, str] = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",

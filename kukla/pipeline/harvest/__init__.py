@@ -8,8 +8,9 @@ The pieces, in the order a harvest uses them: `text` (dataset → packed BOS-led
 model, all hooks at once), `toy` (the synthetic source), `run` (the resumable loop).
 """
 
+from kukla.lazy import lazy_exports
 from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.harvest.run import harvest
-from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree
 
 __all__ = ["HarvestConfig", "harvest", "ToyTree", "TOY_HOOK"]
+__getattr__ = lazy_exports(__name__, {"harvest": "kukla.pipeline.harvest.run", "ToyTree": "kukla.pipeline.harvest.toy",
+                                      "TOY_HOOK": "kukla.pipeline.harvest.toy"})

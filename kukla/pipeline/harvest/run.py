@@ -26,9 +26,8 @@ from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segm
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
 from kukla.progress import progress
-from kukla.storage import StoreWriter, finalize_store
+from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
 from kukla.storage.location import Location, disk_full_error
-from kukla.storage.parts import finished_key
 
 
 def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) -> str:
@@ -159,9 +158,8 @@ def _common_meta(config: HarvestConfig) -> dict[str, Any]:
 
 def _finalize_when_ready(config: HarvestConfig) -> None:
     """Rank 0 polls until every rank's part is finished, then shuffles and merges them."""
-    location = Location(config.output)
     deadline = time.monotonic() + config.finalize_wait
-    waiting = [r for r in range(config.world) if not location.exists(finished_key(r))]
+    waiting = unfinished_ranks(config.output)
     if waiting:
         print(f"rank 0: waiting for rank(s) {', '.join(map(str, waiting))} to finish before finalizing "
               f"(up to {config.finalize_wait:.0f} s; or stop here and run `kukla store finalize {config.output}` "
@@ -171,5 +169,5 @@ def _finalize_when_ready(config: HarvestConfig) -> None:
             raise KuklaError(f"gave up waiting for rank(s) {', '.join(map(str, waiting))} after "
                              f"{config.finalize_wait:.0f} s; once they finish, run: kukla store finalize {config.output}")
         time.sleep(2.0)
-        waiting = [r for r in waiting if not location.exists(finished_key(r))]
+        waiting = unfinished_ranks(config.output)
     finalize_store(config.output, memory_budget_bytes=int(config.memory_budget_gb * 1e9), seed=config.seed)
