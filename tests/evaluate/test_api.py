@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from kukla.errors import KuklaError
 from kukla.pipeline.evaluate import EvaluateConfig, evaluate
 from kukla.storage import open_store
-from tests.evaluate.helpers import D, make_dictionary, write_rows_store
+from tests.evaluate.helpers import D, make_dictionary
 
 
 def _config(dicts: list[Path], store: Path, out: Path, **kw) -> EvaluateConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from kukla.pipeline.dictionary import load_dictionary
 from kukla.pipeline.harvest.config import HarvestConfig
