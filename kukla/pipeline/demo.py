@@ -31,6 +31,8 @@ context_size = 128
 tokens = {tokens}
 batch_size = 8
 segment_windows = 32
+# A tenth of the rows held out: enough for evaluation and threshold calibration to mean something.
+holdout_rows = {holdout_rows}
 
 # Two training runs over the same store: Matryoshka BatchTopK with levels
 # 128/384/896/1920/4096 (F·1/32, 3/32, 7/32, 15/32, 1), and plain BatchTopK.
@@ -85,7 +87,8 @@ def write_demo_pipeline(config: DemoConfig) -> Path:
     tables = "\n".join(TRAIN_TABLE.format(arch=arch, train_tokens=train_tokens, dead_tokens=train_tokens // 4)
                        for arch in DEMO_ARCHS)
     toml = DEMO_TOML.format(out=out.as_posix(), device=config.device, text=text.as_posix(),
-                            tokens=config.tokens, train_tables=tables)
+                            tokens=config.tokens, holdout_rows=config.tokens // 10,
+                            train_tables=tables)
     path = out / "pipeline.toml"
     path.write_text(toml)
     return path

@@ -92,6 +92,9 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     specs = array_specs({**value, "truth": truth})
     row_bytes = sum(spec.row_bytes for spec in specs)
     n_rows = table.n_rows
+    if holdout_rows is not None and not 0 <= holdout_rows < n_rows:
+        raise KuklaError(f"holdout_rows {holdout_rows} must leave training rows: the store has {n_rows} rows; "
+                         "give fewer held-out rows")
     unit = max(1, budget // (8 * row_bytes))  # bucket ≈ shard ≈ 1/8: bucket + its permutation + carry + encode
     chunk_rows = value["chunk_rows"]
     widest = max(spec.row_bytes for spec in specs)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from kukla.errors import KuklaError
 from kukla.pipeline.harvest import TOY_HOOK, HarvestConfig, ToyTree, harvest
 from kukla.storage import open_store
 
@@ -79,3 +81,13 @@ def test_toy_tree_flags_reach_the_store_through_the_cli(tmp_path: Path) -> None:
     assert store.n_rows == 500 and store.hooks == {TOY_HOOK: 16}
     assert store.meta["toy"]["tree"] == [4, 2] and store.meta["toy"]["p_root"] == 0.5
     assert store.read("truth/toy_activity").shape == (500, 12)
+
+
+def test_held_out_rows_are_set_at_harvest_and_must_leave_training_rows(tmp_path: Path) -> None:
+    config = _toy(tmp_path / "held.zarr", tokens=1000, holdout_rows=250)
+    harvest(config)
+    assert open_store(config.output).holdout_rows == 250
+
+    too_many = _toy(tmp_path / "all.zarr", tokens=1000, holdout_rows=1000)
+    with pytest.raises(KuklaError, match="holdout_rows 1000 must leave training rows"):
+        harvest(too_many)

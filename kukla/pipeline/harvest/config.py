@@ -61,6 +61,9 @@ class HarvestConfig:
     """Seconds rank 0 waits for the other ranks before leaving finalize to `kukla store finalize`."""
     memory_budget_gb: float = 2.0
     """Memory the global shuffle may use, in GB."""
+    holdout_rows: int | None = None
+    """Rows at the end of the shuffled store kept out of training, for evaluation and threshold
+    calibration; default min(1% of rows, 2²⁰)."""
     seed: int = 0
     """Seed of the global shuffle (and of the toy source)."""
     overwrite: bool = False
@@ -112,3 +115,5 @@ class HarvestConfig:
             raise ConfigError("toy_noise" if self.toy_noise < 0 else "toy_magnitude_std", "must be ≥ 0")
         if self.memory_budget_gb <= 0:
             raise ConfigError("memory_budget_gb", "must be positive")
+        if self.holdout_rows is not None and self.holdout_rows < 0:
+            raise ConfigError("holdout_rows", "must not be negative")

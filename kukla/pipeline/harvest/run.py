@@ -170,4 +170,5 @@ def _finalize_when_ready(config: HarvestConfig) -> None:
                              f"{config.finalize_wait:.0f} s; once they finish, run: kukla store finalize {config.output}")
         time.sleep(2.0)
         waiting = unfinished_ranks(config.output)
-    finalize_store(config.output, memory_budget_bytes=int(config.memory_budget_gb * 1e9), seed=config.seed)
+    finalize_store(config.output, memory_budget_bytes=int(config.memory_budget_gb * 1e9), seed=config.seed,
+                   holdout_rows=config.holdout_rows)
