@@ -38,7 +38,8 @@ def test_absorbed_words_are_scored_and_weak_letters_are_gated_out() -> None:
         absorber_codes = torch.relu(x @ w_dec[26:].T - 1.0) * (token_proj > 1.0)
         return torch.cat([letter_codes, absorber_codes], dim=1)
 
-    out = first_letter_absorption(x_all, y_all, encode, w_dec, AbsorptionSettings(min_positives=5, epochs=60))
+    settings = AbsorptionSettings(min_probe_f1=0.6, min_positives=5, max_k=10, f1_jump=0.03, seed=0, epochs=60)
+    out = first_letter_absorption(x_all, y_all, encode, w_dec, settings)
     assert out["letters_kept"] == 25 and "z" not in out["per_letter"]
     a = out["per_letter"]["a"]
     assert a["main_latents"][0] == 0

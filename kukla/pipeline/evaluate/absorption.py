@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from kukla.pipeline.evaluate.config import EvaluateConfig
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 ABSORBER_COS = 0.1
 FULL_ABSORBER_COS = 0.025
@@ -32,15 +34,21 @@ MAX_ABSORBERS = 3
 
 @dataclass
 class AbsorptionSettings:
-    """The gates and search limits (EvaluateConfig's absorption_* fields)."""
+    """The gates and search limits; the user-facing ones come from EvaluateConfig's
+    absorption_* fields, documented (with their defaults) there only."""
 
-    min_probe_f1: float = 0.6
-    min_positives: int = 20
-    max_k: int = 10
-    f1_jump: float = 0.03
+    min_probe_f1: float
+    min_positives: int
+    max_k: int
+    f1_jump: float
+    seed: int
     l1: float = 0.01
     epochs: int = 100
-    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: EvaluateConfig) -> AbsorptionSettings:
+        return cls(min_probe_f1=config.absorption_min_probe_f1, min_positives=config.absorption_min_positives,
+                   max_k=config.absorption_max_k, f1_jump=config.absorption_f1_jump, seed=config.seed)
 
 
 def _f1(pred: Tensor, truth: Tensor) -> float:
@@ -120,9 +128,8 @@ def word_absorption(act_proj: Tensor, latent_proj: Tensor, main: list[int], cos:
 
 
 def first_letter_absorption(acts: Tensor, letters: Tensor, encode: Callable[[Tensor], Tensor], w_dec: Tensor,
-                            settings: AbsorptionSettings | None = None) -> dict[str, Any]:
+                            s: AbsorptionSettings) -> dict[str, Any]:
     """Absorption scores from word activations [N, d] and their first letters [N] (0–25)."""
-    s = settings or AbsorptionSettings()
     g = torch.Generator().manual_seed(s.seed)
     order = torch.randperm(acts.shape[0], generator=g)
     n_train = int(0.8 * len(order))

@@ -194,9 +194,7 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
     if model.tokenizer is None:
         notes.append("absorption skipped: the model has no tokenizer")
         return
-    settings = AbsorptionSettings(min_probe_f1=config.absorption_min_probe_f1,
-                                  min_positives=config.absorption_min_positives, max_k=config.absorption_max_k,
-                                  f1_jump=config.absorption_f1_jump, seed=config.seed)
+    settings = AbsorptionSettings.from_config(config)
     for hook in sorted({e.input_hook for e in targets}):
         words = word_activations(model, hook, n_words=config.absorption_words, seed=config.seed)
         if words is None:
