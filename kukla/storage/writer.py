@@ -7,8 +7,9 @@ and a segment whose write was killed has no journal entry, so it is written agai
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ class StoreWriter:
             if not overwrite:
                 raise KuklaError(f"{location.url} exists and is not a kukla store: choose an empty or new path")
             location.remove("")
-        Attributes(location, wanted).write()
+        with _disk_full(location, "creating the store"):
+            Attributes(location, wanted).write()
         return cls(location, wanted, rank)
 
     def __enter__(self) -> "StoreWriter":
@@ -92,11 +94,9 @@ class StoreWriter:
         arrays, truth, floats = self._stored_arrays(segment, rows)
         n = next(iter(arrays.values())).shape[0]
         key = segment_dir(self.rank, segment)
-        try:
+        with _disk_full(self.location, f"writing segment {segment}"):
             infos = {name: write_blob(self.location, f"{key}/{name}.bin", data, self.codec)
                      for name, data in arrays.items()}
-        except OSError as exc:
-            raise disk_full_error(exc, self.location, f"writing segment {segment}") or exc
         seg_stats = {}
         for hook in self.hooks:
             stats = HookStats()
@@ -106,10 +106,8 @@ class StoreWriter:
         entry = {"segment": segment, "rank": self.rank, "rows": n, "stats": seg_stats, "truth": truth, "arrays": infos,
                  "first_sequence": int(sequences.min()) if n else -1,
                  "last_sequence": int(sequences.max()) if n else -1, "time": time.time()}
-        try:
+        with _disk_full(self.location, f"committing segment {segment}"):
             self.location.put_json(journal_key(self.rank, segment), entry)
-        except OSError as exc:
-            raise disk_full_error(exc, self.location, f"committing segment {segment}") or exc
         self.journal[segment] = entry
         self.committed.add(segment)
         for hook, value in seg_stats.items():
@@ -158,24 +156,32 @@ class StoreWriter:
         """A store-level array (e.g. "static/directions"), kept as given through finalize."""
         name = name.removeprefix("static/")
         data = np.ascontiguousarray(as_numpy(array))
-        try:
+        with _disk_full(self.location, f"writing static/{name}"):
             group = zarr.open_group(self.location.zarr_store(), mode="a")
             target = group.create_array(f"static/{name}", shape=data.shape, dtype=data.dtype,
                                         chunks=data.shape or None, overwrite=True)
             target[...] = data
             self.location.make_durable(f"static/{name}")
-        except OSError as exc:
-            raise disk_full_error(exc, self.location, f"writing static/{name}") or exc
-        Attributes(self.location, self.attrs).write()  # zarr rewrote the root metadata: restore ours
+            Attributes(self.location, self.attrs).write()  # zarr rewrote the root metadata: restore ours
 
     def finish(self) -> None:
         """Mark this rank's part complete (with its Parquet manifest); finalize needs every rank's."""
         entries = [self.journal[s] for s in sorted(self.journal)]
-        write_manifest(self.location, f"{part_dir(self.rank)}/manifest.parquet", entries)
-        self.location.put_json(finished_key(self.rank), {
-            "rank": self.rank, "rows": sum(int(e["rows"]) for e in entries),
-            "segments": len(entries), "stats": {h: s.summary(self.hooks[h]) for h, s in self.stats.items()},
-        })
+        with _disk_full(self.location, f"finishing rank {self.rank}"):
+            write_manifest(self.location, f"{part_dir(self.rank)}/manifest.parquet", entries)
+            self.location.put_json(finished_key(self.rank), {
+                "rank": self.rank, "rows": sum(int(e["rows"]) for e in entries),
+                "segments": len(entries), "stats": {h: s.summary(self.hooks[h]) for h, s in self.stats.items()},
+            })
+
+
+@contextmanager
+def _disk_full(location: Location, what: str) -> Iterator[None]:
+    """Turn a full disk inside the block into the one-line "free some space and rerun" error."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_full_error(exc, location, what) or exc
 
 
 def _existing(location: Location) -> dict[str, Any] | None:

@@ -125,3 +125,21 @@ def test_fsspec_url_store_round_trips(tmp_path: Path, scheme: str) -> None:
     from kukla.storage.verify import verify_store
 
     assert verify_store(url) == []
+
+
+def test_a_full_disk_in_static_or_finish_gives_the_one_line_resume_message(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from kukla.storage.location import Location
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}, dtype="float32", chunk_rows=64) as writer:
+        writer.write_segment(0, {"acts/h": np.zeros((8, 16), np.float32)})
+        monkeypatch.setattr(Location, "put_json", full)
+        with pytest.raises(KuklaError, match="disk full while finishing rank 0.*rerun the same command"):
+            writer.finish()
+        monkeypatch.setattr(Location, "make_durable", full)
+        with pytest.raises(KuklaError, match="disk full while writing static/d.*rerun the same command"):
+            writer.put_static("static/d", np.ones(3))
