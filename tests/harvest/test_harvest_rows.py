@@ -34,7 +34,7 @@ def _expected_windows(tokenizer, docs: list[str], context_size: int, budget: int
 def test_stored_rows_equal_run_with_cache_for_the_planned_tokens(config_model, texts: Path, tmp_path: Path,
                                                                  store_rows) -> None:
     read_rows, rows_by_token = store_rows
-    hooks = ["resid_pre:0", "mlp_in:1", "mlp_out:1", "blocks.0.attn.hook_z"]
+    hooks = ["resid_pre:0", "mlp_in:1", "mlp_post:0", "mlp_out:1", "blocks.0.attn.hook_z"]
     config = HarvestConfig(output=str(tmp_path / "s.zarr"), dataset=str(texts), hook=hooks, context_size=24,
                            tokens=700, segment_windows=3, batch_size=2, store_dtype="float32")
     harvest(config, model=config_model)
@@ -44,7 +44,8 @@ def test_stored_rows_equal_run_with_cache_for_the_planned_tokens(config_model, t
     stored = rows_by_token(read_rows(config.output))
     assert set(stored) == planned
 
-    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"]
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_in", "blocks.0.mlp.hook_post", "blocks.1.hook_mlp_out",
+             "blocks.0.attn.hook_z"]
     with torch.no_grad():
         _, cache = config_model.run_with_cache(windows, names_filter=names)  # full forward, no stop
     for (w, p), row in stored.items():
@@ -52,7 +53,7 @@ def test_stored_rows_equal_run_with_cache_for_the_planned_tokens(config_model, t
         for name in names:
             np.testing.assert_allclose(row[f"acts/{name}"], cache[name][w, p].reshape(-1).numpy(), atol=1e-5)
     meta = open_store(config.output).meta
-    assert meta["hooks"] == {"blocks.0.hook_resid_pre": 16, "blocks.1.hook_mlp_in": 16,
+    assert meta["hooks"] == {"blocks.0.hook_resid_pre": 16, "blocks.1.hook_mlp_in": 16, "blocks.0.mlp.hook_post": 32,
                              "blocks.1.hook_mlp_out": 16, "blocks.0.attn.hook_z": 16}
     assert meta["special_tokens"]["excluded"] and meta["source"] == "model"
 

@@ -35,13 +35,16 @@ def harvest_segment(model: HookedTransformer, hooks: list[str], segment: Segment
     for start in range(0, len(segment.windows), batch_size):
         windows = segment.windows[start:start + batch_size]
         tokens = torch.from_numpy(np.stack([w.tokens for w in windows])).to(model.cfg.device)
-        keep = torch.from_numpy(np.concatenate([w.keep for w in windows])).to(model.cfg.device)
+        # kept positions as indices (from the CPU masks): boolean indexing on the device
+        # would sync once per hook to count them
+        keep = torch.from_numpy(np.flatnonzero(np.concatenate([w.keep for w in windows]))).to(model.cfg.device)
         with torch.inference_mode():
             _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop)
-        for hook in hooks:
-            act = cache.cache_dict[hook]
-            act = act.reshape(act.shape[0] * act.shape[1], -1)[keep]
-            parts[hook].append(act.float().cpu().numpy())
+            # all hooks side by side, so the batch crosses to the host in one copy, not one per hook
+            flat = [cache.cache_dict[h].flatten(0, 1).flatten(1) for h in hooks]
+            acts = torch.cat(flat, dim=1).index_select(0, keep).float().cpu().numpy()
+        for hook, act in zip(hooks, np.split(acts, np.cumsum([f.shape[1] for f in flat])[:-1], axis=1)):
+            parts[hook].append(act)
     acts = {h: np.concatenate(parts[h]) for h in hooks}
     windows = segment.windows
     rows = {
