@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from kukla.pipeline.evaluate.geometry import best_match, max_cosine_to_others
-from kukla.pipeline.evaluate.reconstruction import ReconstructionStats, level_reconstructions
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
+from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 
 
 def _stream(stats: ReconstructionStats, x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor, batch: int) -> None:
@@ -66,13 +67,20 @@ def test_per_level_metrics_match_masking_the_codes_by_hand() -> None:
     x = torch.randn(500, d, generator=g)
     z = torch.relu(torch.randn(500, width, generator=g))
 
-    def decode(codes: torch.Tensor) -> torch.Tensor:
-        return codes @ w_dec + b_dec
+    dictionary = Dictionary(DictionaryConfig(d_in=d, width=width, arch="relu", levels=levels))
+    with torch.no_grad():
+        dictionary.W_dec.copy_(w_dec)
+        dictionary.b_dec.copy_(b_dec)
+        dictionary.target_scale.fill_(2.0)  # decode divides by it: raw units
+    w_dec, b_dec = w_dec / 2, b_dec / 2
 
     stats = ReconstructionStats(width, levels)
     for start in range(0, 500, 64):
         zb = z[start:start + 64]
-        stats.update(x[start:start + 64], decode(zb), zb, level_reconstructions(zb, levels, decode))
+        with torch.no_grad():
+            prefixes = dictionary.decode_prefixes(zb, levels)
+        torch.testing.assert_close(prefixes[-1], dictionary.decode(zb))
+        stats.update(x[start:start + 64], prefixes[-1], zb, prefixes)
     xn = x.double().numpy()
     for level, width_w in zip(stats.summary()["levels"], levels):
         zw = z.double().numpy()[:, :width_w]

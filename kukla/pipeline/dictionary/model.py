@@ -134,6 +134,16 @@ class Dictionary(nn.Module):
         """Output in raw units of the target: (z·W_dec + b_dec) / target_scale."""
         return (z @ self.W_dec + self.b_dec) / self.target_scale
 
+    def decode_prefixes(self, z: Tensor, widths: list[int]) -> list[Tensor]:
+        """`decode` using only the first w latents, for each increasing w: a cumulative sum over
+        the segments between widths, so all prefixes cost one decode, not one each."""
+        outs, partial, start = [], self.b_dec.expand(z.shape[0], -1), 0
+        for width in widths:
+            partial = partial + z[:, start:width] @ self.W_dec[start:width]
+            outs.append(partial / self.target_scale)
+            start = width
+        return outs
+
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction (SAE) or prediction of the target (transcoder), in raw units."""
         return self.decode(self.encode(x))

@@ -16,7 +16,7 @@ x̂_w = decode(z with latents ≥ w zeroed), and L0_w counts only latents < w.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,16 +53,6 @@ class CentredSumOfSquares:
 def explained_variance(residual_sum_sq: float, centred_sum_sq: float) -> float:
     """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² (NaN when the targets do not vary at all)."""
     return 1.0 - residual_sum_sq / centred_sum_sq if centred_sum_sq > 0 else float("nan")
-
-
-def level_reconstructions(z: Tensor, levels: list[int], decode: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """x̂ from each Matryoshka prefix: the codes beyond the level's width set to zero."""
-    outs = []
-    for width in levels:
-        masked = z.clone()
-        masked[:, width:] = 0
-        outs.append(decode(masked))
-    return outs
 
 
 class ReconstructionStats:

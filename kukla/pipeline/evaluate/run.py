@@ -25,7 +25,7 @@ from kukla.pipeline.evaluate import contexts as ctx
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.geometry import max_cosine_to_others
 from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
-from kukla.pipeline.evaluate.reconstruction import ReconstructionStats, level_reconstructions
+from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 from kukla.pipeline.evaluate.report import write_html, write_markdown
 from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
 from kukla.progress import progress
@@ -117,10 +117,8 @@ def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], d
             activity = ctx.read_rows(store, TOY_ACTIVITY, rows.cpu().numpy()) if toy else None
             for e in entries:
                 z = e.dictionary.encode(acts[e.input_hook])
-                recon = e.dictionary.decode(z)
-                levels = level_reconstructions(z, e.dictionary.levels, e.dictionary.decode) \
-                    if len(e.dictionary.levels) > 1 else [recon]
-                e.stats.update(acts[e.target_hook], recon, z, levels)
+                levels = e.dictionary.decode_prefixes(z, e.dictionary.levels)  # the last is the full width
+                e.stats.update(acts[e.target_hook], levels[-1], z, levels)
                 e.top.update(z, rows)
                 if e.toy is not None and activity is not None:
                     e.toy.update(z, activity)
