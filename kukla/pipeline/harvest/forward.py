@@ -55,5 +55,6 @@ def harvest_segment(model: HookedTransformer, hooks: list[str], segment: Segment
     rows.update({f"acts/{h}": a for h, a in acts.items()})
     if outlier_factor is not None:
         drop = outlier_mask({h: np.linalg.norm(a, axis=1) for h, a in acts.items()}, outlier_factor)
-        rows = {k: v[~drop] for k, v in rows.items()}
+        if drop.any():  # masking copies every array of the segment; skip it when nothing is dropped
+            rows = {k: v[~drop] for k, v in rows.items()}
     return rows
