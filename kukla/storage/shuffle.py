@@ -112,8 +112,8 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     return plan
 
 
-def _specs(location: Location, plan: dict[str, Any]) -> list[ArraySpec]:
-    return array_specs({**Attributes.read(location).value, "truth": plan["truth"]})
+def _specs(attrs: dict[str, Any], plan: dict[str, Any]) -> list[ArraySpec]:
+    return array_specs({**attrs, "truth": plan["truth"]})
 
 
 def _run_key(k: int) -> str:
@@ -124,9 +124,9 @@ def _scatter(location: Location, plan: dict[str, Any]) -> None:
     """Pass 1: each run's rows, sorted by a uniformly random bucket, one raw file per array."""
     if location.exists("_finalize/scattered.json"):
         return
-    table = SegmentTable.read(location, Attributes.read(location).value["world"],
-                              Attributes.read(location).value["codec"])
-    specs, n_rows, run_rows = _specs(location, plan), plan["n_rows"], plan["run_rows"]
+    attrs = Attributes.read(location).value
+    table = SegmentTable.read(location, attrs["world"], attrs["codec"])
+    specs, n_rows, run_rows = _specs(attrs, plan), plan["n_rows"], plan["run_rows"]
     with progress(n_rows, "shuffle 1/2 scatter") as bar:
         for k in range(math.ceil(n_rows / run_rows)):
             lo, hi = k * run_rows, min(n_rows, (k + 1) * run_rows)
@@ -147,8 +147,8 @@ def _scatter(location: Location, plan: dict[str, Any]) -> None:
 
 def _permute(location: Location, plan: dict[str, Any]) -> None:
     """Pass 2: one bucket at a time, uniformly permuted, appended in whole shards."""
-    specs, n_rows, shard_rows = _specs(location, plan), plan["n_rows"], plan["shard_rows"]
     attrs = Attributes.read(location).value
+    specs, n_rows, shard_rows = _specs(attrs, plan), plan["n_rows"], plan["shard_rows"]
     group = zarr.open_group(location.zarr_store(), mode="a")
     if not location.exists("_finalize/arrays.json"):
         for spec in specs:
