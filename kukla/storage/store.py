@@ -93,7 +93,8 @@ class Store:
         """Rows [start, stop) as stored on disk (bf16 as uint16 bits)."""
         name = self.array_name(name)
         if name.startswith("static/"):
-            group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+            group = self._group if self._group is not None else zarr.open_group(
+                self.location.zarr_store(read_only=True), mode="r")
             try:
                 return group[name][...] if stop is None and start == 0 else group[name][start:stop]
             except KeyError:

@@ -143,3 +143,17 @@ def test_a_full_disk_in_static_or_finish_gives_the_one_line_resume_message(tmp_p
         monkeypatch.setattr(Location, "make_durable", full)
         with pytest.raises(KuklaError, match="disk full while writing static/d.*rerun the same command"):
             writer.put_static("static/d", np.ones(3))
+
+
+def test_static_arrays_survive_finalize_and_read_back(tmp_path: Path) -> None:
+    directions = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}, dtype="float32", chunk_rows=64) as writer:
+        writer.put_static("static/directions", directions)
+        writer.write_segment(0, {"acts/h": np.zeros((8, 16), np.float32)})
+        writer.finish()
+    finalize_store(tmp_path / "s", holdout_rows=0)
+    store = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(store.read("static/directions").numpy(), directions)
+    np.testing.assert_array_equal(store.read_stored("static/directions", 1, 3), directions[1:3])
+    with pytest.raises(KuklaError, match="no array 'static/missing'"):
+        store.read("static/missing")
