@@ -45,14 +45,14 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
         plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
         _scatter(location, plan)
         _permute(location, plan)
+        attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
+                           shuffle_buckets=plan["n_buckets"],
+                           holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
+                           hook_stats=plan["hook_stats"], truth=plan["truth"])
+        attrs.write()
+        location.remove("_finalize")
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
-    attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
-                       shuffle_buckets=plan["n_buckets"],
-                       holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
-                       hook_stats=plan["hook_stats"], truth=plan["truth"])
-    attrs.write()
-    location.remove("_finalize")
 
 
 def unfinished_ranks(path: str | Path | Location) -> list[int]:

@@ -27,7 +27,6 @@ from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
-from kukla.storage.location import Location, disk_full_error
 
 
 def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) -> str:
@@ -41,16 +40,13 @@ def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) ->
         meta, statics, segments = _toy_plan(config)
     else:
         meta, statics, segments = _model_plan(config, model)
-    try:
-        with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
-                              overwrite=config.overwrite, dtype=config.store_dtype) as writer:
-            for name, array in statics.items():
-                writer.put_static(name, array)
-            planned, dropped = _write_owned_segments(writer, segments, config)
-            writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
-            writer.finish()
-    except OSError as exc:  # the writer names disk-full in segments; this covers metadata writes too
-        raise disk_full_error(exc, Location(config.output), "harvesting") or exc
+    with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
+                          overwrite=config.overwrite, dtype=config.store_dtype) as writer:  # names a full disk itself
+        for name, array in statics.items():
+            writer.put_static(name, array)
+        planned, dropped = _write_owned_segments(writer, segments, config)
+        writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
+        writer.finish()
     if config.finalize and config.rank == 0:
         _finalize_when_ready(config)
     return config.output
