@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import load_file
 
 from kukla.errors import KuklaError
+from kukla.pipeline.dictionary.calibrate import evaluation_rows
 from kukla.pipeline.evaluate import EvaluateConfig, evaluate
 from kukla.storage import open_store
 from tests.evaluate.helpers import D, make_dictionary
@@ -24,8 +25,10 @@ def _config(dicts: list[Path], store: Path, out: Path, **kw) -> EvaluateConfig:
 
 
 def _heldout(store_path: Path) -> np.ndarray:
+    """The rows evaluate scores: the held-out rows after the calibration split."""
     store = open_store(store_path)
-    return store.read("blocks.0.hook_resid_post", store.n_rows - store.holdout_rows).double().numpy()
+    rows = evaluation_rows(store)
+    return store.read("blocks.0.hook_resid_post", rows.start, rows.stop).double().numpy()
 
 
 def _numpy_forward(path: Path, x: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +102,7 @@ def test_report_is_self_contained_and_the_latent_table_loads(report: Path, rows_
     for latent in range(24):
         rows = table["top_rows"][latent]
         assert len(rows) == len(table["top_contexts"][latent]) <= 8
-        assert all(store.n_rows - store.holdout_rows <= r < store.n_rows for r in rows)
+        assert all(r in evaluation_rows(store) for r in rows)
         if rows:  # the top row's activation is the table's max activation
             x = store.read("blocks.0.hook_resid_post", rows[0], rows[0] + 1).double().numpy()
             top_code = _numpy_forward(dicts["random"], x)[0][0, latent]

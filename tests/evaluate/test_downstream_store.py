@@ -46,16 +46,19 @@ def test_ce_recovered_is_one_for_the_identity_and_zero_for_zero_ablation_through
 
     out = evaluate(EvaluateConfig(dictionaries=[identity, zero, tmp_path / "transcoder"], store=store,
                                   out=tmp_path / "report", downstream_contexts=12, downstream_batch_size=4,
-                                  require_downstream=True, mean_ablation=True))
+                                  require_downstream=True))
     report = json.loads((out / "metrics.json").read_text())
     m = report["dictionaries"]
     assert m["identity"]["downstream"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert m["identity"]["downstream"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
-    assert m["zero"]["downstream"]["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
+    assert m["zero"]["downstream"]["ce_loss_recovered_zero_ablation"] == pytest.approx(0.0, abs=1e-9)
+    for entry in m.values():  # mean ablation is the default baseline, reported first
+        d = entry["downstream"]
+        assert d["baseline"] == "mean ablation" and d["ce_loss_recovered"] == d["ce_loss_recovered_mean_ablation"]
     # The transcoder predicts zero at mlp_out: it is spliced at its output hook, so its CE is
     # that hook's zero ablation, which differs from zero-ablating the SAE's hook.
     t = m["transcoder"]["downstream"]
-    assert t["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
+    assert t["ce_loss_recovered_zero_ablation"] == pytest.approx(0.0, abs=1e-9)
     assert t["ce_loss_zero_ablation"] != pytest.approx(m["zero"]["downstream"]["ce_loss_zero_ablation"])
     assert "ce_loss_recovered_mean_ablation" in t
     assert m["identity"]["downstream"]["contexts"] == 12

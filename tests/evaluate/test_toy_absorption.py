@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kukla.pipeline.dictionary import load_dictionary
+from kukla.pipeline.dictionary.calibrate import evaluation_rows
 from kukla.pipeline.evaluate import EvaluateConfig, evaluate
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
@@ -25,7 +26,7 @@ def _holes_by_hand(store_path: Path, dictionary_dir: Path) -> dict[int, float]:
     """Absorption holes recomputed from the raw arrays: matched latent by max decoder cosine,
     then the share of rows with the parent and a child active where that latent is silent."""
     store = open_store(store_path)
-    lo = store.n_rows - store.holdout_rows
+    lo = evaluation_rows(store).start  # the rows evaluate scores
     x = store.read("toy", lo)
     activity = store.read("truth/toy_activity", lo).numpy() > 0
     directions = store.read("static/toy_directions").numpy().astype(np.float64)

@@ -23,6 +23,9 @@ def default_lr(width: int) -> float:
     return 2e-4 * (width / 2**14) ** -0.5
 
 
+DEAD_TOKENS_MAX = 10_000_000
+"""The default dead-latent window of a long run (OpenAI's); shorter runs use a tenth of their tokens."""
+
 #: Matryoshka levels when none are given: F·{1/32, 3/32, 7/32, 15/32, 1} (Bussmann et al.).
 DEFAULT_LEVEL_FRACTIONS = (1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0)
 
@@ -62,16 +65,17 @@ class DictionarySettings:
     """Dead latents used by the aux-k loss per token; default d_in // 2 (OpenAI's k_aux = d/2)."""
     aux_coefficient: float = 1 / 32
     """Weight of the aux-k loss (the residual's FVU when reconstructed by dead latents only)."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead after this many training tokens without firing (counted in tokens, not
-    steps, so it means the same at any batch size)."""
+    dead_tokens: int | None = None
+    """A latent is dead (aux-k trains it) after this many training tokens without firing, counted in
+    tokens, not steps, so it means the same at any batch size. Default: a tenth of the run, at most
+    10M (OpenAI's window, a tenth of a 10⁸-token run); a fixed 10M never engages in a shorter run."""
     sparse_path: bool = True
     """TopK/BatchTopK: backward through the encoder only at the selected entries and decode by
     gathering decoder rows (no dense B×F gradient). False runs the dense reference math."""
 
     def __post_init__(self) -> None:
         for name in ("n_prefixes", "dead_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.aux_k is not None and self.aux_k < 1:
             raise ConfigError("aux_k", f"must be at least 1, got {self.aux_k}")
@@ -104,6 +108,8 @@ class DictionaryConfig(DictionarySettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dead_tokens is None:
+            self.dead_tokens = DEAD_TOKENS_MAX
         for name in ("d_in", "width"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")

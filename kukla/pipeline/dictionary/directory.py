@@ -113,11 +113,21 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
         "arch": cfg.arch, "transcoder": cfg.transcoder, "levels": dictionary.levels,
         "hooks": hooks, "d_in": cfg.d_in, "d_out": dictionary.d_out, "width": cfg.width,
         "k": cfg.k, "threshold": _finite_or_none(dictionary.threshold.max()),
-        "inference_l0": _finite_or_none(dictionary.inference_l0),
+        "per_latent_thresholds": bool(dictionary.threshold.unique().numel() > 1),
+        "inference_l0": _finite_or_none(dictionary.inference_l0), **_cap_note(dictionary),
         "scales": {"input": s_in, "target": s_out}, "saelens_architecture": arch,
         "config": to_dict(cfg), "metadata": metadata,
     })
     return directory
+
+
+def _cap_note(dictionary: Dictionary) -> dict[str, Any]:
+    """kukla.json's per-token L0 cap, which SAELens' JumpReLU cannot express (it loads without it)."""
+    cap = int(dictionary.l0_cap)
+    if not cap:
+        return {}
+    return {"l0_cap": cap, "saelens_note": f"kukla keeps at most {cap} latents per token; SAELens' JumpReLU "
+                                           "has no such cap, so in SAELens massive-activation tokens fire more"}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -163,6 +173,7 @@ def _load_ours(directory: Path) -> Dictionary:
     dictionary.target_scale.fill_(s_out)
     if "threshold" in weights:
         dictionary.threshold.copy_(weights["threshold"])
+    dictionary.l0_cap.fill_(int(info.get("l0_cap") or 0))
     if info.get("inference_l0") is not None:
         dictionary.inference_l0.fill_(info["inference_l0"])
     dictionary.metadata = info

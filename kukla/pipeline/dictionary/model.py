@@ -35,6 +35,7 @@ class Dictionary(nn.Module):
         self.register_buffer("target_scale", torch.tensor(1.0))
         self.register_buffer("threshold", torch.full((width,), math.nan))
         self.register_buffer("inference_l0", torch.tensor(math.nan))
+        self.register_buffer("l0_cap", torch.tensor(0, dtype=torch.long))  # BatchTopK inference; 0: none
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)
         self.reset_parameters()
@@ -118,7 +119,8 @@ class Dictionary(nn.Module):
 
     # --- inference -------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
-        """Inference codes [B, F]: TopK per token; BatchTopK → JumpReLU at the calibrated threshold; ReLU."""
+        """Inference codes [B, F]: TopK per token; BatchTopK → JumpReLU at the calibrated threshold(s),
+        keeping at most `l0_cap` codes per token when set; ReLU."""
         pre = self.pre_activations(x)
         rule = self.cfg.activation_rule
         if rule == "topk":
@@ -128,7 +130,13 @@ class Dictionary(nn.Module):
         if not self.calibrated:
             raise KuklaError("this BatchTopK dictionary has no inference threshold yet: "
                              "run calibrate_threshold on held-out rows first")
-        return jumprelu(pre, self.threshold)
+        codes = jumprelu(pre, self.threshold)
+        cap = int(self.l0_cap)
+        if cap:
+            over = (codes > 0).sum(1) > cap
+            if over.any():
+                codes[over] = topk_codes(codes[over], cap)
+        return codes
 
     def decode(self, z: Tensor) -> Tensor:
         """Output in raw units of the target: (z·W_dec + b_dec) / target_scale."""

@@ -5,8 +5,12 @@ hook) run ONCE and are reused for every dictionary; each dictionary costs one mo
 (The anchors run clean, ablated and spliced passes again for every dictionary.)
 
     CE recovered = (CE_ablated − CE_dict) / (CE_ablated − CE_clean)
-    ΔLM loss     = CE_dict − CE_clean
+    ΔLM loss     = CE_dict − CE_clean    (nats per predicted token the splice adds)
     KL score     = 1 − KL(clean ‖ dict) / KL(clean ‖ ablated)
+
+Two ablations: the mean of the hook over held-out rows (the honest baseline: below 0 means the
+splice hurts more than knowing nothing but the mean) and zero. `ce_loss_recovered` and
+`kl_score` are the mean-ablation figures when the mean is given, else the zero-ablation ones.
 
 CE is the mean next-token cross-entropy over every predicted token; KL is the mean over
 every position. An SAE replaces its hook's activation with `forward(x)`; a transcoder
@@ -140,8 +144,10 @@ class DownstreamEvaluator:
                     (ablated_ce - ce) / (ablated_ce - clean) if ablated_ce != clean else float("nan"))
                 row[f"kl_div_{kind}_ablation"] = ablated_kl
                 row[f"kl_score_{kind}_ablation"] = 1.0 - kl / ablated_kl if ablated_kl > 0 else float("nan")
-            row["ce_loss_recovered"] = row.get("ce_loss_recovered_zero_ablation", float("nan"))
-            row["kl_score"] = row.get("kl_score_zero_ablation", float("nan"))
+            first = "mean" if f"ce_loss_recovered_mean_ablation" in row else "zero"
+            row["baseline"] = f"{first} ablation"
+            row["ce_loss_recovered"] = row[f"ce_loss_recovered_{first}_ablation"]
+            row["kl_score"] = row[f"kl_score_{first}_ablation"]
             out[name] = row
         return out
 

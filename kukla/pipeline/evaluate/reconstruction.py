@@ -11,6 +11,10 @@ MSE depends on the batch size; neither is repeated here.)
 
 For Matryoshka dictionaries each level w is scored with its own prefix of the codes:
 x̂_w = decode(z with latents ≥ w zeroed), and L0_w counts only latents < w.
+
+Per-row errors, norms and L0 are kept too (a few bytes a row), for what a handful of tokens
+can hide: EV without the massive-activation rows, the tail of the L0 distribution, the worst rows.
+Without rows S:  Σ_{t∉S} ‖x_t − x̄'‖² = Σ_{t∉S} ‖x_t‖² − ‖Σ_t x_t − Σ_{t∈S} x_t‖² / (n − |S|).
 """
 
 from __future__ import annotations
@@ -72,13 +76,17 @@ class ReconstructionStats:
         self.fire_counts = torch.zeros(width, dtype=torch.long)
         self.activation_sum = torch.zeros(width, dtype=torch.float64)
         self.activation_max = torch.full((width,), float("-inf"), dtype=torch.float64)
+        self.row_parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (rows, ‖x‖², level errors, L0)
 
-    def update(self, target: Tensor, recon: Tensor, z: Tensor, level_recons: list[Tensor] | None = None) -> None:
-        """Add a batch: target activations, the full reconstruction, codes, per-level reconstructions."""
+    def update(self, target: Tensor, recon: Tensor, z: Tensor, level_recons: list[Tensor] | None = None,
+               rows: Tensor | None = None) -> None:
+        """Add a batch: target activations, the full reconstruction, codes, per-level reconstructions
+        and the batch's store rows (default: counted from 0)."""
         target, recon, z = target.detach(), recon.detach(), z.detach()
         self.target.update(target)
         t64 = target.double()
-        self.residual_sum_sq += (t64 - recon.double()).pow(2).sum().item()
+        row_error = (t64 - recon.double()).pow(2).sum(1)
+        self.residual_sum_sq += row_error.sum().item()
         self.cosine_sum += torch.nn.functional.cosine_similarity(t64, recon.double(), dim=-1).sum().item()
         self.n_tokens += target.shape[0]
         self.d = target.shape[1]
@@ -91,10 +99,56 @@ class ReconstructionStats:
         self.fire_counts += active.sum(0).cpu()
         self.activation_sum += z.double().sum(0).cpu()
         self.activation_max = torch.maximum(self.activation_max, z.double().max(0).values.cpu())
+        level_errors = []
         for i, width in enumerate(self.levels):
             self.level_l0_sum[i] += int(active[:, :width].sum().item())
             if level_recons is not None:
-                self.level_residual_sum_sq[i] += (t64 - level_recons[i].double()).pow(2).sum().item()
+                level_errors.append((t64 - level_recons[i].double()).pow(2).sum(1))
+                self.level_residual_sum_sq[i] += level_errors[-1].sum().item()
+        if rows is None:
+            rows = torch.arange(self.n_tokens - target.shape[0], self.n_tokens)
+        errors = torch.stack(level_errors[:-1] + [row_error], 1) if level_errors else row_error[:, None]
+        self.row_parts.append((rows.cpu().long(), t64.pow(2).sum(1).cpu(), errors.cpu(), l0))
+
+    def per_row(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Store rows, ‖x‖², squared errors [rows, levels] (last: the full width) and L0 of every row seen."""
+        if len(self.row_parts) > 1:
+            self.row_parts = [tuple(torch.cat(parts) for parts in zip(*self.row_parts))]  # type: ignore[list-item]
+        if not self.row_parts:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)
+        return self.row_parts[0]
+
+    def tails(self, excluded: Tensor, excluded_sum: Tensor, *, worst: int = 5) -> dict[str, Any]:
+        """EV (full and per level) without the `excluded` store rows (Σ of their targets: excluded_sum),
+        the L0 tail (nearest-rank p99, p99.9, max) and the `worst` rows by squared error."""
+        rows, norm_sq, errors, l0 = self.per_row()
+        out_mask = torch.isin(rows, excluded)
+        keep = ~out_mask
+        n_keep = int(keep.sum())
+        total_sum = self.target.mean * self.target.n if self.target.mean is not None else torch.zeros(1)
+        kept_sum = total_sum - excluded_sum.double()
+        centred = float(norm_sq[keep].sum() - kept_sum.pow(2).sum() / n_keep) if n_keep else float("nan")
+        level_ev = [explained_variance(float(errors[keep, i].sum()), centred) for i in range(errors.shape[1])]
+        norms = norm_sq.sqrt()
+        median = float(norms.median()) if norms.numel() else float("nan")
+        total_error = max(self.residual_sum_sq, 1e-300)
+        order = errors[:, -1].argsort(descending=True)[:worst]
+        ranked = l0.sort().values
+
+        def rank(p: float) -> int:
+            return int(ranked[max(0, math.ceil(p * ranked.numel()) - 1)]) if ranked.numel() else 0
+
+        return {
+            "explained_variance_without_massive": level_ev[-1],
+            "massive_rows_excluded": int(out_mask.sum()),
+            "massive_variance_share": (1.0 - centred / self.target.total) if self.target.total > 0 else float("nan"),
+            "levels_without_massive": [{"width": w, "explained_variance": ev}
+                                       for w, ev in zip(self.levels, level_ev)] if len(level_ev) > 1 else [],
+            "l0_tail": {"p99": rank(0.99), "p99.9": rank(0.999), "max": int(ranked[-1]) if ranked.numel() else 0},
+            "worst_rows": [{"row": int(rows[i]), "error_share": float(errors[i, -1]) / total_error,
+                            "norm_over_median": float(norms[i]) / median, "l0": int(l0[i]),
+                            "massive": bool(out_mask[i])} for i in order.tolist()],
+        }
 
     @property
     def density(self) -> Tensor:

@@ -15,16 +15,19 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("latents", ("width",), "d"),
     ("eval tokens", ("reconstruction", "n_tokens"), "d"),
     ("explained variance", ("reconstruction", "explained_variance"), ".4f"),
+    ("EV without massive-activation rows", ("reconstruction", "explained_variance_without_massive"), ".4f"),
     ("FVU", ("reconstruction", "fvu"), ".4f"),
     ("MSE", ("reconstruction", "mse"), ".4g"),
     ("cosine(x, x̂)", ("reconstruction", "cosine"), ".4f"),
     ("L0", ("reconstruction", "l0"), ".2f"),
+    ("L0 p99.9 / max", ("reconstruction", "_l0_tail"), "s"),
     ("dead latents", ("reconstruction", "dead_latents"), "d"),
     ("dense latents (>1%)", ("reconstruction", "dense_latents_above_0.01"), "d"),
     ("dense latents (>10%)", ("reconstruction", "dense_latents_above_0.1"), "d"),
     ("decoder max cosine, mean", ("decoder", "max_cosine_mean"), ".3f"),
     ("decoder pairs > 0.9 (latents)", ("decoder", "latents_above_0.9"), "d"),
-    ("CE loss recovered", ("downstream", "ce_loss_recovered"), ".4f"),
+    ("CE loss recovered (mean abl.)", ("downstream", "ce_loss_recovered_mean_ablation"), ".4f"),
+    ("CE loss recovered (zero abl.)", ("downstream", "ce_loss_recovered_zero_ablation"), ".4f"),
     ("ΔLM loss (nats)", ("downstream", "delta_lm_loss"), ".4f"),
     ("CE clean / spliced / zero-abl.", ("downstream", "_ce_triplet"), "s"),
     ("KL score", ("downstream", "kl_score"), ".4f"),
@@ -43,6 +46,9 @@ def _derived(metrics: dict[str, Any]) -> dict[str, Any]:
     hooks = metrics.get("hooks", {})
     out["hooks"] = hooks.get("input", "?") + ("" if hooks.get("target") in (None, hooks.get("input"))
                                              else f" → {hooks['target']}")
+    tail = metrics.get("reconstruction", {}).get("l0_tail")
+    if tail:
+        out["reconstruction"] = dict(metrics["reconstruction"], _l0_tail=f"{tail['p99.9']} / {tail['max']}")
     if "downstream" in metrics:
         d = dict(metrics["downstream"])
         d["_ce_triplet"] = f"{d['ce_loss_clean']:.3f} / {d['ce_loss_spliced']:.3f} / {d.get('ce_loss_zero_ablation', math.nan):.3f}"
@@ -101,8 +107,12 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     levels = _levels_rows(dicts)
     if levels:
         lines += ["", "## Matryoshka levels (EV and L0 using only each prefix)", ""] + [f"- {line}" for line in levels]
+    for name, m in dicts.items():
+        lines += [f"> warning ({name}): {w}" for w in m.get("warnings", [])]
     lines += ["", "Definitions: EV = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over all eval tokens (float64, x̄ the token mean); "
-              "CE recovered = (CE_zero − CE_dict) / (CE_zero − CE_clean); KL score = 1 − KL_dict / KL_zero.", ""]
+              "CE recovered = (CE_abl − CE_dict) / (CE_abl − CE_clean), against mean ablation (the hook replaced by "
+              "its mean; below 0: the splice hurts more than that) and zero ablation; ΔLM loss = CE_dict − CE_clean, "
+              "the nats per token the splice adds; KL score = 1 − KL_dict / KL_abl (mean ablation).", ""]
     path.write_text("\n".join(lines))
 
 

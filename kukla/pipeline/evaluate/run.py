@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -21,15 +21,18 @@ from transformer_lens import HookedTransformer
 from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, load_dictionary
+from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
 from kukla.pipeline.evaluate import contexts as ctx
+from kukla.pipeline.evaluate.caveats import calibration_overlap, dictionary_warnings
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.geometry import max_cosine_to_others
 from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 from kukla.pipeline.evaluate.report import write_html, write_markdown
 from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
+from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.progress import progress
-from kukla.storage import ActivationStream, Store, open_store
+from kukla.storage import Store, open_store
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Entry:
     toy: ToyTruth | None = None
     downstream: dict[str, Any] | None = None
     absorption: dict[str, Any] | None = None
+    tails: dict[str, Any] | None = None
 
     @property
     def transcoder(self) -> bool:
@@ -100,33 +104,53 @@ def _attach_toy_truth(store: Store, entries: list[Entry]) -> bool:
     return True
 
 
+def eval_batches(store: Store, hooks: list[str], rows: range, batch_size: int,
+                 device: str) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """The store's rows `rows`, in order, as ({hook: activations}, store row indices) batches."""
+    for lo in range(rows.start, rows.stop, batch_size):
+        hi = min(lo + batch_size, rows.stop)
+        yield {h: store.read(h, lo, hi).to(device) for h in hooks}, torch.arange(lo, hi)
+
+
 @torch.no_grad()
-def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], device: str) -> int:
-    """One pass over the held-out rows, feeding every dictionary; returns the rows evaluated."""
+def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], device: str) -> range:
+    """One pass over the evaluation split (the held-out rows after the calibration split), feeding
+    every dictionary; returns the rows evaluated."""
     hooks = sorted({h for e in entries for h in (e.input_hook, e.target_hook)})
-    total = store.holdout_rows if config.max_tokens is None else min(config.max_tokens, store.holdout_rows)
+    split = evaluation_rows(store)
+    scored = split if config.max_tokens is None else split[:config.max_tokens]
     toy = _attach_toy_truth(store, entries)
-    stream = ActivationStream(store, hooks, config.batch_size, split="holdout", device=device,
-                              with_rows=True, drop_last=False)
-    seen = 0
-    with progress(total, "evaluate (held-out rows)") as bar:
-        for batch in stream:
-            take = min(total - seen, batch.acts[0].shape[0])
-            acts = {h: a[:take] for h, a in zip(hooks, batch.acts)}
-            rows = batch.rows[:take]
-            activity = ctx.read_rows(store, TOY_ACTIVITY, rows.cpu().numpy()) if toy else None
+    with progress(len(scored), "evaluate (held-out rows)") as bar:
+        for acts, rows in eval_batches(store, hooks, scored, config.batch_size, device):
+            activity = ctx.read_rows(store, TOY_ACTIVITY, rows.numpy()) if toy else None
             for e in entries:
                 z = e.dictionary.encode(acts[e.input_hook])
                 levels = e.dictionary.decode_prefixes(z, e.dictionary.levels)  # the last is the full width
-                e.stats.update(acts[e.target_hook], levels[-1], z, levels)
-                e.top.update(z, rows)
+                e.stats.update(acts[e.target_hook], levels[-1], z, levels, rows)
+                e.top.update(z, rows.to(z.device))
                 if e.toy is not None and activity is not None:
                     e.toy.update(z, activity)
-            seen += take
-            bar.update(take)
-            if seen >= total:
-                break
-    return seen
+            bar.update(len(rows))
+    return scored
+
+
+def score_massive(store: Store, entries: list[Entry], scored: range) -> dict[str, Any]:
+    """Flag the scored rows' massive activations (the store's flags, else the norm rule on each target
+    hook) and give every dictionary its EV without them, its L0 tail and its worst rows."""
+    ratio = massive_ratio(store)
+    flags = massive_rows(store, scored.start, scored.stop) if has_flags(store) else None
+    found: dict[str, int] = {}
+    for hook in sorted({e.target_hook for e in entries}):
+        mine = [e for e in entries if e.target_hook == hook]
+        rows, norm_sq, _, _ = mine[0].stats.per_row()
+        excluded = flags if flags is not None else rows[massive_by_norm(norm_sq.sqrt(), ratio)]
+        total = ctx.read_rows(store, hook, excluded.numpy()).double().sum(0) if excluded.numel() else torch.zeros(1)
+        for e in mine:
+            e.tails = e.stats.tails(excluded, total)
+        found[hook] = int(excluded.numel())
+    rule = ("the store's tokens/massive flags" if flags is not None
+            else f"row norm above {ratio:g}× the median of the scored rows (the store has no tokens/massive flags)")
+    return {"rule": rule, "rows": found}
 
 
 def _load_model(config: EvaluateConfig, store: Store, model: HookedTransformer | None,
@@ -206,13 +230,15 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
             e.absorption = first_letter_absorption(acts, letters, encode, e.dictionary.W_dec.cpu(), settings)
 
 
-def _dictionary_metrics(e: Entry) -> tuple[dict[str, Any], torch.Tensor]:
+def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
     max_cos = max_cosine_to_others(e.dictionary.W_dec.detach())
+    calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, scored)
     out: dict[str, Any] = {
         "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch,
         "hooks": {"input": e.input_hook, "target": e.target_hook}, "d_in": e.dictionary.d_in,
         "d_out": e.dictionary.d_out, "width": e.dictionary.width, "levels": e.dictionary.levels,
-        "reconstruction": e.stats.summary(),
+        "calibration_rows": calibrated, "l0_cap": int(e.dictionary.l0_cap) or None,
+        "reconstruction": e.stats.summary() | (e.tails or {}),
         "decoder": {"max_cosine_mean": float(max_cos.nanmean()),
                     "latents_above_0.9": int((max_cos > 0.9).sum())},
     }
@@ -221,6 +247,7 @@ def _dictionary_metrics(e: Entry) -> tuple[dict[str, Any], torch.Tensor]:
             out[key] = value
     if e.toy is not None:
         out["toy"] = e.toy.summary()
+    out["warnings"] = ([overlap] if overlap else []) + dictionary_warnings(out, e.dictionary.metadata)
     return out, max_cos
 
 
@@ -261,14 +288,16 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     `model` skips loading the store's model (e.g. one built from a HookedTransformerConfig)."""
     device = config.device
     store = open_store(config.store)
-    if store.holdout_rows == 0:
-        raise KuklaError(f"store {store.url} holds no held-out rows to evaluate on: re-finalize it with held-out rows")
+    if not evaluation_rows(store):
+        raise KuklaError(f"store {store.url} holds no held-out rows to evaluate on after its calibration split "
+                         f"({store.holdout_rows} held out): re-finalize it with held-out rows")
     entries = load_entries(config, store, device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)
     notes: list[str] = []
-    n_eval = stream_heldout(config, store, entries, device)
+    scored = stream_heldout(config, store, entries, device)
+    massive = score_massive(store, entries, scored)
     tokenizer = None
     if store.meta.get("source") == "toy-tree":
         if config.require_downstream:
@@ -285,10 +314,13 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
                 run_absorption(config, entries, lm, notes)
     dicts, max_cos = {}, {}
     for e in entries:
-        dicts[e.name], max_cos[e.name] = _dictionary_metrics(e)
+        dicts[e.name], max_cos[e.name] = _dictionary_metrics(e, store, scored)
     _write_tables(config, store, entries, out, tokenizer, max_cos)
+    calibration = calibration_rows(store)
     report = _json_safe({"store": {"path": str(config.store), "source": store.meta.get("source"),
-                                   "eval_tokens": n_eval, "fingerprint": store.fingerprint},
+                                   "eval_tokens": len(scored), "eval_rows": [scored.start, scored.stop],
+                                   "calibration_rows": [calibration.start, calibration.stop],
+                                   "massive": massive, "fingerprint": store.fingerprint},
                          "config": to_dict(config), "notes": notes, "dictionaries": dicts})
     write_markdown(out / "report.md", report)
     write_html(out / "report.html", report)

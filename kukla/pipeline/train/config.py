@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from kukla.errors import ConfigError
-from kukla.pipeline.dictionary.config import DictionaryConfig, DictionarySettings
+from kukla.pipeline.dictionary.config import DEAD_TOKENS_MAX, DictionaryConfig, DictionarySettings
 
 Decay = Literal["linear", "cosine", "constant"]
 
@@ -70,7 +70,17 @@ class TrainConfig(DictionarySettings):
     init_tokens: int = 16384
     """Training rows used to initialise (b_dec = their geometric median)."""
     calibration_tokens: int = 262144
-    """Held-out rows used to calibrate the BatchTopK inference threshold (capped at the store's held-out rows)."""
+    """Rows used to calibrate the BatchTopK inference threshold, from the start of the store's
+    calibration split (the first half of its held-out rows, at most 2¹⁸), which evaluate never scores."""
+    per_latent_thresholds: bool = False
+    """BatchTopK inference: give each latent its own threshold (it fires as often as BatchTopK chose
+    it on the calibration rows) instead of one threshold for all; SAELens' JumpReLU loads either."""
+    l0_cap: float = 0.0
+    """BatchTopK inference: keep at most ceil(l0_cap·k) latents per token (0: no cap), so a
+    massive-activation token cannot fire a thousand latents. SAELens' JumpReLU has no cap."""
+    massive: Literal["keep", "skip"] = "keep"
+    """Rows the store flags as massive activations (`tokens/massive`): keep trains on them like any
+    row; skip leaves them out of every batch (they hold a large share of the variance on a few tokens)."""
     checkpoint_every: int = 2000
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -128,6 +138,8 @@ class TrainConfig(DictionarySettings):
             raise ConfigError("grad_clip", "must be 0 (off) or positive")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError("threads", "must be positive")
+        if self.l0_cap < 0 or 0 < self.l0_cap < 1:
+            raise ConfigError("l0_cap", f"must be 0 (no cap) or at least 1 (a multiple of k), got {self.l0_cap}")
 
     @property
     def hooks(self) -> tuple[str, ...]:
@@ -137,6 +149,7 @@ class TrainConfig(DictionarySettings):
     def members(self, d_in: int, d_out: int) -> list[Member]:
         """Every width × k × seed combination, in a fixed order (the checkpoint relies on it)."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DictionarySettings)}
+        shared["dead_tokens"] = self.dead_window
         out = []
         for width, k, seed in itertools.product(self.width, self.k, self.seed):
             cfg = DictionaryConfig(**shared, d_in=d_in, d_out=d_out, width=width,
@@ -144,6 +157,15 @@ class TrainConfig(DictionarySettings):
             name = f"{self.arch}-w{width}" + ("" if self.arch == "relu" else f"-k{k:g}") + f"-s{seed}"
             out.append(Member(name=name, seed=seed, config=cfg))
         return out
+
+    @property
+    def dead_window(self) -> int:
+        """dead_tokens, or by default a tenth of the run's tokens (at most 10M)."""
+        return self.dead_tokens or max(1, min(DEAD_TOKENS_MAX, self.tokens // 10))
+
+    def l0_cap_for(self, member: DictionaryConfig) -> int:
+        """A BatchTopK member's per-token inference cap in latents (0: none)."""
+        return math.ceil(self.l0_cap * float(member.k or 0)) if self.l0_cap else 0
 
     def threads_default(self) -> int:
         """Threads to use on CPU: measured on 2 shared cores, 1 thread beat 2 by 1.4–17×."""

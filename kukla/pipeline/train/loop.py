@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,15 @@ import torch
 from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
+from kukla.pipeline.dictionary.calibrate import calibration_rows
+from kukla.pipeline.massive import massive_rows
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig
 from kukla.pipeline.train.distributed import Ranks, barrier, gather_objects, sum_over_ranks
 from kukla.pipeline.train.log import TrainLog, start_wandb
 from kukla.pipeline.train.sweep import NonFiniteLoss, Trainee, build_trainees, step_metrics, train_step
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
+from kukla.storage.stream import Batch
 
 #: Settings that may change between a run and its resumption (they do not touch the math).
 RESUMABLE_CHANGES = {"resume", "wandb", "wandb_project", "wandb_name", "threads", "log_every",
@@ -87,6 +91,10 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
         wandb_run = start_wandb(out, config.wandb_project, config.wandb_name or out.name, wandb_id, to_dict(config))
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
                    start_step=step, enabled=ranks.is_main, wandb_run=wandb_run)
+    if ranks.is_main and config.dead_window >= config.tokens:
+        log.bar.write(f"note: dead_tokens {config.dead_window:,} ≥ the run's {config.tokens:,} tokens: "
+                      "no latent can be dead, so aux-k never engages", file=sys.stderr)
+    skipped = massive_rows(store) if config.massive == "skip" else None
     batches = iter(stream)
     try:
         while step < total_steps:
@@ -94,6 +102,8 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
             if batch is None:
                 raise KuklaError(f"the store's stream ended at step {step} of {total_steps}; "
                                  "this is a bug in the epoch count, please report it")
+            if skipped is not None:
+                batch = without_rows(batch, skipped)
             try:
                 train_step(trainees, batch.acts, step, total_steps, config, ranks, batch.rows)
             except NonFiniteLoss as exc:
@@ -113,6 +123,12 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
         batches.close()  # stops the stream's prefetch thread
         log.close()
     return outputs
+
+
+def without_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The batch less the given store rows."""
+    keep = ~torch.isin(batch.rows, rows.to(batch.rows.device))
+    return Batch(tuple(a[keep.to(a.device)] for a in batch.acts), batch.rows[keep])
 
 
 def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
@@ -173,7 +189,8 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
             held_out = _held_out_inputs(store, config, calibration_rows, ranks)
             for trainee in trainees:
                 if trainee.member.config.activation_rule == "batchtopk":
-                    calibrate_threshold(trainee.dictionary, held_out)
+                    calibrate_threshold(trainee.dictionary, held_out, per_latent=config.per_latent_thresholds,
+                                        l0_cap=config.l0_cap_for(trainee.member.config))
         state = {
             "format": 1, "step": step, "world": ranks.world, "config": to_dict(config),
             "streams": streams, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
@@ -184,7 +201,9 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
 
         def build(tmp: Path) -> None:
             for trainee in trainees:
-                save_dictionary(trainee.dictionary, tmp / trainee.name, _metadata(config, store, trainee, step))
+                calibrated = calibration_range(store, calibration_rows)
+                save_dictionary(trainee.dictionary, tmp / trainee.name,
+                                _metadata(config, store, trainee, step, calibrated))
             checkpoint.save_state(tmp, state)
 
         path = checkpoint.write_checkpoint(config.out, step, build, config.keep_checkpoints)
@@ -193,22 +212,24 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
 
 
 def _held_out_inputs(store: Store, config: TrainConfig, rows: int, ranks: Ranks) -> list[torch.Tensor]:
-    """Up to `rows` held-out input rows, in batches: BatchTopK's threshold is calibrated on them."""
-    n = min(rows, store.holdout_rows)
-    if n == 0:
-        raise KuklaError(f"store {config.store} has no held-out rows to calibrate the BatchTopK threshold on")
-    stream = ActivationStream(store, [config.hooks[0]], min(config.batch_size, n), split="holdout",
-                              epochs=1, seed=0, device=ranks.device, prefetch=config.prefetch, drop_last=False)
-    batches, seen = [], 0
-    for batch in stream:
-        batches.append(batch.acts[0][: n - seen])
-        seen += batches[-1].shape[0]
-        if seen >= n:
-            break
-    return batches
+    """Up to `rows` input rows of the store's calibration split, in training-sized batches: BatchTopK's
+    inference rule is calibrated on them, and evaluate never scores them."""
+    split = calibration_range(store, rows)
+    if not split:
+        raise KuklaError(f"store {config.store} has {store.holdout_rows} held-out rows; the BatchTopK threshold "
+                         "is calibrated on the first half of them: re-finalize it with at least 2 held-out rows")
+    step = min(config.batch_size, len(split))
+    return [store.read(config.hooks[0], lo, min(lo + step, split.stop)).to(ranks.device)
+            for lo in range(split.start, split.stop, step)]
 
 
-def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int) -> dict[str, Any]:
+def calibration_range(store: Store, rows: int) -> range:
+    """The rows a calibration of `rows` rows reads: the start of the store's calibration split."""
+    split = calibration_rows(store)
+    return split[:rows]
+
+
+def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, calibrated: range) -> dict[str, Any]:
     """What save_dictionary records beside the weights (model, context and dataset also go to SAELens' cfg)."""
     summary = {k: float(v) for k, v in trainee.last.items()}
     model, dataset = store.meta.get("model"), store.meta.get("dataset")
@@ -227,6 +248,12 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int) ->
         "step": step,
         "tokens": step * config.batch_size,
         "summary": summary,
+        **({"calibration": {"rows": [calibrated.start, calibrated.stop], "store_fingerprint": store.fingerprint,
+                            "per_latent_thresholds": config.per_latent_thresholds,
+                            "l0_cap": int(trainee.dictionary.l0_cap)}}
+           if trainee.member.config.activation_rule == "batchtopk" else {}),
+        "dead_window": {"tokens": trainee.member.config.dead_tokens,
+                        "engaged": trainee.member.config.dead_tokens < config.tokens},
     }
 
 
