@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from kukla.pipeline.evaluate.geometry import best_match, max_cosine_to_others
@@ -101,3 +102,40 @@ def test_decoder_max_cosine_matches_the_full_matrix_when_chunked() -> None:
     truth = w[[5, 17]] * 3.0
     value, index = best_match(truth, w, chunk_elements=300)
     assert index.tolist() == [5, 17] and torch.allclose(value, torch.ones(2), atol=1e-5)
+
+
+def test_ev_without_massive_rows_l0_tail_and_worst_rows_match_numpy() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = _data(2000)
+    x[[5, 700, 1999]] *= 9.0  # massive-activation rows
+    recon = x + 0.5 * torch.randn(x.shape, generator=g)
+    recon[[5, 700, 1999]] = x.mean(0)  # badly reconstructed
+    z = torch.relu(torch.randn(2000, 64, generator=g) - 0.5)
+    rows = torch.arange(2000) + 10_000  # store rows of the scored split
+    stats = ReconstructionStats(64, [16, 64])
+    for start in range(0, 2000, 300):
+        sl = slice(start, start + 300)
+        stats.update(x[sl], recon[sl], z[sl], [recon[sl] + 1.0, recon[sl]], rows[sl])
+    excluded = torch.tensor([10_005, 10_700, 11_999])
+    tails = stats.tails(excluded, x[excluded - 10_000].double().sum(0))
+
+    xn, rn, l0 = x.double().numpy(), recon.double().numpy(), (z.numpy() != 0).sum(1)
+    keep = np.ones(2000, bool)
+    keep[[5, 700, 1999]] = False
+    ev_keep = 1 - ((xn - rn)[keep] ** 2).sum() / ((xn[keep] - xn[keep].mean(0)) ** 2).sum()
+    ev_level = 1 - ((xn - rn - 1.0)[keep] ** 2).sum() / ((xn[keep] - xn[keep].mean(0)) ** 2).sum()
+    share = 1 - ((xn[keep] - xn[keep].mean(0)) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+    assert tails["explained_variance_without_massive"] == pytest.approx(ev_keep, abs=1e-9)
+    assert tails["levels_without_massive"][0]["explained_variance"] == pytest.approx(ev_level, abs=1e-9)
+    assert tails["massive_variance_share"] == pytest.approx(share, abs=1e-9) and tails["massive_rows_excluded"] == 3
+    for key, q in (("p99", 99), ("p99.9", 99.9)):
+        assert tails["l0_tail"][key] == int(np.percentile(l0, q, method="inverted_cdf"))
+    assert tails["l0_tail"]["max"] == l0.max()
+    errors = ((xn - rn) ** 2).sum(1)
+    worst = tails["worst_rows"]
+    assert [w["row"] for w in worst] == list(np.argsort(-errors)[:5] + 10_000)
+    assert {w["row"] for w in worst[:3]} == set(excluded.tolist()) and all(w["massive"] for w in worst[:3])
+    assert worst[0]["error_share"] == pytest.approx(errors.max() / errors.sum(), rel=1e-9)
+    norms = np.linalg.norm(xn, axis=1)
+    assert worst[0]["norm_over_median"] == pytest.approx(norms[worst[0]["row"] - 10_000] / np.percentile(norms, 50, method="lower"), rel=1e-9)
+    assert worst[0]["l0"] == l0[worst[0]["row"] - 10_000]

@@ -46,20 +46,36 @@ def test_trained_transcoder_loads_in_saelens(store: Path, tmp_path: Path) -> Non
     assert ours.d_out == 12 and ours.cfg.transcoder
 
 
-def test_batchtopk_threshold_is_calibrated_on_held_out_rows(store: Path, tmp_path: Path) -> None:
+def test_threshold_is_calibrated_on_rows_evaluate_never_scores(store: Path, tmp_path: Path) -> None:
+    from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
+    from kukla.pipeline.evaluate import EvaluateConfig, evaluate
     from kukla.storage import open_store
 
     [path] = train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="batchtopk", width=[64], k=[3],
                                **SMALL))
     dictionary = load_dictionary(path)
     s = open_store(store)
-    held_out = s.read(HOOK, s.n_rows - s.holdout_rows, s.n_rows)
-    with torch.no_grad():
-        l0 = float((dictionary.encode(held_out) > 0).sum(dim=1).float().mean())
+    calibrated = json.loads((path / "kukla.json").read_text())["metadata"]["calibration"]
+    lo, hi = calibrated["rows"]
+    assert range(lo, hi) == calibration_rows(s) and calibrated["store_fingerprint"] == s.fingerprint
+    assert s.n_rows - s.holdout_rows == lo < hi
+    with torch.no_grad():  # on its own calibration rows the L0 is k by construction ...
+        l0 = float((dictionary.encode(s.read(HOOK, lo, hi)) > 0).sum(dim=1).float().mean())
     saved = json.loads((path / "kukla.json").read_text())["inference_l0"]
-    assert l0 == pytest.approx(saved, abs=1e-6) and abs(l0 - 3) < 0.05
+    assert l0 == pytest.approx(saved, abs=1e-6) and l0 == pytest.approx(3, abs=0.01)
     final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["final"] and final["inference_l0"] == pytest.approx(saved)
+
+    report = evaluate(EvaluateConfig(dictionaries=[path], store=store, out=tmp_path / "report",
+                                     downstream=False, absorption=False))
+    metrics = json.loads((report / "metrics.json").read_text())
+    scored = range(*metrics["store"]["eval_rows"])
+    assert scored == evaluation_rows(s) and not set(scored) & set(range(lo, hi))  # disjoint
+    assert metrics["store"]["calibration_rows"] == [lo, hi]
+    entry = metrics["dictionaries"][path.name]
+    assert entry["calibration_rows"] == [lo, hi] and not any("calibrated" in w for w in entry["warnings"])
+    evaluated_l0 = entry["reconstruction"]["l0"]  # ... on unseen rows it is close to k, not equal to it
+    assert evaluated_l0 != saved and abs(evaluated_l0 - 3) < 0.5
 
 
 def test_metrics_log_has_a_line_per_member_per_log_step(store: Path, tmp_path: Path) -> None:
