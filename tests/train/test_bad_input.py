@@ -71,3 +71,9 @@ def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(s
 def test_out_of_memory_says_what_to_reduce(store: Path, tmp_path: Path) -> None:
     message = _fails(*_args(store, tmp_path, "--hook", HOOK, "--arch", "topk", "--width", str(2**36), "--k", "4"))
     assert "out of memory" in message and "--batch-size" in message and "--width" in message
+
+
+def test_skipping_massive_rows_needs_a_store_that_flags_them(store: Path, tmp_path: Path) -> None:
+    message = _fails(*_args(store, tmp_path, "--hook", HOOK, "--arch", "topk", "--width", "32", "--k", "4",
+                            "--massive", "skip"))
+    assert "no tokens/massive flags" in message and "massive = keep" in message

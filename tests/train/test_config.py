@@ -44,3 +44,21 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     rates = [learning_rate(config, 1.0, step, 100) for step in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert rates[50] == 1.0 and rates[90] == pytest.approx(0.5) and rates[99] == pytest.approx(0.05)
+
+
+def test_dead_latent_window_fits_the_run_unless_given() -> None:
+    def window(**kw) -> int:
+        [member] = TrainConfig(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4], **kw).members(8, 8)
+        return int(member.config.dead_tokens)
+
+    assert window(tokens=120_000) == 12_000  # a tenth of a short run: aux-k can engage
+    assert window(tokens=10**9) == 10_000_000  # OpenAI's 10M in a long one
+    assert window(tokens=120_000, dead_tokens=500_000) == 500_000  # as given (the log says it never engages)
+
+
+def test_l0_cap_is_a_multiple_of_k_rounded_up() -> None:
+    config = TrainConfig(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4.5], l0_cap=3)
+    assert config.l0_cap_for(config.members(8, 8)[0].config) == 14
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4], l0_cap=0.5)
+    assert error.value.field == "l0_cap"

@@ -70,6 +70,7 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     local_batch = config.local_batch(ranks.world)
     out = Path(config.out)
     state = _resume_state(config, ranks)
+    skipped = massive_rows(store) if config.massive == "skip" else None
 
     train_rows = store.n_rows - store.holdout_rows
     trainees = build_trainees(config, members, ranks, mean_norms(store, config), init_rows(store, config))
@@ -94,7 +95,6 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     if ranks.is_main and config.dead_window >= config.tokens:
         log.bar.write(f"note: dead_tokens {config.dead_window:,} ≥ the run's {config.tokens:,} tokens: "
                       "no latent can be dead, so aux-k never engages", file=sys.stderr)
-    skipped = massive_rows(store) if config.massive == "skip" else None
     batches = iter(stream)
     try:
         while step < total_steps:
