@@ -75,9 +75,11 @@ class TrainConfig(DictionarySettings):
     per_latent_thresholds: bool = False
     """BatchTopK inference: give each latent its own threshold (it fires as often as BatchTopK chose
     it on the calibration rows) instead of one threshold for all; SAELens' JumpReLU loads either."""
-    l0_cap: float = 0.0
+    l0_cap: float = 4.0
     """BatchTopK inference: keep at most ceil(l0_cap·k) latents per token (0: no cap), so a
-    massive-activation token cannot fire a thousand latents. SAELens' JumpReLU has no cap."""
+    massive-activation token cannot fire a thousand latents. 4 measured best on Gemma-3-270m
+    held-out text (benchmarks/RESULTS.md: higher EV, and a Matryoshka's full width no longer
+    loses to its prefix; 2 clips ordinary tokens). SAELens' JumpReLU has no cap."""
     massive: Literal["keep", "skip"] = "keep"
     """Rows the store flags as massive activations (`tokens/massive`): keep trains on them like any
     row; skip leaves them out of every batch (they hold a large share of the variance on a few tokens)."""
