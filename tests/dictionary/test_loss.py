@@ -238,3 +238,24 @@ def test_sampled_prefixes_with_relu_average_prefix_fvus_plus_l1():
     fvus = [((x_s - z[:, :p] @ d.W_dec[:p] - d.b_dec) ** 2).sum() / var for p in draws]
     l1 = (z * d.W_dec.norm(dim=1)).sum(1).mean() / (var / x.shape[0]).sqrt()
     torch.testing.assert_close(out.loss, sum(fvus) / len(draws) + d.cfg.l1_coefficient * l1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,sparse_path", [("matryoshka-batchtopk", True), ("matryoshka-batchtopk", False),
+                                              ("topk", True), ("relu", False)])
+def test_training_pass_and_dead_update_never_read_the_device(arch, sparse_path, monkeypatch):
+    """On a GPU a read (item, tolist, bool, float, int) makes the host wait for the device: a step
+    must not do one. CPU tensors can't show the wait, so count the reads themselves."""
+    d, x = _dictionary(arch=arch, sparse_path=sparse_path, aux_k=4, k=None if arch == "relu" else 3.0,
+                       levels=[4, 12, 28, 48] if arch.startswith("matryoshka") else None)
+    _with_dead_latents(d, slice(0, 48, 3))  # aux-k runs: its decision must not read the dead count either
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    out = d.training_loss(x)
+    out.loss.backward()
+    d.update_dead(out.fired, x.shape[0])
+    monkeypatch.undo()
+    assert reads == []
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.metrics.values())
+    assert float(out.metrics["aux"]) > 0 or arch == "relu"
