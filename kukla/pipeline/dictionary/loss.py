@@ -74,7 +74,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
     aux_cols = dictionary.aux_candidates() if cfg.aux_coefficient > 0 else None
-    path = sparse if (cfg.sparse_path and rule != "relu") else reference
+    path = sparse if (dictionary.use_sparse_path and rule != "relu") else reference
 
     if path is sparse:
         with torch.no_grad():

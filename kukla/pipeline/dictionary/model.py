@@ -40,6 +40,8 @@ class Dictionary(nn.Module):
         self.register_buffer("threshold", torch.full((width,), math.nan))
         self.register_buffer("inference_l0", torch.tensor(math.nan))
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        self.use_sparse_path = cfg.sparse_path
+        """The path `training_loss` takes; `fast_path.choose_sparse_path` may pick dense where it is faster."""
         self.aux_columns = 0
         """How many longest-unfired latents aux-k searches for dead ones (set by `count_dead`)."""
         self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)

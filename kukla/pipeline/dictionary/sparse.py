@@ -108,10 +108,12 @@ class _PrefixErrors(torch.autograd.Function):
     residual updated in place (autograd's cumsum keeps G of them and walks them 5 times).
 
     Backward: ∂/∂s_i = −2 Σ_{j≥i} g_j r_j, walking the residuals back from the last one
-    (r_{j−1} = r_j + s_j), again in place; ∂/∂t = 2 Σ_j g_j r_j.
+    (r_{j−1} = r_j + s_j), again in place; ∂/∂t = 2 Σ_j g_j r_j. Always in float32, also under
+    CUDA autocast (a bf16 sum of squares would lose the small prefix differences).
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, target: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         residual = target.clone()
         errors = []
@@ -124,6 +126,7 @@ class _PrefixErrors(torch.autograd.Function):
         return torch.stack(errors), residual
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: Tensor, _: Tensor):  # type: ignore[override]
         segments, residual = ctx.saved_tensors
         residual = residual.clone()

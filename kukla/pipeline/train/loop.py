@@ -155,6 +155,7 @@ def _restore(state: dict[str, Any], trainees: list[Trainee], stream: ActivationS
         trainee.dictionary.load_state_dict(saved["dictionary"])
         trainee.optimizer.load_state_dict(saved["optimizer"])
         trainee.generator.set_state(saved["generator"])
+        trainee.dictionary.use_sparse_path = saved.get("sparse_path", trainee.dictionary.use_sparse_path)
         trainee.dictionary.count_dead()  # aux-k's candidates, as the checkpointed run had sized them
     stream.load_state_dict(state["streams"][ranks.rank])
     torch.set_rng_state(state["torch_rng"])
@@ -200,7 +201,8 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
             "streams": streams, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
             "wandb_id": getattr(wandb_run, "id", None),
             "members": {t.name: {"dictionary": t.dictionary.state_dict(), "optimizer": t.optimizer.state_dict(),
-                                 "generator": t.generator.get_state()} for t in trainees},
+                                 "generator": t.generator.get_state(),
+                                 "sparse_path": t.dictionary.use_sparse_path} for t in trainees},
         }
 
         def build(tmp: Path) -> None:

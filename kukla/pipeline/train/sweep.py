@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, default_lr
+from kukla.pipeline.dictionary.fast_path import choose_sparse_path
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
 from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
                                               global_batch)
@@ -52,12 +53,20 @@ def build_trainees(config: TrainConfig, members: list[Member], ranks: Ranks,
         dictionary.initialize(*init_rows)
         dictionary.to(ranks.device)
         broadcast_parameters(dictionary, ranks)
+        choose_sparse_path(dictionary, *_batch_like(init_rows, config.local_batch(ranks.world), ranks.device),
+                           precision=lambda: autocast(ranks.device))
         base_lr = config.lr or default_lr(member.config.width)
         optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=ADAM_BETAS)
         generator = torch.Generator(device=ranks.device).manual_seed(member.seed)
         loss_fn = torch.compile(dictionary.training_loss) if config.compile else dictionary.training_loss
         trainees.append(Trainee(member, dictionary, optimizer, generator, base_lr, loss_fn))
     return trainees
+
+
+def _batch_like(rows: tuple[Tensor, ...], n: int, device: torch.device) -> tuple[Tensor, ...]:
+    """n rows (the init rows, repeated if fewer) per hook on the device: what a step's batch looks like."""
+    reps = -(-n // rows[0].shape[0])
+    return tuple(r.repeat(reps, 1)[:n].to(device) for r in rows)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
