@@ -199,7 +199,7 @@ class Dictionary(nn.Module):
         Under DDP pass the all-reduced (OR) fired mask and the global token count.
         """
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+        self.tokens_since_fired.masked_fill_(fired.to(self.tokens_since_fired.device), 0)  # no nonzero(): no wait
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for `dead_tokens` tokens."""
