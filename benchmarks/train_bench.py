@@ -12,7 +12,8 @@ Adam, its firing counters) on `BatchTopKTrainingSAE` / `MatryoshkaBatchTopKTrain
 All get the same batches: sparse sums of random unit directions, like residual-stream
 activations. Levels are F·{1/32, 3/32, 7/32, 15/32, 1}. The physical limit is the encoder's
 dense forward matmul (B×d by d×F): selection needs every pre-activation, so no step is cheaper.
-"stream" is kukla's sparse Matryoshka step fed by `ActivationStream` from a store on disk
+"interleaved" takes kukla's Matryoshka and plain BatchTopK steps in turn in one process, so
+their cost ratio is measured under the same load. "stream" is kukla's sparse Matryoshka step fed by `ActivationStream` from a store on disk
 (bf16 rows, written with `StoreWriter` and shuffled by `finalize_store`); the data wait is the
 share of its wall time spent waiting for the next batch.
 
@@ -39,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CASES = [("matmul", "-"), ("kukla", "batchtopk"), ("kukla-dense", "batchtopk"), ("saelens", "batchtopk"),
          ("kukla", "matryoshka-batchtopk"), ("kukla-dense", "matryoshka-batchtopk"),
-         ("saelens", "matryoshka-batchtopk"), ("stream", "matryoshka-batchtopk")]
+         ("saelens", "matryoshka-batchtopk"), ("stream", "matryoshka-batchtopk"),
+         ("interleaved", "matryoshka-batchtopk")]
 HOOK = "blocks.0.hook_resid_post"
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core rate (SXM)
 
@@ -193,11 +195,36 @@ def streamed(args: argparse.Namespace, device: torch.device) -> dict:
     return {"wall_s": total / args.steps, "cpu_s": cpu / args.steps, "data_wait": wait / total}
 
 
+def interleaved(args: argparse.Namespace, device: torch.device) -> dict:
+    """kukla's sparse Matryoshka and plain BatchTopK steps taken in turn in one process: their cost
+    ratio under the same load at the same moments."""
+    batches = activations(args, device)
+    steps = {arch: kukla_trainer(argparse.Namespace(**{**vars(args), "arch": arch}), device, batches[0], sparse=True)
+             for arch in ("batchtopk", "matryoshka-batchtopk")}
+    alternating = {arch: [] for arch in steps}
+
+    def both(i: int, x: torch.Tensor) -> None:
+        for arch, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter() if device.type == "cuda" else time.process_time()
+            step(i, x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            alternating[arch].append((time.perf_counter() if device.type == "cuda" else time.process_time()) - t)
+
+    result = timed(both, batches, device, args.steps)
+    plain, matryoshka = (min(alternating[a][1:]) for a in ("batchtopk", "matryoshka-batchtopk"))
+    return {**result, "ratio": matryoshka / plain}
+
+
 def run_case(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if args.gpu else "cpu")
     torch.manual_seed(0)
     if args.trainer == "stream":
         result = streamed(args, device)
+    elif args.trainer == "interleaved":
+        result = interleaved(args, device)
     else:
         batches = activations(args, device)
         if args.trainer == "matmul":
@@ -222,7 +249,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
               f"sparse / dense {rate['kukla', arch] / rate['kukla-dense', arch]:.2f}x, "
               f"step = {results['kukla', arch][key] / matmul:.1f} encoder matmuls")
     cost = results["kukla", "matryoshka-batchtopk"][key] / results["kukla", "batchtopk"][key]
-    print(f"Matryoshka step cost / plain BatchTopK (kukla sparse): {cost:.2f}x")
+    print(f"Matryoshka step cost / plain BatchTopK (kukla sparse): {cost:.2f}x in separate processes, "
+          f"{results['interleaved', 'matryoshka-batchtopk']['ratio']:.2f}x taken in turn in one")
     stream = results["stream", "matryoshka-batchtopk"]
     print(f"data wait (store on disk → ActivationStream → step): {100 * stream['data_wait']:.1f}% of step time")
     if args.gpu:
