@@ -141,6 +141,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """Refuse an output path that exists and is not a folder, before any work is done."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise KuklaError(f"{flag} {path} is a file, not a folder: give a folder path (it is created if missing)")
+
+
 def disk_full_error(exc: OSError, location: Location, what: str) -> KuklaError | None:
     """A one-line error for a full disk, or None when `exc` is another OS error."""
     if exc.errno not in DISK_FULL_ERRNOS:
