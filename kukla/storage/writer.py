@@ -19,7 +19,7 @@ from kukla.errors import KuklaError
 from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec, store_dtype,
                                   to_stored)
 from kukla.storage.format import (TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta, chunk_rows_for,
-                                  new_attributes, write_manifest)
+                                  data_crc32, new_attributes, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.lease import Lease
 from kukla.storage.parts import finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
@@ -162,6 +162,7 @@ class StoreWriter:
             target = group.create_array(f"static/{name}", shape=data.shape, dtype=data.dtype,
                                         chunks=data.shape or None, overwrite=True)
             target[...] = data
+            target.attrs["crc32"] = data_crc32(data)  # verify checks it: static chunks carry no CRC codec
             self.location.make_durable(f"static/{name}")
             Attributes(self.location, self.attrs).write()  # zarr rewrote the root metadata: restore ours
 
