@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kukla.config import from_dict
 from kukla.errors import KuklaError
+from kukla.pipeline.harvest import HarvestConfig, harvest
 from kukla.storage import StoreWriter, finalize_store, open_store
 
 from .conftest import HOOKS, write_sequences  # noqa: TID252
@@ -110,8 +112,7 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
     assert not (stopped / "_parts" / "rank-00000" / "lock.json").exists()
     assert len(os.listdir(journal)) < 4096 // 32, "the harvest finished before SIGTERM"
 
-    for out in (stopped, whole):
-        done = _start(["-m", "kukla", "harvest", str(out), *flags])
-        _, err = done.communicate(timeout=300)
-        assert done.returncode == 0, err
+    settings = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
+    for out in (stopped, whole):  # the same command, run in this process
+        harvest(from_dict(HarvestConfig, {**settings, "output": str(out)}))
     _assert_same_store(stopped, whole)
