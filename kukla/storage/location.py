@@ -70,11 +70,16 @@ class Location:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk or a stop: no partial file is left to fill the disk further
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         fsync_dir(os.path.dirname(path))
 
     def put_json(self, sub: str, value: Any) -> None:

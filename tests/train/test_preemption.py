@@ -76,22 +76,6 @@ def test_sigterm_checkpoints_and_exits_143_and_the_resumed_run_equals_an_uninter
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A real 1 MiB file system (tmpfs; needs root), unmounted afterwards."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("tmpfs cannot be mounted here")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_half_written_folder(
         store: Path, small_disk: Path) -> None:
     out = small_disk / "run"
