@@ -31,3 +31,10 @@ def test_a_toml_boolean_is_not_taken_as_a_number(tmp_path: Path) -> None:
 def test_a_dataset_path_that_does_not_exist_is_named_as_a_missing_file(dataset: str) -> None:
     with pytest.raises(KuklaError, match=r"dataset file .* does not exist: check the path"):
         next(iter_texts(dataset, None, "train", None, "text"))
+
+
+def test_a_memory_budget_too_small_is_refused_before_a_harvest_writes_anything(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["harvest", str(tmp_path / "s"), "--source", "toy-tree", "--tokens", "256",
+                                      "--memory-budget-gb", "0.00001"])
+    assert result.exit_code == 2 and "memory budget 10000 bytes is too small" in result.output, result.output
+    assert not (tmp_path / "s").exists()

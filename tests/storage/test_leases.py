@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from kukla.cli.app import app
 from kukla.config import from_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.harvest import HarvestConfig, harvest
@@ -115,4 +117,19 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
     settings = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
     for out in (stopped, whole):  # the same command, run in this process
         harvest(from_dict(HarvestConfig, {**settings, "output": str(out)}))
+    _assert_same_store(stopped, whole)
+
+
+def test_an_import_stopped_during_finalize_finishes_when_the_same_command_is_rerun(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((6000, 32)).astype(np.float32))
+    args = ["store", "import", "--hook", f"h={tmp_path / 'x.npy'}", "--memory-budget", "64KiB", "--seed", "2"]
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    proc = _start(["-m", "kukla", *args, str(stopped)])
+    _wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000002.json").exists())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    for out in (stopped, whole):
+        result = CliRunner().invoke(app, [*args, str(out)])
+        assert result.exit_code == 0, result.output
     _assert_same_store(stopped, whole)
