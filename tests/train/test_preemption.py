@@ -12,31 +12,27 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import HOOK
+from test_resume import NAME
+from test_resume import _flags as resume_flags
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kukla.cli.app import app
-from kukla.config import from_dict
-from kukla.pipeline.train import TrainConfig, checkpoint, train
+from kukla.pipeline.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-NAME = "matryoshka-prefix-w64-k4-s0"
 runner = CliRunner()
 
 
 def _flags(store: Path, out: Path, *extra: str) -> list[str]:
-    return [str(store), "--hook", HOOK, "--out", str(out), "--arch", "matryoshka-prefix", "--width", "64",
-            "--k", "4", "--n-prefixes", "3", "--batch-size", "128", "--tokens", str(128 * 400),
-            "--checkpoint-every", "0", "--log-every", "20", "--dead-tokens", "2000", "--threads", "1", *extra]
+    """test_resume's run, made long enough to stop mid-way, with no periodic checkpoint."""
+    return resume_flags(store, out, "--tokens", str(128 * 400), "--checkpoint-every", "0", *extra)
 
 
-def _config(store: Path, out: Path, **changes: object) -> TrainConfig:
-    flags = _flags(store, out)[1:]
-    data = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
-    return from_dict(TrainConfig, {**data, "store": store, **changes})
+def _train(*args: str) -> None:
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
 
 
 def _one_line_error(result, *needles: str) -> None:
@@ -67,8 +63,8 @@ def test_sigterm_checkpoints_and_exits_143_and_the_resumed_run_equals_an_uninter
     assert latest is not None and latest.name < "step-00000400", "no checkpoint, or the run had finished"
     assert not (stopped / "lock.json").exists() and not (stopped / NAME).exists()
 
-    train(_config(store, stopped, resume=True))
-    train(_config(store, whole))
+    _train(*_flags(store, stopped, "--resume"))
+    _train(*_flags(store, whole))
     a = load_file(str(whole / NAME / "sae_weights.safetensors"))
     b = load_file(str(stopped / NAME / "sae_weights.safetensors"))
     assert a.keys() == b.keys()
@@ -88,8 +84,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_half_written_
     assert not [name for name in leftovers if name.startswith(".tmp-")], leftovers
     assert checkpoint.latest_checkpoint(out) is None and not (out / "lock.json").exists()
     filler.unlink()
-    done = runner.invoke(app, ["train", *_flags(store, out, "--tokens", str(128 * 20), "--resume")])
-    assert done.exit_code == 0, done.output
+    _train(*_flags(store, out, "--tokens", str(128 * 20), "--resume"))
     assert (out / NAME / "sae_weights.safetensors").exists()
 
 
