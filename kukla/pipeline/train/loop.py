@@ -63,9 +63,9 @@ def mean_norms(store: Store, config: TrainConfig) -> tuple[float, float | None]:
 def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     """Train every member of the sweep; returns the final dictionary directories.
 
-    Rank 0 holds a lease on `--out` (a second live trainer there is refused). SIGTERM on
-    any rank makes every rank stop after the current step; a checkpoint is written and
-    `Preempted` raised (the CLI exits 143), so `--resume` continues exactly.
+    Rank 0 holds a lease on `--out` (a second live trainer there is refused). After SIGTERM
+    every rank stops at the same step (the next one; under DDP the next logging step), a
+    checkpoint is written and `Preempted` raised (the CLI exits 143); `--resume` continues exactly.
     """
     check_output_dir(config.out, "--out")
     lease = Lease(Location(config.out), "lock.json", f"training run {config.out}") if ranks.is_main else None
@@ -127,7 +127,7 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]
                 log.record(step, step * config.batch_size, _averaged_metrics(trainees, ranks))
             if lease is not None:
                 lease.check()
-            stop = step < total_steps and agree(sigterm_requested(), ranks)
+            stop = step < total_steps and _stop_requested(step, config, ranks)
             if stop or (config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps):
                 _checkpoint(config, store, trainees, stream, step, ranks, wandb_run,
                             min(CHECKPOINT_CALIBRATION_ROWS, config.calibration_tokens))
@@ -140,6 +140,14 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]
         batches.close()  # stops the stream's prefetch thread
         log.close()
     return outputs
+
+
+def _stop_requested(step: int, config: TrainConfig, ranks: Ranks) -> bool:
+    """SIGTERM seen, by every rank at the same step: each step alone, at logging steps under DDP
+    (agreeing is a collective and a device sync, which logging pays already)."""
+    if ranks.world == 1:
+        return sigterm_requested()
+    return step % config.log_every == 0 and agree(sigterm_requested(), ranks)
 
 
 def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
