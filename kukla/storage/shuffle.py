@@ -23,10 +23,10 @@ import numpy as np
 import zarr
 
 from kukla.errors import KuklaError
+from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, array_specs, create_array,
                                   holdout_default, shard_key, write_manifest)
-from kukla.preempt import stop_on_sigterm
 from kukla.storage.lease import Lease
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_journal

@@ -25,8 +25,8 @@ from kukla.pipeline.harvest.text import dataset_spec, iter_texts, iter_windows, 
 from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
-from kukla.progress import progress
 from kukla.preempt import stop_on_sigterm
+from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
 from kukla.storage.shuffle import check_memory_budget
 
