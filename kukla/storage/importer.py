@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from kukla.errors import KuklaError
-from kukla.progress import progress
 from kukla.preempt import stop_on_sigterm
+from kukla.progress import progress
 from kukla.storage.codecs import DEFAULT_CODEC, check_codec, store_dtype
 from kukla.storage.format import Attributes, meta_fingerprint
 from kukla.storage.location import Location
