@@ -45,10 +45,10 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
         return
     check_memory_budget(memory_budget_bytes)
     try:
-        with Lease(location, FINALIZE_LOCK, f"finalize of {location.url}"), stop_on_sigterm():
+        with Lease(location, FINALIZE_LOCK, f"finalize of {location.url}") as lease, stop_on_sigterm():
             attrs = Attributes.read(location)  # another finalize may have finished just before our lease
             if attrs.value["state"] != "finalized":
-                _finalize(location, attrs, memory_budget_bytes, seed, holdout_rows)
+                _finalize(location, attrs, memory_budget_bytes, seed, holdout_rows, lease)
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
 
@@ -60,10 +60,11 @@ def check_memory_budget(memory_budget_bytes: int) -> None:
 
 
 def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int,
-              holdout_rows: int | None) -> None:
+              holdout_rows: int | None, lease: Lease) -> None:
     plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
     _scatter(location, plan)
     _permute(location, plan)
+    lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
                        shuffle_buckets=plan["n_buckets"],
                        holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
