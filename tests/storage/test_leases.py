@@ -133,3 +133,18 @@ def test_an_import_stopped_during_finalize_finishes_when_the_same_command_is_rer
         result = CliRunner().invoke(app, [*args, str(out)])
         assert result.exit_code == 0, result.output
     _assert_same_store(stopped, whole)
+
+
+def test_a_holder_whose_lease_was_taken_over_stops_at_its_next_check(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUKLA_LEASE_SECONDS", "0.4")
+    write_sequences(tmp_path / "s", 4, 16, finish=False)
+    writer = StoreWriter.open(tmp_path / "s", {"model": "toy", "hooks": HOOKS}, dtype="float32", chunk_rows=16)
+    lock = tmp_path / "s" / "_parts" / "rank-00000" / "lock.json"
+    taken = {**json.loads(lock.read_text()), "token": "another", "host": "node-c", "time": time.time() + 60}
+    lock.write_text(json.dumps(taken))  # what a taker writes once it judged this lease expired
+    time.sleep(0.5)  # one renewal period: the holder re-reads the lease and sees it is not its own
+    with pytest.raises(KuklaError, match="lease was taken over by process .* on node-c"):
+        writer.write_segment(9, {})
+    writer.close()
+    assert json.loads(lock.read_text())["token"] == "another"  # closing leaves the new holder's lease alone
