@@ -121,3 +121,19 @@ def test_a_researcher_finds_a_latent_sees_its_contexts_switches_dictionary_and_s
     assert page.locator("img[alt^='Training: ']").count() == 2
     assert errors == []
     assert requests == [url], "report.html requested something besides itself"
+
+
+@pytest.mark.slow
+def test_contexts_are_text_without_a_model(demo_report: Path, tmp_path: Path) -> None:
+    """--no-downstream loads no model, yet the contexts decode through the store's tokenizer alone."""
+    metrics = json.loads((demo_report / "metrics.json").read_text())
+    dictionaries = [Path(m["path"]) for m in metrics["dictionaries"].values()]
+    out = evaluate(EvaluateConfig(dictionaries=dictionaries, store=Path(metrics["store"]["path"]), out=tmp_path / "r",
+                                  downstream=False, absorption=False))
+    name = next(iter(metrics["dictionaries"]))
+    contexts = [c for latent in pq.read_table(out / f"latents_{name}.parquet").to_pydict()["top_contexts"] for c in latent]
+    assert contexts and all("«" in c for c in contexts)
+    assert not any(c.split("«")[0].replace(" ", "").isdigit() for c in contexts), "contexts came out as token ids"
+    notes = json.loads((out / "metrics.json").read_text())["notes"]
+    assert any("no logit lens (no model loaded" in n for n in notes)
+    assert not any("no tokenizer" in n for n in notes)

@@ -13,7 +13,9 @@ function esc(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
 function piece(id) { return id < 0 ? "" : (DATA.vocab[id] ?? `[${id}]`); }
-function shown(id) { return JSON.stringify(piece(id)).slice(1, -1); }
+function shown(id) {  // a token as one visible word: escapes for newlines, ␣ for spaces
+  return JSON.stringify(piece(id)).slice(1, -1).replace(/ /g, "␣");
+}
 function fmt(v, digits = 3) { return v === null || v === undefined ? "n/a" : Number(v).toPrecision(digits); }
 function dictData() { return DATA.dictionaries[NAMES[state.dict]]; }
 
@@ -147,11 +149,11 @@ function renderTree() {
     return `<li><span class="node lat" data-dict="${state.dict}" data-latent="${i}">#${i} L${ix.level[i]} ${esc(shown(ix.top_token[i]))}</span>${share}${below}</li>`;
   };
   const roots = [];
-  for (let i = 0; i < d.levels[0]; i++) if (kids[i].length) roots.push(i);
-  roots.sort((a, b) => kids[b].length - kids[a].length);
+  for (let i = 0; i < d.width; i++) if (kids[i].length && ix.parent[i] < 0) roots.push(i);
+  roots.sort((a, b) => kids[b].length - kids[a].length || a - b);
   $("treeview").innerHTML = roots.length
-    ? `<p>${esc(NAMES[state.dict])}: ${roots.length} first-level latents with children (the 30 with most shown).</p><ul class="tree">${roots.slice(0, 30).map((i) => node(i, 0)).join("")}</ul>`
-    : `<p class="hint">No later-level latent fires mostly inside a first-level one.</p>`;
+    ? `<p>${esc(NAMES[state.dict])}: ${roots.length} top-most latents with children (the 30 with most children shown, 3 levels deep).</p><ul class="tree">${roots.slice(0, 30).map((i) => node(i, 0)).join("")}</ul>`
+    : `<p class="hint">No later-level latent fires mostly inside an earlier-level one.</p>`;
 }
 
 function selectDict(di) {
@@ -180,5 +182,14 @@ $("dict").addEventListener("change", () => selectDict(Number($("dict").value)));
 for (const id of ["search", "level", "dmin", "dmax", "sort"]) $(id).addEventListener("input", filterLatents);
 $("prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); renderList(); });
 $("next").addEventListener("click", () => { state.page += 1; renderList(); });
+// A link to one latent: report.html#latent=<dictionary index>:<latent>.
+async function openFromHash() {
+  const m = /^#latent=(\d+):(\d+)$/.exec(location.hash);
+  if (!m || Number(m[1]) >= NAMES.length) return;
+  selectDict(Number(m[1]));
+  await openLatent(Number(m[2]));
+  $("browser").scrollIntoView();
+}
+window.addEventListener("hashchange", openFromHash);
 selectDict(0);
-document.body.dataset.ready = "1";
+openFromHash().then(() => { document.body.dataset.ready = "1"; });
