@@ -87,10 +87,10 @@ def test_max_correlation_equals_numpy_corrcoef_and_skips_dead_latents(rng: torch
     corr = np.corrcoef(z_a.double().numpy().T, z_b.double().numpy().T)[:10, 10:]
     corr[:, 5] = -np.inf
     for i in range(1, 10):
-        assert index[i] == int(np.argmax(corr[i])) and best[i] == pytest.approx(corr[i].max(), abs=1e-6)
+        assert index[i] == int(np.argmax(corr[i])) and best[i] == pytest.approx(corr[i].max(), abs=1e-5)
     assert best[0].isnan() and index[0] == -1
-    assert index[7] == 3 and best[7] == pytest.approx(1.0, abs=1e-6)
-    assert mean_max_correlation(best) == pytest.approx(np.mean(corr[1:].max(1)), abs=1e-6)
+    assert index[7] == 3 and best[7] == pytest.approx(1.0, abs=1e-5)
+    assert mean_max_correlation(best) == pytest.approx(np.mean(corr[1:].max(1)), abs=1e-5)
 
 
 def test_activation_histogram_counts_each_latents_nonzero_activations(rng: torch.Generator) -> None:

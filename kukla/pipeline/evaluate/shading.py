@@ -18,6 +18,14 @@ import torch
 from kukla.storage import Store
 
 MAX_READ_ROWS = 1 << 22
+ENCODE_ROWS = 1024
+
+
+def _batches(rows: np.ndarray, lo: int, hi: int, size: int = ENCODE_ROWS) -> list[tuple[int, int]]:
+    """Split the sorted rows[lo:hi] into spans of at most `size` distinct rows."""
+    starts = lo + np.flatnonzero(np.r_[True, rows[lo + 1:hi] != rows[lo:hi - 1]])  # first pair of each row
+    bounds = [*starts[::size].tolist(), hi]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def chunks_to_read(store: Store, rows: np.ndarray, max_rows: int = MAX_READ_ROWS) -> list[int]:
@@ -51,10 +59,10 @@ def context_activations(store: Store, hook: str, encode: Callable[[torch.Tensor]
         lo, hi = np.searchsorted(rows, [start, start + store.chunk_rows])
         if lo == hi:
             continue
-        acts = store.read(hook, start, start + store.chunk_rows).to(device)
-        local = torch.from_numpy(rows[lo:hi] - start).to(device)
-        wanted, inverse = local.unique(return_inverse=True)
-        z = encode(acts[wanted])
-        values = z[inverse, torch.from_numpy(lat[lo:hi]).to(device)]
-        out[valid[lo:hi]] = values.float().cpu().numpy()
+        acts = store.read(hook, start, start + store.chunk_rows)
+        for a, b in _batches(rows, lo, hi):  # encode ENCODE_ROWS distinct rows at a time: z is [rows, F]
+            wanted, inverse = np.unique(rows[a:b] - start, return_inverse=True)
+            z = encode(acts[torch.from_numpy(wanted)].to(device))
+            values = z[torch.from_numpy(inverse).to(device), torch.from_numpy(lat[a:b]).to(device)]
+            out[valid[a:b]] = values.float().cpu().numpy()
     return out
