@@ -104,6 +104,10 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines += [""] if any(m.get("warnings") for m in dicts.values()) else []
     lines += ["| metric | " + " | ".join(dicts) + " |", "|---|" + "---|" * len(dicts)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in summary_rows(dicts)]
+    matching = [f"- {a} → {b}: {_cell(v, ('mean_max_correlation',), '.3f')} (on {v['rows']} rows)"
+                for a, m in dicts.items() for b, v in m.get("matching", {}).items()]
+    if matching:
+        lines += ["", "## Cross-dictionary matching (mean max activation correlation)", ""] + matching
     levels = _levels_rows(dicts)
     if levels:
         lines += ["", "## Matryoshka levels (EV and L0 using only each prefix)", ""] + [f"- {line}" for line in levels]
