@@ -21,10 +21,13 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig
-from kukla.pipeline.train.distributed import Ranks, barrier, gather_objects, sum_over_ranks
+from kukla.pipeline.train.distributed import Ranks, agree, barrier, gather_objects, sum_over_ranks
 from kukla.pipeline.train.log import TrainLog, start_wandb
 from kukla.pipeline.train.sweep import NonFiniteLoss, Trainee, build_trainees, step_metrics, train_step
+from kukla.preempt import Preempted, checkpoint_on_sigterm, sigterm_requested
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
+from kukla.storage.lease import Lease
+from kukla.storage.location import Location, check_output_dir
 
 #: Settings that may change between a run and its resumption (they do not touch the math).
 RESUMABLE_CHANGES = {"resume", "wandb", "wandb_project", "wandb_name", "threads", "log_every",
@@ -58,7 +61,25 @@ def mean_norms(store: Store, config: TrainConfig) -> tuple[float, float | None]:
 
 
 def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
-    """Train every member of the sweep; returns the final dictionary directories."""
+    """Train every member of the sweep; returns the final dictionary directories.
+
+    Rank 0 holds a lease on `--out` (a second live trainer there is refused). After SIGTERM
+    every rank stops at the same step (the next one; under DDP the next logging step), a
+    checkpoint is written and `Preempted` raised (the CLI exits 143); `--resume` continues exactly.
+    """
+    check_output_dir(config.out, "--out")
+    lease = Lease(Location(config.out), "lock.json", f"training run {config.out}") if ranks.is_main else None
+    try:
+        if lease is not None:
+            lease.acquire()
+        with checkpoint_on_sigterm():
+            return _train(config, ranks, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]:
     store = open_checked_store(config)
     hooks = config.hooks
     members = config.members(store.hooks[hooks[0]], store.hooks[hooks[-1]])
@@ -104,15 +125,29 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
             log.advance(config.batch_size)
             if step % config.log_every == 0 or step == total_steps:
                 log.record(step, step * config.batch_size, _averaged_metrics(trainees, ranks))
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            if lease is not None:
+                lease.check()
+            stop = step < total_steps and _stop_requested(step, config, ranks)
+            if stop or (config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps):
                 _checkpoint(config, store, trainees, stream, step, ranks, wandb_run,
                             min(CHECKPOINT_CALIBRATION_ROWS, config.calibration_tokens))
+            if stop:
+                raise Preempted(f"stopped by SIGTERM after step {step} of {total_steps}: a checkpoint is written; "
+                                "rerun with --resume to continue exactly")
         final = _checkpoint(config, store, trainees, stream, step, ranks, wandb_run, config.calibration_tokens)
         outputs = _publish_final(final, trainees, out, ranks, log)
     finally:
         batches.close()  # stops the stream's prefetch thread
         log.close()
     return outputs
+
+
+def _stop_requested(step: int, config: TrainConfig, ranks: Ranks) -> bool:
+    """SIGTERM seen, by every rank at the same step: each step alone, at logging steps under DDP
+    (agreeing is a collective and a device sync, which logging pays already)."""
+    if ranks.world == 1:
+        return sigterm_requested()
+    return step % config.log_every == 0 and agree(sigterm_requested(), ranks)
 
 
 def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
