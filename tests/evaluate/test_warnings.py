@@ -10,7 +10,7 @@ import torch
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, calibrate_threshold, save_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
 from kukla.pipeline.evaluate import EvaluateConfig, evaluate
-from kukla.pipeline.evaluate.caveats import dictionary_warnings
+from kukla.pipeline.evaluate.caveats import caveats
 from kukla.storage import open_store
 from tests.evaluate.helpers import D, HOOK
 
@@ -41,15 +41,13 @@ def test_calibration_rows_among_the_scored_rows_are_stated(tmp_path: Path, rows_
     assert not any("calibrat" in w for w in warnings["new"])
     assert any("100 of the scored rows also calibrated" in w for w in warnings["overlapping"])
     assert any("older kukla" in w for w in warnings["old"])
-    # 500 scored rows: too few for EV comparisons, and for dead latents of 16 latents? (needs 160: enough)
-    assert any(w.startswith("explained variance and L0: only 500 eval rows") for w in warnings["new"])
-    assert not any(w.startswith("dead latents") for w in warnings["new"])
+    assert any(w.startswith("EV, FVU and L0 from only 500 eval tokens") for w in warnings["new"])
     report = (out / "report.md").read_text()
     assert "> warning (overlapping): L0 and EV: 100 of the scored rows" in report
 
 
 def test_weak_splices_and_thin_samples_get_warnings_that_name_the_metric() -> None:
-    m = {"width": 4096, "reconstruction": {"n_tokens": 2000, "massive_variance_share": 0.38,
+    m = {"width": 4096, "reconstruction": {"n_tokens": 2000, "dead_latents": 300, "massive_variance_share": 0.38,
                                            "massive_rows_excluded": 3, "explained_variance_without_massive": 0.52,
                                            "l0_tail": {"p99": 60, "p99.9": 900, "max": 1400}},
          "downstream": {"contexts": 4, "context_size": 128, "ce_loss_clean": 2.1, "ce_loss_spliced": 6.8,
@@ -57,10 +55,11 @@ def test_weak_splices_and_thin_samples_get_warnings_that_name_the_metric() -> No
                         "ce_loss_recovered_zero_ablation": 0.76},
          "absorption": {"letters_kept": 11, "letters_total": 26}}
     meta = {"config": {"k": 32}, "metadata": {"dead_window": {"tokens": 10_000_000, "engaged": False}}}
-    warnings = dictionary_warnings(m, meta)
-    starts = [w.split(":")[0] for w in warnings]
-    assert starts == ["explained variance and L0", "dead latents", "explained variance", "L0", "dead latents",
-                      "CE loss recovered and KL", "CE loss recovered -0.38 against mean ablation", "absorption"]
+    warnings = caveats(m, meta, {})
+    starts = [w.split(":")[0].split(" from")[0] for w in warnings]
+    assert starts == ["dead latents counted on only 2,000 eval tokens", "EV, FVU and L0", "CE recovered and KL",
+                      "explained variance", "L0", "dead latents", "CE loss recovered -0.38 against mean ablation",
+                      "absorption"]
     assert any("38% of the eval variance; without them EV is 0.520" in w for w in warnings)
     assert any("from 2.10 to 6.80 nats/token (ΔLM 4.70)" in w and "(5.50)" in w for w in warnings)
     assert any("aux-k never engaged" in w for w in warnings)

@@ -71,7 +71,8 @@ class DictionarySettings:
     10M (OpenAI's window, a tenth of a 10⁸-token run); a fixed 10M never engages in a shorter run."""
     sparse_path: bool = True
     """TopK/BatchTopK: backward through the encoder only at the selected entries and decode by
-    gathering decoder rows (no dense B×F gradient). False runs the dense reference math."""
+    gathering decoder rows (no dense B×F gradient). On a GPU the trainer first times this and
+    the dense path on a batch and takes the faster. False runs the dense reference math."""
 
     def __post_init__(self) -> None:
         for name in ("n_prefixes", "dead_tokens"):
