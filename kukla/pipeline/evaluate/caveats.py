@@ -59,7 +59,8 @@ def caveats(metrics: dict[str, Any], dictionary_meta: dict[str, Any] | None, sto
         out.append(f"CE recovered and KL from only {contexts} context windows: too few to compare "
                    f"dictionaries (use --downstream-contexts ≥ {DOWNSTREAM_MIN_CONTEXTS})")
     trained_on = (dictionary_meta or {}).get("model_name")
-    store_model = (store_meta.get("model") or {}).get("name")
+    store_model = store_meta.get("model")
+    store_model = store_model.get("name") if isinstance(store_model, dict) else store_model
     if trained_on and store_model and str(trained_on) != str(store_model):
         out.append(f"hook/model mismatch: trained on activations of {trained_on}, evaluated on a store of {store_model}")
     return out + _massive(recon, dictionary_meta or {}) + _baselines(metrics, dictionary_meta or {})

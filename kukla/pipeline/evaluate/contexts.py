@@ -99,6 +99,7 @@ def load_tokenizer(store: Store, model: str | None = None) -> tuple[Any | None, 
     from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma
 
     summary = store.meta.get("model") or {}
+    summary = summary if isinstance(summary, dict) else {"name": summary}  # a store may name its model only
     names = [n for n in (model, summary.get("name"), summary.get("tokenizer_name")) if n]
     if not names:
         return None, f"store {store.url} names no model, so its token ids cannot be decoded"
