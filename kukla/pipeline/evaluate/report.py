@@ -117,8 +117,6 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     levels = _levels_rows(dicts)
     if levels:
         lines += ["", "## Matryoshka levels (EV and L0 using only each prefix)", ""] + [f"- {line}" for line in levels]
-    for name, m in dicts.items():
-        lines += [f"> warning ({name}): {w}" for w in m.get("warnings", [])]
     lines += ["", "Definitions: EV = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over all eval tokens (float64, x̄ the token mean); "
               "CE recovered = (CE_abl − CE_dict) / (CE_abl − CE_clean), against mean ablation (the hook replaced by "
               "its mean; below 0: the splice hurts more than that) and zero ablation; ΔLM loss = CE_dict − CE_clean, "
