@@ -139,7 +139,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     _create_arrays(location, {**value, "truth": truth}, plan)
     value.update(state="finalizing", truth=truth)
     attrs.write()  # also restores our root zarr.json, which zarr rewrote
-    return plan
+    return json.loads(json.dumps(plan, sort_keys=True))  # as a resumed finalize reads it back: same store bytes
 
 
 def _specs(attrs: dict[str, Any], plan: dict[str, Any]) -> list[ArraySpec]:
