@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -272,14 +273,27 @@ class _Runs:
             n = int(self.counts[k, b]) * spec.row_bytes
             start = int(self.starts[k, b]) * spec.row_bytes
             key = f"{_run_key(int(k))}/{spec.name}.bin"
-            piece = np.frombuffer(self.location.read_range(key, start, start + n), np.uint8)
-            if len(piece) != n or crc32c(piece) != self.records[k]["crc32c"][spec.name][b]:
+            piece = flat[at:at + n]
+            if _read_into(self.location, key, start, piece) != n or (
+                    crc32c(piece) != self.records[k]["crc32c"][spec.name][b]):
                 raise KuklaError(f"{self.location.join(key)} is damaged (checksum mismatch in bucket {b}): finalize "
                                  "cannot use it; delete that run's .json beside it and rerun finalize if "
                                  "_parts/ is still in the store, otherwise rebuild the store")
-            flat[at:at + n] = piece
             at += n
         return bucket
+
+
+def _read_into(location: Location, key: str, start: int, out: np.ndarray) -> int:
+    """Bytes [start, start + len(out)) of one object into `out` (no copy on local disks); the count read."""
+    if not location.is_local:
+        data = location.read_range(key, start, start + len(out))
+        out[:len(data)] = np.frombuffer(data, np.uint8)
+        return len(data)
+    fd = os.open(location.join(key), os.O_RDONLY)
+    try:
+        return os.preadv(fd, [out], start)
+    finally:
+        os.close(fd)
 
 
 def _label(worker: int, workers: int) -> str:
