@@ -199,7 +199,9 @@ class ActivationStream:
                 at += hi - lo
             if self.device.type != "cpu":
                 buf = buf.to(self.device, non_blocking=True)
-            acts.append(buf if buf.dtype == self.dtype else buf.to(self.dtype))
+                acts.append(buf if buf.dtype == self.dtype else buf.to(self.dtype))
+            else:
+                acts.append(buf if buf.dtype == self.dtype else host_empty(buf.shape, self.dtype).copy_(buf))
         rows = torch.cat([torch.arange(lo, hi) for lo, hi in pieces]) if self.with_rows else None
         return Batch(tuple(acts), rows)
 
@@ -207,9 +209,19 @@ class ActivationStream:
         """Where a batch's stored rows land. A CPU batch converted to another dtype leaves its
         buffer free, so each reader thread keeps one per hook (no page faults per batch); pinned
         buffers come from torch's caching host allocator, which waits for their copy to finish."""
-        if self.device.type != "cpu" or self.dtype == self.store.dtype:
+        if self.device.type != "cpu":
             return torch.empty((n, *row_shape), dtype=self.store.dtype, pin_memory=self.pin)
+        if self.dtype == self.store.dtype:
+            return host_empty((n, *row_shape), self.store.dtype)
         buffers = self._staging.__dict__
         if name not in buffers:
-            buffers[name] = torch.empty((self.batch_size, *row_shape), dtype=self.store.dtype)
+            buffers[name] = host_empty((self.batch_size, *row_shape), self.store.dtype)
         return buffers[name][:n]
+
+
+def host_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor in memory from numpy's allocator: glibc hands a freed batch's pages to the next
+    one, where torch maps and faults in fresh pages for each (1.5-2x the cost of a bf16 batch here)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.empty((*shape[:-1], shape[-1] * itemsize) if shape else (itemsize,), np.uint8)
+    return torch.from_numpy(raw).view(dtype).reshape(tuple(shape))
