@@ -201,9 +201,10 @@ class ShardReader:
                           f"is damaged; run `kukla store verify {self.location.url}` and restore or rebuild it")
 
 
-def encode_shard(layout: Layout, rows: np.ndarray) -> np.ndarray:
+def encode_shard(layout: Layout, rows: np.ndarray) -> list[np.ndarray]:
     """The bytes of one shard holding `rows` (at most `shard_rows`, stored dtype), as zarr writes
-    them: chunks in order, the last one zero-padded, chunks past the rows left out of the index."""
+    them, in pieces to write back to back: chunks in order, the last one zero-padded, chunks past
+    the rows left out of the index."""
     n_chunks = -(-len(rows) // layout.chunk_rows)
     pieces, index = [], np.full((layout.chunks_per_shard, 2), EMPTY, np.uint64)
     at = 0
@@ -220,5 +221,4 @@ def encode_shard(layout: Layout, rows: np.ndarray) -> np.ndarray:
         index[j] = (at, len(data) + 4)
         at += len(data) + 4
     index_bytes = index.astype("<u8").view(np.uint8).reshape(-1)
-    pieces += [index_bytes, np.array([crc32c(index_bytes)], "<u4").view(np.uint8)]
-    return np.concatenate(pieces)
+    return [*pieces, index_bytes, np.array([crc32c(index_bytes)], "<u4").view(np.uint8)]

@@ -203,11 +203,17 @@ def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec
                  lo: int, hi: int) -> None:
     buckets = np.random.default_rng([plan["seed"], 1, k]).integers(0, plan["n_buckets"], hi - lo)
     order = np.argsort(buckets, kind="stable")
+    where = np.empty_like(order)
+    where[order] = np.arange(hi - lo)  # each row's place in the sorted run
     counts = np.bincount(buckets, minlength=plan["n_buckets"])
     edges = np.concatenate([[0], np.cumsum(counts)])
+    segment_ends = np.cumsum([int(e["rows"]) for e in table.entries])
+    cuts = [lo, *segment_ends[(segment_ends > lo) & (segment_ends < hi)].tolist(), hi]
     crcs = {}
     for spec in specs:
-        data = table.read_rows(spec.name, lo, hi).take(order, axis=0)
+        data = np.empty((hi - lo, *spec.row_shape), spec.dtype)
+        for a, b in zip(cuts[:-1], cuts[1:]):  # segment by segment: no joined copy of the run
+            data[where[a - lo:b - lo]] = table.read_rows(spec.name, a, b)
         crcs[spec.name] = [crc32c(data[a:b]) for a, b in zip(edges[:-1], edges[1:])]
         location.put_bytes(f"{_run_key(k)}/{spec.name}.bin", memoryview(data.reshape(-1).view(np.uint8)))
     location.put_json(_run_key(k) + ".json", {"plan": plan["id"], "counts": counts.tolist(), "crc32c": crcs})
@@ -225,8 +231,7 @@ def _permute(location: Location, plan: dict[str, Any], worker: int, workers: int
             done = f"_finalize/shards/shard-{s:09d}.json"
             if _committed(location, done, plan) is None:
                 for layout in layouts:
-                    location.put_bytes(shard_key(layout.spec, s), memoryview(encode_shard(layout, runs.rows(
-                        layout.spec, lo, hi))))
+                    location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout.spec, lo, hi)))
                 location.put_json(done, {"plan": plan["id"]})
             bar.update(hi - lo)
 
