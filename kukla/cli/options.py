@@ -103,4 +103,5 @@ def config_command(
     command.__doc__ = inspect.getdoc(run)
     wrapped = friendly(command)
     wrapped.__signature__ = command.__signature__  # type: ignore[attr-defined]
+    wrapped.config_class = cls  # type: ignore[attr-defined]  # lets the README reference find every command
     return wrapped
