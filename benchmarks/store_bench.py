@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
-import kukla  # noqa: E402,F401 - before torch: kukla sets torch's CPU allocator options
 
 D = 2304
 PASSES = 4  # each read phase reads the store this many times, so start-up costs are amortised
