@@ -5,6 +5,11 @@ and only shuffles the order of chunks, afresh each epoch. A rank reads a contigu
 disjoint slice of the split; with drop_last every rank yields the same number of batches
 (DDP needs that). The cursor counts batches handed to the caller, not batches prefetched,
 so `state_dict()` after batch i resumes at batch i + 1.
+
+Reader threads read up to `prefetch` whole batches ahead, each straight from the store's
+shards into one buffer per hook in the stored dtype, so memory stays within prefetch + 2
+batches whatever the store's size, and a missing or damaged chunk stops the stream with the
+store's one-line error.
 """
 
 from __future__ import annotations
