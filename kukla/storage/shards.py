@@ -63,8 +63,9 @@ class Layout:
         return shard * self.shard_rows, min(self.n_rows, (shard + 1) * self.shard_rows)
 
     @classmethod
-    def from_metadata(cls, location: Location, spec: ArraySpec, n_rows: int) -> "Layout":
-        """Read an array's zarr.json and check it against what the store's attributes promise."""
+    def from_metadata(cls, location: Location, spec: ArraySpec) -> "Layout":
+        """An array's layout as its zarr.json describes it (`format.open_array` checks that
+        against the store's attributes)."""
         url = f"{location.url}/{spec.name}"
         try:
             meta = location.read_json(f"{spec.name}/zarr.json")
@@ -80,15 +81,12 @@ class Layout:
         except (ValueError, KeyError, IndexError, TypeError):
             raise KuklaError(f"{url}/zarr.json is not a kukla array's metadata: the store is damaged; run "
                              f"`kukla store verify {location.url}`") from None
-        if dtype != spec.dtype or shape != (n_rows, *spec.row_shape):
-            raise KuklaError(f"{url}/zarr.json says {dtype} {list(shape)}, the store's attributes say {spec.dtype} "
-                             f"{[n_rows, *spec.row_shape]}: the metadata was changed; restore it or rebuild the store")
         if (codecs[0]["name"] != "sharding_indexed" or len(codecs) != 1 or inner[0] != "bytes"
                 or inner[-1] != "crc32c" or len(inner) > 3 or sharding.get("index_location", "end") != "end"
                 or [c["name"] for c in sharding["index_codecs"]] != ["bytes", "crc32c"]):
             raise KuklaError(f"{url} uses codecs {inner} that kukla did not write: rebuild the store with kukla")
         codec = numcodecs.get_codec({"id": inner[1]}) if len(inner) == 3 else None
-        return cls(spec, n_rows, chunk_rows, shard_rows, codec)
+        return cls(ArraySpec(spec.name, shape[1:], dtype), shape[0], chunk_rows, shard_rows, codec)
 
 
 class ShardReader:

@@ -13,6 +13,8 @@ committed by one small object carrying the plan's id, so a killed finalize resum
 workers (`finalize_worker`) can share the work: each does its own runs and shards first, then
 whatever nobody has committed yet (doing a unit twice is harmless: same bytes); a last
 `finalize_store` commits the store. A run piece whose checksum fails is never used.
+One finalize commits at a time (a lease), each worker index runs once at a time (its own
+lease), and SIGTERM stops either like a kill would, minus the lease.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ import numpy as np
 import zarr
 
 from kukla.errors import KuklaError
+from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage.codecs import numcodecs_codec
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, array_specs, create_array,
                                   holdout_default, shard_key, write_manifest)
+from kukla.storage.lease import Lease
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_journal
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
 PLAN = "_finalize/plan.json"
+FINALIZE_LOCK = "_finalize.lock.json"  # beside _finalize/, which the commit removes
 
 
 def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed: int = 0,
@@ -47,19 +52,12 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
     if attrs.value["state"] == "finalized":
         location.remove("_finalize")
         return
-    if memory_budget_bytes < 1 << 16:
-        raise KuklaError(f"memory budget {memory_budget_bytes} bytes is too small: give at least 64 KiB")
+    check_memory_budget(memory_budget_bytes)
     try:
-        plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
-        _scatter(location, plan, 0, 1)
-        location.remove("_parts")
-        _permute(location, plan, 0, 1)
-        attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
-                           shuffle_buckets=plan["n_buckets"],
-                           holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
-                           hook_stats=plan["hook_stats"], truth=plan["truth"])
-        attrs.write()
-        location.remove("_finalize")
+        with Lease(location, FINALIZE_LOCK, f"finalize of {location.url}") as lease, stop_on_sigterm():
+            attrs = Attributes.read(location)  # another finalize may have finished just before our lease
+            if attrs.value["state"] != "finalized":
+                _finalize(location, attrs, memory_budget_bytes, seed, holdout_rows, lease)
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
 
@@ -72,17 +70,40 @@ def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budge
     if not 0 <= worker < workers:
         raise KuklaError(f"worker {worker} is outside 0..{workers - 1}: give --worker between 0 and --workers - 1")
     location = Location(path)
-    attrs = Attributes.read(location)
-    if attrs.value["state"] == "finalized":
+    if Attributes.read(location).value["state"] == "finalized":
         return
-    if memory_budget_bytes < 1 << 16:
-        raise KuklaError(f"memory budget {memory_budget_bytes} bytes is too small: give at least 64 KiB")
+    check_memory_budget(memory_budget_bytes)
     try:
-        plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
-        _scatter(location, plan, worker, workers)
-        _permute(location, plan, worker, workers)
+        lease = Lease(location, f"_finalize.worker-{worker}.lock.json", f"finalize worker {worker} of {location.url}")
+        with lease, stop_on_sigterm():
+            attrs = Attributes.read(location)
+            if attrs.value["state"] != "finalized":
+                plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+                _scatter(location, plan, worker, workers)
+                _permute(location, plan, worker, workers)
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
+
+
+def check_memory_budget(memory_budget_bytes: int) -> None:
+    """Refuse a budget the shuffle cannot work in, before anything is written."""
+    if memory_budget_bytes < 1 << 16:
+        raise KuklaError(f"memory budget {memory_budget_bytes} bytes is too small: give at least 64 KiB")
+
+
+def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int,
+              holdout_rows: int | None, lease: Lease) -> None:
+    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+    _scatter(location, plan, 0, 1)
+    location.remove("_parts")
+    _permute(location, plan, 0, 1)
+    lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
+    attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
+                       shuffle_buckets=plan["n_buckets"],
+                       holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
+                       hook_stats=plan["hook_stats"], truth=plan["truth"])
+    attrs.write()
+    location.remove("_finalize")
 
 
 def unfinished_ranks(path: str | Path | Location) -> list[int]:
@@ -158,7 +179,7 @@ def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, An
     group = zarr.open_group(location.zarr_store(), mode="a")
     for layout in _layouts(attrs, plan):
         try:
-            if Layout.from_metadata(location, layout.spec, layout.n_rows) == layout:
+            if Layout.from_metadata(location, layout.spec) == layout:
                 continue
         except KuklaError:
             pass
