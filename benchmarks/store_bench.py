@@ -131,7 +131,7 @@ def phase_finalize(path: str, budget: int) -> dict:
     return {"peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
-def phase_read(path: str, batch: int, dtype: str, threads: int) -> dict:
+def phase_read(path: str, batch: int, dtype: str, threads: int, device: str) -> dict:
     import torch
 
     from kukla.storage import ActivationStream, open_store
@@ -139,9 +139,11 @@ def phase_read(path: str, batch: int, dtype: str, threads: int) -> dict:
     torch.set_num_threads(1)
     store = open_store(path)
     stream = ActivationStream(store, ["resid"], batch, split="all", dtype=getattr(torch, dtype), threads=threads,
-                              epochs=PASSES)
+                              epochs=PASSES, device=device)
     with PeakRSS() as rss:
         n = sum(b.acts[0].shape[0] for b in stream)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the rows are in device memory, converted
     return {"rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
@@ -207,6 +209,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=512 << 20, help="finalize memory budget (bytes)")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--out", default="/tmp/store_bench")
+    parser.add_argument("--device", default="cpu", help="where the reader delivers batches (cuda: pinned, converted there)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--codec", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -217,7 +220,7 @@ def main() -> None:
     if args.phase:
         result = {"write": lambda: phase_write(path, args.rows, args.codec),
                   "finalize": lambda: phase_finalize(path, args.budget),
-                  "read": lambda: phase_read(path, args.batch, args.dtype, args.threads),
+                  "read": lambda: phase_read(path, args.batch, args.dtype, args.threads, args.device),
                   "zarr": lambda: phase_zarr(path, args.batch), "anchor": lambda: phase_anchor(path, args.rows, args.batch),
                   "limit": lambda: phase_limit(args.rows, args.batch)}[args.phase]()
         print(json.dumps(result))
@@ -228,7 +231,7 @@ def main() -> None:
     def run(phase: str, codec: str = "none", dtype: str = "bfloat16", threads: int = 1) -> dict:
         out = subprocess.run([sys.executable, __file__, "--phase", phase, "--rows", str(args.rows), "--d", str(args.d),
                               "--budget", str(args.budget), "--batch", str(args.batch), "--out", args.out,
-                              "--codec", codec, "--dtype", dtype, "--threads", str(threads)],
+                              "--codec", codec, "--dtype", dtype, "--threads", str(threads), "--device", args.device],
                              capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -263,7 +266,8 @@ def main() -> None:
         zarr_rate = line("anchor: zarr's own read, bf16 bits", zarr_read, zarr_read["rows"])
         for dtype, threads in [("bfloat16", 1), ("bfloat16", 2), ("float32", 1), ("float32", 2)]:
             r = run("read", codec, dtype, threads)
-            rate = line(f"ActivationStream -> {dtype}, {threads} thread(s)", r, r["rows"], zarr_rate)
+            rate = line(f"ActivationStream -> {args.device} {dtype}, {threads} thread(s)", r, r["rows"], zarr_rate)
+            print(f"  {'':<40}{'':>10} wall {r['rows'] * D * 2 / r['seconds'] / 1e9:.2f} GB/s of bf16 rows delivered")
             print(f"  {'':<40}{'':>10} vs SAELens' cache: {rate / saelens:.2f}x")
         shutil.rmtree(f"{args.out}/{codec}.zarr")
 
