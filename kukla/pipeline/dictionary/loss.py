@@ -24,7 +24,10 @@ from torch import Tensor
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import reference, sparse
 from kukla.pipeline.dictionary.activations import select_batch_topk, select_topk
-from kukla.pipeline.dictionary.prefixes import prefix_weights
+from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
+from kukla.pipeline.dictionary.penalty import sparsity_penalty
+from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, cumulative_weight, prefix_weights, tail_mass
+from kukla.pipeline.dictionary.snap import deviation_total, row_errors
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.model import Dictionary
@@ -55,15 +58,18 @@ def dead_latents_output(pre_dead: Tensor, W_dec_dead: Tensor, k_aux: int) -> Ten
 
 
 def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> TrainOutput:
-    """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder)."""
+                  generator: torch.Generator | None = None, l2: bool = False) -> TrainOutput:
+    """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder);
+    l2: the snap loss's unsquared reconstruction error (`kukla.pipeline.dictionary.snap`)."""
     cfg = dictionary.cfg
     rule = cfg.activation_rule
     if rule == "jumprelu":
         raise KuklaError("a JumpReLU dictionary (loaded from SAELens) is inference-only here: train batchtopk instead")
     W_enc, b_enc, W_dec, b_dec = dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec
     n_rows, width = x.shape[0], cfg.width
-    bounds, weights = prefix_weights(cfg, generator)
+    all_prefixes = cfg.prefix_scheme == "all"
+    bounds, weights = ([width], [1.0]) if all_prefixes else prefix_weights(cfg, generator)
+    cdf = all_prefix_cdf(width, cfg.n_prefixes) if all_prefixes else cumulative_weight(bounds, weights, width)
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
     dead = dictionary.dead_mask()
@@ -78,8 +84,12 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         pre = pre_grad.detach()
     if rule == "relu":  # dense codes z = relu(pre), whatever sparse_path says
         z = pre_grad.relu()
-        segments = reference.dense_segments(z, W_dec, bounds)
         fired, n_active = (pre > 0).any(dim=0), (pre > 0).sum()
+        if all_prefixes:
+            rows, cols = (pre > 0).nonzero(as_tuple=True)
+            values = z[rows, cols]
+        else:
+            segments = reference.dense_segments(z, W_dec, bounds)
     else:
         rows, cols = select_topk(pre, int(cfg.k)) if rule == "topk" else select_batch_topk(pre, float(cfg.k))
         if path is sparse:
@@ -88,20 +98,28 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         else:
             gathered = pre_grad[rows, cols]
         values = gathered.relu()
-        segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
+        if not all_prefixes:
+            segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
         fired = torch.zeros(width, dtype=torch.bool, device=x.device)
         fired[cols[values > 0]] = True
         n_active = (values > 0).sum()
-    partial = segments.float().cumsum(dim=1)  # [B, G, d]: reconstruction minus b_dec at each prefix
     to_explain = (target - b_dec).float()
-    sq_err = (to_explain[:, None, :] - partial).pow(2).sum(dim=(0, 2))  # [G]
-    total_var = (target - target.mean(dim=0)).float().pow(2).sum().clamp_min(1e-12)
+    total_var = deviation_total(target, False)
+    if all_prefixes:
+        error, residual = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2)
+        loss = error / deviation_total(target, l2)
+        sq_err = residual.pow(2).sum()[None]
+    else:
+        partial = segments.float().cumsum(dim=1)  # [B, G, d]: reconstruction minus b_dec at each prefix
+        row_sq = (to_explain[:, None, :] - partial).pow(2).sum(dim=2)  # [B, G]
+        error = row_errors(row_sq, l2).sum(dim=0) / deviation_total(target, l2)
+        loss = (error * torch.tensor(weights, device=error.device)).sum()
+        sq_err, residual = row_sq.sum(dim=0), to_explain - partial[:, -1]
     fvu = sq_err / total_var
-    loss = (fvu * torch.tensor(weights, device=fvu.device)).sum()
 
     aux = torch.zeros((), device=loss.device)
     if use_aux:
-        residual = (to_explain - partial[:, -1]).detach()
+        residual = residual.detach()
         dead_cols = dead.nonzero().squeeze(1)
         if path is sparse:
             pre_dead = sparse.columns_at(dictionary.scaled_input(x), dictionary.input_bias, W_enc, b_enc, pre,
@@ -113,7 +131,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         loss = loss + cfg.aux_coefficient * aux
     l1 = torch.zeros((), device=loss.device)
     if rule == "relu":
-        l1 = (z * W_dec.norm(dim=1)).sum(dim=1).mean() / (total_var / n_rows).sqrt()
+        l1 = sparsity_penalty(z, W_dec, tail_mass(cdf), (total_var / n_rows).sqrt(), cfg.penalty, cfg.log_epsilon)
         loss = loss + cfg.l1_coefficient * l1
 
     names = ["mse", "fvu", "l0", "aux", "dead"] + (["l1"] if rule == "relu" else [])

@@ -149,10 +149,10 @@ class Dictionary(nn.Module):
         return self.decode(self.encode(x))
 
     def training_loss(self, x: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> TrainOutput:
+                      generator: torch.Generator | None = None, l2: bool = False) -> TrainOutput:
         """One training pass on raw activations (y: a transcoder's targets); `generator` draws
-        matryoshka-prefix's prefixes. See `kukla.pipeline.dictionary.loss`."""
-        return training_loss(self, x, y, generator)
+        matryoshka-prefix's prefixes; l2: the snap loss. See `kukla.pipeline.dictionary.loss`."""
+        return training_loss(self, x, y, generator, l2)
 
     # --- initialisation and constraints ----------------------------------------------------
     @torch.no_grad()
