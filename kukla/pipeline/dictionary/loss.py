@@ -27,6 +27,7 @@ from kukla.pipeline.dictionary.activations import select_batch_topk, select_topk
 from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
 from kukla.pipeline.dictionary.penalty import sparsity_penalty
 from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, cumulative_weight, prefix_weights, tail_mass
+from kukla.pipeline.dictionary.reorder import batch_contribution
 from kukla.pipeline.dictionary.snap import deviation_total, row_errors
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class TrainOutput:
     """mse (raw units, per element), fvu, l0, aux, dead (fraction), l1 (relu), fvu/level_<w> (fixed levels)."""
     fired: Tensor
     """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
+    contribution: Tensor | None = None
+    """[F] batch mean of zᵢ²‖W_dec,i‖² when the latents are reordered (for `reorder_latents`)."""
 
 
 def dead_latents_output(pre_dead: Tensor, W_dec_dead: Tensor, k_aux: int) -> Tensor:
@@ -142,4 +145,10 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         names += [f"fvu/level_{w}" for w in bounds]
         figures += list(fvu.detach())
     metrics = dict(zip(names, torch.stack([f.float().to(loss.device) for f in figures]).tolist()))
-    return TrainOutput(loss=loss, metrics=metrics, fired=fired)
+    contribution = None
+    if cfg.reorder_latents:
+        if rule == "relu" and not all_prefixes:
+            rows, cols = (pre > 0).nonzero(as_tuple=True)
+            values = pre[rows, cols]
+        contribution = batch_contribution(cols, values, W_dec, n_rows)
+    return TrainOutput(loss=loss, metrics=metrics, fired=fired, contribution=contribution)

@@ -17,7 +17,10 @@ from torch import Tensor
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, default_lr
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
-from kukla.pipeline.train.distributed import Ranks, agree, any_rank, average_gradients, broadcast_parameters
+from kukla.pipeline.dictionary.reorder import reorder_latents
+from kukla.pipeline.dictionary.snap import snap_step
+from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
+                                              sum_over_ranks)
 
 ADAM_BETAS = (0.9, 0.999)
 
@@ -70,23 +73,28 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
                config: TrainConfig, ranks: Ranks, rows: Tensor | None = None) -> None:
     """One optimiser step of every member on one batch (the global batch, under DDP)."""
     x, y = acts[0], (acts[1] if len(acts) > 1 else None)
-    fired, bad = [], None
+    snap = snap_step(config.snap_fraction, total_steps)
+    l2 = snap is not None and step >= snap
+    fired, contributions, bad = [], [], None
     for trainee in trainees:
         with autocast(ranks.device):
-            out = trainee.loss_fn(x, y, trainee.generator)
+            out = trainee.loss_fn(x, y, trainee.generator, l2)
         if not bool(torch.isfinite(out.loss.detach())):  # checked before any optimiser step
             bad = bad or NonFiniteLoss(trainee.name, step, acts, rows)
             continue
         out.loss.backward()
         trainee.last = {"loss": out.loss.detach(), **{k: torch.as_tensor(v).detach() for k, v in out.metrics.items()}}
+        if snap is not None:
+            trainee.last["snap_l2"] = torch.tensor(float(l2))
         fired.append(out.fired)
+        contributions.append(out.contribution)
     if agree(bad is not None, ranks):  # every rank stops together
         raise bad or KuklaError(f"a loss is not finite on another rank at step {step}; lower --lr, "
                                 "or check the store for bad rows")
     average_gradients([p for t in trainees for p in t.dictionary.parameters()], ranks)
     fired = any_rank(fired, ranks)
     n_tokens = x.shape[0] * ranks.world
-    for trainee, fired_mask in zip(trainees, fired):
+    for trainee, fired_mask, contribution in zip(trainees, fired, contributions):
         dictionary = trainee.dictionary
         dictionary.project_decoder_grads()
         if config.grad_clip > 0:
@@ -98,6 +106,8 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
         trainee.optimizer.zero_grad(set_to_none=True)
         dictionary.normalize_decoder()
         dictionary.update_dead(fired_mask, n_tokens)
+        if contribution is not None:  # the same order on every rank: sort by the global mean
+            reorder_latents(dictionary, trainee.optimizer, sum_over_ranks(contribution, ranks) / ranks.world)
 
 
 def step_metrics(trainees: list[Trainee]) -> dict[str, dict[str, float]]:
