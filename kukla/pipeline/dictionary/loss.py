@@ -88,11 +88,10 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     if rule == "relu":  # dense codes z = relu(pre), whatever sparse_path says
         z = pre_grad.relu()
         fired, n_active = (pre > 0).any(dim=0), (pre > 0).sum()
+        segments = reference.dense_segments(z, W_dec, bounds)
         if all_prefixes:
             rows, cols = (pre > 0).nonzero(as_tuple=True)
             values = z[rows, cols]
-        else:
-            segments = reference.dense_segments(z, W_dec, bounds)
     else:
         rows, cols = select_topk(pre, int(cfg.k)) if rule == "topk" else select_batch_topk(pre, float(cfg.k))
         if path is sparse:
@@ -101,23 +100,20 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         else:
             gathered = pre_grad[rows, cols]
         values = gathered.relu()
-        if not all_prefixes:
-            segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
+        segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
         fired = torch.zeros(width, dtype=torch.bool, device=x.device)
         fired[cols[values > 0]] = True
         n_active = (values > 0).sum()
     to_explain = (target - b_dec).float()
     total_var = deviation_total(target, False)
-    if all_prefixes:
-        error, residual = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2)
-        loss = error / deviation_total(target, l2)
-        sq_err = residual.pow(2).sum()[None]
+    partial = segments.float().cumsum(dim=1)  # [B, G, d]: reconstruction minus b_dec at each prefix
+    row_sq = (to_explain[:, None, :] - partial).pow(2).sum(dim=2)  # [B, G]
+    if all_prefixes:  # G = 1 here: the full width, for the metrics and aux-k
+        loss = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2) / deviation_total(target, l2)
     else:
-        partial = segments.float().cumsum(dim=1)  # [B, G, d]: reconstruction minus b_dec at each prefix
-        row_sq = (to_explain[:, None, :] - partial).pow(2).sum(dim=2)  # [B, G]
         error = row_errors(row_sq, l2).sum(dim=0) / deviation_total(target, l2)
         loss = (error * torch.tensor(weights, device=error.device)).sum()
-        sq_err, residual = row_sq.sum(dim=0), to_explain - partial[:, -1]
+    sq_err, residual = row_sq.sum(dim=0), to_explain - partial[:, -1]
     fvu = sq_err / total_var
 
     aux = torch.zeros((), device=loss.device)
