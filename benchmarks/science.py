@@ -37,8 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batchtopk": dict(arch="batchtopk"),
     "levels": dict(arch="matryoshka-batchtopk"),  # levels from --levels
     "sampled": dict(arch="matryoshka-prefix", prefixes="sampled", reorder_latents=True),
-    "all": dict(arch="matryoshka-prefix", prefixes="all"),
-    "all+reorder": dict(arch="matryoshka-prefix", prefixes="all", reorder_latents=True),
+    "all": dict(arch="matryoshka-prefix", prefixes="all", reorder_latents=True),
+    "all-fixed-order": dict(arch="matryoshka-prefix", prefixes="all"),
 }
 
 
@@ -108,13 +108,13 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.01)
     parser.add_argument("--magnitude-std", type=float, default=0.1)
     parser.add_argument("--width", type=int, default=48)
-    parser.add_argument("--k", type=float, default=1.25)
+    parser.add_argument("--k", type=float, default=1.5, help="the default tree fires 1.28 features per row")
     parser.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[4, 16, 48])
     parser.add_argument("--n-prefixes", type=int, default=9)
     parser.add_argument("--snap", type=float, default=None, help="snap loss from this fraction of training")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--pool", type=int, default=131072, help="training rows generated per seed")
     parser.add_argument("--eval-rows", type=int, default=32768)
     args = parser.parse_args()

@@ -68,6 +68,11 @@ class DictionarySettings:
     prefixes, each latent's penalty is weighted by the prefix weight that includes it (tail mass)."""
     log_epsilon: float = 0.1
     """ε of the log penalty, in the same σ units."""
+    target_l0: float | None = None
+    """relu: adjust the penalty's weight after every step so the training L0 approaches this
+    (starting from l1_coefficient); None keeps l1_coefficient fixed."""
+    l0_control_rate: float = 0.02
+    """Step of the target-L0 controller: λ ← λ·exp(rate·(L0 − target)/max(L0, target)) per step."""
     reorder_latents: bool = False
     """After every step, sort latents by their running mean contribution zᵢ²‖W_dec,i‖² (largest
     first), permuting the weights, the Adam moments and the per-latent buffers together (Nabeshima)."""
@@ -94,6 +99,13 @@ class DictionarySettings:
         if self.aux_coefficient < 0 or self.l1_coefficient < 0:
             raise ConfigError("aux_coefficient" if self.aux_coefficient < 0 else "l1_coefficient",
                               "must not be negative")
+        penalised = self.arch == "relu" or self.arch == "matryoshka-prefix" and self.activation == "relu"
+        if self.target_l0 is not None and not penalised:
+            raise ConfigError("target_l0", "steers the sparsity penalty of relu dictionaries; topk/batchtopk set L0 by k")
+        if self.target_l0 is not None and self.target_l0 <= 0:
+            raise ConfigError("target_l0", f"must be above 0, got {self.target_l0}")
+        if self.l0_control_rate <= 0:
+            raise ConfigError("l0_control_rate", f"must be above 0, got {self.l0_control_rate}")
         if self.log_epsilon <= 0:
             raise ConfigError("log_epsilon", f"must be above 0, got {self.log_epsilon}")
         if self.snap_fraction is not None and not 0 <= self.snap_fraction <= 1:

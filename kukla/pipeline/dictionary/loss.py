@@ -131,7 +131,8 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     l1 = torch.zeros((), device=loss.device)
     if rule == "relu":
         l1 = sparsity_penalty(z, W_dec, tail_mass(cdf), (total_var / n_rows).sqrt(), cfg.penalty, cfg.log_epsilon)
-        loss = loss + cfg.l1_coefficient * l1
+        coefficient = dictionary.penalty_coefficient if cfg.target_l0 is not None else cfg.l1_coefficient
+        loss = loss + coefficient * l1
 
     names = ["mse", "fvu", "l0", "aux", "dead"] + (["l1"] if rule == "relu" else [])
     figures = [sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,

@@ -36,6 +36,8 @@ class Dictionary(nn.Module):
         self.register_buffer("threshold", torch.full((width,), math.nan))
         self.register_buffer("inference_l0", torch.tensor(math.nan))
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        if cfg.target_l0 is not None:  # the penalty weight λ that the L0 controller moves (l0_control.py)
+            self.register_buffer("penalty_coefficient", torch.tensor(float(cfg.l1_coefficient)))
         if cfg.reorder_latents:  # running mean of zᵢ²‖W_dec,i‖² that orders the latents (reorder.py)
             self.register_buffer("contribution", torch.zeros(width))
         self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)

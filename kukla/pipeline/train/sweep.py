@@ -17,6 +17,7 @@ from torch import Tensor
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, default_lr
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
+from kukla.pipeline.dictionary.l0_control import adjust_penalty
 from kukla.pipeline.dictionary.reorder import reorder_latents
 from kukla.pipeline.dictionary.snap import snap_step
 from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
@@ -106,6 +107,10 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
         trainee.optimizer.zero_grad(set_to_none=True)
         dictionary.normalize_decoder()
         dictionary.update_dead(fired_mask, n_tokens)
+        cfg = dictionary.cfg
+        if cfg.target_l0 is not None and cfg.activation_rule == "relu":
+            l0 = sum_over_ranks(torch.as_tensor(trainee.last["l0"], dtype=torch.float32, device=x.device), ranks)
+            adjust_penalty(dictionary, l0 / ranks.world, cfg.target_l0, cfg.l0_control_rate)
         if contribution is not None:  # the same order on every rank: sort by the global mean
             reorder_latents(dictionary, trainee.optimizer, sum_over_ranks(contribution, ranks) / ranks.world)
 
