@@ -25,11 +25,14 @@ GROUPS = 8
 """Row groups of similar active counts, each padded to its own largest count."""
 
 
-def _groups(counts: Tensor) -> list[Tensor]:
-    """Row indices sorted by active count, in GROUPS equal runs (so padding is small even when
-    BatchTopK gives rows very different counts)."""
-    order = torch.argsort(counts, stable=True)
-    return [group for group in torch.tensor_split(order, min(GROUPS, max(len(order), 1))) if group.numel()]
+def _groups(counts: Tensor) -> list[tuple[Tensor, int]]:
+    """(row indices, their largest active count) for GROUPS runs of rows sorted by count, so
+    padding is small even when BatchTopK gives rows very different counts (one device read)."""
+    sorted_counts, order = torch.sort(counts, stable=True)
+    groups = [g for g in torch.tensor_split(torch.arange(len(order), device=order.device),
+                                             min(GROUPS, max(len(order), 1))) if g.numel()]
+    maxima = sorted_counts[torch.stack([g[-1] for g in groups])].tolist()
+    return [(order[g], m) for g, m in zip(groups, maxima)]
 
 
 def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor, to_explain: Tensor,
@@ -42,8 +45,7 @@ def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
     cdf = cdf.to(device=to_explain.device, dtype=to_explain.dtype)
     values = values.to(to_explain.dtype)
     total = to_explain.new_zeros(())
-    for group in _groups(counts):
-        m = int(counts[group].max())
+    for group, m in _groups(counts):
         e = to_explain[group]
         sq = [e.pow(2).sum(dim=1, keepdim=True)]  # ‖r_0‖² = ‖e‖²
         ends = torch.full((group.numel(), m + 2), width, dtype=torch.long, device=cols.device)
