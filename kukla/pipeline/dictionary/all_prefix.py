@@ -44,18 +44,24 @@ def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
     starts = counts.cumsum(0) - counts
     cdf = cdf.to(device=to_explain.device, dtype=to_explain.dtype)
     values = values.to(to_explain.dtype)
+    groups = _groups(counts)
+    layout = []  # per group: its rows' entry index at each slot, and which slots hold an entry
+    for group, m in groups:
+        slot = torch.arange(m, device=cols.device)
+        valid = slot[None, :] < counts[group][:, None]  # [n, m]
+        layout.append((torch.where(valid, starts[group][:, None] + slot[None, :], 0), valid))
+    # one gather of every group's decoder rows (one dense backward into W_dec, not one per group)
+    flat = torch.cat([cols[entry].reshape(-1) for entry, _ in layout]) if groups else cols[:0]
+    decoder_rows = F.embedding(flat, W_dec).to(to_explain.dtype).split([e.numel() for e, _ in layout])
     total = to_explain.new_zeros(())
-    for group, m in _groups(counts):
+    for (group, m), (entry, valid), rows_flat in zip(groups, layout, decoder_rows):
         e = to_explain[group]
         sq = [e.pow(2).sum(dim=1, keepdim=True)]  # ‖r_0‖² = ‖e‖²
         ends = torch.full((group.numel(), m + 2), width, dtype=torch.long, device=cols.device)
         ends[:, 0] = 0
         if m:
-            slot = torch.arange(m, device=cols.device)
-            valid = slot[None, :] < counts[group][:, None]  # [n, m]
-            entry = torch.where(valid, starts[group][:, None] + slot[None, :], 0)
             z = values[entry] * valid  # [n, m]; padding has z = 0, so its decoder row never counts
-            rows_dec = F.embedding(cols[entry], W_dec).to(e.dtype)  # [n, m, d]
+            rows_dec = rows_flat.view(group.numel(), m, -1)  # [n, m, d]
             a = z * torch.bmm(rows_dec, e[:, :, None]).squeeze(2)  # c_l·e
             gram = z[:, :, None] * z[:, None, :] * torch.bmm(rows_dec, rows_dec.transpose(1, 2))
             inner = gram.cumsum(1).cumsum(2).diagonal(dim1=1, dim2=2)  # ‖Σ_{l≤j} c_l‖²
