@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import posixpath
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ class Location:
             self.fs.pipe_file(path, b"".join(bytes(piece) for piece in pieces))
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}.tmp-{secrets.token_hex(8)}"  # unique across processes and hosts sharing the disk
         try:
             with open(tmp, "wb") as f:
                 for piece in pieces:
