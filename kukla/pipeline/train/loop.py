@@ -21,6 +21,7 @@ from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows
+from kukla.pipeline.dictionary.snap import snap_step
 from kukla.pipeline.massive import massive_rows
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig
@@ -263,7 +264,7 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
             for trainee in trainees:
                 calibrated = calibration_range(store, calibration_rows)
                 save_dictionary(trainee.dictionary, tmp / trainee.name,
-                                _metadata(config, store, trainee, step, calibrated))
+                                _metadata(config, store, trainee, step, ranks.world, calibrated))
             checkpoint.save_state(tmp, state)
 
         path = checkpoint.write_checkpoint(config.out, step, build, config.keep_checkpoints)
@@ -289,7 +290,8 @@ def calibration_range(store: Store, rows: int) -> range:
     return split[:rows]
 
 
-def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, calibrated: range) -> dict[str, Any]:
+def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, world: int,
+              calibrated: range) -> dict[str, Any]:
     """What save_dictionary records beside the weights (model, context and dataset also go to SAELens' cfg)."""
     summary = {k: float(v) for k, v in trainee.last.items()}
     model, dataset = store.meta.get("model"), store.meta.get("dataset")
@@ -314,6 +316,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, ca
            if trainee.member.config.activation_rule == "batchtopk" else {}),
         "dead_window": {"tokens": trainee.member.config.dead_tokens,
                         "engaged": trainee.member.config.dead_tokens < config.tokens},
+        "snap_step": snap_step(config.snap_fraction, config.total_steps(world)),
     }
 
 
