@@ -92,6 +92,8 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]
     local_batch = config.local_batch(ranks.world)
     out = Path(config.out)
     state = _resume_state(config, ranks)
+    if config.massive == "skip" and ranks.world > 1:  # the ranks' shares of a global batch must stay equal
+        raise KuklaError("massive = 'skip' trains in one process only for now: under torchrun use 'keep'")
     skipped = massive_rows(store) if config.massive == "skip" else None
 
     train_rows = store.n_rows - store.holdout_rows
