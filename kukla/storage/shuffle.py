@@ -252,7 +252,7 @@ def _permute(location: Location, plan: dict[str, Any], worker: int, workers: int
             done = f"_finalize/shards/shard-{s:09d}.json"
             if _committed(location, done, plan) is None:
                 for layout in layouts:
-                    location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout.spec, lo, hi)))
+                    location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout, lo, hi)))
                 location.put_json(done, {"plan": plan["id"]})
             bar.update(hi - lo)
 
@@ -273,28 +273,38 @@ class _Runs:
         self.counts = np.array([r["counts"] for r in self.records], np.int64).reshape(n_runs, plan["n_buckets"])
         self.starts = np.cumsum(self.counts, axis=1) - self.counts  # where bucket b starts inside run k
         self.bucket_end = np.cumsum(self.counts.sum(axis=0))
-        self.cache: dict[tuple[str, int], np.ndarray] = {}
+        self.loaded: dict[str, int] = {}  # the bucket each array's bucket buffer holds
+        self.buffers: dict[tuple[str, str], np.ndarray] = {}
 
-    def rows(self, spec: ArraySpec, lo: int, hi: int) -> np.ndarray:
+    def rows(self, layout: Layout, lo: int, hi: int) -> np.ndarray:
+        """Final rows [lo, hi) of one array, gathered straight into a buffer reused across shards
+        (fresh pages cost a page fault each: on a VM as much as the copy itself, many times over)."""
+        spec = layout.spec
+        out = self._scratch(("shard", spec.name), layout.shard_rows, spec)[:hi - lo]
         first = int(np.searchsorted(self.bucket_end, lo, side="right"))
         last = int(np.searchsorted(self.bucket_end, hi - 1, side="right"))
-        wanted = {(spec.name, b) for b in range(first, last + 1)}
-        self.cache = {key: value for key, value in self.cache.items() if key in wanted or key[0] != spec.name}
-        pieces = []
         for b in range(first, last + 1):
             size = int(self.counts[:, b].sum())
             start = int(self.bucket_end[b]) - size
-            if (spec.name, b) not in self.cache:
-                self.cache[(spec.name, b)] = self._bucket(spec, b, size)
+            if self.loaded.get(spec.name) != b:
+                self._bucket(spec, b, size)
+            a, z = max(lo, start), min(hi, start + size)
             perm = np.random.default_rng([self.plan["seed"], 2, b]).permutation(size)
-            pieces.append(self.cache[(spec.name, b)].take(perm[max(lo, start) - start:min(hi, start + size) - start],
-                                                          axis=0))
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            np.take(self._scratch(("bucket", spec.name), size, spec), perm[a - start:z - start], axis=0,
+                    out=out[a - lo:z - lo], mode="clip")  # "raise" would gather into a temporary first
+        return out
 
-    def _bucket(self, spec: ArraySpec, b: int, size: int) -> np.ndarray:
-        """Bucket b of one array, unpermuted: one checked byte range from each run."""
-        bucket = np.empty((size, *spec.row_shape), spec.dtype)
-        flat, at = bucket.reshape(-1).view(np.uint8), 0
+    def _scratch(self, key: tuple[str, str], rows: int, spec: ArraySpec) -> np.ndarray:
+        """A buffer of at least `rows` rows of `spec`, kept for the next shard or bucket."""
+        buf = self.buffers.get(key)
+        if buf is None or len(buf) < rows:
+            buf = self.buffers[key] = np.empty((rows, *spec.row_shape), spec.dtype)
+        return buf[:rows]
+
+    def _bucket(self, spec: ArraySpec, b: int, size: int) -> None:
+        """Load bucket b of one array, unpermuted, into its buffer: one checked byte range from each run."""
+        self.loaded.pop(spec.name, None)
+        flat, at = self._scratch(("bucket", spec.name), size, spec).reshape(-1).view(np.uint8), 0
         for k in np.flatnonzero(self.counts[:, b]):
             n = int(self.counts[k, b]) * spec.row_bytes
             start = int(self.starts[k, b]) * spec.row_bytes
@@ -306,7 +316,7 @@ class _Runs:
                                  "cannot use it; delete that run's .json beside it and rerun finalize if "
                                  "_parts/ is still in the store, otherwise rebuild the store")
             at += n
-        return bucket
+        self.loaded[spec.name] = b
 
 
 def _read_into(location: Location, key: str, start: int, out: np.ndarray) -> int:
