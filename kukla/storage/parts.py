@@ -54,17 +54,28 @@ def write_blob(location: Location, key: str, data: np.ndarray, codec: Any) -> di
     return {"shape": list(raw.shape), "dtype": raw.dtype.str, "bytes": len(blob), "crc32": zlib.crc32(blob)}
 
 
-def read_blob(location: Location, key: str, info: dict[str, Any], codec: Any) -> np.ndarray:
-    """Decode one segment array, refusing a blob whose checksum does not match its journal entry."""
+def read_blob(location: Location, key: str, info: dict[str, Any], codec: Any,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Decode one segment array, refusing a blob whose checksum does not match its journal entry.
+    With `out` (a uint8 buffer at least the decoded size) the rows land there, a view of it is
+    returned, and no fresh pages are touched (the shuffle reuses one buffer for every segment)."""
+    dtype, shape = np.dtype(info["dtype"]), tuple(info["shape"])
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = codec is None or not size
     with location.fs.open(location.join(key), "rb") as f:
-        blob = f.read()
+        if out is not None and raw:
+            blob = out[:info["bytes"]]
+            f.readinto(memoryview(blob))
+        else:
+            blob = f.read()
     if zlib.crc32(blob) != info["crc32"]:
         raise KuklaError(f"{location.join(key)} is damaged (checksum mismatch): delete its journal entry "
                          f"{key.rsplit('/', 2)[0]} -> journal and rerun the writer to rewrite that segment")
-    dtype, shape = np.dtype(info["dtype"]), tuple(info["shape"])
-    if codec is None or not int(np.prod(shape)):
+    if raw:
         return np.frombuffer(blob, dtype=dtype).reshape(shape)
-    return np.frombuffer(codec.decode(blob), dtype=dtype).reshape(shape)
+    if out is None:
+        return np.frombuffer(codec.decode(blob), dtype=dtype).reshape(shape)
+    return np.frombuffer(codec.decode(blob, out=out[:size]), dtype=dtype).reshape(shape)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, Hoo
                                   holdout_default, shard_key, write_manifest)
 from kukla.storage.lease import Lease
 from kukla.storage.location import Location, disk_full_error
-from kukla.storage.parts import SegmentTable, finished_key, read_journal
+from kukla.storage.parts import SegmentTable, finished_key, read_blob, read_journal, segment_dir
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
 PLAN = "_finalize/plan.json"
@@ -210,34 +210,59 @@ def _scatter(location: Location, plan: dict[str, Any], worker: int, workers: int
     attrs = Attributes.read(location).value
     specs, n_rows, run_rows = _specs(attrs, plan), plan["n_rows"], plan["run_rows"]
     n_runs = math.ceil(n_rows / run_rows)
-    table = None
+    table, buffers = None, _Buffers()
     with progress(n_rows, f"shuffle 1/2 scatter{_label(worker, workers)}") as bar:
         for k in _share(n_runs, worker, workers):
             lo, hi = k * run_rows, min(n_rows, (k + 1) * run_rows)
             if _committed(location, _run_key(k) + ".json", plan) is None:
                 table = table or SegmentTable.read(location, attrs["world"], attrs["codec"])
-                _scatter_run(location, plan, specs, table, k, lo, hi)
+                _scatter_run(location, plan, specs, table, k, lo, hi, buffers)
             bar.update(hi - lo)
 
 
 def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec], table: SegmentTable, k: int,
-                 lo: int, hi: int) -> None:
+                 lo: int, hi: int, buffers: _Buffers) -> None:
     buckets = np.random.default_rng([plan["seed"], 1, k]).integers(0, plan["n_buckets"], hi - lo)
     order = np.argsort(buckets, kind="stable")
     where = np.empty_like(order)
     where[order] = np.arange(hi - lo)  # each row's place in the sorted run
     counts = np.bincount(buckets, minlength=plan["n_buckets"])
     edges = np.concatenate([[0], np.cumsum(counts)])
-    segment_ends = np.cumsum([int(e["rows"]) for e in table.entries])
-    cuts = [lo, *segment_ends[(segment_ends > lo) & (segment_ends < hi)].tolist(), hi]
-    crcs = {}
+    crcs, largest = {}, max(int(e["rows"]) for e in table.entries)
     for spec in specs:
-        data = np.empty((hi - lo, *spec.row_shape), spec.dtype)
-        for a, b in zip(cuts[:-1], cuts[1:]):  # segment by segment: no joined copy of the run
-            data[where[a - lo:b - lo]] = table.read_rows(spec.name, a, b)
+        data = buffers.rows("run", plan["run_rows"], spec)[:hi - lo]
+        offset = 0
+        for entry in table.entries:  # segment by segment, each read into one reused buffer: no joined copy
+            rows = int(entry["rows"])
+            a, b = max(lo, offset), min(hi, offset + rows)
+            if a < b:
+                info = entry["arrays"][spec.name]
+                segment = read_blob(location, f"{segment_dir(int(entry['rank']), int(entry['segment']))}/"
+                                    f"{spec.name}.bin", info, table.codec, buffers.raw("segment", largest * spec.row_bytes))
+                data[where[a - lo:b - lo]] = segment[a - offset:b - offset]
+            offset += rows
         crcs[spec.name] = [crc32c(data[a:b]) for a, b in zip(edges[:-1], edges[1:])]
         location.put_bytes(f"{_run_key(k)}/{spec.name}.bin", memoryview(data.reshape(-1).view(np.uint8)))
     location.put_json(_run_key(k) + ".json", {"plan": plan["id"], "counts": counts.tolist(), "crc32c": crcs})
+
+
+class _Buffers:
+    """Scratch rows kept from one run, segment, shard or bucket to the next: a fresh page costs a
+    fault and a zeroing pass (on a VM more than the copy into it), a reused one nothing."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, np.ndarray] = {}
+
+    def raw(self, name: str, size: int) -> np.ndarray:
+        """`size` bytes of buffer `name`, grown when too small."""
+        buf = self.bytes.get(name)
+        if buf is None or buf.size < size:
+            buf = self.bytes[name] = np.empty(size, np.uint8)
+        return buf[:size]
+
+    def rows(self, name: str, n: int, spec: ArraySpec) -> np.ndarray:
+        """`n` rows of `spec` in buffer `name` (shared by all arrays)."""
+        return self.raw(name, n * spec.row_bytes).view(spec.dtype).reshape(n, *spec.row_shape)
 
 
 def _permute(location: Location, plan: dict[str, Any], worker: int, workers: int) -> None:
@@ -273,14 +298,15 @@ class _Runs:
         self.counts = np.array([r["counts"] for r in self.records], np.int64).reshape(n_runs, plan["n_buckets"])
         self.starts = np.cumsum(self.counts, axis=1) - self.counts  # where bucket b starts inside run k
         self.bucket_end = np.cumsum(self.counts.sum(axis=0))
+        self.largest = int(self.counts.sum(axis=0).max(initial=0))  # bucket buffers never regrow
         self.loaded: dict[str, int] = {}  # the bucket each array's bucket buffer holds
-        self.buffers: dict[tuple[str, str], np.ndarray] = {}
+        self.buffers = _Buffers()
 
     def rows(self, layout: Layout, lo: int, hi: int) -> np.ndarray:
         """Final rows [lo, hi) of one array, gathered straight into a buffer reused across shards
         (fresh pages cost a page fault each: on a VM as much as the copy itself, many times over)."""
         spec = layout.spec
-        out = self._scratch(("shard", spec.name), layout.shard_rows, spec)[:hi - lo]
+        out = self.buffers.rows("shard", layout.shard_rows, spec)[:hi - lo]
         first = int(np.searchsorted(self.bucket_end, lo, side="right"))
         last = int(np.searchsorted(self.bucket_end, hi - 1, side="right"))
         for b in range(first, last + 1):
@@ -290,21 +316,14 @@ class _Runs:
                 self._bucket(spec, b, size)
             a, z = max(lo, start), min(hi, start + size)
             perm = np.random.default_rng([self.plan["seed"], 2, b]).permutation(size)
-            np.take(self._scratch(("bucket", spec.name), size, spec), perm[a - start:z - start], axis=0,
+            np.take(self.buffers.rows(f"bucket {spec.name}", self.largest, spec)[:size], perm[a - start:z - start], axis=0,
                     out=out[a - lo:z - lo], mode="clip")  # "raise" would gather into a temporary first
         return out
-
-    def _scratch(self, key: tuple[str, str], rows: int, spec: ArraySpec) -> np.ndarray:
-        """A buffer of at least `rows` rows of `spec`, kept for the next shard or bucket."""
-        buf = self.buffers.get(key)
-        if buf is None or len(buf) < rows:
-            buf = self.buffers[key] = np.empty((rows, *spec.row_shape), spec.dtype)
-        return buf[:rows]
 
     def _bucket(self, spec: ArraySpec, b: int, size: int) -> None:
         """Load bucket b of one array, unpermuted, into its buffer: one checked byte range from each run."""
         self.loaded.pop(spec.name, None)
-        flat, at = self._scratch(("bucket", spec.name), size, spec).reshape(-1).view(np.uint8), 0
+        flat, at = self.buffers.rows(f"bucket {spec.name}", self.largest, spec)[:size].reshape(-1).view(np.uint8), 0
         for k in np.flatnonzero(self.counts[:, b]):
             n = int(self.counts[k, b]) * spec.row_bytes
             start = int(self.starts[k, b]) * spec.row_bytes
