@@ -1,7 +1,8 @@
 """Store benchmark: codecs, then write, shuffle (finalize) and read per CPU-second for the raw
 (`none`) and `zstd-1` codecs, beside the anchors (zarr's own read of the same arrays; SAELens'
 activation cache: a Hugging Face `datasets` Arrow folder of float32 rows) and the physical limit
-(memcpy of the same bf16 rows), printed as ratios from one run.
+(memcpy of the same bf16 rows; for the shuffle, the same bytes written, fsynced and read back
+twice, the floor under any two-pass shuffle), printed as ratios from one run.
 
 Rows are synthetic but shaped like residual-stream activations (d=2304, Gemma-2-2B's width by
 default): low-rank structure (rank 48) + isotropic noise, heavy-tailed row norms (log-normal,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -175,6 +177,26 @@ def phase_anchor(path: str, n: int, batch: int) -> dict:
     return {"rows": count, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
+def phase_disk(path: str, n: int) -> dict:
+    """The floor under any two-pass shuffle here: the same bytes written to a fresh file (fsync) and
+    read back into a reused buffer, twice, in 64 MiB pieces (no gather, no checksum)."""
+    data = synthetic_rows(n).view(np.uint8).reshape(-1)
+    back, piece = np.empty(64 << 20, np.uint8), 64 << 20
+    with PeakRSS() as rss:
+        for p in range(2):
+            with open(f"{path}.pass{p}", "wb") as f:
+                for at in range(0, data.size, piece):
+                    f.write(memoryview(data[at:at + piece]))
+                f.flush()
+                os.fsync(f.fileno())
+            with open(f"{path}.pass{p}", "rb") as f:
+                while f.readinto(memoryview(back)):
+                    pass
+    for p in range(2):
+        os.remove(f"{path}.pass{p}")
+    return {"rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
+
+
 def phase_limit(n: int, batch: int) -> dict:
     """The physical limits on this CPU for the same bytes: memcpy of bf16 batches, CRC32C of them,
     zstd-1 decode of 4 MiB chunks, and torch's bf16 -> float32 into a preallocated batch."""
@@ -222,7 +244,8 @@ def main() -> None:
                   "finalize": lambda: phase_finalize(path, args.budget),
                   "read": lambda: phase_read(path, args.batch, args.dtype, args.threads, args.device),
                   "zarr": lambda: phase_zarr(path, args.batch), "anchor": lambda: phase_anchor(path, args.rows, args.batch),
-                  "limit": lambda: phase_limit(args.rows, args.batch)}[args.phase]()
+                  "limit": lambda: phase_limit(args.rows, args.batch),
+                  "disk": lambda: phase_disk(path, args.rows)}[args.phase]()
         print(json.dumps(result))
         return
     shutil.rmtree(args.out, ignore_errors=True)
@@ -247,9 +270,9 @@ def main() -> None:
     print("\nlimits (one core, 4096-row bf16 batches): " + ", ".join(f"{k} {v:,.0f} rows/s" for k, v in limit.items()))
     memcpy = limit["memcpy"]
 
-    def line(name: str, r: dict, rows: int, anchor: float | None = None) -> float:
+    def line(name: str, r: dict, rows: int, anchor: float | None = None, versus: str = "the anchor") -> float:
         rate = rows / r["cpu_s"]
-        extra = f" = {rate / anchor:.2f}x the anchor" if anchor else ""
+        extra = f" = {rate / anchor:.2f}x {versus}" if anchor else ""
         print(f"  {name:<40}{rate:>10,.0f} rows/CPU-s ({rows / r['seconds']:>8,.0f} wall) {rate * D * 2 / 1e6:>6.0f} MB/CPU-s"
               f"  {rate / memcpy:.2f}x memcpy{extra}  peak +{r['peak_mb']:.0f} MB")
         return rate
@@ -257,11 +280,12 @@ def main() -> None:
     anchor = run("anchor")
     print("\nanchors")
     saelens = line("SAELens cache (Arrow float32) -> torch", anchor, anchor["rows"])
+    disk = line("floor: write + fsync + read back, twice", run("disk"), args.rows)
     for codec in ["none", "zstd-1"]:
         write, fin = run("write", codec), run("finalize", codec)
         print(f"\ncodec {codec}")
         line("write (StoreWriter, 8192-row segments)", write, args.rows)
-        line(f"shuffle (finalize, budget {args.budget >> 20} MiB)", fin, args.rows)
+        line(f"shuffle (finalize, budget {args.budget >> 20} MiB)", fin, args.rows, disk, "the floor")
         zarr_read = run("zarr", codec)
         zarr_rate = line("anchor: zarr's own read, bf16 bits", zarr_read, zarr_read["rows"])
         for dtype, threads in [("bfloat16", 1), ("bfloat16", 2), ("float32", 1), ("float32", 2)]:
