@@ -19,6 +19,7 @@ lease), and SIGTERM stops either like a kill would, minus the lease.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from kukla.storage.codecs import numcodecs_codec
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, array_specs, create_array,
                                   holdout_default, shard_key, write_manifest)
 from kukla.storage.lease import Lease
-from kukla.storage.location import Location, disk_full_error
+from kukla.storage.location import DIRECT_ALIGN, Location, aligned, aligned_buffer, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_blob, read_journal, segment_dir
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
@@ -230,7 +231,9 @@ def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec
     edges = np.concatenate([[0], np.cumsum(counts)])
     crcs, largest = {}, max(int(e["rows"]) for e in table.entries)
     for spec in specs:
-        data = buffers.rows("run", plan["run_rows"], spec)[:hi - lo]
+        size = (hi - lo) * spec.row_bytes
+        run = buffers.raw("run", aligned(plan["run_rows"] * spec.row_bytes))
+        data = run[:size].view(spec.dtype).reshape(hi - lo, *spec.row_shape)
         offset = 0
         for entry in table.entries:  # segment by segment, each read into one reused buffer: no joined copy
             rows = int(entry["rows"])
@@ -242,13 +245,14 @@ def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec
                 data[where[a - lo:b - lo]] = segment[a - offset:b - offset]
             offset += rows
         crcs[spec.name] = [crc32c(data[a:b]) for a, b in zip(edges[:-1], edges[1:])]
-        location.put_bytes(f"{_run_key(k)}/{spec.name}.bin", memoryview(data.reshape(-1).view(np.uint8)))
+        location.put_direct(f"{_run_key(k)}/{spec.name}.bin", run, size)
     location.put_json(_run_key(k) + ".json", {"plan": plan["id"], "counts": counts.tolist(), "crc32c": crcs})
 
 
 class _Buffers:
     """Scratch rows kept from one run, segment, shard or bucket to the next: a fresh page costs a
-    fault and a zeroing pass (on a VM more than the copy into it), a reused one nothing."""
+    fault and a zeroing pass (on a VM more than the copy into it), a reused one nothing. Every
+    buffer is page-aligned, so runs go to and from the disk past the page cache (O_DIRECT)."""
 
     def __init__(self) -> None:
         self.bytes: dict[str, np.ndarray] = {}
@@ -257,7 +261,7 @@ class _Buffers:
         """`size` bytes of buffer `name`, grown when too small."""
         buf = self.bytes.get(name)
         if buf is None or buf.size < size:
-            buf = self.bytes[name] = np.empty(size, np.uint8)
+            buf = self.bytes[name] = aligned_buffer(size)
         return buf[:size]
 
     def rows(self, name: str, n: int, spec: ArraySpec) -> np.ndarray:
@@ -329,7 +333,7 @@ class _Runs:
             start = int(self.starts[k, b]) * spec.row_bytes
             key = f"{_run_key(int(k))}/{spec.name}.bin"
             piece = flat[at:at + n]
-            if _read_into(self.location, key, start, piece) != n or (
+            if _read_into(self.location, key, start, piece, self.buffers) != n or (
                     crc32c(piece) != self.records[k]["crc32c"][spec.name][b]):
                 raise KuklaError(f"{self.location.join(key)} is damaged (checksum mismatch in bucket {b}): finalize "
                                  "cannot use it; delete that run's .json beside it and rerun finalize if "
@@ -338,17 +342,32 @@ class _Runs:
         self.loaded[spec.name] = b
 
 
-def _read_into(location: Location, key: str, start: int, out: np.ndarray) -> int:
-    """Bytes [start, start + len(out)) of one object into `out` (no copy on local disks); the count read."""
+def _read_into(location: Location, key: str, start: int, out: np.ndarray, buffers: _Buffers) -> int:
+    """Bytes [start, start + len(out)) of one run file into `out`; the count read. Local runs are
+    read past the page cache (O_DIRECT: the aligned span around them into a staging buffer)."""
     if not location.is_local:
         data = location.read_range(key, start, start + len(out))
         out[:len(data)] = np.frombuffer(data, np.uint8)
         return len(data)
-    fd = os.open(location.join(key), os.O_RDONLY)
+    path = location.join(key)
     try:
-        return os.preadv(fd, [out], start)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a file system without O_DIRECT: through the page cache
+            raise
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.preadv(fd, [out], start)
+        finally:
+            os.close(fd)
+    try:
+        first = start // DIRECT_ALIGN * DIRECT_ALIGN
+        staging = buffers.raw("staging", aligned(start + len(out)) - first)
+        got = max(0, min(len(out), os.preadv(fd, [staging], first) - (start - first)))
     finally:
         os.close(fd)
+    out[:got] = staging[start - first:start - first + got]
+    return got
 
 
 def _label(worker: int, workers: int) -> str:
