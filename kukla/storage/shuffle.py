@@ -6,7 +6,9 @@ array, a CRC32C per bucket piece), so a bucket's rows are one byte range per run
 (permute) builds each final shard from the buckets that cover its rows: bucket b's rows, in
 the order of a seeded uniform permutation, fill rows [start of b, end of b) of the final
 arrays. Random buckets and a uniform permutation inside each give a uniform permutation of all
-rows; the same seed gives the same store, byte for byte.
+rows; the same seed gives the same store, byte for byte. Runs are scratch written once and read
+once, so on a local disk they bypass the page cache (O_DIRECT), and every row buffer is reused:
+copying into fresh pages (cache or anonymous) cost more CPU than everything else together.
 
 Every unit of work (a run, a shard) is a pure function of the plan, written atomically and
 committed by one small object carrying the plan's id, so a killed finalize resumes, and N
@@ -239,9 +241,9 @@ def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec
             rows = int(entry["rows"])
             a, b = max(lo, offset), min(hi, offset + rows)
             if a < b:
-                info = entry["arrays"][spec.name]
-                segment = read_blob(location, f"{segment_dir(int(entry['rank']), int(entry['segment']))}/"
-                                    f"{spec.name}.bin", info, table.codec, buffers.raw("segment", largest * spec.row_bytes))
+                key = f"{segment_dir(int(entry['rank']), int(entry['segment']))}/{spec.name}.bin"
+                segment = read_blob(location, key, entry["arrays"][spec.name], table.codec,
+                                    buffers.raw("segment", largest * spec.row_bytes))
                 data[where[a - lo:b - lo]] = segment[a - offset:b - offset]
             offset += rows
         crcs[spec.name] = [crc32c(data[a:b]) for a, b in zip(edges[:-1], edges[1:])]
@@ -307,8 +309,7 @@ class _Runs:
         self.buffers = _Buffers()
 
     def rows(self, layout: Layout, lo: int, hi: int) -> np.ndarray:
-        """Final rows [lo, hi) of one array, gathered straight into a buffer reused across shards
-        (fresh pages cost a page fault each: on a VM as much as the copy itself, many times over)."""
+        """Final rows [lo, hi) of one array, gathered straight into a buffer reused across shards."""
         spec = layout.spec
         out = self.buffers.rows("shard", layout.shard_rows, spec)[:hi - lo]
         first = int(np.searchsorted(self.bucket_end, lo, side="right"))
@@ -320,14 +321,18 @@ class _Runs:
                 self._bucket(spec, b, size)
             a, z = max(lo, start), min(hi, start + size)
             perm = np.random.default_rng([self.plan["seed"], 2, b]).permutation(size)
-            np.take(self.buffers.rows(f"bucket {spec.name}", self.largest, spec)[:size], perm[a - start:z - start], axis=0,
-                    out=out[a - lo:z - lo], mode="clip")  # "raise" would gather into a temporary first
+            np.take(self._bucket_rows(spec)[:size], perm[a - start:z - start], axis=0, out=out[a - lo:z - lo],
+                    mode="clip")  # "raise" would gather into a temporary first
         return out
+
+    def _bucket_rows(self, spec: ArraySpec) -> np.ndarray:
+        """One array's bucket buffer, sized once for the largest bucket."""
+        return self.buffers.rows(f"bucket {spec.name}", self.largest, spec)
 
     def _bucket(self, spec: ArraySpec, b: int, size: int) -> None:
         """Load bucket b of one array, unpermuted, into its buffer: one checked byte range from each run."""
         self.loaded.pop(spec.name, None)
-        flat, at = self.buffers.rows(f"bucket {spec.name}", self.largest, spec)[:size].reshape(-1).view(np.uint8), 0
+        flat, at = self._bucket_rows(spec)[:size].reshape(-1).view(np.uint8), 0
         for k in np.flatnonzero(self.counts[:, b]):
             n = int(self.counts[k, b]) * spec.row_bytes
             start = int(self.starts[k, b]) * spec.row_bytes

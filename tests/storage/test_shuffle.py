@@ -139,3 +139,30 @@ def test_resumed_finalize_refuses_a_damaged_run_file(tmp_path: Path) -> None:
     with pytest.raises(KuklaError, match=r"run-000000/acts/blocks.0.hook_resid_post.bin is damaged \(checksum"):
         finalize_store(path, memory_budget_bytes=64 << 10)
     assert _state(path) == "finalizing"  # never finalized with bad rows
+
+
+def test_runs_past_the_page_cache_give_the_store_a_buffered_finalize_gives(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs written and read with O_DIRECT (aligned spans, staged reads, truncated tails) and through
+    the page cache (what a file system without O_DIRECT gets) make the same store, byte for byte."""
+    trees = []
+    for name in ["direct", "buffered"]:
+        if name == "buffered":
+            monkeypatch.delattr("os.O_DIRECT")
+        path = tmp_path / name
+        write_sequences(path, 37, 16, per_segment=5)  # rows that are no multiple of a 4 KiB page
+        finalize_store(path, memory_budget_bytes=96 << 10, seed=3)
+        assert open_store(path).meta["shuffle_buckets"] > 1
+        trees.append(_tree(path))
+    assert trees[0] == trees[1]
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_direct_put_writes_exactly_the_bytes_and_leaves_no_temp(tmp_path: Path, size: int) -> None:
+    from kukla.storage.location import Location, aligned_buffer
+
+    buffer = aligned_buffer(size)
+    buffer[:] = np.random.default_rng(size).integers(0, 256, buffer.size, dtype=np.uint8)
+    Location(tmp_path).put_direct("runs/run.bin", buffer, size)
+    assert (tmp_path / "runs" / "run.bin").read_bytes() == buffer[:size].tobytes()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run.bin"]
