@@ -158,7 +158,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def read_toml(path: Path, section: str | None = None) -> dict[str, Any]:
-    """Read a TOML config file, optionally one `[section]` of it."""
+    """Read a TOML config file, optionally one `[section]` of it.
+
+    A run file's `[[train]]` array counts as the section when it holds one table; with
+    several, a single stage cannot choose, so `kukla run` is named instead.
+    """
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -167,9 +171,15 @@ def read_toml(path: Path, section: str | None = None) -> dict[str, Any]:
         raise KuklaError(f"config file {path} is not valid TOML: {exc}") from None
     if section is None:
         return data
-    if section in data and isinstance(data[section], dict):
-        return data[section]
-    raise KuklaError(f"config file {path} has no [{section}] section")
+    table = data.get(section)
+    if isinstance(table, list) and all(isinstance(t, dict) for t in table):
+        if len(table) > 1:
+            raise KuklaError(f"config file {path} has {len(table)} [[{section}]] runs; --config reads one: "
+                             f"run them all with `kukla run {path} --stages {section}`")
+        table = table[0] if table else None
+    if isinstance(table, dict):
+        return table
+    raise KuklaError(f"config file {path} has no [{section}] section; put this stage's settings under [{section}]")
 
 
 def load_config(cls: type[C], path: Path, section: str | None = None, **overrides: Any) -> C:
