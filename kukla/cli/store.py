@@ -74,7 +74,7 @@ class ImportConfig:
     out: str
     """Store to create (folder or fsspec URL)."""
     hook: list[str] = field(default_factory=list)
-    """NAME=FILE, repeatable: a .npy or .safetensors file ([rows, width] or [..., width]) per hook; FILE:KEY picks a tensor."""
+    """NAME=FILE, repeatable: a .npy or .safetensors file ([rows, width] or [..., width]) per hook (NAME may be a short form such as resid_post:6); FILE:KEY picks a tensor."""
     dtype: str = "bfloat16"
     """Stored dtype: bfloat16, float16 (refuses overflow) or float32."""
     codec: str = DEFAULT_CODEC
@@ -147,9 +147,10 @@ def _finalize(config: FinalizeConfig) -> None:
 
 def _import(config: ImportConfig) -> None:
     """Turn existing activations (.npy, .safetensors) into a finalized, shuffled store."""
+    from kukla.pipeline.hooks import expand_hook
     from kukla.storage.importer import import_arrays
 
-    hooks = dict(h.split("=", 1) for h in config.hook)
+    hooks = {expand_hook(name): file for name, file in (h.split("=", 1) for h in config.hook)}
     rows, dropped = import_arrays(config.out, hooks, dtype=config.dtype, codec=config.codec,
                                   drop_nonfinite=config.drop_nonfinite, seed=config.seed,
                                   memory_budget_bytes=parse_bytes("memory_budget", config.memory_budget),

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import HOOK
+from conftest import HOOK, TARGET
 
 from kukla.config import load_config
 from kukla.errors import ConfigError
@@ -94,3 +94,16 @@ def test_train_config_with_several_train_runs_names_kukla_run(tmp_path: Path) ->
     flat.write_text('width = [32]\n')
     result = _train_cli("s.zarr", "--config", str(flat))
     assert result.exit_code == 2 and "put this stage's settings under [train]" in result.output, result.output
+
+
+@pytest.mark.parametrize("flags, hooks", [
+    (["--hook", "resid_post:0"], (HOOK, HOOK)),
+    (["--input-hook", "resid_post:0", "--target-hook", "mlp_out:0"], (HOOK, TARGET)),
+])
+def test_train_takes_hook_short_forms(store: Path, tmp_path: Path, flags: list[str], hooks: tuple) -> None:
+    result = _train_cli(str(store), "--out", str(tmp_path), "--width", "32", "--k", "4", "--tokens", "512",
+                        "--batch-size", "256", "--threads", "1", *flags)
+    assert result.exit_code == 0, result.output
+    [cfg_file] = tmp_path.glob("*/cfg.json")
+    cfg = json.loads(cfg_file.read_text())
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"].get("hook_name_out", cfg["metadata"]["hook_name"])) == hooks
