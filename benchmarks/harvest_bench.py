@@ -165,8 +165,8 @@ WAYS = {"kukla": way_kukla, "run_with_cache": way_bare, "saelens": way_saelens}
 
 
 def run_ways(args) -> None:
-    """Run the asked ways in this process; with several, interleave their repeats so each
-    sees the same machine load (peak RSS is then the process's, not one way's)."""
+    """Run the asked ways in this process; with several, interleave their repeats (in a rotated
+    order) so each sees the same machine load (peak RSS is then the process's, not one way's)."""
     import copy
 
     import torch
@@ -183,7 +183,7 @@ def run_ways(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="harvest-bench-"))
     try:
         for attempt in range(args.repeat):
-            for way in ways:
+            for way in ways[attempt % len(ways):] + ways[:attempt % len(ways)]:  # rotated: no way always follows another
                 folder = work / f"{way}-{attempt}"
                 folder.mkdir()
                 result = WAYS[way](model, once, folder)

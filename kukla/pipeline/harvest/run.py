@@ -3,7 +3,8 @@
 Every rank walks the whole plan in the same order (tokenizing is cheap next to the
 forward pass) and runs the model only on the segments it owns and has not committed yet,
 so a rerun after a crash continues where the journal says, and the union of all ranks'
-segments is exactly the planned set of rows.
+segments is exactly the planned set of rows. A background thread (`commit.py`) encodes and
+commits segment i while the model runs segment i+1.
 """
 
 from __future__ import annotations
