@@ -60,6 +60,7 @@ def kukla_step(args: argparse.Namespace, x: torch.Tensor):
     d.set_scales(float(x.norm(dim=1).mean()))
     d.initialize(x[:1024])
     d.tokens_since_fired[: int(args.width * args.dead)] = cfg.dead_tokens
+    d.count_dead()  # what the trainer does when it logs: sizes aux-k's candidates
 
     def step() -> None:
         d.training_loss(x).loss.backward()

@@ -103,6 +103,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if tp in (int, float) and isinstance(value, bool):
+            raise ConfigError(name, f"{str(value).lower()} is a boolean; give a number")
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

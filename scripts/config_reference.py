@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kukla.cli.store import FinalizeConfig, ImportConfig  # noqa: E402
+from kukla.cli.store import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
 from kukla.cli.options import _default_text  # noqa: E402
 from kukla.config import _strip_optional, field_docs, field_types  # noqa: E402
 from kukla.pipeline.demo import DemoConfig  # noqa: E402
@@ -40,6 +40,8 @@ COMMANDS: list[tuple[str, type, tuple[str, ...], str | None]] = [
     ("kukla evaluate", EvaluateConfig, ("dictionaries",), "[evaluate]"),
     ("kukla run", RunConfig, (), "[run]"),
     ("kukla demo", DemoConfig, (), None),
+    ("kukla store info", InfoConfig, ("path",), None),
+    ("kukla store verify", VerifyConfig, ("path",), None),
     ("kukla store finalize", FinalizeConfig, ("path",), None),
     ("kukla store import", ImportConfig, ("out",), None),
 ]

@@ -17,13 +17,14 @@ import typer
 
 from kukla.config import _strip_optional, field_docs, field_types, from_dict, read_toml
 from kukla.errors import KuklaError
+from kukla.preempt import EXIT_SIGTERM, Preempted
 
 C = TypeVar("C")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly(fn: F) -> F:
-    """Turn a KuklaError into one line on stderr and exit status 2 (no traceback)."""
+    """Turn a KuklaError into one line on stderr and exit status 2 (no traceback); SIGTERM into 143."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -32,6 +33,9 @@ def friendly(fn: F) -> F:
         except KuklaError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except Preempted as exc:
+            typer.echo(f"stopped: {exc}", err=True)
+            raise typer.Exit(EXIT_SIGTERM) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: committed work is kept; rerun the same command to resume", err=True)
             raise typer.Exit(130) from None
@@ -103,4 +107,5 @@ def config_command(
     command.__doc__ = inspect.getdoc(run)
     wrapped = friendly(command)
     wrapped.__signature__ = command.__signature__  # type: ignore[attr-defined]
+    wrapped.config_class = cls  # type: ignore[attr-defined]  # lets the README reference find every command
     return wrapped

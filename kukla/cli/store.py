@@ -28,6 +28,8 @@ def parse_bytes(name: str, text: str) -> int:
 
 @dataclass
 class InfoConfig:
+    """What a store holds: state, rows, hooks and widths, dtype, codec, holdout, model and dataset."""
+
     path: str
     """Store folder or fsspec URL."""
     json: bool = False
@@ -36,6 +38,8 @@ class InfoConfig:
 
 @dataclass
 class VerifyConfig:
+    """Check every chunk's checksum and the store's structure; exit 1 naming each problem."""
+
     path: str
     """Store folder or fsspec URL."""
 

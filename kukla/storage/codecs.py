@@ -44,7 +44,12 @@ def store_dtype(name: str) -> str:
 
 
 def check_codec(name: str) -> str:
-    if not _CODEC_RE.match(name):
+    """The codec name, or a one-line error (checked before anything is written)."""
+    match = _CODEC_RE.match(name)
+    if match and match.group(1) is not None and not -131072 <= int(match.group(1)) <= 22:
+        raise KuklaError(f"codec {name!r}: zstd levels run from -131072 to 22 (1-3 is fast, 19-22 is small); "
+                         f"e.g. {DEFAULT_CODEC}")
+    if not match:
         raise KuklaError(
             f"unknown codec {name!r}: use none, zstd-<level> or blosc-<zstd|lz4|lz4hc|zlib>-<0-9>-"
             f"<noshuffle|shuffle|bitshuffle> (default {DEFAULT_CODEC})"

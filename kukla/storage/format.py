@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,28 @@ def create_array(group: zarr.Group, spec: ArraySpec, n_rows: int, chunk_rows: in
     )
 
 
+def open_array(group: zarr.Group, spec: ArraySpec, n_rows: int, chunk_rows: int, url: str) -> zarr.Array:
+    """A final array, refused in one line when its zarr.json is unreadable or disagrees with the
+    store's own attributes (a dtype edited from uint16 to int16 would otherwise read as garbage)."""
+    try:
+        array = group[spec.name]
+    except Exception as exc:  # noqa: BLE001 - a missing or torn zarr.json surfaces as many error types
+        raise KuklaError(f"{url}/{spec.name}/zarr.json is missing or damaged ({type(exc).__name__}): restore it "
+                         "from a copy, or rebuild the store") from None
+    expected = {"data_type": spec.dtype, "shape": (n_rows, *spec.row_shape), "chunk rows": chunk_rows}
+    found = {"data_type": array.dtype, "shape": tuple(array.shape), "chunk rows": array.chunks[0]}
+    for key, value in expected.items():
+        if found[key] != value:
+            raise KuklaError(f"{url}/{spec.name}/zarr.json says {key} {found[key]}, the store's attributes say "
+                             f"{value}: the array metadata was altered; restore it from a copy, or rebuild the store")
+    return array
+
+
+def data_crc32(data: np.ndarray) -> int:
+    """The checksum kept in a static array's attributes (`crc32`), over its C-order bytes."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
 def shard_key(spec: ArraySpec, shard_index: int) -> str:
     """The object holding shard `shard_index` of an array (default "/" chunk keys)."""
     return "/".join([spec.name, "c", str(shard_index)] + ["0"] * len(spec.row_shape))
@@ -194,7 +217,7 @@ class Attributes:
                              "(made by `kukla harvest` or `kukla store import`)")
         try:
             value = location.read_json("zarr.json").get("attributes", {}).get("kukla")
-        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        except (OSError, json.JSONDecodeError, AttributeError):  # OSError: missing, or PATH is a file
             value = None
         if not isinstance(value, dict) or "format_version" not in value:
             raise KuklaError(f"{location.url} is not a kukla store (no kukla metadata in zarr.json): "

@@ -13,9 +13,12 @@ import numpy as np
 import torch
 
 from kukla.errors import KuklaError
+from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
-from kukla.storage.codecs import DEFAULT_CODEC
-from kukla.storage.shuffle import finalize_store
+from kukla.storage.codecs import DEFAULT_CODEC, check_codec, store_dtype
+from kukla.storage.format import Attributes, meta_fingerprint
+from kukla.storage.location import Location
+from kukla.storage.shuffle import check_memory_budget, finalize_store
 from kukla.storage.store import open_store
 from kukla.storage.writer import StoreWriter
 
@@ -61,13 +64,20 @@ def open_source(spec: str, hook: str) -> Source:
     if not path.exists():
         raise KuklaError(f"--hook {hook}={spec}: {path} does not exist")
     if path.suffix == ".npy":
-        array = np.load(path, mmap_mode="r")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise KuklaError(f"{path} is not a readable .npy file ({exc}): it may be truncated; write it again") from None
         dtype = str(array.dtype)
         shape = array.shape
     elif path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        handle = safe_open(str(path), framework="pt")
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise KuklaError(f"{path} is not a readable .safetensors file ({exc}): it may be truncated; "
+                             "write it again") from None
         keys = list(handle.keys())
         if key is None:
             if len(keys) != 1 and hook not in keys:
@@ -89,9 +99,17 @@ def open_source(spec: str, hook: str) -> Source:
 def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloat16", codec: str = DEFAULT_CODEC,
                   drop_nonfinite: bool = False, seed: int = 0, memory_budget_bytes: int = 2 << 30,
                   overwrite: bool = False, rows_per_segment: int = 1 << 16) -> tuple[int, int]:
-    """Import, shuffle and finalize; returns (rows stored, rows dropped for NaN/inf)."""
+    """Import, shuffle and finalize; returns (rows stored, rows dropped for NaN/inf).
+
+    Rerunning the same import after a kill or a full disk resumes it (writing or
+    finalizing). With `overwrite`, an existing store at `out` is left alone until the new
+    one is complete: the new one is built beside it (`<out>.importing`) and replaces it
+    at the end, so bad input (NaN rows, a kill) never costs the old store.
+    """
     if not hooks:
         raise KuklaError("give at least one --hook NAME=FILE")
+    check_codec(codec)
+    check_memory_budget(memory_budget_bytes)
     sources = {hook: open_source(spec, hook) for hook, spec in hooks.items()}
     rows = {hook: s.rows for hook, s in sources.items()}
     leading = {hook: s.shape[0] for hook, s in sources.items()}
@@ -103,6 +121,40 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
             "files": {h: {"path": str(s.path.absolute()), "key": s.key, "bytes": s.path.stat().st_size,
                           "mtime": s.path.stat().st_mtime} for h, s in sources.items()},
             "drop_nonfinite": drop_nonfinite}
+    dtype, same = store_dtype(dtype), {"fingerprint": meta_fingerprint(meta), "dtype": store_dtype(dtype), "codec": codec}
+    target = Location(out)
+    staging = Location(f"{target.url}.importing")
+    staged = overwrite and (staging.exists() or (target.exists() and bool(target.listdir(""))
+                                                 and _state(target, same) is None))
+    build = staging if staged else target
+    state = _state(build, same)
+    with stop_on_sigterm():
+        if state != "finalizing" and not (staged and state == "finalized"):
+            _write(build.url, sources, meta, dtype=dtype, codec=codec, drop_nonfinite=drop_nonfinite,
+                   overwrite=overwrite, rows_per_segment=rows_per_segment)
+        finalize_store(build.url, memory_budget_bytes=memory_budget_bytes, seed=seed)
+        if staged:
+            target.remove("")
+            target.fs.mv(staging.root, target.root, recursive=True)
+    stored = open_store(out).n_rows
+    return stored, first.rows - stored
+
+
+def _state(location: Location, same: dict[str, str]) -> str | None:
+    """The state of a store of this very import (same inputs, dtype, codec) at `location`, else None."""
+    if not location.exists("zarr.json"):
+        return None
+    try:
+        attrs = Attributes.read(location).value
+    except KuklaError:
+        return None
+    return attrs["state"] if all(attrs.get(key) == value for key, value in same.items()) else None
+
+
+def _write(out: str, sources: dict[str, Source], meta: dict[str, Any], *, dtype: str, codec: str,
+           drop_nonfinite: bool, overwrite: bool, rows_per_segment: int) -> None:
+    """The write phase: every source's rows in segments (resumed from the journal)."""
+    first = next(iter(sources.values()))
     step = max(1, rows_per_segment // max(1, first.per_index))
     with StoreWriter.open(out, meta, dtype=dtype, codec=codec, overwrite=overwrite) as writer:
         with progress(first.rows, "import") as bar:
@@ -122,6 +174,3 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
                     writer.write_segment(segment, block)
                 bar.update((hi - lo) * first.per_index)
         writer.finish()
-    finalize_store(out, memory_budget_bytes=memory_budget_bytes, seed=seed)
-    stored = open_store(out).n_rows
-    return stored, first.rows - stored

@@ -70,11 +70,16 @@ class Location:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk or a stop: no partial file is left to fill the disk further
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         fsync_dir(os.path.dirname(path))
 
     def put_json(self, sub: str, value: Any) -> None:
@@ -139,6 +144,12 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """Refuse an output path that exists and is not a folder, before any work is done."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise KuklaError(f"{flag} {path} is a file, not a folder: give a folder path (it is created if missing)")
 
 
 def disk_full_error(exc: OSError, location: Location, what: str) -> KuklaError | None:

@@ -3,16 +3,12 @@
 A segment's data goes to `_parts/rank-R/seg-S/<array>.bin` (one compressed object per
 array, transient: the shuffle turns them into the final sharded Zarr arrays); only after it is
 durable does `_parts/rank-R/journal/seg-S.json` appear. The journal entry is the commit:
-a segment without one never happened, and is simply rewritten on resume.
+a segment without one never happened, and is simply rewritten on resume. The part's writer
+holds a lease on `_parts/rank-R/lock.json` (kukla.storage.lease).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,83 +107,3 @@ class SegmentTable:
             cached = (key, read_blob(self.location, blob_key, entry["arrays"][name], self.codec))
             self._last[name] = cached
         return cached[1]
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (guards against a recycled pid), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return "unknown"
-
-
-def _alive(info: dict[str, Any]) -> bool:
-    if info.get("host") != socket.gethostname():
-        return True  # cannot tell from here
-    pid = int(info.get("pid", -1))
-    if os.path.exists("/proc/self/stat"):
-        started = _start_time(pid)
-        return started is not None and started == info.get("started", started)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class WriterLock:
-    """One live writer per part. The lock records pid, host and process start time, so a lock
-    left by a killed writer on this host is taken over by the next run; on another host it is
-    refused with the lock's path to delete once that writer is known dead."""
-
-    def __init__(self, location: Location, key: str, what: str) -> None:
-        self.location, self.key, self.what = location, key, what
-        self.token = uuid.uuid4().hex
-        self.held = False
-
-    def acquire(self) -> None:
-        if self.location.exists(self.key):
-            try:
-                info = self.location.read_json(self.key)
-            except (ValueError, FileNotFoundError):
-                info = {}
-            if info and _alive(info):
-                where = f"process {info.get('pid')} on {info.get('host')}"
-                hint = ("wait for it or stop it, then rerun to resume" if info.get("host") == socket.gethostname()
-                        else f"if it is dead, delete {self.location.join(self.key)} and rerun")
-                raise KuklaError(f"{self.what} is already being written by {where}: {hint}")
-            self.location.remove(self.key)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid()),
-                "token": self.token, "time": time.time()}
-        self._create(info)
-        if self.location.read_json(self.key).get("token") != self.token:
-            raise KuklaError(f"{self.what} was locked by another writer at the same moment: rerun to resume")
-        self.held = True
-
-    def _create(self, info: dict[str, Any]) -> None:
-        data = json.dumps(info).encode()
-        if not self.location.is_local:
-            self.location.put_bytes(self.key, data)
-            return
-        path = self.location.join(self.key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            raise KuklaError(f"{self.what} was locked by another writer at the same moment: rerun to resume") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-
-    def release(self) -> None:
-        if self.held:
-            try:
-                if self.location.read_json(self.key).get("token") == self.token:
-                    self.location.remove(self.key)
-            except FileNotFoundError:
-                pass
-            self.held = False

@@ -10,6 +10,7 @@ the same store.
 Every step is deterministic and committed by one small object, so a killed finalize resumes:
 runs are skipped once committed, and pass 2 writes only whole shards, recording the rows
 flushed; on resume it regenerates the bucket holding that row and carries on from it.
+One finalize runs at a time (a lease), and SIGTERM stops it like a kill would, minus the lease.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ import numpy as np
 import zarr
 
 from kukla.errors import KuklaError
+from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, array_specs, create_array,
                                   holdout_default, shard_key, write_manifest)
+from kukla.storage.lease import Lease
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_journal
 
 PLAN = "_finalize/plan.json"
+FINALIZE_LOCK = "_finalize.lock.json"  # beside _finalize/, which a fresh plan clears
 
 
 def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed: int = 0,
@@ -39,20 +43,34 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
     if attrs.value["state"] == "finalized":
         location.remove("_finalize")
         return
-    if memory_budget_bytes < 1 << 16:
-        raise KuklaError(f"memory budget {memory_budget_bytes} bytes is too small: give at least 64 KiB")
+    check_memory_budget(memory_budget_bytes)
     try:
-        plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
-        _scatter(location, plan)
-        _permute(location, plan)
-        attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
-                           shuffle_buckets=plan["n_buckets"],
-                           holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
-                           hook_stats=plan["hook_stats"], truth=plan["truth"])
-        attrs.write()
-        location.remove("_finalize")
+        with Lease(location, FINALIZE_LOCK, f"finalize of {location.url}") as lease, stop_on_sigterm():
+            attrs = Attributes.read(location)  # another finalize may have finished just before our lease
+            if attrs.value["state"] != "finalized":
+                _finalize(location, attrs, memory_budget_bytes, seed, holdout_rows, lease)
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
+
+
+def check_memory_budget(memory_budget_bytes: int) -> None:
+    """Refuse a budget the shuffle cannot work in, before anything is written."""
+    if memory_budget_bytes < 1 << 16:
+        raise KuklaError(f"memory budget {memory_budget_bytes} bytes is too small: give at least 64 KiB")
+
+
+def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int,
+              holdout_rows: int | None, lease: Lease) -> None:
+    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+    _scatter(location, plan)
+    _permute(location, plan)
+    lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
+    attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
+                       shuffle_buckets=plan["n_buckets"],
+                       holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
+                       hook_stats=plan["hook_stats"], truth=plan["truth"])
+    attrs.write()
+    location.remove("_finalize")
 
 
 def unfinished_ranks(path: str | Path | Location) -> list[int]:

@@ -16,7 +16,7 @@ import zarr
 
 from kukla.errors import KuklaError
 from kukla.storage.codecs import TORCH_DTYPES, from_stored
-from kukla.storage.format import ArraySpec, Attributes, HookStats, array_specs
+from kukla.storage.format import ArraySpec, Attributes, HookStats, array_specs, data_crc32, open_array
 from kukla.storage.location import Location
 from kukla.storage.parts import SegmentTable, read_journal
 
@@ -96,9 +96,14 @@ class Store:
             group = self._group if self._group is not None else zarr.open_group(
                 self.location.zarr_store(read_only=True), mode="r")
             try:
-                return group[name][...] if stop is None and start == 0 else group[name][start:stop]
+                array = group[name]
             except KeyError:
                 raise KuklaError(f"store {self.url} has no array {name!r}") from None
+            data = array[...]
+            if "crc32" in array.attrs and data_crc32(data) != array.attrs["crc32"]:
+                raise KuklaError(f"{self.url}/{name} is damaged (checksum mismatch): restore it from a copy, "
+                                 "or rebuild the store; `kukla store verify` lists every damaged part")
+            return data if stop is None and start == 0 else data[start:stop]
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         start = max(0, min(start, stop))
         if self._group is not None:
@@ -118,7 +123,8 @@ class Store:
     def arrays(self) -> dict[str, Any]:
         """The open zarr arrays of a finalized store (opened once: each open reads metadata)."""
         assert self._group is not None
-        return {name: self._group[name] for name in self.specs}
+        return {name: open_array(self._group, spec, self.n_rows, self.chunk_rows, self.url)
+                for name, spec in self.specs.items()}
 
 
 def open_store(path: str | Path, *, allow_unfinalized: bool = False) -> Store:

@@ -1,9 +1,10 @@
 """ActivationStream: batches of rows for training, prefetched, split by rank, exactly resumable.
 
 The store is already globally shuffled, so the stream reads large contiguous chunks (fast)
-and only shuffles the order of chunks, afresh each epoch. A rank reads a contiguous,
-disjoint slice of the split; with drop_last every rank yields the same number of batches
-(DDP needs that). The cursor counts batches handed to the caller, not batches prefetched,
+and only shuffles the order of chunks, afresh each epoch. Under data parallelism rank r of
+world w reads rows [r·b, (r+1)·b) of every global batch of w·b rows, the global batches being
+exactly those one process reading batches of w·b would get: so the world size cannot change
+what is trained on. With drop_last every rank yields the same number of batches (DDP needs that). The cursor counts batches handed to the caller, not batches prefetched,
 so `state_dict()` after batch i resumes at batch i + 1.
 """
 
@@ -44,22 +45,34 @@ def split_range(store: Store, split: Split) -> tuple[int, int]:
     raise KuklaError(f"unknown split {split!r}: use train, holdout or all")
 
 
-def rank_rows(store: Store, *, split: Split = "train", rank: int = 0, world: int = 1) -> range:
-    """The store rows rank `rank` of `world` reads: disjoint slices that together cover the split."""
+def batches_per_epoch(store: Store, batch_size: int, *, split: Split = "train", world: int = 1,
+                      rank: int = 0, drop_last: bool = True) -> int:
+    """Batches one rank gets per epoch (its shares of the global batches); with drop_last the
+    same on every rank. Without it, a rank whose share of the last, partial global batch is
+    empty gets one batch fewer."""
     if not 0 <= rank < world:
         raise KuklaError(f"rank {rank} is outside world size {world}")
     lo, hi = split_range(store, split)
-    n = hi - lo
-    return range(lo + rank * n // world, lo + (rank + 1) * n // world)
+    full, rest = divmod(hi - lo, batch_size * world)
+    return full if drop_last else full + int(rest > rank * batch_size)
 
 
-def batches_per_epoch(store: Store, batch_size: int, *, split: Split = "train", world: int = 1,
-                      rank: int = 0, drop_last: bool = True) -> int:
-    """Batches one rank gets per epoch; with drop_last it is the same on every rank."""
-    lo, hi = split_range(store, split)
-    if drop_last:
-        return ((hi - lo) // world) // batch_size
-    return -(-len(rank_rows(store, split=split, rank=rank, world=world)) // batch_size)
+def rank_share(pieces: list[tuple[int, int]], batch_size: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """The rows of `pieces` (in order, the first starting a global batch) at positions
+    [r·b, (r+1)·b) of every run of w·b: rank r's share of each global batch."""
+    if world == 1:
+        return pieces
+    size, first = batch_size * world, rank * batch_size
+    out, position = [], 0
+    for lo, hi in pieces:
+        end, j = position + hi - lo, position // size
+        while j * size + first < end:
+            a, b = max(position, j * size + first), min(end, j * size + first + batch_size)
+            if a < b:
+                out.append((lo + a - position, lo + b - position))
+            j += 1
+        position = end
+    return out
 
 
 class ActivationStream:
@@ -77,7 +90,7 @@ class ActivationStream:
         self.split, self.rank, self.world, self.epochs, self.seed = split, rank, world, epochs, seed
         self.device, self.dtype, self.prefetch = torch.device(device), dtype, prefetch
         self.with_rows, self.drop_last = with_rows, drop_last
-        self.rows = rank_rows(store, split=split, rank=rank, world=world)
+        self.rows = range(*split_range(store, split))
         self.batches_per_epoch = batches_per_epoch(store, batch_size, split=split, world=world, rank=rank,
                                                    drop_last=drop_last)
         self.epoch, self.batch = 0, 0
@@ -103,7 +116,7 @@ class ActivationStream:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def blocks(self, epoch: int) -> list[tuple[int, int]]:
-        """This rank's rows cut at the store's chunk boundaries, in this epoch's (seeded) order."""
+        """The split's rows cut at the store's chunk boundaries, in this epoch's (seeded) order."""
         chunk, lo, hi = self.store.chunk_rows, self.rows.start, self.rows.stop
         edges = [lo, *range((lo // chunk + 1) * chunk, hi, chunk), hi] if hi > lo else []
         blocks = list(zip(edges[:-1], edges[1:]))
@@ -157,16 +170,18 @@ class ActivationStream:
 
     def _produce_epoch(self, epoch: int, batch: int, pool: ThreadPoolExecutor, put: Any,
                        stop: threading.Event) -> bool:
-        """Read this epoch's blocks ahead (bounded), cut them into batches from `batch` on."""
-        total = self.batches_per_epoch * self.batch_size if self.drop_last else len(self.rows)
-        skip = batch * self.batch_size
+        """Read this epoch's blocks ahead (bounded), cut this rank's shares into batches from `batch` on."""
+        size = self.batch_size * self.world  # the global batch
+        total = len(self.rows) // size * size if self.drop_last else len(self.rows)
+        skip = batch * size
         wanted: list[tuple[int, int]] = []
         position = 0
-        for lo, hi in self.blocks(epoch):  # the rows still due this epoch, as (lo, hi) pieces
+        for lo, hi in self.blocks(epoch):  # the rows of every rank still due this epoch, as (lo, hi) pieces
             a, b = max(lo, lo + skip - position), min(hi, lo + total - position)
             if a < b:
                 wanted.append((a, b))
             position += hi - lo
+        wanted = rank_share(wanted, self.batch_size, self.rank, self.world)
         names = [f"acts/{h}" for h in self.hooks]
         pending: list[Any] = []
         it = iter(wanted)

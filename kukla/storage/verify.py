@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
+from kukla.errors import KuklaError
 from kukla.progress import progress
-from kukla.storage.format import shard_key
+from kukla.storage.format import open_array, shard_key
 from kukla.storage.parts import read_blob, segment_dir
 from kukla.storage.store import Store, open_store
 
@@ -34,23 +36,25 @@ def store_info(path: str | Path) -> dict[str, Any]:
 
 
 def verify_store(path: str | Path) -> list[str]:
-    """Decode every chunk and check every count; returns the problems found (empty when sound)."""
+    """Decode every chunk, check every count, each array's zarr.json against the store's attributes,
+    each static array's checksum, and that no activation row is NaN/inf; returns the problems found."""
     store = open_store(path, allow_unfinalized=True)
     if not store.finalized:
         return _verify_segments(store)
     problems = _check_manifest(store)
     total = store.n_rows * len(store.specs)
+    group = zarr.open_group(store.location.zarr_store(read_only=True), mode="r")
     with progress(total, "verify", unit="row") as bar:
         for name, spec in store.specs.items():
-            array = store.arrays[name]
-            if array.shape[0] != store.n_rows:
-                problems.append(f"{name} has {array.shape[0]} rows, the store says {store.n_rows}: the store is "
-                                "damaged; rebuild it (rerun harvest + finalize, or import)")
+            try:
+                array = open_array(group, spec, store.n_rows, store.chunk_rows, store.url)
+            except KuklaError as exc:
+                problems.append(str(exc))
                 continue
             problems += _missing_shards(store, name, array)
             step = max(store.chunk_rows, READ_BYTES // max(1, spec.row_bytes) // store.chunk_rows * store.chunk_rows)
             for start in range(0, store.n_rows, step):
-                problems += _decode(store, name, start, min(store.n_rows, start + step))
+                problems += _decode(store, array, name, start, min(store.n_rows, start + step))
                 bar.update(min(store.n_rows, start + step) - start)
     for name in _static_names(store):
         try:
@@ -60,18 +64,33 @@ def verify_store(path: str | Path) -> list[str]:
     return problems
 
 
-def _decode(store: Store, name: str, start: int, stop: int) -> list[str]:
+def _nonfinite_rows(name: str, data: np.ndarray, start: int) -> list[str]:
+    """Activation rows holding NaN or inf (harvest and import refuse them; damage or another tool does not)."""
+    if not name.startswith("acts/"):
+        return []
+    if data.dtype == np.uint16:  # bf16 bits: exponent all ones
+        bad = ((data & 0x7F80) == 0x7F80).any(axis=1)
+    else:
+        bad = ~np.isfinite(data).all(axis=1)
+    rows = start + np.flatnonzero(bad)
+    if not len(rows):
+        return []
+    listed = ", ".join(map(str, rows[:5].tolist())) + (", ..." if len(rows) > 5 else "")
+    return [f"{name}: {len(rows)} row(s) hold NaN or inf (rows {listed}): rebuild the store from finite "
+            "activations (import --drop-nonfinite drops such rows)"]
+
+
+def _decode(store: Store, array: Any, name: str, start: int, stop: int) -> list[str]:
     """Rows [start, stop) of one array; on failure, find the exact chunks that do not decode."""
     try:
-        store.read_stored(name, start, stop)
-        return []
+        return _nonfinite_rows(name, array[start:stop], start)
     except Exception:  # noqa: BLE001
         pass
     problems = []
     for lo in range(start, stop, store.chunk_rows):
         hi = min(stop, lo + store.chunk_rows)
         try:
-            store.read_stored(name, lo, hi)
+            array[lo:hi]
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{name} rows {lo}-{hi - 1}: chunk does not decode ({type(exc).__name__}: "
                             f"{str(exc)[:80]}): the shard file under {store.location.join(name, 'c')} is damaged; "

@@ -18,10 +18,11 @@ import zarr
 from kukla.errors import KuklaError
 from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec, store_dtype,
                                   to_stored)
-from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta, chunk_rows_for,
-                                  new_attributes, write_manifest)
+from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta,
+                                  chunk_rows_for, data_crc32, new_attributes, write_manifest)
 from kukla.storage.location import Location, disk_full_error
-from kukla.storage.parts import WriterLock, finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
+from kukla.storage.lease import Lease
+from kukla.storage.parts import finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
 
 Rows = Mapping[str, "np.ndarray | torch.Tensor"]
 
@@ -34,8 +35,7 @@ class StoreWriter:
         self.hooks: dict[str, int] = dict(attrs["hooks"])
         self.dtype: str = attrs["dtype"]
         self.codec = numcodecs_codec(attrs["codec"])
-        self.lock = WriterLock(location, f"{part_dir(rank)}/lock.json", f"rank {rank} of store {location.url}")
-        self.lock.acquire()
+        self.lock = Lease(location, f"{part_dir(rank)}/lock.json", f"rank {rank} of store {location.url}").acquire()
         self.journal = read_journal(location, rank)
         self.committed: set[int] = set(self.journal)
         self.stats = {hook: HookStats() for hook in self.hooks}
@@ -88,6 +88,7 @@ class StoreWriter:
         """Write one segment and commit it in the journal once its data is durable."""
         if not self.lock.held:
             raise KuklaError(f"writer for {self.location.url} is closed: open a new StoreWriter to resume")
+        self.lock.check()
         if segment in self.committed:
             raise KuklaError(f"segment {segment} of rank {self.rank} is already committed: skip the ids in "
                              "writer.committed when resuming")
@@ -163,6 +164,7 @@ class StoreWriter:
             target = group.create_array(f"static/{name}", shape=data.shape, dtype=data.dtype,
                                         chunks=data.shape or None, overwrite=True)
             target[...] = data
+            target.attrs["crc32"] = data_crc32(data)  # verify checks it: static chunks carry no CRC codec
             self.location.make_durable(f"static/{name}")
             Attributes(self.location, self.attrs).write()  # zarr rewrote the root metadata: restore ours
 

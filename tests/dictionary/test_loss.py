@@ -98,6 +98,7 @@ def test_sampled_prefix_loss_averages_every_draw_including_full_width(sparse_pat
 
 def _with_dead_latents(d: Dictionary, dead: slice) -> None:
     d.tokens_since_fired[dead] = d.cfg.dead_tokens
+    d.count_dead()
 
 
 @pytest.mark.parametrize("arch,transcoder", [("matryoshka-batchtopk", False), ("topk", False),
@@ -118,13 +119,13 @@ def test_sparse_path_matches_dense_reference_in_values_and_gradients(arch, trans
             d.W_enc.add_(0.1 * torch.randn_like(d.W_enc))
         _with_dead_latents(d, slice(20, 40))
         out = d.training_loss(x, y, generator=torch.Generator().manual_seed(3))
-        assert out.metrics["aux"] > 0
+        assert float(out.metrics["aux"]) > 0
         results.append((out.loss.detach(), out.metrics, out.fired, _grads(d, out.loss)))
     (loss_r, metrics_r, fired_r, grads_r), (loss_s, metrics_s, fired_s, grads_s) = results
     torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-6)
     assert torch.equal(fired_s, fired_r)
     for key in metrics_r:
-        assert metrics_s[key] == pytest.approx(metrics_r[key], rel=1e-5, abs=1e-7)
+        assert float(metrics_s[key]) == pytest.approx(float(metrics_r[key]), rel=1e-5, abs=1e-7)
     for name, ours, ref in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads_s, grads_r):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -132,7 +133,7 @@ def test_sparse_path_matches_dense_reference_in_values_and_gradients(arch, trans
 def test_batch_topk_keeps_k_times_batch_entries_once_for_all_prefixes():
     d, x = _dictionary(k=2.5)  # fractional: 2.5 · 40 = 100 entries over the batch
     out = d.training_loss(x)
-    assert out.metrics["l0"] * x.shape[0] == pytest.approx(100)
+    assert float(out.metrics["l0"]) * x.shape[0] == pytest.approx(100)
     # every level's FVU is that of the full-dictionary codes cut to the level, not a per-level selection
     with torch.no_grad():
         x_s = x * d.input_scale
@@ -143,7 +144,7 @@ def test_batch_topk_keeps_k_times_batch_entries_once_for_all_prefixes():
         for width in (4, 12, 28, 48):
             recon = z[:, :width] @ d.W_dec[:width] + d.b_dec
             fvu = float(((x_s - recon) ** 2).sum() / ((x_s - x_s.mean(0)) ** 2).sum())
-            assert out.metrics[f"fvu/level_{width}"] == pytest.approx(fvu, rel=1e-5)
+            assert float(out.metrics[f"fvu/level_{width}"]) == pytest.approx(fvu, rel=1e-5)
 
 
 def _naive_aux(d: Dictionary, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
@@ -165,9 +166,10 @@ def test_aux_k_reconstructs_the_residual_with_dead_latents_and_trains_their_enco
     dead[::3] = True  # 16 dead latents, 4 of them per token
 
     d.tokens_since_fired[dead] = d.cfg.dead_tokens
+    assert d.count_dead() == 16
     out = d.training_loss(x)
     naive_aux = _naive_aux(d, x, dead, 4)
-    assert out.metrics["aux"] == pytest.approx(float(naive_aux.detach()), rel=1e-5)
+    assert float(out.metrics["aux"]) == pytest.approx(float(naive_aux.detach()), rel=1e-5)
     d.cfg.aux_coefficient = 0.0
     without_aux = d.training_loss(x).loss
     torch.testing.assert_close(out.loss, without_aux + 0.5 * naive_aux, rtol=1e-5, atol=1e-6)
@@ -181,14 +183,15 @@ def test_aux_k_reconstructs_the_residual_with_dead_latents_and_trains_their_enco
     d.cfg.aux_coefficient = 0.5
     d.tokens_since_fired.zero_()
     d.tokens_since_fired[[5, 30]] = d.cfg.dead_tokens
+    d.count_dead()
     few = torch.zeros(48, dtype=torch.bool)
     few[[5, 30]] = True
-    assert d.training_loss(x).metrics["aux"] == pytest.approx(float(_naive_aux(d, x, few, 2).detach()), rel=1e-5)
+    assert float(d.training_loss(x).metrics["aux"]) == pytest.approx(float(_naive_aux(d, x, few, 2).detach()), rel=1e-5)
 
 
 def test_no_aux_loss_while_no_latent_is_dead():
     d, x = _dictionary()
-    assert d.training_loss(x).metrics["aux"] == 0.0
+    assert float(d.training_loss(x).metrics["aux"]) == 0.0
 
 
 def test_relu_loss_is_fvu_plus_scale_free_l1():
@@ -200,7 +203,7 @@ def test_relu_loss_is_fvu_plus_scale_free_l1():
     fvu = ((x_s - z @ d.W_dec - d.b_dec) ** 2).sum() / var
     l1 = (z * d.W_dec.norm(dim=1)).sum(1).mean() / (var / x.shape[0]).sqrt()
     torch.testing.assert_close(out.loss, fvu + 0.3 * l1, rtol=1e-5, atol=1e-6)
-    assert out.metrics["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()))
+    assert float(out.metrics["l0"]) == pytest.approx(float((z > 0).sum(1).float().mean()))
     assert torch.equal(out.fired, (z > 0).any(0))
 
 
@@ -210,12 +213,13 @@ def test_mse_metric_is_in_raw_units():
     with torch.no_grad():
         z = _naive_batch_topk_codes(d.pre_activations(x), 3.0)
         recon = d.decode(z)
-    assert out.metrics["mse"] == pytest.approx(float(((x - recon) ** 2).mean()), rel=1e-5)
+    assert float(out.metrics["mse"]) == pytest.approx(float(((x - recon) ** 2).mean()), rel=1e-5)
 
 
 def test_sparse_path_runs_under_bf16_autocast_with_fp32_gradients():
     d, x = _dictionary(arch="batchtopk", levels=None, aux_k=4)
     d.tokens_since_fired[::4] = d.cfg.dead_tokens
+    d.count_dead()
     exact = d.training_loss(x).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = d.training_loss(x)
@@ -234,3 +238,24 @@ def test_sampled_prefixes_with_relu_average_prefix_fvus_plus_l1():
     fvus = [((x_s - z[:, :p] @ d.W_dec[:p] - d.b_dec) ** 2).sum() / var for p in draws]
     l1 = (z * d.W_dec.norm(dim=1)).sum(1).mean() / (var / x.shape[0]).sqrt()
     torch.testing.assert_close(out.loss, sum(fvus) / len(draws) + d.cfg.l1_coefficient * l1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,sparse_path", [("matryoshka-batchtopk", True), ("matryoshka-batchtopk", False),
+                                              ("topk", True), ("relu", False)])
+def test_training_pass_and_dead_update_never_read_the_device(arch, sparse_path, monkeypatch):
+    """On a GPU a read (item, tolist, bool, float, int) makes the host wait for the device: a step
+    must not do one. CPU tensors can't show the wait, so count the reads themselves."""
+    d, x = _dictionary(arch=arch, sparse_path=sparse_path, aux_k=4, k=None if arch == "relu" else 3.0,
+                       levels=[4, 12, 28, 48] if arch.startswith("matryoshka") else None)
+    _with_dead_latents(d, slice(0, 48, 3))  # aux-k runs: its decision must not read the dead count either
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    out = d.training_loss(x)
+    out.loss.backward()
+    d.update_dead(out.fired, x.shape[0])
+    monkeypatch.undo()
+    assert reads == []
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.metrics.values())
+    assert float(out.metrics["aux"]) > 0 or arch == "relu"

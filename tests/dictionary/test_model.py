@@ -102,3 +102,21 @@ def test_inference_rules_topk_per_token_and_uncalibrated_batchtopk_refuses():
     pre = batchtopk.pre_activations(x)
     torch.testing.assert_close(batchtopk.encode(x), pre * (pre > 0.5))
     torch.testing.assert_close(batchtopk(x), batchtopk.encode(x) @ batchtopk.W_dec + batchtopk.b_dec)
+
+
+def test_measured_path_choice_leaves_weights_gradients_and_rng_as_they_were():
+    from kukla.pipeline.dictionary.fast_path import choose_sparse_path
+
+    torch.manual_seed(0)
+    d = Dictionary(DictionaryConfig(d_in=16, width=128, k=4, arch="matryoshka-batchtopk", levels=[32, 128]))
+    x = torch.randn(64, 16)
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert choose_sparse_path(d, x) is True  # CPU: sparse, unmeasured (benchmarks/RESULTS.md)
+    chosen = choose_sparse_path(d, x, measure=True)  # what a GPU does: time both paths
+    assert d.use_sparse_path is chosen and isinstance(chosen, bool)
+    for name, value in d.state_dict().items():  # (the uncalibrated threshold is NaN)
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    assert all(p.grad is None for p in d.parameters()) and torch.equal(torch.get_rng_state(), rng)
+    dense = Dictionary(DictionaryConfig(d_in=16, width=128, k=4, arch="batchtopk", sparse_path=False))
+    assert choose_sparse_path(dense, x, measure=True) is False  # the dense reference was asked for: kept

@@ -130,11 +130,11 @@ def test_readme_test_command_is_the_one_ci_runs() -> None:
 def test_images_install_extras_that_exist() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for dockerfile in DOCKERFILES:
-        for kw, args in dockerfile_instructions(dockerfile):
-            for req in _pip_requirements(args) if kw == "RUN" else []:
-                match = re.fullmatch(r"\.\[(.+)\]", req)
-                if match:
-                    assert set(match.group(1).split(",")) <= set(extras), (dockerfile.name, req)
+        installed = [match.group(1).split(",") for kw, args in dockerfile_instructions(dockerfile) if kw == "RUN"
+                     for req in _pip_requirements(args) if (match := re.fullmatch(r"\.\[(.+)\]", req))]
+        assert installed, f"{dockerfile.name} installs kukla with no extras: nothing to check"
+        for names in installed:
+            assert set(names) <= set(extras), (dockerfile.name, names)
 
 
 # ---------------------------------------------------------------- YAML files

@@ -1,4 +1,4 @@
-"""ActivationStream: rank splits, exact resume, epochs, held-out rows, batches that match the store."""
+"""ActivationStream: rank shares, exact resume, epochs, held-out rows, batches that match the store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kukla.errors import KuklaError
-from kukla.storage import ActivationStream, batches_per_epoch, open_store, rank_rows
+from kukla.storage import ActivationStream, batches_per_epoch, open_store
 
 HOOK, OUT = "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"
 
@@ -31,18 +31,18 @@ def test_batches_hold_the_store_rows_they_name(make_store) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_rank_splits_are_disjoint_and_cover_every_train_row(make_store, world: int) -> None:
+def test_rank_shares_split_every_global_batch_of_one_process(make_store, world: int) -> None:
     store = open_store(make_store(n_seq=10, ctx=16))
-    seen: list[int] = []
-    counts = set()
-    for rank in range(world):
-        rows = sum(_rows(ActivationStream(store, [HOOK], 7, rank=rank, world=world, with_rows=True,
-                                          drop_last=False)), [])
-        assert sorted(rows) == list(rank_rows(store, rank=rank, world=world))
-        seen += rows
-        counts.add(len(list(ActivationStream(store, [HOOK], 7, rank=rank, world=world))))
-    assert sorted(seen) == list(range(store.n_rows - store.holdout_rows))
-    assert len(counts) == 1  # with drop_last every rank yields the same number of batches (DDP)
+    for drop_last in (True, False):
+        whole = _rows(ActivationStream(store, [HOOK], 7 * world, with_rows=True, drop_last=drop_last, seed=3))
+        shares = [_rows(ActivationStream(store, [HOOK], 7, rank=rank, world=world, with_rows=True,
+                                         drop_last=drop_last, seed=3)) for rank in range(world)]
+        # rank r holds rows [7r, 7r + 7) of each global batch, so any world size trains on the same batches
+        rebuilt = [sum((share[j] for share in shares if j < len(share)), []) for j in range(len(whole))]
+        assert rebuilt == whole
+        if drop_last:  # every rank yields the same number of batches (DDP)
+            assert {len(share) for share in shares} == {len(whole)}
+    assert sorted(sum(whole, [])) == list(range(store.n_rows - store.holdout_rows))
 
 
 def test_resume_from_cursor_yields_exactly_the_remaining_batches(make_store) -> None:

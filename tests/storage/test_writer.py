@@ -59,7 +59,7 @@ def test_nonfinite_activations_are_refused(tmp_path: Path, bad: float) -> None:
 
 def test_second_live_writer_of_a_part_is_refused(tmp_path: Path) -> None:
     with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}):
-        with pytest.raises(KuklaError, match="already being written"):
+        with pytest.raises(KuklaError, match="is in use by process"):
             StoreWriter.open(tmp_path / "s", {"hooks": HOOKS})
     StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}).close()  # released: the next run may resume
 
@@ -116,7 +116,7 @@ def test_fsspec_url_store_round_trips(tmp_path: Path, scheme: str) -> None:
     with StoreWriter.open(url, {"hooks": HOOKS}, dtype="float32", chunk_rows=64) as writer:
         writer.write_segment(0, {"acts/h": x[:25]})
         writer.write_segment(1, {"acts/h": x[25:]})
-        with pytest.raises(KuklaError, match="already being written"):
+        with pytest.raises(KuklaError, match="is in use by process"):
             StoreWriter.open(url, {"hooks": HOOKS}, dtype="float32", chunk_rows=64)
         writer.finish()
     finalize_store(url, holdout_rows=4)

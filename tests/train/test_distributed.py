@@ -1,7 +1,8 @@
-"""Two gloo ranks under torchrun train as one process does on the same global batches."""
+"""Two gloo ranks under torchrun train exactly the dictionary one process trains."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,75 +12,40 @@ import pytest
 import torch
 from conftest import HOOK
 
-from kukla.pipeline.train import TrainConfig, checkpoint
-from kukla.pipeline.train.config import learning_rate
-from kukla.pipeline.train.distributed import Ranks
-from kukla.pipeline.train.loop import init_rows, mean_norms
-from kukla.pipeline.train.sweep import build_trainees, train_step
-from kukla.storage import ActivationStream, open_store
+from kukla.pipeline.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, BATCH = 40, 256
+STEPS, BATCH = 20, 256
 
 
-def _one_process(config: TrainConfig, *, split_loss: bool) -> dict[str, torch.Tensor]:
-    """One process stepping on both ranks' rows of each step.
-
-    split_loss=False: the trainer's step on the concatenated global batch.
-    split_loss=True: by hand, the mean of the two halves' losses — the gradient DDP should compute exactly.
-    """
-    store = open_store(config.store)
-    one = Ranks(rank=0, world=1, device=torch.device("cpu"))
-    [member] = config.members(16, 16)
-    [trainee] = build_trainees(config, [member], one, mean_norms(store, config), init_rows(store, config))
-    dictionary = trainee.dictionary
-    streams = [ActivationStream(store, [HOOK], BATCH // 2, rank=r, world=2, epochs=10, seed=config.seed[0])
-               for r in (0, 1)]
-    for step, (a, b) in enumerate(zip(*streams)):
-        if step == STEPS:
-            break
-        if not split_loss:
-            train_step([trainee], (torch.cat([a.acts[0], b.acts[0]]),), step, STEPS, config, one)
-            continue
-        fired = torch.zeros(64, dtype=torch.bool)
-        for half in (a, b):
-            out = dictionary.training_loss(half.acts[0])
-            (out.loss / 2).backward()
-            fired |= out.fired
-        dictionary.project_decoder_grads()
-        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), config.grad_clip)
-        for group in trainee.optimizer.param_groups:
-            group["lr"] = learning_rate(config, trainee.base_lr, step, STEPS)
-        trainee.optimizer.step()
-        trainee.optimizer.zero_grad()
-        dictionary.normalize_decoder()
-        dictionary.update_dead(fired, BATCH)
-    return dictionary.state_dict()
-
-
-@pytest.mark.slow
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(store: Path, tmp_path: Path) -> None:
-    flags = ["--hook", HOOK, "--out", str(tmp_path), "--arch", "topk", "--width", "64", "--k", "4",
+def _train(store: Path, out: Path, arch: str, nproc: int) -> dict[str, torch.Tensor]:
+    """A real `kukla train` run (under torchrun when nproc > 1); the final checkpoint's dictionary."""
+    flags = ["--hook", HOOK, "--out", str(out), "--arch", arch, "--width", "512", "--k", "4",
              "--batch-size", str(BATCH), "--tokens", str(BATCH * STEPS), "--checkpoint-every", "0",
-             "--threads", "1", "--device", "cpu"]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "kukla.cli.train", str(store), *flags], cwd=REPO,
+             "--dead-tokens", "512", "--log-every", "4", "--threads", "1", "--device", "cpu"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    run = subprocess.run([sys.executable, *launcher, "-m", "kukla.cli.train", str(store), *flags], cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
-    assert state["world"] == 2 and [s["rank"] for s in state["streams"]] == [0, 1]
-    ddp = state["members"]["topk-w64-k4-s0"]["dictionary"]
+    state = checkpoint.load_state(checkpoint.latest_checkpoint(out))
+    assert state["world"] == nproc
+    [member] = state["members"].values()
+    return member["dictionary"]
 
-    config = TrainConfig(store=store, out=tmp_path / "ref", hook=HOOK, arch="topk", width=[64], k=[4],
-                         batch_size=BATCH, tokens=BATCH * STEPS, threads=1)
-    exact = _one_process(config, split_loss=True)
-    whole_batch = _one_process(config, split_loss=False)
-    # fired masks are OR-ed over ranks: the dead-latent counters equal the one-process ones exactly
-    assert torch.equal(ddp["tokens_since_fired"], whole_batch["tokens_since_fired"])
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka-batchtopk"])
+def test_two_gloo_ranks_train_the_same_dictionary_as_one_process(store: Path, tmp_path: Path, arch: str) -> None:
+    one = _train(store, tmp_path / "one", arch, 1)
+    two = _train(store, tmp_path / "two", arch, 2)
+    # the same global batches, BatchTopK's cutoff and the variances over the global batch: the same steps
+    assert torch.equal(two["tokens_since_fired"], one["tokens_since_fired"])
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        scale = whole_batch[name].abs().max().clamp_min(1e-6)
-        # the all-reduced gradient is the mean of the ranks' gradients, up to float rounding
-        assert (ddp[name] - exact[name]).abs().max() / scale < 1e-4, name
-        # the global batch's own loss normalises the FVU by all rows' variance, not each rank's: close
-        assert (ddp[name] - whole_batch[name]).abs().max() / scale < 5e-2, name
+        # relative to the whole tensor: float sums in another order differ by ~1e-7, and Adam
+        # turns that into a few 1e-6 on single entries whose gradients are near zero
+        relative = float((two[name] - one[name]).norm() / one[name].norm())
+        assert relative < 1e-4, (name, relative)
+    # latents died and aux-k trained them, so its global normalisation was part of what matched
+    logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert max(line.get("aux", 0.0) for line in logged) > 0

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
+
 _SAMPLE = 1 << 16  # entries sampled to estimate BatchTopK's cutoff
 
 
@@ -27,27 +29,35 @@ def batch_topk_count(k: float, n_rows: int) -> int:
     return max(1, int(round(k * n_rows)))
 
 
-def select_batch_topk(pre: Tensor, k: float) -> tuple[Tensor, Tensor]:
-    """The round(k·B) largest positive pre-activations of the whole batch (BatchTopK).
+def select_batch_topk(pre: Tensor, k: float, batch: GlobalBatch = ONE_PROCESS) -> tuple[Tensor, Tensor]:
+    """The round(k·B) largest pre-activations of the whole (global) batch (BatchTopK).
 
     Selected once over the whole dictionary: every Matryoshka prefix reuses this set, so a
-    prefix's codes are exactly the full codes restricted to its latents.
+    prefix's codes are exactly the full codes restricted to its latents. Non-positive entries
+    may be among them (a batch with fewer positives than k·B): they are zero after relu, so
+    they are inactive and take no gradient. Under data parallelism each share passes its own
+    top k·B to the others, so the cutoff is the global batch's exactly, at one gather per step.
     """
     flat = pre.reshape(-1)
-    n = min(batch_topk_count(k, pre.shape[0]), flat.numel())
-    idx = _largest(flat, n, pre.shape[1])
-    idx = idx[flat[idx] > 0].sort().values  # non-positive entries are zero after relu: not active
+    n = batch_topk_count(k, pre.shape[0] * batch.world)
+    idx = _largest(flat, min(n, flat.numel()), pre.shape[1])
+    if batch.world > 1:
+        values = flat[idx]
+        cutoff = batch.gather(values).topk(n, sorted=False).values.min()
+        idx = idx[values >= cutoff]
+    idx = idx.sort().values
     return idx // pre.shape[1], idx % pre.shape[1]
 
 
 def _largest(flat: Tensor, n: int, width: int) -> Tensor:
     """Indices of the n largest entries, exactly; a full top-k over B·F entries is slow on CPU.
 
-    A strided sample estimates a cutoff that about 2n entries pass; the top n of those are the
-    top n overall whenever at least n pass (else fall back to the full top-k).
+    On CPU a strided sample estimates a cutoff that about 2n entries pass; the top n of those
+    are the top n overall whenever at least n pass (else fall back to the full top-k). A GPU's
+    top-k is fast and the sample's size checks would stall the host, so it takes the top-k.
     """
     stride = flat.numel() // _SAMPLE
-    if stride < 8 or 4 * n > flat.numel():
+    if flat.is_cuda or stride < 8 or 4 * n > flat.numel():
         return flat.topk(n, sorted=False).indices
     while math.gcd(stride, width) != 1:  # so the sample visits every latent, not a few columns
         stride += 1

@@ -67,7 +67,8 @@ class DictionarySettings:
     steps, so it means the same at any batch size)."""
     sparse_path: bool = True
     """TopK/BatchTopK: backward through the encoder only at the selected entries and decode by
-    gathering decoder rows (no dense B×F gradient). False runs the dense reference math."""
+    gathering decoder rows (no dense B×F gradient). On a GPU the trainer first times this and
+    the dense path on a batch and takes the faster. False runs the dense reference math."""
 
     def __post_init__(self) -> None:
         for name in ("n_prefixes", "dead_tokens"):

@@ -4,11 +4,14 @@
 training-time activation scales folded into the weights so they act on raw activations:
 W_enc ← s_in·W_enc, W_dec ← W_dec/s_out, b_dec ← b_dec/s_out (pre-activations, hence codes
 and thresholds, are unchanged). `kukla.json` holds what SAELens has no place for; it is written
-last, so a directory without it is either a plain SAELens one or an interrupted save.
+last, so a directory without it is either a plain SAELens one or an interrupted save. It holds
+the weights' SHA-256, checked on load; a plain SAELens directory has none, so its weights are
+at least refused when they hold NaN or inf.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -89,6 +92,7 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
     os.replace(tmp, directory / WEIGHTS_FILE)
+    weights_sha256 = _sha256(directory / WEIGHTS_FILE)
 
     hooks = _hooks(dictionary, metadata)
     saelens_metadata: dict[str, Any] = {key: metadata[key] for key in _SAELENS_METADATA_KEYS if key in metadata}
@@ -115,7 +119,7 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
         "k": cfg.k, "threshold": _finite_or_none(dictionary.threshold.max()),
         "inference_l0": _finite_or_none(dictionary.inference_l0),
         "scales": {"input": s_in, "target": s_out}, "saelens_architecture": arch,
-        "config": to_dict(cfg), "metadata": metadata,
+        "config": to_dict(cfg), "metadata": metadata, "weights_sha256": weights_sha256,
     })
     return directory
 
@@ -127,11 +131,29 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise KuklaError(f"cannot read {path}: {exc}") from None
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_weights(directory: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights, refused when they differ from the checksum in kukla.json or hold NaN/inf."""
+    path = directory / WEIGHTS_FILE
+    if sha256 is not None and _sha256(path) != sha256:
+        raise KuklaError(f"{path} is damaged: its SHA-256 differs from the one in {KUKLA_FILE}; "
+                         "restore it from a checkpoint (out/checkpoints/step-*/) or retrain")
     try:
-        return load_file(str(directory / WEIGHTS_FILE))
+        weights = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
-        raise KuklaError(f"cannot read {directory / WEIGHTS_FILE}: {exc}") from None
+        raise KuklaError(f"cannot read {path}: {exc}") from None
+    bad = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if bad:
+        raise KuklaError(f"{path}: tensor {bad[0]!r} holds NaN or inf: the weights are damaged or diverged; "
+                         "use another checkpoint")
+    return weights
 
 
 @torch.no_grad()
@@ -153,7 +175,7 @@ def _load_ours(directory: Path) -> Dictionary:
         raise KuklaError(f"{directory / KUKLA_FILE} is not a kukla dictionary this version can read "
                          f"(format {info.get('format')!r} v{info.get('format_version')})")
     dictionary = Dictionary(from_dict(DictionaryConfig, info["config"], source=str(directory / KUKLA_FILE)))
-    weights = _read_weights(directory)
+    weights = _read_weights(directory, info.get("weights_sha256"))
     s_in, s_out = info["scales"]["input"], info["scales"]["target"]
     dictionary.W_enc.copy_(weights["W_enc"] / s_in)
     dictionary.b_enc.copy_(weights["b_enc"])

@@ -10,7 +10,8 @@ the level weights mean the same at any activation scale.
 
 aux-k: the top k_aux dead pre-activations per token reconstruct the detached residual
 e = y − ŷ (no bias), FVU_aux = Σ‖e − ê‖² / Σ‖e − ē‖²; its gradient trains dead latents'
-encoder and decoder.
+encoder and decoder. The dead latents are looked for among a fixed number of candidates, the
+longest-unfired ones (`Dictionary.aux_candidates`), so the step never reads how many are dead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import reference, sparse
 from kukla.pipeline.dictionary.activations import select_batch_topk, select_topk
+from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.prefixes import prefix_weights
 
 if TYPE_CHECKING:
@@ -36,17 +38,18 @@ class TrainOutput:
 
     loss: Tensor
     """Scalar to backpropagate."""
-    metrics: dict[str, float]
-    """mse (raw units, per element), fvu, l0, aux, dead (fraction), l1 (relu), fvu/level_<w> (fixed levels)."""
+    metrics: dict[str, Tensor]
+    """0-d tensors on the step's device, read only when logged (reading them waits for the device):
+    mse (raw units, per element), fvu, l0, aux, dead (fraction), l1 (relu), fvu/level_<w> (fixed levels)."""
     fired: Tensor
     """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
 
 
 def dead_latents_output(pre_dead: Tensor, W_dec_dead: Tensor, k_aux: int) -> Tensor:
-    """ê [B, d_out]: each token's top min(k_aux, #dead) dead pre-activations, relu'd, through their
-    decoder rows (no bias).
+    """ê [B, d_out]: each token's top min(k_aux, #columns) pre-activations of the aux-k candidates
+    (non-dead ones masked to −inf), relu'd, through their decoder rows (no bias).
 
-    Dense over the dead columns: on CPU that beat gathering k_aux decoder rows per token 8×
+    Dense over the candidate columns: on CPU that beat gathering k_aux decoder rows per token 8×
     (k_aux = d/2 is 5× the main codes' k).
     """
     top = pre_dead.detach().topk(min(k_aux, pre_dead.shape[1]), dim=1, sorted=False).indices
@@ -55,8 +58,12 @@ def dead_latents_output(pre_dead: Tensor, W_dec_dead: Tensor, k_aux: int) -> Ten
 
 
 def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> TrainOutput:
-    """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder)."""
+                  generator: torch.Generator | None = None, batch: GlobalBatch = ONE_PROCESS) -> TrainOutput:
+    """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder).
+
+    Under data parallelism x is this rank's share of the global batch and `batch` reduces over
+    the shares (see `global_batch`). Nothing here reads a device value back to the host.
+    """
     cfg = dictionary.cfg
     rule = cfg.activation_rule
     if rule == "jumprelu":
@@ -66,22 +73,21 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     bounds, weights = prefix_weights(cfg, generator)
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
-    dead = dictionary.dead_mask()
-    use_aux = cfg.aux_coefficient > 0 and bool(dead.any())
-    path = sparse if (cfg.sparse_path and rule != "relu") else reference
+    aux_cols = dictionary.aux_candidates() if cfg.aux_coefficient > 0 else None
+    path = sparse if (dictionary.use_sparse_path and rule != "relu") else reference
 
     if path is sparse:
         with torch.no_grad():
-            pre = x_c @ W_enc + b_enc
+            pre = torch.addmm(b_enc, x_c, W_enc)
     else:
-        pre_grad = x_c @ W_enc + b_enc
+        pre_grad = torch.addmm(b_enc, x_c, W_enc)
         pre = pre_grad.detach()
     if rule == "relu":  # dense codes z = relu(pre), whatever sparse_path says
         z = pre_grad.relu()
         segments = reference.dense_segments(z, W_dec, bounds)
         fired, n_active = (pre > 0).any(dim=0), (pre > 0).sum()
     else:
-        rows, cols = select_topk(pre, int(cfg.k)) if rule == "topk" else select_batch_topk(pre, float(cfg.k))
+        rows, cols = select_topk(pre, int(cfg.k)) if rule == "topk" else select_batch_topk(pre, float(cfg.k), batch)
         if path is sparse:
             gathered = sparse.encode_at(dictionary.scaled_input(x), dictionary.input_bias, W_enc, b_enc, pre,
                                         rows, cols)
@@ -89,39 +95,38 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
             gathered = pre_grad[rows, cols]
         values = gathered.relu()
         segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
-        fired = torch.zeros(width, dtype=torch.bool, device=x.device)
-        fired[cols[values > 0]] = True
-        n_active = (values > 0).sum()
-    partial = segments.float().cumsum(dim=1)  # [B, G, d]: reconstruction minus b_dec at each prefix
+        active = values.detach() > 0
+        fired = torch.zeros(width, device=x.device).index_add_(0, cols, active.float()) > 0
+        n_active = active.sum()
     to_explain = (target - b_dec).float()
-    sq_err = (to_explain[:, None, :] - partial).pow(2).sum(dim=(0, 2))  # [G]
-    total_var = (target - target.mean(dim=0)).float().pow(2).sum().clamp_min(1e-12)
+    sq_err, residual = path.prefix_errors(to_explain, segments.float())  # [G] and [B, d]
+    total_var = (batch.variance_per_row(target) * n_rows).clamp_min(1e-12)  # this share at the global variance
     fvu = sq_err / total_var
-    loss = (fvu * torch.tensor(weights, device=fvu.device)).sum()
+    loss = sum(w * f for w, f in zip(weights, fvu.unbind()))
 
     aux = torch.zeros((), device=loss.device)
-    if use_aux:
-        residual = (to_explain - partial[:, -1]).detach()
-        dead_cols = dead.nonzero().squeeze(1)
+    if aux_cols is not None:
+        dead = dictionary.dead_mask()[aux_cols]
         if path is sparse:
             pre_dead = sparse.columns_at(dictionary.scaled_input(x), dictionary.input_bias, W_enc, b_enc, pre,
-                                         dead_cols)
+                                         aux_cols)
         else:
-            pre_dead = pre_grad[:, dead_cols]
-        aux_out = dead_latents_output(pre_dead, W_dec[dead_cols], int(cfg.aux_k)).float()
-        aux = (residual - aux_out).pow(2).sum() / (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+            pre_dead = pre_grad[:, aux_cols]
+        pre_dead = torch.where(dead, pre_dead, float("-inf"))
+        aux_out = dead_latents_output(pre_dead, W_dec[aux_cols], int(cfg.aux_k)).float()
+        aux_var = (batch.variance_per_row(residual) * n_rows).clamp_min(1e-12)
+        aux = (residual - aux_out).pow(2).sum() / aux_var * dead.any()
         loss = loss + cfg.aux_coefficient * aux
     l1 = torch.zeros((), device=loss.device)
     if rule == "relu":
         l1 = (z * W_dec.norm(dim=1)).sum(dim=1).mean() / (total_var / n_rows).sqrt()
         loss = loss + cfg.l1_coefficient * l1
 
-    names = ["mse", "fvu", "l0", "aux", "dead"] + (["l1"] if rule == "relu" else [])
-    figures = [sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,
-               fvu[-1].detach(), n_active / n_rows, aux.detach(), dead.float().mean()]
-    figures += [l1.detach()] if rule == "relu" else []
+    metrics = {"mse": sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,
+               "fvu": fvu[-1].detach(), "l0": n_active / n_rows, "aux": aux.detach(),
+               "dead": dictionary.dead_mask().float().mean()}
+    if rule == "relu":
+        metrics["l1"] = l1.detach()
     if cfg.prefix_scheme == "levels":
-        names += [f"fvu/level_{w}" for w in bounds]
-        figures += list(fvu.detach())
-    metrics = dict(zip(names, torch.stack([f.float().to(loss.device) for f in figures]).tolist()))
+        metrics.update({f"fvu/level_{w}": f for w, f in zip(bounds, fvu.detach().unbind())})
     return TrainOutput(loss=loss, metrics=metrics, fired=fired)

@@ -17,7 +17,11 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.activations import jumprelu, topk_codes
 from kukla.pipeline.dictionary.config import DictionaryConfig
 from kukla.pipeline.dictionary.geometric_median import geometric_median
+from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.loss import TrainOutput, training_loss
+
+
+_AUX_COLUMN_STEP = 128  # aux-k candidates come in multiples of this
 
 
 class Dictionary(nn.Module):
@@ -36,6 +40,10 @@ class Dictionary(nn.Module):
         self.register_buffer("threshold", torch.full((width,), math.nan))
         self.register_buffer("inference_l0", torch.tensor(math.nan))
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        self.use_sparse_path = cfg.sparse_path
+        """The path `training_loss` takes; `fast_path.choose_sparse_path` may pick dense where it is faster."""
+        self.aux_columns = 0
+        """How many longest-unfired latents aux-k searches for dead ones (set by `count_dead`)."""
         self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)
         self.reset_parameters()
 
@@ -148,11 +156,12 @@ class Dictionary(nn.Module):
         """Reconstruction (SAE) or prediction of the target (transcoder), in raw units."""
         return self.decode(self.encode(x))
 
-    def training_loss(self, x: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> TrainOutput:
+    def training_loss(self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
+                      batch: GlobalBatch = ONE_PROCESS) -> TrainOutput:
         """One training pass on raw activations (y: a transcoder's targets); `generator` draws
-        matryoshka-prefix's prefixes. See `kukla.pipeline.dictionary.loss`."""
-        return training_loss(self, x, y, generator)
+        matryoshka-prefix's prefixes; `batch` reduces over data-parallel shares of the batch.
+        See `kukla.pipeline.dictionary.loss`."""
+        return training_loss(self, x, y, generator, batch)
 
     # --- initialisation and constraints ----------------------------------------------------
     @torch.no_grad()
@@ -190,8 +199,27 @@ class Dictionary(nn.Module):
         Under DDP pass the all-reduced (OR) fired mask and the global token count.
         """
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+        self.tokens_since_fired.masked_fill_(fired.to(self.tokens_since_fired.device), 0)  # no nonzero(): no wait
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for `dead_tokens` tokens."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    @torch.no_grad()
+    def count_dead(self) -> int:
+        """Read how many latents are dead (one wait for the device) and size aux-k's candidates by it.
+
+        The trainer calls this when it logs and when it checkpoints, never inside a step: between
+        two calls aux-k looks for dead latents among the same number of longest-unfired latents,
+        rounded up to a multiple of 128 so latents dying in between can join, and so a step's
+        shapes stay fixed.
+        """
+        dead = int(self.dead_mask().sum())
+        self.aux_columns = min(self.width, -(-dead // _AUX_COLUMN_STEP) * _AUX_COLUMN_STEP)
+        return dead
+
+    def aux_candidates(self) -> Tensor | None:
+        """Latents aux-k may use, ascending (the `aux_columns` longest-unfired); None when none was dead."""
+        if self.aux_columns == 0:
+            return None
+        return self.tokens_since_fired.topk(self.aux_columns, sorted=False).indices.sort().values

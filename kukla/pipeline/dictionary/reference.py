@@ -21,3 +21,10 @@ def dense_segments(z: Tensor, W_dec: Tensor, bounds: list[int]) -> Tensor:
     """[B, G, d_out] segment contributions of dense codes z [B, F]."""
     starts = [0, *bounds[:-1]]
     return torch.stack([z[:, s:e] @ W_dec[s:e] for s, e in zip(starts, bounds)], dim=1)
+
+
+def prefix_errors(target: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
+    """[G] squared errors Σ_b ‖t_b − Σ_{i≤j} s_bi‖² of the prefix reconstructions, by a cumulative
+    sum, and the full reconstruction's residual (detached)."""
+    residuals = target[:, None, :] - segments.cumsum(dim=1)
+    return residuals.pow(2).sum(dim=(0, 2)), residuals[:, -1].detach()

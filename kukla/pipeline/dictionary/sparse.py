@@ -18,9 +18,9 @@ from torch import Tensor
 
 
 def _bag_offsets(keys: Tensor, n_bags: int) -> Tensor:
-    """Start offset of each bag for entries already sorted by bag key."""
-    counts = torch.bincount(keys, minlength=n_bags)
-    return torch.cumsum(counts, 0) - counts
+    """Start offset of each bag for entries already sorted by bag key (a search, not a bincount:
+    no output size to read back on a GPU)."""
+    return torch.searchsorted(keys, torch.arange(n_bags, device=keys.device, dtype=keys.dtype))
 
 
 class _GatherPreacts(torch.autograd.Function):
@@ -93,16 +93,52 @@ def decode_segments(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
                     bounds: list[int], n_rows: int) -> Tensor:
     """[B, G, d_out] segment contributions, one bag of gathered decoder rows per (token, segment).
 
-    Entries come row-major with ascending columns (as the selections return them), which
-    already orders the bags; anything else is sorted first.
+    Entries must come row-major with ascending columns, as the selections return them: that
+    already orders the bags.
     """
     n_segments = len(bounds)
-    segment = torch.bucketize(cols, torch.tensor(bounds, device=cols.device), right=True)
-    bags = rows * n_segments + segment
-    entries, weights = cols, values.to(W_dec.dtype)
-    if bags.numel() > 1 and not bool((bags[1:] >= bags[:-1]).all()):
-        order = torch.argsort(bags, stable=True)
-        bags, entries, weights = bags[order], entries[order], weights[order]
-    out = F.embedding_bag(entries, W_dec, _bag_offsets(bags, n_rows * n_segments),
-                          mode="sum", per_sample_weights=weights)
+    segment = sum((cols >= bound).long() for bound in bounds[:-1]) if n_segments > 1 else torch.zeros_like(cols)
+    out = F.embedding_bag(cols, W_dec, _bag_offsets(rows * n_segments + segment, n_rows * n_segments),
+                          mode="sum", per_sample_weights=values.to(W_dec.dtype))
     return out.reshape(n_rows, n_segments, W_dec.shape[1])
+
+
+class _PrefixErrors(torch.autograd.Function):
+    """Σ_b ‖t_b − Σ_{i≤j} s_bi‖² for every prefix j of the segments s [B, G, d], with one [B, d]
+    residual updated in place (autograd's cumsum keeps G of them and walks them 5 times).
+
+    Backward: ∂/∂s_i = −2 Σ_{j≥i} g_j r_j, walking the residuals back from the last one
+    (r_{j−1} = r_j + s_j), again in place; ∂/∂t = 2 Σ_j g_j r_j. Always in float32, also under
+    CUDA autocast (a bf16 sum of squares would lose the small prefix differences).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, target: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        residual = target.clone()
+        errors = []
+        for j in range(segments.shape[1]):
+            residual -= segments[:, j]
+            flat = residual.view(-1)
+            errors.append(torch.dot(flat, flat))
+        ctx.save_for_backward(segments, residual)
+        ctx.mark_non_differentiable(residual)
+        return torch.stack(errors), residual
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: Tensor, _: Tensor):  # type: ignore[override]
+        segments, residual = ctx.saved_tensors
+        residual = residual.clone()
+        acc = torch.zeros_like(residual)
+        grad_segments = torch.empty_like(segments)
+        for j in reversed(range(segments.shape[1])):
+            acc.addcmul_(residual, grad[j] * -2.0)
+            grad_segments[:, j] = acc
+            residual += segments[:, j]
+        return (-acc if ctx.needs_input_grad[0] else None), grad_segments
+
+
+def prefix_errors(target: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
+    """[G] squared errors of the prefix reconstructions, and the full one's residual (detached)."""
+    return _PrefixErrors.apply(target, segments)

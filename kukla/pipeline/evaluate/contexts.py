@@ -11,6 +11,7 @@ exactly as the harvest made them (same tokenizer, packing, BOS policy), taking t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,9 +47,23 @@ def has_token_ids(store: Store) -> bool:
     return bool((store.read("tokens/token_id", store.n_rows - 1, store.n_rows) >= 0).all())
 
 
-def row_contexts(store: Store, rows: list[int], context_tokens: int) -> dict[int, list[int]]:
-    """For each row, the token ids of its window from `context_tokens` before it up to itself
-    (−1 where a position is not in the store, e.g. a BOS left out)."""
+@dataclass
+class RowContexts:
+    """The windows around requested rows: token ids and the store row of each position."""
+
+    rows: np.ndarray
+    """The requested rows, sorted and unique ([R])."""
+    token_ids: np.ndarray
+    """[R, context + 1]: ids from `context` tokens before each row up to the row itself (−1: not in the store)."""
+    source_rows: np.ndarray
+    """[R, context + 1]: the store row holding each of those tokens (−1 where none does)."""
+
+    def ids(self) -> dict[int, list[int]]:
+        return {row: self.token_ids[i].tolist() for i, row in enumerate(self.rows.tolist())}
+
+
+def row_contexts(store: Store, rows: list[int], context_tokens: int) -> RowContexts:
+    """For each row, its window from `context_tokens` before it up to itself (one scan of the store)."""
     wanted = np.unique(np.asarray(rows, dtype=np.int64))
     seq = read_rows(store, "tokens/sequence", wanted).numpy().astype(np.int64)
     pos = read_rows(store, "tokens/position", wanted).numpy().astype(np.int64)
@@ -57,6 +72,7 @@ def row_contexts(store: Store, rows: list[int], context_tokens: int) -> dict[int
     keys = seq[:, None] * span + (pos[:, None] + offsets)  # [rows, context + 1] (seq, position) keys
     needed = np.unique(keys)
     tokens = np.full(len(needed), -1, dtype=np.int64)
+    sources = np.full(len(needed), -1, dtype=np.int64)
     with progress(store.n_rows, "contexts (token scan)") as bar:
         for start in range(0, store.n_rows, SCAN_ROWS):
             stop = min(start + SCAN_ROWS, store.n_rows)
@@ -64,12 +80,37 @@ def row_contexts(store: Store, rows: list[int], context_tokens: int) -> dict[int
                           + store.read("tokens/position", start, stop).numpy())
             hit = np.isin(chunk_keys, needed)
             if hit.any():
-                ids = store.read("tokens/token_id", start, stop).numpy()[hit]
-                tokens[np.searchsorted(needed, chunk_keys[hit])] = ids
+                at = np.searchsorted(needed, chunk_keys[hit])
+                tokens[at] = store.read("tokens/token_id", start, stop).numpy()[hit]
+                sources[at] = start + np.flatnonzero(hit)
             bar.update(stop - start)
-    found = tokens[np.searchsorted(needed, keys)]
-    found[(pos[:, None] + offsets) < 0] = -1
-    return {row: found[i].tolist() for i, row in enumerate(wanted.tolist())}
+    at = np.searchsorted(needed, keys)
+    outside = (pos[:, None] + offsets) < 0
+    found, source = tokens[at], sources[at]
+    found[outside], source[outside] = -1, -1
+    return RowContexts(wanted, found, source)
+
+
+def load_tokenizer(store: Store, model: str | None = None) -> tuple[Any | None, str | None]:
+    """The tokenizer of the store's model (or of `model`) without the model: (tokenizer, None),
+    or (None, why not). Reads a local folder, the converted embedded Gemma, or the HF cache."""
+    from transformers import AutoTokenizer
+
+    from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma
+
+    summary = store.meta.get("model") or {}
+    names = [n for n in (model, summary.get("name"), summary.get("tokenizer_name")) if n]
+    if not names:
+        return None, f"store {store.url} names no model, so its token ids cannot be decoded"
+    problems = []
+    for name in dict.fromkeys(names):
+        try:
+            if str(name).lower() in (EMBEDDED_MODEL, EMBEDDED_MODEL.split("/")[1]):
+                return AutoTokenizer.from_pretrained(convert_embedded_gemma()), None
+            return AutoTokenizer.from_pretrained(str(name)), None
+        except Exception as exc:  # noqa: BLE001 - any failure leaves token ids, with a note
+            problems.append(f"{name}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+    return None, "no tokenizer for the contexts (shown as token ids): " + "; ".join(problems)
 
 
 def render_context(ids: list[int], tokenizer: Any | None) -> str:

@@ -15,20 +15,30 @@ def _unit_rows(w: Tensor) -> Tensor:
     return w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def max_cosine_to_others(w_dec: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
-    """For each decoder row, the largest cosine similarity to any *other* row ([F])."""
+def nearest_latents(w_dec: Tensor, k: int, chunk_elements: int = 1 << 24) -> tuple[Tensor, Tensor]:
+    """For each decoder row, the `k` *other* rows of largest cosine: (cosines [F, k], indices [F, k]),
+    closest first (NaN / −1 where there are fewer than k others)."""
     unit = _unit_rows(w_dec)
     n = unit.shape[0]
-    if n < 2:
-        return torch.full((n,), float("nan"))
+    take = min(k, n - 1)
+    values = torch.full((n, k), float("nan"))
+    index = torch.full((n, k), -1, dtype=torch.long)
+    if take < 1:
+        return values, index
     rows = max(1, chunk_elements // n)
-    out = torch.empty(n)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         sims = unit[start:stop] @ unit.T
         sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
-        out[start:stop] = sims.max(dim=1).values.cpu()
-    return out
+        top = sims.topk(take, dim=1)
+        values[start:stop, :take] = top.values.cpu()
+        index[start:stop, :take] = top.indices.cpu()
+    return values, index
+
+
+def max_cosine_to_others(w_dec: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """For each decoder row, the largest cosine similarity to any *other* row ([F])."""
+    return nearest_latents(w_dec, 1, chunk_elements)[0][:, 0]
 
 
 def best_match(truth: Tensor, w_dec: Tensor, chunk_elements: int = 1 << 24) -> tuple[Tensor, Tensor]:

@@ -43,6 +43,28 @@ class TopActivations:
         return [r[f].tolist() for r, f in zip(self.rows, fired)]
 
 
+HISTOGRAM_EDGES = torch.logspace(-3, 4, 29, dtype=torch.float64)
+"""Activation histogram bins (4 per decade, 1e-3 to 1e4; values outside land in the end bins)."""
+
+
+class ActivationHistogram:
+    """Per-latent counts of its nonzero activations in log-spaced bins ([F, bins]): the
+    shape of each latent's activation distribution at F·bins memory."""
+
+    def __init__(self, width: int) -> None:
+        self.counts = torch.zeros((width, len(HISTOGRAM_EDGES) - 1), dtype=torch.long)
+
+    def update(self, z: Tensor) -> None:
+        """Add a batch of codes [B, F]."""
+        token, latent = (z > 0).nonzero(as_tuple=True)
+        if latent.numel() == 0:
+            return
+        edges = HISTOGRAM_EDGES[1:-1].to(z.device, torch.float32)
+        bins = torch.bucketize(z[token, latent].float().contiguous(), edges, right=True)
+        flat = (latent * self.counts.shape[1] + bins).cpu()
+        self.counts.view(-1).add_(torch.bincount(flat, minlength=self.counts.numel()))
+
+
 def latent_levels(width: int, levels: list[int]) -> np.ndarray:
     """Index of the first Matryoshka level that contains each latent (0 for a plain dictionary)."""
     return np.searchsorted(np.asarray(levels), np.arange(width), side="right").astype(np.int32)

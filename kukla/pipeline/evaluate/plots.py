@@ -93,3 +93,42 @@ def absorption_per_letter(dicts: dict[str, dict[str, Any]]) -> str | None:
     ax.set_xlabel("first letter")
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def frontier(dicts: dict[str, dict[str, Any]], metric: tuple[str, str], ylabel: str) -> str | None:
+    """One point per dictionary: L0 against `metric`; Matryoshka (squares) apart from plain (circles)."""
+    points = [(name, m["reconstruction"]["l0"], m.get(metric[0], {}).get(metric[1]), len(m["levels"]) > 1)
+              for name, m in dicts.items()]
+    points = [p for p in points if p[2] is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for matryoshka, marker, label in ((True, "s", "Matryoshka"), (False, "o", "plain")):
+        chosen = [p for p in points if p[3] == matryoshka]
+        if chosen:
+            ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], marker=marker, s=50, label=label)
+    for name, l0, value, _ in points:
+        ax.annotate(name, (l0, value), fontsize=6, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def training_curves(name: str, curves: dict[str, list[float]]) -> str:
+    """Loss terms, FVU, L0, dead latents and learning rate over training tokens, one panel each."""
+    tokens = curves["tokens"]
+    losses = [k for k in curves if "loss" in k]
+    panels = [("loss terms", losses)] + [(k, [k]) for k in ("fvu", "l0", "dead_pct", "lr") if k in curves]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            ax.plot(tokens, curves[key], label=key)
+        if title == "loss terms" and len(keys) > 1:
+            ax.legend(fontsize=6)
+        if title in ("loss terms", "fvu") and all(v > 0 for k in keys for v in curves[k]):
+            ax.set_yscale("log")
+        ax.set_title(f"{name}: {title}" if ax is axes[0][0] else title, fontsize=8)
+        ax.set_xlabel("tokens", fontsize=7)
+        ax.tick_params(labelsize=6)
+    return _png(fig)

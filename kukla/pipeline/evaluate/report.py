@@ -1,13 +1,17 @@
-"""report.md and a self-contained report.html (figures inlined as base64 PNG), side by side."""
+"""report.md and a self-contained report.html (figures inlined as base64 PNG, the latent browser's
+data as embedded JSON), side by side."""
 
 from __future__ import annotations
 
-import html
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable
 
 from kukla.pipeline.evaluate import plots
+from kukla.pipeline.evaluate.tree import MIN_FRACTION
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("kind", ("kind",), "s"),
@@ -96,8 +100,14 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines = [f"# kukla evaluation: {', '.join(dicts)}", "", f"Store: `{report['store']['path']}` "
              f"({report['store']['eval_tokens']} held-out tokens evaluated).", ""]
     lines += [f"> note: {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
+    lines += [f"> warning ({name}): {w}" for name, m in dicts.items() for w in m.get("warnings", [])]
+    lines += [""] if any(m.get("warnings") for m in dicts.values()) else []
     lines += ["| metric | " + " | ".join(dicts) + " |", "|---|" + "---|" * len(dicts)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in summary_rows(dicts)]
+    matching = [f"- {a} → {b}: {_cell(v, ('mean_max_correlation',), '.3f')} (on {v['rows']} rows)"
+                for a, m in dicts.items() for b, v in m.get("matching", {}).items()]
+    if matching:
+        lines += ["", "## Cross-dictionary matching (mean max activation correlation)", ""] + matching
     levels = _levels_rows(dicts)
     if levels:
         lines += ["", "## Matryoshka levels (EV and L0 using only each prefix)", ""] + [f"- {line}" for line in levels]
@@ -112,8 +122,6 @@ def _figures(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("Feature density", lambda: plots.density_histogram(dicts)),
         ("L0 per token", lambda: plots.l0_histogram(dicts)),
     ]
-    if any(len(m["reconstruction"]["levels"]) > 1 for m in dicts.values()):
-        figures.append(("Explained variance per Matryoshka level", lambda: plots.level_ev(dicts)))
     figures.append(("Absorption per first letter", lambda: plots.absorption_per_letter(dicts)))
     for name, m in dicts.items():
         toy = m.get("toy")
@@ -124,38 +132,48 @@ def _figures(report: dict[str, Any]) -> list[tuple[str, str]]:
     return [(title, png) for title, make in figures if (png := make()) is not None]
 
 
-def write_html(path: Path, report: dict[str, Any]) -> None:
-    """One HTML file with the tables and every figure embedded; it fetches nothing."""
+def _sweep_figures(dicts: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """Per hook: the frontiers (with several dictionaries) and the per-level EV curves overlaid."""
+    by_hook: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, m in dicts.items():
+        by_hook.setdefault(m["hooks"]["target"], {})[name] = m
+    out = []
+    for hook, group in by_hook.items():
+        for title, metric, ylabel in (("L0 → explained variance", ("reconstruction", "explained_variance"), "explained variance"),
+                                      ("L0 → CE loss recovered", ("downstream", "ce_loss_recovered"), "CE loss recovered")):
+            png = plots.frontier(group, metric, ylabel) if len(group) > 1 else None
+            if png is not None:
+                out.append((f"Frontier {title} ({hook})", png))
+        if any(len(m["levels"]) > 1 for m in group.values()):
+            out.append((f"Explained variance per level, overlaid ({hook})", plots.level_ev(group)))
+    return out
+
+
+def _template() -> Any:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined)
+    return env.get_template("report.html.j2")
+
+
+def write_html(path: Path, report: dict[str, Any], browser: dict[str, Any] | None = None,
+               training: dict[str, dict[str, list[float]]] | None = None) -> None:
+    """One HTML file: tables, warnings, figures and the latent browser, all embedded; it fetches nothing."""
     dicts = report["dictionaries"]
-    esc = html.escape
-    head = "".join(f"<th>{esc(n)}</th>" for n in dicts)
-    body = "".join(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
-                   for label, cells in summary_rows(dicts))
-    notes = "".join(f"<p class='note'>note: {esc(n)}</p>" for n in report["notes"])
-    levels = "".join(f"<li>{esc(line)}</li>" for line in _levels_rows(dicts))
-    figs = "".join(f"<figure><figcaption>{esc(title)}</figcaption>"
-                   f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'></figure>" for title, png in _figures(report))
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>kukla evaluation</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 0.9em; }}
-td, th {{ border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }}
-td:first-child {{ text-align: left; }}
-th {{ background: #eee; }}
-.note {{ background: #fff4d6; padding: 0.4em; border-left: 4px solid #e0a800; }}
-figure {{ display: inline-block; margin: 0.6em; vertical-align: top; }}
-figcaption {{ font-weight: bold; margin-bottom: 0.3em; }}
-</style></head><body>
-<h1>kukla evaluation</h1>
-<p>Store <code>{esc(str(report['store']['path']))}</code>: {report['store']['eval_tokens']} held-out tokens evaluated.</p>
-{notes}
-<table><tr><th>metric</th>{head}</tr>{body}</table>
-{"<h2>Matryoshka levels</h2><ul>" + levels + "</ul>" if levels else ""}
-<h2>Figures</h2>
-{figs}
-<p><small>EV = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over all eval tokens (float64, x̄ the token mean).
-CE recovered = (CE_zero − CE_dict) / (CE_zero − CE_clean). KL score = 1 − KL_dict / KL_zero.</small></p>
-</body></html>
-"""
+    browser = browser or {"page_latents": 1, "histogram_edges": [], "vocab": {}, "dictionaries": {}}
+    pages = [browser["dictionaries"].get(n, {}).get("pages", []) for n in dicts]
+    index = {"page_latents": browser["page_latents"], "histogram_edges": browser["histogram_edges"],
+             "vocab": browser["vocab"],
+             "dictionaries": {n: {k: v for k, v in browser["dictionaries"][n].items() if k != "pages"}
+                              for n in dicts if n in browser["dictionaries"]}}
+    data = json.dumps(index, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    matching = {a: {b: _cell(v, ("mean_max_correlation",), ".3f") for b, v in m["matching"].items()}
+                for a, m in dicts.items() if m.get("matching")}
+    page = _template().render(
+        names=list(dicts), store=report["store"], notes=report["notes"], rows=summary_rows(dicts),
+        warnings={n: m.get("warnings", []) for n, m in dicts.items()}, levels=_levels_rows(dicts),
+        sweep=_sweep_figures(dicts), matching=matching, tree_min=round(100 * MIN_FRACTION),
+        training=[(f"Training: {n}", plots.training_curves(n, c)) for n, c in (training or {}).items()],
+        figures=_figures(report), data=data, pages=pages,
+        style=(TEMPLATES / "report.css").read_text(), script=(TEMPLATES / "report.js").read_text())
     path.write_text(page)

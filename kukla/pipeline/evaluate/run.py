@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,16 @@ from transformer_lens import HookedTransformer
 from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, load_dictionary
+from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
+from kukla.pipeline.evaluate.caveats import caveats
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.geometry import max_cosine_to_others
 from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 from kukla.pipeline.evaluate.report import write_html, write_markdown
 from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
+from kukla.pipeline.evaluate.trainlog import training_curves
 from kukla.progress import progress
 from kukla.storage import ActivationStream, Store, open_store
 
@@ -43,9 +46,13 @@ class Entry:
     target_hook: str
     stats: ReconstructionStats
     top: TopActivations
+    browse: browser.BrowserStats = field(init=False)
     toy: ToyTruth | None = None
     downstream: dict[str, Any] | None = None
     absorption: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.browse = browser.BrowserStats(self.dictionary.width, self.dictionary.levels)
 
     @property
     def transcoder(self) -> bool:
@@ -120,6 +127,7 @@ def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], d
                 levels = e.dictionary.decode_prefixes(z, e.dictionary.levels)  # the last is the full width
                 e.stats.update(acts[e.target_hook], levels[-1], z, levels)
                 e.top.update(z, rows)
+                e.browse.update(z)
                 if e.toy is not None and activity is not None:
                     e.toy.update(z, activity)
             seen += take
@@ -224,19 +232,37 @@ def _dictionary_metrics(e: Entry) -> tuple[dict[str, Any], torch.Tensor]:
     return out, max_cos
 
 
-def _write_tables(config: EvaluateConfig, store: Store, entries: list[Entry], out: Path,
-                  tokenizer: Any | None, max_cos: dict[str, torch.Tensor]) -> None:
-    top = {e.name: e.top.top_rows() for e in entries}
-    texts: dict[int, str] | None = None
-    if ctx.has_token_ids(store):
-        rows = sorted({r for rows in top.values() for latent in rows for r in latent})
-        ids = ctx.row_contexts(store, rows, config.context_tokens) if rows else {}
-        texts = {row: ctx.render_context(tokens, tokenizer) for row, tokens in ids.items()}
+def _top_contexts(config: EvaluateConfig, store: Store, entries: list[Entry]) -> ctx.RowContexts | None:
+    """The windows around every dictionary's top rows (one store scan for all), None without text."""
+    rows = sorted({r for e in entries for latent in e.top.top_rows() for r in latent})
+    return ctx.row_contexts(store, rows, config.context_tokens) if rows and ctx.has_token_ids(store) else None
+
+
+def _write_tables(entries: list[Entry], out: Path, contexts: ctx.RowContexts | None, tokenizer: Any | None,
+                  max_cos: dict[str, torch.Tensor]) -> None:
+    texts = {row: ctx.render_context(tokens, tokenizer) for row, tokens in contexts.ids().items()} if contexts else None
     for e in entries:
+        top = e.top.top_rows()
         columns = e.stats.latent_columns() | {"decoder_max_cosine": max_cos[e.name]}
-        contexts = [[texts[r] for r in latent] for latent in top[e.name]] if texts is not None else None
+        latent_contexts = [[texts[r] for r in latent] for latent in top] if texts is not None else None
         write_latent_table(out / f"latents_{_slug(e.name)}.parquet", levels=e.dictionary.levels,
-                           columns=columns, top_rows=top[e.name], contexts=contexts)
+                           columns=columns, top_rows=top, contexts=latent_contexts)
+
+
+def _browser(config: EvaluateConfig, store: Store, entries: list[Entry], contexts: ctx.RowContexts | None,
+             tokenizer: Any | None, lm: HookedTransformer | None, n_eval: int,
+             dicts: dict[str, dict[str, Any]], notes: list[str]) -> dict[str, Any]:
+    """The latent browser's data; adds matching summaries and warnings to each dictionary's metrics."""
+    inputs = [browser.BrowserInput(e.name, e.dictionary, e.input_hook, e.target_hook, e.browse, e.top.top_rows(),
+                                   e.stats.latent_columns()) for e in entries]
+    w_u = lm.W_U.detach() if lm is not None else None
+    payload, browser_notes = browser.build(inputs, store, contexts, tokenizer, w_u, n_eval, config.device)
+    notes.extend(browser_notes)
+    for e, item in zip(entries, inputs):
+        if "matching" in item.extra:
+            dicts[e.name]["matching"] = item.extra["matching"]
+        dicts[e.name].setdefault("warnings", []).extend(caveats(dicts[e.name], e.dictionary.metadata, store.meta))
+    return payload
 
 
 def _slug(name: str) -> str:
@@ -269,7 +295,7 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     (out / "metrics.json").unlink(missing_ok=True)
     notes: list[str] = []
     n_eval = stream_heldout(config, store, entries, device)
-    tokenizer = None
+    tokenizer, lm = None, None
     if store.meta.get("source") == "toy-tree":
         if config.require_downstream:
             raise KuklaError(f"store {store.url} is a toy-tree store: it has no model for downstream metrics")
@@ -286,12 +312,20 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     dicts, max_cos = {}, {}
     for e in entries:
         dicts[e.name], max_cos[e.name] = _dictionary_metrics(e)
-    _write_tables(config, store, entries, out, tokenizer, max_cos)
+    contexts = _top_contexts(config, store, entries)
+    if contexts is not None and tokenizer is None:
+        tokenizer, problem = ctx.load_tokenizer(store, config.model)
+        if problem:
+            notes.append(problem)
+    _write_tables(entries, out, contexts, tokenizer, max_cos)
+    payload = _browser(config, store, entries, contexts, tokenizer, lm, n_eval, dicts, notes)
+    training = {e.name: c for e in entries
+                if (c := training_curves(e.path, (e.dictionary.metadata or {}).get("sweep_member")))}
     report = _json_safe({"store": {"path": str(config.store), "source": store.meta.get("source"),
                                    "eval_tokens": n_eval, "fingerprint": store.fingerprint},
                          "config": to_dict(config), "notes": notes, "dictionaries": dicts})
     write_markdown(out / "report.md", report)
-    write_html(out / "report.html", report)
+    write_html(out / "report.html", report, payload, training)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out / "metrics.json")

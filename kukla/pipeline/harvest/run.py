@@ -29,8 +29,10 @@ from kukla.pipeline.harvest.text import dataset_spec, iter_texts, iter_windows, 
 from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
+from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
+from kukla.storage.shuffle import check_memory_budget
 
 
 def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) -> str:
@@ -38,8 +40,15 @@ def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) ->
 
     `model` skips loading (a model already in memory, e.g. one built from a
     `HookedTransformerConfig`); `config.model` is then only recorded as its name.
-    Returns the store's path.
+    Returns the store's path. SIGTERM abandons the segment in flight, releases the part's
+    lease and raises `Preempted` (the CLI exits 143); a rerun resumes from the journal.
     """
+    check_memory_budget(int(config.memory_budget_gb * 1e9))
+    with stop_on_sigterm():
+        return _harvest(config, model)
+
+
+def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
     if config.source == "toy-tree":
         meta, statics, segments = _toy_plan(config)
     else:

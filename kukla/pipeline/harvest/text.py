@@ -54,6 +54,9 @@ def iter_texts(dataset: str, subset: str | None, split: str, revision: str | Non
     import datasets
 
     path = Path(dataset).expanduser()
+    if not path.exists() and (path.suffix in LOCAL_FORMATS or dataset.startswith((".", "/", "~"))):
+        raise KuklaError(f"dataset file {path.absolute()} does not exist: check the path (a Hub dataset is "
+                         "named owner/name, without a file suffix)")
     try:
         if path.exists():
             if path.suffix not in LOCAL_FORMATS:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from kukla.errors import KuklaError
+from kukla.storage.location import Location, disk_full_error
 
 STATE_FILE = "trainer_state.pt"
 _LATEST = "latest"
@@ -51,8 +52,12 @@ def publish_dir(build: Callable[[Path], None], final: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    build(tmp)
-    _fsync_tree(tmp)
+    try:
+        build(tmp)
+        _fsync_tree(tmp)
+    except BaseException:  # a full disk, a kill by SIGTERM: leave no half-built folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # an earlier run reached the same step: replace it whole
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -66,18 +71,46 @@ def publish_dir(build: Callable[[Path], None], final: Path) -> Path:
 def write_checkpoint(out: Path, step: int, build: Callable[[Path], None], keep: int) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`."""
     root = checkpoints_dir(out)
-    path = publish_dir(build, root / f"step-{step:08d}")
-    pointer_tmp = root / f".{_LATEST}-{os.getpid()}"
-    pointer_tmp.write_text(path.name + "\n")
-    _fsync_file(pointer_tmp)
+    try:
+        path = publish_dir(build, root / f"step-{step:08d}")
+        pointer_tmp = root / f".{_LATEST}-{os.getpid()}"
+        pointer_tmp.write_text(path.name + "\n")
+        _fsync_file(pointer_tmp)
+    except OSError as exc:
+        full = disk_full_error(exc, Location(out), f"writing checkpoint step-{step:08d}")
+        raise (KuklaError(f"{full} with --resume") if full else exc) from None
     os.replace(pointer_tmp, root / _LATEST)
     _prune(root, keep, path)
     return path
 
 
+class _Writes:
+    """A file whose write errors are kept: torch.save reports a full disk as a bare RuntimeError."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write the trainer state (a plain torch pickle of tensors, ints and dicts)."""
-    torch.save(state, Path(path) / STATE_FILE)
+    with open(Path(path) / STATE_FILE, "wb") as f:
+        writes = _Writes(f)
+        try:
+            torch.save(state, writes)
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:

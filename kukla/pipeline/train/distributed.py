@@ -2,9 +2,11 @@
 
 Dictionaries are trained through `training_loss`, not `forward`, and a sweep holds many of
 them; torch's `DistributedDataParallel` hooks only `forward` and keeps one reducer per
-module. So the gradient sync is done here, by hand, as DDP does it: every rank computes
-the gradient of its own rows' mean loss, and one flat all-reduce (averaged over ranks)
-of every sweep member's gradients gives each rank the gradient of the global batch.
+module. So the gradient sync is done here, by hand, as DDP does it: every rank holds an
+equal share of each global batch, computes its loss with the global batch's statistics
+(`RankShare`: variances and BatchTopK's cutoff reduced over ranks), and one flat all-reduce
+(averaged over ranks) of every sweep member's gradients gives each rank the gradient of the
+global batch's loss: the same as one process, whatever the world size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
+
+from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 
 
 @dataclass(frozen=True)
@@ -110,13 +114,40 @@ def gather_objects(obj: Any, ranks: Ranks) -> list[Any]:
     return out
 
 
-def agree(flag: bool, ranks: Ranks) -> bool:
+def agree(flag: bool | torch.Tensor, ranks: Ranks) -> bool:
     """True on every rank if it is true on any rank (so all ranks stop together)."""
     if ranks.world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=ranks.device if ranks.device.type == "cuda" else "cpu")
+        return bool(flag)
+    t = torch.as_tensor(flag, device=_collective_device(ranks)).reshape(1).int()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _collective_device(ranks: Ranks) -> torch.device:
+    """NCCL reduces tensors on the GPU, gloo on the CPU."""
+    return ranks.device if ranks.device.type == "cuda" else torch.device("cpu")
+
+
+class RankShare(GlobalBatch):
+    """This rank's equal share of every global batch: the loss's statistics are reduced over ranks."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.world = ranks.world
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.detach().contiguous())
+        return torch.cat(parts)
+
+
+def global_batch(ranks: Ranks) -> GlobalBatch:
+    """How `training_loss` sees the batch on this rank: the whole of it, or one rank's share."""
+    return ONE_PROCESS if ranks.world == 1 else RankShare(ranks)
 
 
 def barrier(ranks: Ranks) -> None:

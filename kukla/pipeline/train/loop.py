@@ -21,10 +21,13 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig
-from kukla.pipeline.train.distributed import Ranks, barrier, gather_objects, sum_over_ranks
+from kukla.pipeline.train.distributed import Ranks, agree, barrier, gather_objects, sum_over_ranks
 from kukla.pipeline.train.log import TrainLog, start_wandb
-from kukla.pipeline.train.sweep import NonFiniteLoss, Trainee, build_trainees, step_metrics, train_step
+from kukla.pipeline.train.sweep import FiniteCheck, NonFiniteLoss, Trainee, build_trainees, step_metrics, train_step
+from kukla.preempt import Preempted, checkpoint_on_sigterm, sigterm_requested
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
+from kukla.storage.lease import Lease
+from kukla.storage.location import Location, check_output_dir
 
 #: Settings that may change between a run and its resumption (they do not touch the math).
 RESUMABLE_CHANGES = {"resume", "wandb", "wandb_project", "wandb_name", "threads", "log_every",
@@ -58,7 +61,25 @@ def mean_norms(store: Store, config: TrainConfig) -> tuple[float, float | None]:
 
 
 def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
-    """Train every member of the sweep; returns the final dictionary directories."""
+    """Train every member of the sweep; returns the final dictionary directories.
+
+    Rank 0 holds a lease on `--out` (a second live trainer there is refused). After SIGTERM
+    every rank stops at the same step (the next one; under DDP the next logging step), a
+    checkpoint is written and `Preempted` raised (the CLI exits 143); `--resume` continues exactly.
+    """
+    check_output_dir(config.out, "--out")
+    lease = Lease(Location(config.out), "lock.json", f"training run {config.out}") if ranks.is_main else None
+    try:
+        if lease is not None:
+            lease.acquire()
+        with checkpoint_on_sigterm():
+            return _train(config, ranks, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]:
     store = open_checked_store(config)
     hooks = config.hooks
     members = config.members(store.hooks[hooks[0]], store.hooks[hooks[-1]])
@@ -88,31 +109,62 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
                    start_step=step, enabled=ranks.is_main, wandb_run=wandb_run)
     batches = iter(stream)
+    pending: FiniteCheck | None = None  # the latest step's finiteness, read one step late
     try:
         while step < total_steps:
             batch = next(batches, None)
             if batch is None:
                 raise KuklaError(f"the store's stream ended at step {step} of {total_steps}; "
                                  "this is a bug in the epoch count, please report it")
-            try:
-                train_step(trainees, batch.acts, step, total_steps, config, ranks, batch.rows)
-            except NonFiniteLoss as exc:
-                latest = checkpoint.latest_checkpoint(out)
-                kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
-                raise KuklaError(f"{exc}; {kept}") from None
-            step += 1
+            check = train_step(trainees, batch.acts, step, total_steps, config, ranks, batch.rows)
+            if ranks.world == 1:  # one step late: long computed, so reading it makes nothing wait
+                _verify(pending, trainees, ranks, out)
+            pending, step = check, step + 1  # under DDP agreeing is a collective: only where logging pays it
             log.advance(config.batch_size)
-            if step % config.log_every == 0 or step == total_steps:
+            logging = step % config.log_every == 0 or step == total_steps
+            if lease is not None:
+                lease.check()
+            stop = step < total_steps and _stop_requested(step, config, ranks)
+            saving = stop or (bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                              and step < total_steps)
+            if logging or saving:  # nothing is logged or saved before the steps behind it are known finite
+                _verify(pending, trainees, ranks, out)
+                pending = None
+            if logging:
                 log.record(step, step * config.batch_size, _averaged_metrics(trainees, ranks))
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            if saving:
                 _checkpoint(config, store, trainees, stream, step, ranks, wandb_run,
                             min(CHECKPOINT_CALIBRATION_ROWS, config.calibration_tokens))
+            if stop:
+                raise Preempted(f"stopped by SIGTERM after step {step} of {total_steps}: a checkpoint is written; "
+                                "rerun with --resume to continue exactly")
+        _verify(pending, trainees, ranks, out)
         final = _checkpoint(config, store, trainees, stream, step, ranks, wandb_run, config.calibration_tokens)
         outputs = _publish_final(final, trainees, out, ranks, log)
     finally:
         batches.close()  # stops the stream's prefetch thread
         log.close()
     return outputs
+
+
+def _verify(check: FiniteCheck | None, trainees: list[Trainee], ranks: Ranks, out: Path) -> None:
+    """Stop with a one-line error if a step's loss was not finite (the last good checkpoint stays)."""
+    if check is None:
+        return
+    try:
+        check.raise_if_not_finite(trainees, ranks)
+    except NonFiniteLoss as exc:
+        latest = checkpoint.latest_checkpoint(out)
+        kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
+        raise KuklaError(f"{exc}; {kept}") from None
+
+
+def _stop_requested(step: int, config: TrainConfig, ranks: Ranks) -> bool:
+    """SIGTERM seen, by every rank at the same step: each step alone, at logging steps under DDP
+    (agreeing is a collective and a device sync, which logging pays already)."""
+    if ranks.world == 1:
+        return sigterm_requested()
+    return step % config.log_every == 0 and agree(sigterm_requested(), ranks)
 
 
 def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
@@ -140,6 +192,8 @@ def _restore(state: dict[str, Any], trainees: list[Trainee], stream: ActivationS
         trainee.dictionary.load_state_dict(saved["dictionary"])
         trainee.optimizer.load_state_dict(saved["optimizer"])
         trainee.generator.set_state(saved["generator"])
+        trainee.dictionary.use_sparse_path = saved.get("sparse_path", trainee.dictionary.use_sparse_path)
+        trainee.dictionary.count_dead()  # aux-k's candidates, as the checkpointed run had sized them
     stream.load_state_dict(state["streams"][ranks.rank])
     torch.set_rng_state(state["torch_rng"])
     if ranks.device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -164,7 +218,12 @@ def _averaged_metrics(trainees: list[Trainee], ranks: Ranks) -> dict[str, dict[s
 
 def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stream: ActivationStream,
                 step: int, ranks: Ranks, wandb_run: Any, calibration_rows: int) -> Path | None:
-    """Write a complete checkpoint on rank 0 (every rank hands over its stream cursor)."""
+    """Write a complete checkpoint on rank 0 (every rank hands over its stream cursor).
+
+    Every rank re-sizes aux-k's candidates here, as a run resumed from this checkpoint will.
+    """
+    for trainee in trainees:
+        trainee.dictionary.count_dead()
     streams = gather_objects(stream.state_dict(), ranks)
     cuda = gather_objects(torch.cuda.get_rng_state(ranks.device), ranks) if ranks.device.type == "cuda" else None
     path = None
@@ -179,7 +238,8 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
             "streams": streams, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
             "wandb_id": getattr(wandb_run, "id", None),
             "members": {t.name: {"dictionary": t.dictionary.state_dict(), "optimizer": t.optimizer.state_dict(),
-                                 "generator": t.generator.get_state()} for t in trainees},
+                                 "generator": t.generator.get_state(),
+                                 "sparse_path": t.dictionary.use_sparse_path} for t in trainees},
         }
 
         def build(tmp: Path) -> None:

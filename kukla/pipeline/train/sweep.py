@@ -16,8 +16,10 @@ from torch import Tensor
 
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, default_lr
+from kukla.pipeline.dictionary.fast_path import choose_sparse_path
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
-from kukla.pipeline.train.distributed import Ranks, agree, any_rank, average_gradients, broadcast_parameters
+from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
+                                              global_batch)
 
 ADAM_BETAS = (0.9, 0.999)
 
@@ -51,12 +53,20 @@ def build_trainees(config: TrainConfig, members: list[Member], ranks: Ranks,
         dictionary.initialize(*init_rows)
         dictionary.to(ranks.device)
         broadcast_parameters(dictionary, ranks)
+        choose_sparse_path(dictionary, *_batch_like(init_rows, config.local_batch(ranks.world), ranks.device),
+                           precision=lambda: autocast(ranks.device))
         base_lr = config.lr or default_lr(member.config.width)
         optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=ADAM_BETAS)
         generator = torch.Generator(device=ranks.device).manual_seed(member.seed)
         loss_fn = torch.compile(dictionary.training_loss) if config.compile else dictionary.training_loss
         trainees.append(Trainee(member, dictionary, optimizer, generator, base_lr, loss_fn))
     return trainees
+
+
+def _batch_like(rows: tuple[Tensor, ...], n: int, device: torch.device) -> tuple[Tensor, ...]:
+    """n rows (the init rows, repeated if fewer) per hook on the device: what a step's batch looks like."""
+    reps = -(-n // rows[0].shape[0])
+    return tuple(r.repeat(reps, 1)[:n].to(device) for r in rows)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -66,23 +76,48 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+@dataclass
+class FiniteCheck:
+    """Whether a step's losses were finite, kept on the device until `raise_if_not_finite` reads it.
+
+    The trainer reads it one step late (the previous step's forward is long done by then, so
+    the read does not make the host wait) and before anything is logged or checkpointed, so a
+    checkpoint never holds weights a non-finite loss has touched.
+    """
+
+    step: int
+    acts: tuple[Tensor, ...]
+    rows: Tensor | None
+    bad: Tensor
+    """[members] bool on the device."""
+
+    def raise_if_not_finite(self, trainees: list[Trainee], ranks: Ranks) -> None:
+        """Stop every rank together if any member's loss was not finite on any rank."""
+        if not agree(self.bad.any(), ranks):
+            return
+        if bool(self.bad.any()):
+            raise NonFiniteLoss(trainees[int(self.bad.int().argmax())].name, self.step, self.acts, self.rows)
+        raise KuklaError(f"a loss is not finite on another rank at step {self.step}; lower --lr, "
+                         "or check the store for bad rows")
+
+
 def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, total_steps: int,
-               config: TrainConfig, ranks: Ranks, rows: Tensor | None = None) -> None:
-    """One optimiser step of every member on one batch (the global batch, under DDP)."""
+               config: TrainConfig, ranks: Ranks, rows: Tensor | None = None) -> FiniteCheck:
+    """One optimiser step of every member on one batch (this rank's share of the global batch).
+
+    Nothing is read back from the device: the metrics stay tensors in `Trainee.last`, and the
+    returned check of the losses' finiteness is read by the caller later.
+    """
     x, y = acts[0], (acts[1] if len(acts) > 1 else None)
-    fired, bad = [], None
+    share = global_batch(ranks)
+    fired, bad = [], []
     for trainee in trainees:
         with autocast(ranks.device):
-            out = trainee.loss_fn(x, y, trainee.generator)
-        if not bool(torch.isfinite(out.loss.detach())):  # checked before any optimiser step
-            bad = bad or NonFiniteLoss(trainee.name, step, acts, rows)
-            continue
+            out = trainee.loss_fn(x, y, trainee.generator, share)
+        bad.append(~torch.isfinite(out.loss.detach()))
         out.loss.backward()
-        trainee.last = {"loss": out.loss.detach(), **{k: torch.as_tensor(v).detach() for k, v in out.metrics.items()}}
+        trainee.last = {"loss": out.loss.detach(), **out.metrics}
         fired.append(out.fired)
-    if agree(bad is not None, ranks):  # every rank stops together
-        raise bad or KuklaError(f"a loss is not finite on another rank at step {step}; lower --lr, "
-                                "or check the store for bad rows")
     average_gradients([p for t in trainees for p in t.dictionary.parameters()], ranks)
     fired = any_rank(fired, ranks)
     n_tokens = x.shape[0] * ranks.world
@@ -98,14 +133,17 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
         trainee.optimizer.zero_grad(set_to_none=True)
         dictionary.normalize_decoder()
         dictionary.update_dead(fired_mask, n_tokens)
+    return FiniteCheck(step, acts, rows, torch.stack(bad))
 
 
 def step_metrics(trainees: list[Trainee]) -> dict[str, dict[str, float]]:
-    """The latest step's figures per member, as floats (one sync), with dead % added."""
+    """The latest step's figures per member, as floats (one read of the device each), with dead %
+    added; also re-sizes aux-k's candidates (`Dictionary.count_dead`)."""
     out = {}
     for trainee in trainees:
-        values = {k: float(v.float().mean()) for k, v in trainee.last.items()}
-        values["dead_pct"] = 100.0 * float(trainee.dictionary.dead_mask().float().mean())
+        names = list(trainee.last)
+        values = dict(zip(names, torch.stack([trainee.last[k].float() for k in names]).tolist())) if names else {}
+        values["dead_pct"] = 100.0 * trainee.dictionary.count_dead() / trainee.dictionary.width
         values["lr"] = trainee.optimizer.param_groups[0]["lr"]
         out[trainee.name] = values
     return out

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU figure of issue 9 from one run on one H100/H200, within 8 minutes:
+#   1. reader rows/s and GB/s into GPU memory         (benchmarks/store_bench.py --device cuda)
+#   2. train step at d=2304, F=32768, k=64, batch 4096, bf16 autocast: kukla sparse and dense,
+#      SAELens, the bare encoder matmul, achieved TFLOP/s against the chip's bf16 rate, and the
+#      data wait with a store on disk feeding the step  (benchmarks/train_bench.py --gpu)
+#   3. Gemma-3-270m harvest in bf16 on cuda against the bare forward and SAELens
+#                                                      (benchmarks/harvest_bench.py --device cuda)
+#   4. `kukla demo --device cuda`, timed
+# Each part has its own time limit, so one slow part cannot eat the others' minutes; a part
+# that fails is reported and the rest still run. Everything printed also goes to
+# $OUT/gpu_figures.txt when OUT is set.
+#
+#   bash benchmarks/gpu.sh            # on the GPU machine
+#   bash benchmarks/gpu.sh --dry-run  # on CPU, seconds: the train benchmark at tiny sizes, the rest named
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=/dev/null
+if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && LOG="$OUT/gpu_figures.txt"; fi
+WORK=$(mktemp -d /tmp/kukla_gpu.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+failed=0
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+part() {  # part <title> <seconds> <command...>: run with a time limit, timed, output logged
+    local title=$1 limit=$2; shift 2
+    say "=== $title (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | grep -v -e '|█' -e '^\s*$' | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    say "=== $title: exit $rc after $((SECONDS - start)) s"
+    [[ $rc -eq 0 ]] || failed=1
+}
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+    part "train step (tiny, CPU)" 300 python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
+    say "would run: python benchmarks/store_bench.py --device cuda --rows 262144 --out $WORK/store"
+    say "would run: python benchmarks/harvest_bench.py --device cuda --dtype bfloat16 --windows 256 --batch 32"
+    say "would run: python -m kukla demo --device cuda --out $WORK/demo"
+    exit $failed
+fi
+
+say "kukla GPU figures, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$LOG"
+
+part "reader" 70 python benchmarks/store_bench.py --device cuda --rows 262144 --out "$WORK/store"
+part "train step" 200 python benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
+part "harvest" 100 python benchmarks/harvest_bench.py --device cuda --dtype bfloat16 --windows 256 --batch 32
+part "demo" 100 python -m kukla demo --device cuda --out "$WORK/demo"
+exit $failed

@@ -1,0 +1,20 @@
+"""benchmarks/gpu.sh stays runnable: its CPU dry run prints every train figure it will print on a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_script_dry_run_prints_the_train_figures_and_names_the_rest(tmp_path: Path) -> None:
+    run = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    logged = (tmp_path / "gpu_figures.txt").read_text()
+    for figure in ("kukla / SAELens", "sparse / dense", "encoder matmuls", "Matryoshka step cost / plain BatchTopK",
+                   "data wait", "store_bench.py --device cuda", "harvest_bench.py --device cuda",
+                   "kukla demo --device cuda"):
+        assert figure in logged, figure

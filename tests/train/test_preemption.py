@@ -1,0 +1,98 @@
+"""Training under preemption and damage: SIGTERM writes a checkpoint and exits 143, a second
+trainer on the same --out is refused, a full disk during a checkpoint is one line and leaves
+nothing half-written, and an --out that is a file is refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_resume import NAME
+from test_resume import _flags as resume_flags
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from kukla.cli.app import app
+from kukla.pipeline.train import checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def _flags(store: Path, out: Path, *extra: str) -> list[str]:
+    """test_resume's run, made long enough to stop mid-way, with no periodic checkpoint."""
+    return resume_flags(store, out, "--tokens", str(128 * 400), "--checkpoint-every", "0", *extra)
+
+
+def _train(*args: str) -> None:
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+
+
+def _one_line_error(result, *needles: str) -> None:
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in errors[0], result.output
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_143_and_the_resumed_run_equals_an_uninterrupted_one(
+        store: Path, tmp_path: Path) -> None:
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    proc = subprocess.Popen([sys.executable, "-m", "kukla.cli.train", *_flags(store, stopped)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (stopped / "metrics.jsonl").exists():  # training is under way (step 20 is logged)
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    second = runner.invoke(app, ["train", *_flags(store, stopped, "--resume")])
+    _one_line_error(second, "training run", "is in use by process")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err and "Traceback" not in err
+    latest = checkpoint.latest_checkpoint(stopped)
+    assert latest is not None and latest.name < "step-00000400", "no checkpoint, or the run had finished"
+    assert not (stopped / "lock.json").exists() and not (stopped / NAME).exists()
+
+    _train(*_flags(store, stopped, "--resume"))
+    _train(*_flags(store, whole))
+    a = load_file(str(whole / NAME / "sae_weights.safetensors"))
+    b = load_file(str(stopped / NAME / "sae_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_half_written_folder(
+        store: Path, small_disk: Path) -> None:
+    out = small_disk / "run"
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    filler.write_bytes(b"\0" * (free - 64 * 1024))  # room for the log, not for a checkpoint (~100 KiB)
+    result = runner.invoke(app, ["train", *_flags(store, out, "--tokens", str(128 * 20))])
+    _one_line_error(result, "disk full while writing checkpoint", "--resume")
+    leftovers = [p.name for p in (out / "checkpoints").iterdir()] if (out / "checkpoints").exists() else []
+    assert not [name for name in leftovers if name.startswith(".tmp-")], leftovers
+    assert checkpoint.latest_checkpoint(out) is None and not (out / "lock.json").exists()
+    filler.unlink()
+    _train(*_flags(store, out, "--tokens", str(128 * 20), "--resume"))
+    assert (out / NAME / "sae_weights.safetensors").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(store: Path, tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    _one_line_error(runner.invoke(app, ["train", *_flags(store, file)]), "--out", "is a file")
+    _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path), "--store", str(store), "--out", str(file)]),
+                    "--out", "is a file")
