@@ -1,12 +1,14 @@
-"""Store benchmark: codec comparison, then write, shuffle (finalize) and read throughput with
-peak memory, and the reader against what an SAE trainer consumes on the same CPU.
+"""Store benchmark: codecs, then write, shuffle (finalize) and read per CPU-second for the raw
+(`none`) and `zstd-1` codecs, beside the anchors (zarr's own read of the same arrays; SAELens'
+activation cache: a Hugging Face `datasets` Arrow folder of float32 rows) and the physical limit
+(memcpy of the same bf16 rows), printed as ratios from one run.
 
-Rows are synthetic but shaped like residual-stream activations (d=640, Gemma-3-270m's width):
-low-rank structure (rank 48) + isotropic noise, heavy-tailed row norms (log-normal, σ=0.6),
-1% of rows 8x larger (BOS-like), and 4 outlier dimensions with large offsets and variance.
-Each phase runs in its own process so its peak RSS (ru_maxrss) is its own.
+Rows are synthetic but shaped like residual-stream activations (d=2304, Gemma-2-2B's width by
+default): low-rank structure (rank 48) + isotropic noise, heavy-tailed row norms (log-normal,
+σ=0.6), 1% of rows 8x larger (BOS-like), and 4 outlier dimensions with large offsets. Each phase
+runs in its own process (one torch thread unless told), so its CPU time and peak RSS are its own.
 
-    python benchmarks/store_bench.py [--rows 131072] [--out /tmp/store_bench]
+    python benchmarks/store_bench.py [--rows 32768] [--d 2304] [--out /tmp/store_bench]
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-D = 640
-CODECS = ["none", "zstd-1", "zstd-3", "zstd-9", "blosc-zstd-1-bitshuffle", "blosc-zstd-3-bitshuffle",
-          "blosc-zstd-5-bitshuffle", "blosc-zstd-1-shuffle", "blosc-zstd-3-shuffle", "blosc-zstd-5-shuffle",
-          "blosc-lz4-5-bitshuffle", "blosc-lz4-5-shuffle", "blosc-lz4-5-noshuffle"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
+
+D = 2304
+PASSES = 4  # each read phase reads the store this many times, so start-up costs are amortised
+CODECS = ["zstd-1", "zstd-3", "blosc-zstd-1-bitshuffle", "blosc-zstd-3-shuffle", "blosc-lz4-5-shuffle",
+          "blosc-lz4-5-noshuffle"]
 
 
 def synthetic_rows(n: int, seed: int = 0) -> np.ndarray:
     """float32 [n, D] rows with the structure described in the module docstring."""
     rng = np.random.default_rng(seed)
+    if n > 8192:  # in blocks, so a big store does not need a big float64 temporary
+        return np.concatenate([synthetic_rows(min(8192, n - lo), seed * 7919 + lo) for lo in range(0, n, 8192)])
     basis = rng.standard_normal((48, D)).astype(np.float32) / np.sqrt(48)
     x = rng.standard_normal((n, 48)).astype(np.float32) @ basis * 3.0
     x += rng.standard_normal((n, D)).astype(np.float32) * 0.5
@@ -48,6 +54,7 @@ class PeakRSS:
     def __enter__(self) -> "PeakRSS":
         self.base = self.peak = self._now()
         self.cpu0 = self._cpu()
+        self.wall0 = time.perf_counter()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -58,6 +65,7 @@ class PeakRSS:
         self.thread.join()
         self.extra_mb = (self.peak - self.base) / 2**20
         self.cpu_s = self._cpu() - self.cpu0
+        self.seconds = time.perf_counter() - self.wall0
 
     @staticmethod
     def _cpu() -> float:
@@ -75,7 +83,7 @@ class PeakRSS:
 
 
 def bench_codecs(rows: np.ndarray) -> list[dict]:
-    """Ratio and single-thread encode/decode MB/s per codec on bf16 chunks of 2048 rows (2.6 MB)."""
+    """Ratio and single-thread encode/decode MB per CPU-second per codec on bf16 chunks of 2048 rows."""
     import numcodecs
 
     from kukla.storage.codecs import numcodecs_codec, to_stored
@@ -87,58 +95,66 @@ def bench_codecs(rows: np.ndarray) -> list[dict]:
     results = []
     for name in CODECS:
         codec = numcodecs_codec(name)
-        if codec is None:
-            results.append({"codec": name, "ratio": 1.0, "encode_MBps": float("inf"), "decode_MBps": float("inf")})
-            continue
         encode = decode = float("inf")
         for _ in range(3):  # best of 3: the machine is shared
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             blobs = [codec.encode(c) for c in chunks]
-            t1 = time.perf_counter()
+            t1 = time.process_time()
             for blob in blobs:
                 codec.decode(blob)
-            encode, decode = min(encode, t1 - t0), min(decode, time.perf_counter() - t1)
+            encode, decode = min(encode, t1 - t0), min(decode, time.process_time() - t1)
         results.append({"codec": name, "ratio": raw / sum(len(b) for b in blobs),
                         "encode_MBps": raw / 1e6 / encode, "decode_MBps": raw / 1e6 / decode})
     return results
 
 
-def phase_write(path: str, n: int) -> dict:
+def phase_write(path: str, n: int, codec: str) -> dict:
     from kukla.storage import StoreWriter
 
     rows = synthetic_rows(n)
-    seg = 16384
-    t0 = time.perf_counter()
-    with PeakRSS() as rss, StoreWriter.open(path, {"model": "synthetic", "hooks": {"resid": D}}, overwrite=True) as writer:
+    seg = 8192
+    with PeakRSS() as rss, StoreWriter.open(path, {"model": "synthetic", "hooks": {"resid": D}}, overwrite=True,
+                                            codec=codec) as writer:
         for s, lo in enumerate(range(0, n, seg)):
             ids = np.arange(lo, min(n, lo + seg))
             writer.write_segment(s, {"acts/resid": rows[lo:lo + seg], "tokens/token_id": ids,
                                      "tokens/sequence": ids // 128, "tokens/position": ids % 128})
         writer.finish()
-    return {"seconds": time.perf_counter() - t0, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
+    return {"rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
 def phase_finalize(path: str, budget: int) -> dict:
     from kukla.storage import finalize_store
 
-    t0 = time.perf_counter()
     with PeakRSS() as rss:
         finalize_store(path, memory_budget_bytes=budget)
-    return {"seconds": time.perf_counter() - t0, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
+    return {"peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
-def phase_read(path: str, batch: int) -> dict:
+def phase_read(path: str, batch: int, dtype: str, threads: int, device: str) -> dict:
     import torch
 
     from kukla.storage import ActivationStream, open_store
 
     torch.set_num_threads(1)
     store = open_store(path)
-    stream = ActivationStream(store, ["resid"], batch, split="all")
-    t0 = time.perf_counter()
+    stream = ActivationStream(store, ["resid"], batch, split="all", dtype=getattr(torch, dtype), threads=threads,
+                              epochs=PASSES, device=device)
     with PeakRSS() as rss:
         n = sum(b.acts[0].shape[0] for b in stream)
-    return {"seconds": time.perf_counter() - t0, "rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the rows are in device memory, converted
+    return {"rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
+
+
+def phase_zarr(path: str, batch: int) -> dict:
+    """zarr-python's own read of the same array, batch-sized slices, as bf16 bits (no conversion)."""
+    import zarr
+
+    array = zarr.open_array(f"{path}/acts/resid", mode="r")
+    with PeakRSS() as rss:
+        n = sum(array[lo:lo + batch].shape[0] for _ in range(PASSES) for lo in range(0, array.shape[0], batch))
+    return {"rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
 def phase_anchor(path: str, n: int, batch: int) -> dict:
@@ -153,91 +169,107 @@ def phase_anchor(path: str, n: int, batch: int) -> dict:
     datasets.Dataset(pa.table({"resid": column})).save_to_disk(folder)
     del rows, column
     ds = datasets.load_from_disk(folder).with_format("torch")
-    t0 = time.perf_counter()
     with PeakRSS() as rss:
-        count = sum(b["resid"].shape[0] for b in ds.iter(batch_size=batch))
-    return {"seconds": time.perf_counter() - t0, "rows": count, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s}
+        count = sum(b["resid"].shape[0] for _ in range(PASSES) for b in ds.iter(batch_size=batch))
+    shutil.rmtree(folder)
+    return {"rows": count, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
-def phase_trainer(batch: int) -> dict:
-    """Tokens/s of one dense TopK SAE step (d=640, F=10240, k=32, Adam) on this CPU: what the reader must beat."""
+def phase_limit(n: int, batch: int) -> dict:
+    """The physical limits on this CPU for the same bytes: memcpy of bf16 batches, CRC32C of them,
+    zstd-1 decode of 4 MiB chunks, and torch's bf16 -> float32 into a preallocated batch."""
+    import google_crc32c
+    import numcodecs
     import torch
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    width, k = 10240, 32
-    w_enc = torch.nn.Parameter(torch.randn(D, width) / D**0.5)
-    w_dec = torch.nn.Parameter(w_enc.detach().t().clone())
-    b_enc, b_dec = torch.nn.Parameter(torch.zeros(width)), torch.nn.Parameter(torch.zeros(D))
-    opt = torch.optim.Adam([w_enc, w_dec, b_enc, b_dec], lr=1e-4)
-    x = torch.from_numpy(synthetic_rows(batch, seed=1))
-    times = []
-    for step in range(4):
-        t0 = time.perf_counter()
-        pre = (x - b_dec) @ w_enc + b_enc
-        vals, idx = pre.topk(k, dim=1)
-        z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
-        loss = ((z @ w_dec + b_dec - x) ** 2).sum(1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step:
-            times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": batch / float(np.median(times))}
+    src = np.ascontiguousarray(synthetic_rows(batch).view(np.uint32)[:, :D] >> 16).astype(np.uint16)
+    dst = np.empty_like(src)
+    zstd = numcodecs.Zstd(level=1)
+    chunk_rows = (4 << 20) // (2 * D)
+    blobs = [zstd.encode(src[i:i + chunk_rows]) for i in range(0, batch, chunk_rows)]
+    as_bf16, f32 = torch.from_numpy(src.view(np.int16)).view(torch.bfloat16), torch.empty((batch, D))
+    work = {"memcpy": lambda: np.copyto(dst, src), "crc32c": lambda: google_crc32c.value(src.reshape(-1).view(np.uint8)),
+            "zstd-1 decode": lambda: [zstd.decode(b) for b in blobs], "bf16->f32": lambda: f32.copy_(as_bf16)}
+    out = {}
+    for name, fn in work.items():
+        best = float("inf")
+        for _ in range(max(3, n // batch)):
+            t0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t0)
+        out[name] = batch / best
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=131072)
-    parser.add_argument("--budget", type=int, default=256 << 20, help="finalize memory budget (bytes)")
+    parser.add_argument("--rows", type=int, default=32768)
+    parser.add_argument("--d", type=int, default=D, help="row width (default Gemma-2-2B's 2304)")
+    parser.add_argument("--budget", type=int, default=512 << 20, help="finalize memory budget (bytes)")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--out", default="/tmp/store_bench")
+    parser.add_argument("--device", default="cpu", help="where the reader delivers batches (cuda: pinned, converted there)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--codec", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    path = f"{args.out}/store.zarr"
+    globals()["D"] = args.d
+    path = f"{args.out}/{args.codec}.zarr"
     if args.phase:
-        result = {"write": lambda: phase_write(path, args.rows), "finalize": lambda: phase_finalize(path, args.budget),
-                  "read": lambda: phase_read(path, args.batch),
-                  "anchor": lambda: phase_anchor(path, args.rows, args.batch), "trainer": lambda: phase_trainer(args.batch)}[args.phase]()
+        result = {"write": lambda: phase_write(path, args.rows, args.codec),
+                  "finalize": lambda: phase_finalize(path, args.budget),
+                  "read": lambda: phase_read(path, args.batch, args.dtype, args.threads, args.device),
+                  "zarr": lambda: phase_zarr(path, args.batch), "anchor": lambda: phase_anchor(path, args.rows, args.batch),
+                  "limit": lambda: phase_limit(args.rows, args.batch)}[args.phase]()
         print(json.dumps(result))
         return
     shutil.rmtree(args.out, ignore_errors=True)
     Path(args.out).mkdir(parents=True)
 
-    def run(phase: str) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--phase", phase, "--rows", str(args.rows), "--budget",
-                              str(args.budget), "--batch", str(args.batch), "--out", args.out],
+    def run(phase: str, codec: str = "none", dtype: str = "bfloat16", threads: int = 1) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--phase", phase, "--rows", str(args.rows), "--d", str(args.d),
+                              "--budget", str(args.budget), "--batch", str(args.batch), "--out", args.out,
+                              "--codec", codec, "--dtype", dtype, "--threads", str(threads), "--device", args.device],
                              capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    sample = synthetic_rows(min(args.rows, 32768), seed=2)
-    print(f"synthetic bf16 rows, d={D}: low-rank(48)+noise, log-normal norms, 1% 8x rows, 4 outlier dims")
-    print(f"\ncodecs on {sample.shape[0]} rows ({sample.shape[0] * D * 2 / 1e6:.0f} MB bf16), chunks of 2048 rows, 1 thread")
-    print(f"{'codec':<26}{'ratio':>7}{'encode MB/s':>13}{'decode MB/s':>13}")
-    for r in bench_codecs(sample):
-        print(f"{r['codec']:<26}{r['ratio']:>7.3f}{r['encode_MBps']:>13.0f}{r['decode_MBps']:>13.0f}")
     mb = args.rows * D * 2 / 1e6
-    write, fin, read, anchor, trainer = run("write"), run("finalize"), run("read"), run("anchor"), run("trainer")
-    from kukla.storage.verify import store_info
+    print(f"synthetic bf16 rows, d={D}: low-rank(48)+noise, log-normal norms, 1% 8x rows, 4 outlier dims; "
+          f"{args.rows} rows = {mb:.0f} MB of bf16 activations; rates per CPU-second (wall in brackets)")
+    sample = synthetic_rows(min(args.rows, 8192), seed=2)
+    print(f"\ncodecs on {sample.shape[0]} rows, chunks of 2048 rows, 1 thread")
+    print(f"{'codec':<26}{'ratio':>7}{'encode MB/CPU-s':>17}{'decode MB/CPU-s':>17}")
+    for r in bench_codecs(sample):
+        print(f"{r['codec']:<26}{r['ratio']:>7.3f}{r['encode_MBps']:>17.0f}{r['decode_MBps']:>17.0f}")
+    limit = run("limit")
+    print("\nlimits (one core, 4096-row bf16 batches): " + ", ".join(f"{k} {v:,.0f} rows/s" for k, v in limit.items()))
+    memcpy = limit["memcpy"]
 
-    info = store_info(path)
-    print(f"\nstore: {args.rows} rows x {D} bf16 = {mb:.0f} MB of activations, codec {info['codec']}, "
-          f"ratio {info['compression_ratio']:.3f} (whole store on disk: {info['bytes_on_disk'] / 1e6:.0f} MB)")
-    for name, r in [("write", write), ("shuffle", fin), ("read", read)]:
-        print(f"{name:<8}{mb / r['seconds']:>7.1f} MB/s wall ({args.rows / r['seconds']:>7,.0f} rows/s), "
-              f"{mb / r['cpu_s']:>6.1f} MB per CPU-s ({args.rows / r['cpu_s']:>7,.0f} rows/CPU-s), "
-              f"peak memory +{r['peak_mb']:.0f} MB")
-    print(f"(peak memory: resident, above the process's level before the phase; shuffle budget "
-          f"{args.budget >> 20} MiB)")
-    print(f"\ntrainer (dense TopK SAE step, d={D}, F=10240, k=32, batch {args.batch}, 1 thread): "
-          f"{trainer['tokens_per_s']:,.0f} tokens/s")
-    ours = read["rows"] / read["seconds"]
-    print(f"reader (batch {args.batch}, float32 out): {ours:,.0f} tokens/s = {ours / trainer['tokens_per_s']:.1f}x "
-          "the trainer")
-    theirs = anchor["rows"] / anchor["seconds"]
-    print(f"anchor: SAELens cache format (HF datasets Arrow, float32) read as torch batches: {theirs:,.0f} tokens/s "
-          f"({anchor['rows'] / anchor['cpu_s']:,.0f} per CPU-s), peak +{anchor['peak_mb']:.0f} MB; kukla reader / "
-          f"anchor = {ours / theirs:.2f}x wall, {read['cpu_s'] and (read['rows'] / read['cpu_s']) / (anchor['rows'] / anchor['cpu_s']):.2f}x per CPU-s")
+    def line(name: str, r: dict, rows: int, anchor: float | None = None) -> float:
+        rate = rows / r["cpu_s"]
+        extra = f" = {rate / anchor:.2f}x the anchor" if anchor else ""
+        print(f"  {name:<40}{rate:>10,.0f} rows/CPU-s ({rows / r['seconds']:>8,.0f} wall) {rate * D * 2 / 1e6:>6.0f} MB/CPU-s"
+              f"  {rate / memcpy:.2f}x memcpy{extra}  peak +{r['peak_mb']:.0f} MB")
+        return rate
+
+    anchor = run("anchor")
+    print("\nanchors")
+    saelens = line("SAELens cache (Arrow float32) -> torch", anchor, anchor["rows"])
+    for codec in ["none", "zstd-1"]:
+        write, fin = run("write", codec), run("finalize", codec)
+        print(f"\ncodec {codec}")
+        line("write (StoreWriter, 8192-row segments)", write, args.rows)
+        line(f"shuffle (finalize, budget {args.budget >> 20} MiB)", fin, args.rows)
+        zarr_read = run("zarr", codec)
+        zarr_rate = line("anchor: zarr's own read, bf16 bits", zarr_read, zarr_read["rows"])
+        for dtype, threads in [("bfloat16", 1), ("bfloat16", 2), ("float32", 1), ("float32", 2)]:
+            r = run("read", codec, dtype, threads)
+            rate = line(f"ActivationStream -> {args.device} {dtype}, {threads} thread(s)", r, r["rows"], zarr_rate)
+            print(f"  {'':<40}{'':>10} wall {r['rows'] * D * 2 / r['seconds'] / 1e9:.2f} GB/s of bf16 rows delivered")
+            print(f"  {'':<40}{'':>10} vs SAELens' cache: {rate / saelens:.2f}x")
+        shutil.rmtree(f"{args.out}/{codec}.zarr")
 
 
 if __name__ == "__main__":

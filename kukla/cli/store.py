@@ -54,11 +54,19 @@ class FinalizeConfig:
     """Seed of the global shuffle: the same seed gives the same store."""
     holdout_rows: int | None = None
     """Rows held out for evaluation at the store's tail (default: 1% of rows, at most 2**20)."""
+    workers: int = 1
+    """Split the shuffle across this many processes (each run with its own --worker, all at once, same settings)."""
+    worker: int | None = None
+    """This process's share, 0..workers-1; a plain finalize afterwards (no --worker) commits the store."""
 
     def __post_init__(self) -> None:
         parse_bytes("memory_budget", self.memory_budget)
         if self.holdout_rows is not None and self.holdout_rows < 0:
             raise ConfigError("holdout_rows", "must be 0 or more")
+        if self.workers < 1:
+            raise ConfigError("workers", "must be 1 or more")
+        if self.worker is not None and not 0 <= self.worker < self.workers:
+            raise ConfigError("worker", f"must be between 0 and workers - 1 ({self.workers - 1})")
 
 
 @dataclass
@@ -124,10 +132,16 @@ def _verify(config: VerifyConfig) -> None:
 
 def _finalize(config: FinalizeConfig) -> None:
     """Merge every rank's part with a global shuffle and mark the store finalized (rerun to resume)."""
-    from kukla.storage import finalize_store
+    from kukla.storage import finalize_store, finalize_worker
 
-    finalize_store(config.path, memory_budget_bytes=parse_bytes("memory_budget", config.memory_budget),
-                   seed=config.seed, holdout_rows=config.holdout_rows)
+    settings = {"memory_budget_bytes": parse_bytes("memory_budget", config.memory_budget), "seed": config.seed,
+                "holdout_rows": config.holdout_rows}
+    if config.worker is not None:
+        finalize_worker(config.path, config.worker, config.workers, **settings)
+        typer.echo(f"worker {config.worker} of {config.workers} done: once every worker is, run "
+                   f"`kukla store finalize {config.path}` (same settings) to commit the store")
+        return
+    finalize_store(config.path, **settings)
     typer.echo(f"finalized: {config.path}")
 
 

@@ -20,11 +20,12 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from kukla.errors import KuklaError
 
-#: Chosen by `benchmarks/store_bench.py` on bf16 activations: byte/bit-shuffled blosc variants
-#: gain at most ~5% in ratio (bf16 mantissas are noise) for 4-10x slower encoding, bit-shuffle at
-#: low levels compresses worse; plain zstd level 1 is as small as zstd-9, fastest both ways, and
-#: the Zarr v3 spec's own codec, so any Zarr client reads the store.
-DEFAULT_CODEC = "zstd-1"
+#: Chosen by `benchmarks/store_bench.py` (docs/FORMATS.md states the rule): bf16 activations
+#: compress 1.26x at best with fast codecs (their 7 mantissa bits are noise), while decoding zstd-1
+#: alone costs more CPU than reading, checksumming and copying raw rows together, so raw chunks
+#: (still CRC32C-checked) are the default; zstd-1 stays an option where bytes cost more than CPU
+#: (object storage, archives).
+DEFAULT_CODEC = "none"
 
 _DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                   "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}

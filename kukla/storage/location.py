@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import posixpath
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +63,20 @@ class Location:
         with self.fs.open(self.join(sub), "rb") as f:
             return json.loads(f.read())
 
-    def put_bytes(self, sub: str, data: bytes | memoryview) -> None:
-        """Write one object atomically: readers see the old content or the new, never a part."""
+    def put_bytes(self, sub: str, data: bytes | memoryview | list[Any]) -> None:
+        """Write one object atomically: readers see the old content or the new, never a part.
+        `data` may be a list of buffers, written back to back (no joined copy on local disks)."""
         path = self.join(sub)
+        pieces = data if isinstance(data, list) else [data]
         if not self.is_local:
-            self.fs.pipe_file(path, bytes(data))
+            self.fs.pipe_file(path, b"".join(bytes(piece) for piece in pieces))
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}.tmp-{secrets.token_hex(8)}"  # unique across processes and hosts sharing the disk
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for piece in pieces:
+                    f.write(piece)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

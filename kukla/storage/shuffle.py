@@ -2,20 +2,27 @@
 
 Pass 1 (scatter) reads the written rows in runs that fit the budget, sends each row to a
 uniformly random bucket, and writes each run sorted by bucket (raw bytes, one file per
-array), so a bucket's rows are one byte range per run. Pass 2 (permute) loads one bucket at
-a time, permutes it uniformly, and appends it to the final arrays. Random buckets and a
-uniform permutation inside each give a uniform permutation of all rows; the same seed gives
-the same store.
+array, a CRC32C per bucket piece), so a bucket's rows are one byte range per run. Pass 2
+(permute) builds each final shard from the buckets that cover its rows: bucket b's rows, in
+the order of a seeded uniform permutation, fill rows [start of b, end of b) of the final
+arrays. Random buckets and a uniform permutation inside each give a uniform permutation of all
+rows; the same seed gives the same store, byte for byte.
 
-Every step is deterministic and committed by one small object, so a killed finalize resumes:
-runs are skipped once committed, and pass 2 writes only whole shards, recording the rows
-flushed; on resume it regenerates the bucket holding that row and carries on from it.
-One finalize runs at a time (a lease), and SIGTERM stops it like a kill would, minus the lease.
+Every unit of work (a run, a shard) is a pure function of the plan, written atomically and
+committed by one small object carrying the plan's id, so a killed finalize resumes, and N
+workers (`finalize_worker`) can share the work: each does its own runs and shards first, then
+whatever nobody has committed yet (doing a unit twice is harmless: same bytes); a last
+`finalize_store` commits the store. A run piece whose checksum fails is never used.
+One finalize commits at a time (a lease), each worker index runs once at a time (its own
+lease), and SIGTERM stops either like a kill would, minus the lease.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +32,16 @@ import zarr
 from kukla.errors import KuklaError
 from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
+from kukla.storage.codecs import numcodecs_codec
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, array_specs, create_array,
                                   holdout_default, shard_key, write_manifest)
 from kukla.storage.lease import Lease
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_journal
+from kukla.storage.shards import Layout, crc32c, encode_shard
 
 PLAN = "_finalize/plan.json"
-FINALIZE_LOCK = "_finalize.lock.json"  # beside _finalize/, which a fresh plan clears
+FINALIZE_LOCK = "_finalize.lock.json"  # beside _finalize/, which the commit removes
 
 
 def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed: int = 0,
@@ -53,6 +62,29 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
         raise disk_full_error(exc, location, "finalizing") or exc
 
 
+def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budget_bytes: int = 2 << 30,
+                    seed: int = 0, holdout_rows: int | None = None) -> None:
+    """Worker `worker` of `workers`: its share of both passes, then any work still uncommitted.
+    Run all workers at once with the same settings, then `finalize_store` to commit the store
+    (it does whatever is left itself, so a lost worker costs time, never rows)."""
+    if not 0 <= worker < workers:
+        raise KuklaError(f"worker {worker} is outside 0..{workers - 1}: give --worker between 0 and --workers - 1")
+    location = Location(path)
+    if Attributes.read(location).value["state"] == "finalized":
+        return
+    check_memory_budget(memory_budget_bytes)
+    try:
+        lease = Lease(location, f"_finalize.worker-{worker}.lock.json", f"finalize worker {worker} of {location.url}")
+        with lease, stop_on_sigterm():
+            attrs = Attributes.read(location)
+            if attrs.value["state"] != "finalized":
+                plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+                _scatter(location, plan, worker, workers)
+                _permute(location, plan, worker, workers)
+    except OSError as exc:
+        raise disk_full_error(exc, location, "finalizing") or exc
+
+
 def check_memory_budget(memory_budget_bytes: int) -> None:
     """Refuse a budget the shuffle cannot work in, before anything is written."""
     if memory_budget_bytes < 1 << 16:
@@ -62,8 +94,9 @@ def check_memory_budget(memory_budget_bytes: int) -> None:
 def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int,
               holdout_rows: int | None, lease: Lease) -> None:
     plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
-    _scatter(location, plan)
-    _permute(location, plan)
+    _scatter(location, plan, 0, 1)
+    location.remove("_parts")
+    _permute(location, plan, 0, 1)
     lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
                        shuffle_buckets=plan["n_buckets"],
@@ -95,7 +128,6 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     if unfinished:
         raise KuklaError(f"rank {unfinished[0]} of {world} has not finished writing {location.url}: rerun that "
                          "rank's job (it resumes from its journal) before finalizing")
-    location.remove("_finalize")
     table = SegmentTable.read(location, world, value["codec"])
     journals = [read_journal(location, rank) for rank in range(world)]
     entries = [e for journal in journals for _, e in sorted(journal.items())]
@@ -124,98 +156,171 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
         "shard_rows": shard_rows, "holdout_rows": holdout_default(n_rows) if holdout_rows is None else holdout_rows,
         "hook_stats": {hook: s.summary(value["hooks"][hook]) for hook, s in stats.items()},
     }
-    location.put_json(PLAN, plan)
+    plan["id"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    location.put_json(PLAN, plan)  # concurrent workers write the same plan; older plans' work is ignored by id
+    _create_arrays(location, {**value, "truth": truth}, plan)
     value.update(state="finalizing", truth=truth)
-    attrs.write()
-    return plan
+    attrs.write()  # also restores our root zarr.json, which zarr rewrote
+    return json.loads(json.dumps(plan, sort_keys=True))  # as a resumed finalize reads it back: same store bytes
 
 
 def _specs(attrs: dict[str, Any], plan: dict[str, Any]) -> list[ArraySpec]:
     return array_specs({**attrs, "truth": plan["truth"]})
 
 
+def _layouts(attrs: dict[str, Any], plan: dict[str, Any]) -> list[Layout]:
+    codec = numcodecs_codec(attrs["codec"])
+    return [Layout(spec, plan["n_rows"], attrs["chunk_rows"], plan["shard_rows"], codec) for spec in _specs(attrs, plan)]
+
+
+def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, Any]) -> None:
+    """The final arrays' metadata (zarr.json), made once: an array already laid out as planned is
+    kept, so a worker arriving late never wipes shards another one wrote."""
+    group = zarr.open_group(location.zarr_store(), mode="a")
+    for layout in _layouts(attrs, plan):
+        try:
+            if Layout.from_metadata(location, layout.spec) == layout:
+                continue
+        except KuklaError:
+            pass
+        create_array(group, layout.spec, layout.n_rows, layout.chunk_rows, layout.shard_rows, attrs["codec"])
+
+
 def _run_key(k: int) -> str:
     return f"_finalize/runs/run-{k:06d}"
 
 
-def _scatter(location: Location, plan: dict[str, Any]) -> None:
+def _committed(location: Location, key: str, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """A unit's commit record, if it was committed under this plan."""
+    try:
+        record = location.read_json(key)
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if record.get("plan") == plan["id"] else None
+
+
+def _share(n: int, worker: int, workers: int) -> list[int]:
+    """Units 0..n-1 in the order a worker takes them: its own contiguous share, then the rest."""
+    lo, hi = worker * n // workers, (worker + 1) * n // workers
+    return [*range(lo, hi), *range(hi, n), *range(lo)]
+
+
+def _scatter(location: Location, plan: dict[str, Any], worker: int, workers: int) -> None:
     """Pass 1: each run's rows, sorted by a uniformly random bucket, one raw file per array."""
-    if location.exists("_finalize/scattered.json"):
-        return
     attrs = Attributes.read(location).value
-    table = SegmentTable.read(location, attrs["world"], attrs["codec"])
     specs, n_rows, run_rows = _specs(attrs, plan), plan["n_rows"], plan["run_rows"]
-    with progress(n_rows, "shuffle 1/2 scatter") as bar:
-        for k in range(math.ceil(n_rows / run_rows)):
+    n_runs = math.ceil(n_rows / run_rows)
+    table = None
+    with progress(n_rows, f"shuffle 1/2 scatter{_label(worker, workers)}") as bar:
+        for k in _share(n_runs, worker, workers):
             lo, hi = k * run_rows, min(n_rows, (k + 1) * run_rows)
-            if location.exists(_run_key(k) + ".json"):
-                bar.update(hi - lo)
-                continue
-            buckets = np.random.default_rng([plan["seed"], 1, k]).integers(0, plan["n_buckets"], hi - lo)
-            order = np.argsort(buckets, kind="stable")
-            for spec in specs:
-                data = np.ascontiguousarray(table.read_rows(spec.name, lo, hi)[order])
-                location.put_bytes(f"{_run_key(k)}/{spec.name}.bin", memoryview(data).cast("B"))
-            counts = np.bincount(buckets, minlength=plan["n_buckets"])
-            location.put_json(_run_key(k) + ".json", {"counts": counts.tolist()})
+            if _committed(location, _run_key(k) + ".json", plan) is None:
+                table = table or SegmentTable.read(location, attrs["world"], attrs["codec"])
+                _scatter_run(location, plan, specs, table, k, lo, hi)
             bar.update(hi - lo)
-    location.put_json("_finalize/scattered.json", {"runs": math.ceil(n_rows / run_rows)})
-    location.remove("_parts")
 
 
-def _permute(location: Location, plan: dict[str, Any]) -> None:
-    """Pass 2: one bucket at a time, uniformly permuted, appended in whole shards."""
+def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec], table: SegmentTable, k: int,
+                 lo: int, hi: int) -> None:
+    buckets = np.random.default_rng([plan["seed"], 1, k]).integers(0, plan["n_buckets"], hi - lo)
+    order = np.argsort(buckets, kind="stable")
+    where = np.empty_like(order)
+    where[order] = np.arange(hi - lo)  # each row's place in the sorted run
+    counts = np.bincount(buckets, minlength=plan["n_buckets"])
+    edges = np.concatenate([[0], np.cumsum(counts)])
+    segment_ends = np.cumsum([int(e["rows"]) for e in table.entries])
+    cuts = [lo, *segment_ends[(segment_ends > lo) & (segment_ends < hi)].tolist(), hi]
+    crcs = {}
+    for spec in specs:
+        data = np.empty((hi - lo, *spec.row_shape), spec.dtype)
+        for a, b in zip(cuts[:-1], cuts[1:]):  # segment by segment: no joined copy of the run
+            data[where[a - lo:b - lo]] = table.read_rows(spec.name, a, b)
+        crcs[spec.name] = [crc32c(data[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        location.put_bytes(f"{_run_key(k)}/{spec.name}.bin", memoryview(data.reshape(-1).view(np.uint8)))
+    location.put_json(_run_key(k) + ".json", {"plan": plan["id"], "counts": counts.tolist(), "crc32c": crcs})
+
+
+def _permute(location: Location, plan: dict[str, Any], worker: int, workers: int) -> None:
+    """Pass 2: each final shard from the buckets covering its rows, each bucket uniformly permuted."""
     attrs = Attributes.read(location).value
-    specs, n_rows, shard_rows = _specs(attrs, plan), plan["n_rows"], plan["shard_rows"]
-    group = zarr.open_group(location.zarr_store(), mode="a")
-    if not location.exists("_finalize/arrays.json"):
-        for spec in specs:
-            create_array(group, spec, n_rows, attrs["chunk_rows"], shard_rows, attrs["codec"])
-        location.put_json("_finalize/arrays.json", {"created": True})
-        Attributes(location, attrs).write()  # zarr rewrote the root metadata: keep ours
-    arrays = {spec.name: group[spec.name] for spec in specs}
-    n_runs = math.ceil(n_rows / plan["run_rows"]) if n_rows else 0
-    counts = np.array([location.read_json(_run_key(k) + ".json")["counts"] for k in range(n_runs)],
-                      dtype=np.int64).reshape(n_runs, plan["n_buckets"])
-    run_offsets = np.cumsum(counts, axis=1) - counts  # where bucket b starts inside run k
-    bucket_end = np.cumsum(counts.sum(axis=0))
-    flushed = location.read_json("_finalize/flushed.json")["rows"] if location.exists("_finalize/flushed.json") else 0
-    carry: dict[str, list[np.ndarray]] = {spec.name: [] for spec in specs}
-    carried = 0
+    layouts, n_rows = _layouts(attrs, plan), plan["n_rows"]
+    runs = _Runs(location, plan)
+    n_shards = layouts[0].n_shards if layouts else 0
+    with progress(n_rows, f"shuffle 2/2 permute{_label(worker, workers)}") as bar:
+        for s in _share(n_shards, worker, workers):
+            lo, hi = layouts[0].shard_range(s)
+            done = f"_finalize/shards/shard-{s:09d}.json"
+            if _committed(location, done, plan) is None:
+                for layout in layouts:
+                    location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout.spec, lo, hi)))
+                location.put_json(done, {"plan": plan["id"]})
+            bar.update(hi - lo)
 
-    def flush(m: int) -> None:
-        nonlocal flushed, carried
-        for spec in specs:
-            pieces = carry[spec.name]
-            block = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            arrays[spec.name][flushed:flushed + m] = block[:m]
-            carry[spec.name] = [block[m:]]
-            for shard in range(flushed // shard_rows, (flushed + m - 1) // shard_rows + 1):
-                location.make_durable(shard_key(spec, shard))
-        flushed += m
-        carried -= m
-        location.put_json("_finalize/flushed.json", {"rows": flushed})
 
-    first = int(np.searchsorted(bucket_end, flushed, side="right"))
-    with progress(n_rows, "shuffle 2/2 permute", initial=flushed) as bar:
-        for b in range(first, plan["n_buckets"]):
-            size = int(counts[:, b].sum())
-            perm = np.random.default_rng([plan["seed"], 2, b]).permutation(size)
-            skip = flushed - int(bucket_end[b] - size) if b == first else 0
-            for spec in specs:
-                bucket = np.empty((size, *spec.row_shape), spec.dtype)
-                flat, at = bucket.reshape(-1).view(np.uint8), 0
-                for k in np.flatnonzero(counts[:, b]):
-                    start = int(run_offsets[k, b]) * spec.row_bytes
-                    piece = location.read_range(f"{_run_key(k)}/{spec.name}.bin", start,
-                                                start + int(counts[k, b]) * spec.row_bytes)
-                    flat[at:at + len(piece)] = np.frombuffer(piece, np.uint8)
-                    at += len(piece)
-                carry[spec.name].append(bucket[perm[skip:]])
-            carried += size - skip
-            while carried >= shard_rows:
-                flush(shard_rows)
-                bar.update(shard_rows)
-        if carried:
-            bar.update(carried)
-            flush(carried)
+class _Runs:
+    """Final rows [lo, hi) gathered from the committed runs, one checked bucket in memory at a time."""
+
+    def __init__(self, location: Location, plan: dict[str, Any]) -> None:
+        self.location, self.plan = location, plan
+        n_runs = math.ceil(plan["n_rows"] / plan["run_rows"]) if plan["n_rows"] else 0
+        self.records = []
+        for k in range(n_runs):
+            record = _committed(location, _run_key(k) + ".json", plan)
+            if record is None:
+                raise KuklaError(f"{location.url}: shuffle run {k} is not committed: rerun `kukla store finalize "
+                                 f"{location.url}` to redo it")
+            self.records.append(record)
+        self.counts = np.array([r["counts"] for r in self.records], np.int64).reshape(n_runs, plan["n_buckets"])
+        self.starts = np.cumsum(self.counts, axis=1) - self.counts  # where bucket b starts inside run k
+        self.bucket_end = np.cumsum(self.counts.sum(axis=0))
+        self.cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def rows(self, spec: ArraySpec, lo: int, hi: int) -> np.ndarray:
+        first = int(np.searchsorted(self.bucket_end, lo, side="right"))
+        last = int(np.searchsorted(self.bucket_end, hi - 1, side="right"))
+        wanted = {(spec.name, b) for b in range(first, last + 1)}
+        self.cache = {key: value for key, value in self.cache.items() if key in wanted or key[0] != spec.name}
+        pieces = []
+        for b in range(first, last + 1):
+            size = int(self.counts[:, b].sum())
+            start = int(self.bucket_end[b]) - size
+            if (spec.name, b) not in self.cache:
+                self.cache[(spec.name, b)] = self._bucket(spec, b, size)
+            perm = np.random.default_rng([self.plan["seed"], 2, b]).permutation(size)
+            pieces.append(self.cache[(spec.name, b)].take(perm[max(lo, start) - start:min(hi, start + size) - start],
+                                                          axis=0))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _bucket(self, spec: ArraySpec, b: int, size: int) -> np.ndarray:
+        """Bucket b of one array, unpermuted: one checked byte range from each run."""
+        bucket = np.empty((size, *spec.row_shape), spec.dtype)
+        flat, at = bucket.reshape(-1).view(np.uint8), 0
+        for k in np.flatnonzero(self.counts[:, b]):
+            n = int(self.counts[k, b]) * spec.row_bytes
+            start = int(self.starts[k, b]) * spec.row_bytes
+            key = f"{_run_key(int(k))}/{spec.name}.bin"
+            piece = flat[at:at + n]
+            if _read_into(self.location, key, start, piece) != n or (
+                    crc32c(piece) != self.records[k]["crc32c"][spec.name][b]):
+                raise KuklaError(f"{self.location.join(key)} is damaged (checksum mismatch in bucket {b}): finalize "
+                                 "cannot use it; delete that run's .json beside it and rerun finalize if "
+                                 "_parts/ is still in the store, otherwise rebuild the store")
+            at += n
+        return bucket
+
+
+def _read_into(location: Location, key: str, start: int, out: np.ndarray) -> int:
+    """Bytes [start, start + len(out)) of one object into `out` (no copy on local disks); the count read."""
+    if not location.is_local:
+        data = location.read_range(key, start, start + len(out))
+        out[:len(data)] = np.frombuffer(data, np.uint8)
+        return len(data)
+    fd = os.open(location.join(key), os.O_RDONLY)
+    try:
+        return os.preadv(fd, [out], start)
+    finally:
+        os.close(fd)
+
+
+def _label(worker: int, workers: int) -> str:
+    return f" (worker {worker}/{workers})" if workers > 1 else ""

@@ -1,5 +1,8 @@
 """open_store and Store: metadata and random-access reads of a kukla store.
 
+A finalized store's row-aligned arrays are read straight from their shards (`shards.py`), so
+a missing or damaged chunk is refused with a one-line error instead of reading as zeros.
+
 A store being written can be read (for inspection) with allow_unfinalized=True: its rows are
 then the committed segments in (rank, segment) order, unshuffled.
 """
@@ -19,6 +22,7 @@ from kukla.storage.codecs import TORCH_DTYPES, from_stored
 from kukla.storage.format import ArraySpec, Attributes, HookStats, array_specs, data_crc32, open_array
 from kukla.storage.location import Location
 from kukla.storage.parts import SegmentTable, read_journal
+from kukla.storage.shards import Layout, ShardReader
 
 
 class Store:
@@ -29,6 +33,7 @@ class Store:
         self.meta: dict[str, Any] = attrs
         self.finalized = attrs["state"] == "finalized"
         self.specs: dict[str, ArraySpec] = {spec.name: spec for spec in array_specs(attrs)}
+        self._readers: dict[str, ShardReader] = {}
         if self.finalized:
             self._group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
             self.n_rows: int = int(attrs["n_rows"])
@@ -106,13 +111,24 @@ class Store:
             return data if stop is None and start == 0 else data[start:stop]
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         start = max(0, min(start, stop))
-        if self._group is not None:
-            return self.arrays[name][start:stop]
-        assert self.segments is not None
+        spec = self.specs[name]
+        out = np.empty((stop - start, *spec.row_shape), spec.dtype)
+        self.read_into(name, start, stop, out)
+        return out
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) of a row-aligned array (full name) into `out`, as stored on disk."""
         if start == stop:
-            spec = self.specs[name]
-            return np.empty((0, *spec.row_shape), spec.dtype)
-        return self.segments.read_rows(name, start, stop)
+            return
+        if self.segments is not None:
+            out[...] = self.segments.read_rows(name, start, stop)
+            return
+        reader = self._readers.get(name)
+        if reader is None:
+            self.arrays[name]  # noqa: B018 - refuses metadata that disagrees with the store's attributes
+            reader = ShardReader(self.location, Layout.from_metadata(self.location, self.specs[name]))
+            self._readers[name] = reader
+        reader.read_into(start, stop, out)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of any row-aligned array, or a static array, as a torch tensor."""

@@ -6,6 +6,11 @@ world w reads rows [r·b, (r+1)·b) of every global batch of w·b rows, the glob
 exactly those one process reading batches of w·b would get: so the world size cannot change
 what is trained on. With drop_last every rank yields the same number of batches (DDP needs that). The cursor counts batches handed to the caller, not batches prefetched,
 so `state_dict()` after batch i resumes at batch i + 1.
+
+Reader threads read up to `prefetch` whole batches ahead, each straight from the store's
+shards into one buffer per hook in the stored dtype, so memory stays within prefetch + 2
+batches whatever the store's size, and a missing or damaged chunk stops the stream with the
+store's one-line error.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from kukla.errors import KuklaError
-from kukla.storage.codecs import from_stored
 from kukla.storage.store import Store
 
 Split = Literal["train", "holdout", "all"]
@@ -81,20 +86,22 @@ class ActivationStream:
     def __init__(self, store: Store, hooks: Sequence[str], batch_size: int, *, split: Split = "train",
                  rank: int = 0, world: int = 1, epochs: int = 1, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prefetch: int = 4,
-                 with_rows: bool = False, drop_last: bool = True) -> None:
+                 with_rows: bool = False, drop_last: bool = True, threads: int | None = None) -> None:
         hooks = [h.removeprefix("acts/") for h in ([hooks] if isinstance(hooks, str) else hooks)]
         store.check_hooks(hooks)
-        if batch_size <= 0 or epochs <= 0 or prefetch <= 0:
-            raise KuklaError("batch_size, epochs and prefetch must be positive")
+        if batch_size <= 0 or epochs <= 0 or prefetch <= 0 or (threads is not None and threads <= 0):
+            raise KuklaError("batch_size, epochs, prefetch and threads must be positive")
         self.store, self.hooks, self.batch_size = store, hooks, batch_size
         self.split, self.rank, self.world, self.epochs, self.seed = split, rank, world, epochs, seed
         self.device, self.dtype, self.prefetch = torch.device(device), dtype, prefetch
         self.with_rows, self.drop_last = with_rows, drop_last
+        self.threads = threads or min(prefetch, os.cpu_count() or 2)
         self.rows = range(*split_range(store, split))
         self.batches_per_epoch = batches_per_epoch(store, batch_size, split=split, world=world, rank=rank,
                                                    drop_last=drop_last)
         self.epoch, self.batch = 0, 0
         self.pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._staging = threading.local()
 
     def __len__(self) -> int:
         """Batches still to come (all epochs) from the current cursor."""
@@ -126,7 +133,7 @@ class ActivationStream:
     def __iter__(self) -> Iterator[Batch]:
         if self.batch >= self.batches_per_epoch and self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        out: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
         worker = threading.Thread(target=self._produce, args=(self.epoch, self.batch, out, stop), daemon=True)
         worker.start()
@@ -150,6 +157,7 @@ class ActivationStream:
                     pass
 
     def _produce(self, epoch: int, batch: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Keep `prefetch` batches being read by the pool, hand them over in order."""
         def put(item: Any) -> bool:
             while not stop.is_set():
                 try:
@@ -159,18 +167,26 @@ class ActivationStream:
                     pass
             return False
 
+        pool = ThreadPoolExecutor(max_workers=self.threads)
         try:
-            with ThreadPoolExecutor(max_workers=min(self.prefetch, os.cpu_count() or 2)) as pool:
-                for e in range(epoch, self.epochs):
-                    if not self._produce_epoch(e, batch if e == epoch else 0, pool, put, stop):
+            pending: deque[Future] = deque()
+            for e in range(epoch, self.epochs):
+                for pieces in self._batch_pieces(e, batch if e == epoch else 0):
+                    pending.append(pool.submit(self._read_batch, pieces))
+                    if len(pending) >= self.prefetch and not put(pending.popleft().result()):
                         return
+            while pending:
+                if not put(pending.popleft().result()):
+                    return
             put(None)
         except BaseException as exc:  # handed to the consumer, who re-raises it
             put(exc)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def _produce_epoch(self, epoch: int, batch: int, pool: ThreadPoolExecutor, put: Any,
-                       stop: threading.Event) -> bool:
-        """Read this epoch's blocks ahead (bounded), cut this rank's shares into batches from `batch` on."""
+    def _batch_pieces(self, epoch: int, batch: int) -> Iterator[list[tuple[int, int]]]:
+        """This rank's batches of this epoch from `batch` on, each as the (lo, hi) row ranges it
+        is cut from: its shares of the global batches of batch_size · world rows."""
         size = self.batch_size * self.world  # the global batch
         total = len(self.rows) // size * size if self.drop_last else len(self.rows)
         skip = batch * size
@@ -181,51 +197,56 @@ class ActivationStream:
             if a < b:
                 wanted.append((a, b))
             position += hi - lo
-        wanted = rank_share(wanted, self.batch_size, self.rank, self.world)
-        names = [f"acts/{h}" for h in self.hooks]
-        pending: list[Any] = []
-        it = iter(wanted)
-        for piece in it:
-            pending.append(pool.submit(self._read, names, *piece))
-            if len(pending) >= self.prefetch:
-                break
-        filled, parts = 0, []
-        while pending:
-            if stop.is_set():
-                return False
-            block, lo, hi = pending.pop(0).result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(self._read, names, *nxt))
-            start = 0
-            while start < hi - lo:
-                take = min(self.batch_size - filled, hi - lo - start)
-                parts.append(([x[start:start + take] for x in block], lo + start, take))
-                filled, start = filled + take, start + take
+        filled, pieces = 0, []
+        for a, b in rank_share(wanted, self.batch_size, self.rank, self.world):
+            while a < b:
+                take = min(self.batch_size - filled, b - a)
+                pieces.append((a, a + take))
+                filled, a = filled + take, a + take
                 if filled == self.batch_size:
-                    if not put(self._assemble(parts)):
-                        return False
-                    filled, parts = 0, []
-        if parts and not put(self._assemble(parts)):
-            return False
-        return True
+                    yield pieces
+                    filled, pieces = 0, []
+        if pieces:
+            yield pieces
 
-    def _read(self, names: list[str], lo: int, hi: int) -> tuple[list[np.ndarray], int, int]:
-        return [self.store.read_stored(name, lo, hi) for name in names], lo, hi
-
-    def _assemble(self, parts: list[tuple[list[np.ndarray], int, int]]) -> Batch:
-        """One batch: decode into (pinned) tensors of the wanted dtype, then move to the device."""
-        n = sum(take for *_, take in parts)
+    def _read_batch(self, pieces: list[tuple[int, int]]) -> Batch:
+        """One batch read straight into (pinned) buffers of the stored dtype, then moved to the
+        device and converted there: bf16 crosses the bus at half the bytes of float32."""
+        n = sum(hi - lo for lo, hi in pieces)
         acts = []
-        for i, name in enumerate(self.hooks):
-            width = self.store.hooks[name]
-            x = torch.empty((n, width), dtype=self.dtype, pin_memory=self.pin)
+        for name in self.hooks:
+            spec = self.store.specs[f"acts/{name}"]
+            buf = self._buffer(spec.name, n, spec.row_shape)
+            view = buf.view(torch.uint8).numpy().view(spec.dtype)
             at = 0
-            for arrays, _, take in parts:
-                x[at:at + take].copy_(from_stored(arrays[i], self.store.meta["dtype"]))
-                at += take
-            acts.append(x.to(self.device, non_blocking=True) if self.device.type != "cpu" else x)
-        rows = None
-        if self.with_rows:
-            rows = torch.cat([torch.arange(lo, lo + take) for _, lo, take in parts])
+            for lo, hi in pieces:
+                self.store.read_into(spec.name, lo, hi, view[at:at + hi - lo])
+                at += hi - lo
+            if self.device.type != "cpu":
+                buf = buf.to(self.device, non_blocking=True)
+                acts.append(buf if buf.dtype == self.dtype else buf.to(self.dtype))
+            else:
+                acts.append(buf if buf.dtype == self.dtype else host_empty(buf.shape, self.dtype).copy_(buf))
+        rows = torch.cat([torch.arange(lo, hi) for lo, hi in pieces]) if self.with_rows else None
         return Batch(tuple(acts), rows)
+
+    def _buffer(self, name: str, n: int, row_shape: tuple[int, ...]) -> torch.Tensor:
+        """Where a batch's stored rows land. A CPU batch converted to another dtype leaves its
+        buffer free, so each reader thread keeps one per hook (no page faults per batch); pinned
+        buffers come from torch's caching host allocator, which waits for their copy to finish."""
+        if self.device.type != "cpu":
+            return torch.empty((n, *row_shape), dtype=self.store.dtype, pin_memory=self.pin)
+        if self.dtype == self.store.dtype:
+            return host_empty((n, *row_shape), self.store.dtype)
+        buffers = self._staging.__dict__
+        if name not in buffers:
+            buffers[name] = host_empty((self.batch_size, *row_shape), self.store.dtype)
+        return buffers[name][:n]
+
+
+def host_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor in memory from numpy's allocator: glibc hands a freed batch's pages to the next
+    one, where torch maps and faults in fresh pages for each (1.5-2x the cost of a bf16 batch here)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.empty((*shape[:-1], shape[-1] * itemsize) if shape else (itemsize,), np.uint8)
+    return torch.from_numpy(raw).view(dtype).reshape(tuple(shape))

@@ -162,8 +162,8 @@ def test_compose_stages_wait_for_the_one_before() -> None:
     services = compose["services"]
     order = [name for name in services if name.startswith(("harvest", "finalize", "train", "evaluate"))]
     for before, after in zip(order, order[1:]):
-        if before.startswith("harvest") and after.startswith("harvest"):
-            continue  # harvest ranks run side by side
+        if after[-1].isdigit() and before.rstrip("0123456789") == after.rstrip("0123456789"):
+            continue  # harvest ranks, and finalize workers, run side by side
         needs = services[after].get("depends_on", {})
         assert before in needs and needs[before]["condition"] == "service_completed_successfully", (after, needs)
 
@@ -225,8 +225,9 @@ def _shell_commands(text: str) -> Iterator[tuple[list[str], dict[str, str]]]:
                 yield words, dict(values)
 
 
-def _container_argvs(doc: Any, image_entrypoint: list[str]) -> Iterator[list[str]]:
-    """argv of each container/service in a compose file or Kubernetes object."""
+def _container_argvs(doc: Any, image_entrypoint: list[str]) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """argv of each container/service in a compose file or Kubernetes object, with the values of
+    the container's `env` that Kubernetes substitutes for `$(X)` (a pod's completion index: 0)."""
     if isinstance(doc, dict):
         if "image" in doc and ("command" in doc or "args" in doc or "entrypoint" in doc):
             if "services" not in doc:
@@ -235,7 +236,9 @@ def _container_argvs(doc: Any, image_entrypoint: list[str]) -> Iterator[list[str
                 entry = image_entrypoint if entry is None else entry
                 entry = shlex.split(entry) if isinstance(entry, str) else list(entry)
                 rest = shlex.split(rest) if isinstance(rest, str) else list(rest or [])
-                yield [str(w) for w in entry + rest]
+                env = doc.get("env") if isinstance(doc.get("env"), list) else []
+                values = {e["name"]: str(e.get("value", "0")) for e in env if isinstance(e, dict) and "name" in e}
+                yield [str(w) for w in entry + rest], values
         for value in doc.values():
             yield from _container_argvs(value, image_entrypoint)
     elif isinstance(doc, list):
@@ -257,8 +260,8 @@ def docker_command_lines() -> list[tuple[str, list[str]]]:
                 found.append((where, entry[1:] + cmd))
         elif path.suffix in (".yaml", ".yml"):
             for doc in _yaml_documents(path):
-                for argv in _container_argvs(doc, ["kukla"]):
-                    args = kukla_arguments(argv)
+                for argv, values in _container_argvs(doc, ["kukla"]):
+                    args = kukla_arguments(argv, values)
                     if args is not None:
                         found.append((where, args))
         elif path.suffix in (".sh", ".sbatch"):

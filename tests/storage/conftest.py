@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from kukla.storage import StoreWriter, finalize_store
+from kukla.storage import DEFAULT_CODEC, StoreWriter, finalize_store
 
 HOOKS = {"blocks.0.hook_resid_post": 8, "blocks.0.hook_mlp_out": 4}
 
@@ -27,11 +27,11 @@ def id_rows(ids: np.ndarray, sequence: np.ndarray, position: np.ndarray) -> dict
 
 
 def write_sequences(path: Path | str, n_seq: int, ctx: int, *, per_segment: int = 4, dtype: str = "float32",
-                    rank: int = 0, world: int = 1, finish: bool = True) -> int:
+                    rank: int = 0, world: int = 1, finish: bool = True, codec: str = DEFAULT_CODEC) -> int:
     """Write sequences [rank::world] of length ctx, `per_segment` sequences per segment."""
     mine = list(range(rank, n_seq, world))
     with StoreWriter.open(path, {"model": "toy", "hooks": HOOKS}, rank=rank, world=world, dtype=dtype,
-                          chunk_rows=16) as writer:
+                          chunk_rows=16, codec=codec) as writer:
         for segment, start in enumerate(range(0, len(mine), per_segment)):
             seqs = np.array(mine[start:start + per_segment])
             sequence = np.repeat(seqs, ctx)
@@ -48,9 +48,9 @@ def make_store(tmp_path: Path) -> Callable[..., Path]:
     """A finalized store of n_seq × ctx id rows (fp32, so ids up to 2**24 are exact)."""
 
     def make(n_seq: int = 16, ctx: int = 16, *, budget: int = 1 << 16, seed: int = 0, name: str = "store",
-             holdout_rows: int | None = None) -> Path:
+             holdout_rows: int | None = None, codec: str = DEFAULT_CODEC) -> Path:
         path = tmp_path / name
-        write_sequences(path, n_seq, ctx)
+        write_sequences(path, n_seq, ctx, codec=codec)
         finalize_store(path, memory_budget_bytes=budget, seed=seed, holdout_rows=holdout_rows)
         return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,53 @@ def test_holdout_tail_is_recorded(make_store) -> None:
     store = open_store(make_store(n_seq=16, ctx=16))
     assert store.n_rows == 256 and store.holdout_rows == 2  # 1% of 256
     assert open_store(make_store(name="h", holdout_rows=40)).holdout_rows == 40
+
+
+def _state(path: Path) -> str:
+    return json.loads((path / "zarr.json").read_text())["attributes"]["kukla"]["state"]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_finalize_split_across_worker_processes_is_byte_identical(tmp_path: Path) -> None:
+    """Three real worker processes at once, then the commit step, give exactly the store one
+    finalize gives with the same seed: every file, byte for byte."""
+    import subprocess
+    import sys
+
+    single, split = tmp_path / "single", tmp_path / "split"
+    for path in (single, split):
+        for rank in range(2):
+            write_sequences(path, 24, 16, rank=rank, world=2, per_segment=3)
+    finalize_store(single, memory_budget_bytes=64 << 10, seed=7)
+    repo = Path(__file__).resolve().parents[2]
+    code = ("import sys; from kukla.storage import finalize_worker; "
+            "finalize_worker(sys.argv[1], int(sys.argv[2]), 3, memory_budget_bytes=64 << 10, seed=7)")
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(split), str(i)], cwd=repo,
+                                stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for proc in workers:
+        assert proc.wait(timeout=300) == 0, proc.communicate()[1]
+    shards = list((split / "_finalize" / "shards").iterdir())
+    assert _state(split) == "finalizing" and len(shards) >= 3
+    finalize_store(split, memory_budget_bytes=64 << 10, seed=7)  # the commit step: nothing left but to commit
+    assert _tree(split) == _tree(single)
+    assert sorted(_ids(split).tolist()) == list(range(24 * 16))
+
+
+def test_resumed_finalize_refuses_a_damaged_run_file(tmp_path: Path) -> None:
+    from kukla.storage import finalize_worker
+
+    path = tmp_path / "store"
+    write_sequences(path, 16, 16)
+    finalize_worker(path, 0, 1, memory_budget_bytes=64 << 10)  # both passes, not committed
+    for marker in (path / "_finalize" / "shards").iterdir():  # as if killed before pass 2
+        marker.unlink()
+    run = path / "_finalize" / "runs" / "run-000000" / "acts" / "blocks.0.hook_resid_post.bin"
+    data = bytearray(run.read_bytes())
+    data[40] ^= 0x01
+    run.write_bytes(bytes(data))
+    with pytest.raises(KuklaError, match=r"run-000000/acts/blocks.0.hook_resid_post.bin is damaged \(checksum"):
+        finalize_store(path, memory_budget_bytes=64 << 10)
+    assert _state(path) == "finalizing"  # never finalized with bad rows

@@ -113,3 +113,15 @@ def test_finalize_then_verify_then_a_damaged_chunk_is_named(tmp_path: Path) -> N
     shard.unlink()
     code, out = _kukla("store", "verify", tmp_path / "s")
     assert code == 2 and "shard 1" in out and "missing" in out
+
+
+def test_finalize_workers_then_commit_from_the_cli(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    write_sequences(path, 8, 16)
+    for worker in (1, 0):  # any order: each does its share, then whatever is left
+        code, out = _kukla("store", "finalize", path, "--workers", "2", "--worker", worker, "--memory-budget", "64KiB")
+        assert code == 0 and f"worker {worker} of 2 done" in out, out
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["kukla"]["state"] == "finalizing"
+    assert "finalized" in _stdout("store", "finalize", path, "--memory-budget", "64KiB")
+    assert sorted(open_store(path).read("tokens/token_id").tolist()) == list(range(128))
+    _one_line_error(*_kukla("store", "finalize", path, "--workers", "2", "--worker", "2"), "worker")

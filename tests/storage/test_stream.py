@@ -98,3 +98,60 @@ def test_abandoned_iteration_stops_the_prefetch_thread(make_store) -> None:
             break
     assert threading.active_count() <= before + 1
     assert np.isfinite(batch.acts[0].numpy()).all()
+
+
+def _damage(path, key: str, offset: int) -> None:
+    """Flip one byte of a stored object, as a bad disk or a bad copy would."""
+    with open(path / key, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_missing_shard_is_refused_not_read_as_zeros(make_store) -> None:
+    path = make_store()
+    store = open_store(path)
+    lo, hi = store.arrays[f"acts/{HOOK}"].shards[0], 2 * store.arrays[f"acts/{HOOK}"].shards[0]
+    (path / f"acts/{HOOK}/c/1/0").unlink()
+    expected = rf"acts/{HOOK} rows {lo}-{hi - 1} are missing .* run `kukla store verify"
+    with pytest.raises(KuklaError, match=expected):
+        open_store(path).read(HOOK)
+    with pytest.raises(KuklaError, match=expected):
+        list(ActivationStream(open_store(path), [HOOK], 16))
+    assert open_store(path).read(OUT).shape[0] == store.n_rows  # the other hook is intact and still reads
+
+
+def test_damaged_chunk_is_refused_and_named(make_store) -> None:
+    path = make_store()
+    intact = open_store(path).read(HOOK)
+    _damage(path, f"acts/{HOOK}/c/0/0", 5)  # inside the first chunk's rows
+    store = open_store(path)
+    with pytest.raises(KuklaError, match=rf"acts/{HOOK} rows 0-15 are damaged \(checksum mismatch\)"):
+        store.read(HOOK, 0, 4)
+    assert torch.equal(store.read(HOOK, 16, 48), intact[16:48])  # neighbouring chunks still read exactly
+    with pytest.raises(KuklaError, match="checksum mismatch.*kukla store verify"):
+        list(ActivationStream(store, [HOOK], 16, epochs=1))
+    size = (path / f"acts/{HOOK}/c/0/0").stat().st_size
+    _damage(path, f"acts/{HOOK}/c/0/0", size - 10)  # inside the shard's index
+    with pytest.raises(KuklaError, match="shard index checksum mismatch"):
+        open_store(path).read(HOOK, 16, 32)
+
+
+@pytest.mark.parametrize("codec", ["zstd-1", "blosc-lz4-5-shuffle"])
+def test_compressed_and_zarr_written_stores_read_exactly(make_store, codec: str) -> None:
+    """Stores in every codec, and stores whose shards zarr itself wrote (all stores before kukla
+    wrote shards directly), read the same rows through kukla and through zarr."""
+    import zarr
+
+    raw = open_store(make_store(name="raw", codec="none"))
+    path = make_store(name="packed", codec=codec)
+    for name in raw.specs:
+        ours = open_store(path).read_stored(name)
+        np.testing.assert_array_equal(ours, raw.read_stored(name))
+        array = zarr.open_array(str(path / name), mode="r+")
+        np.testing.assert_array_equal(array[...], ours)  # zarr reads the shards kukla wrote
+        array[...] = ours[::-1].copy()  # now zarr writes them, as it did for older stores
+        np.testing.assert_array_equal(open_store(path).read_stored(name), ours[::-1])
+    batch = next(iter(ActivationStream(open_store(path), [HOOK], 16, with_rows=True, dtype=torch.float64)))
+    assert torch.equal(batch.acts[0], open_store(path).read(HOOK)[batch.rows].double())

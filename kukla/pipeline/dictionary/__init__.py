@@ -2,7 +2,8 @@
 
 The trainer builds on this API: `Dictionary(cfg)`, `set_scales`, `initialize`, then per batch
 `training_loss` → backward → `project_decoder_grads` → step → `normalize_decoder` →
-`update_dead`; after training `calibrate_threshold`, then `save_dictionary`.
+`update_dead` (all without reading the device); at logging intervals `count_dead` (sizes aux-k's
+candidates); after training `calibrate_threshold`, then `save_dictionary`.
 """
 
 from kukla.pipeline.dictionary.calibrate import calibrate_threshold
