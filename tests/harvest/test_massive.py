@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from kukla.errors import ConfigError
@@ -43,3 +44,31 @@ def test_no_ratio_writes_no_flags_and_the_store_says_so(config_model, texts: Pat
     assert "tokens/massive" not in store.specs and store.meta["massive"] is None
     with pytest.raises(ConfigError, match="massive_ratio: must be above 1"):
         HarvestConfig(output=out, dataset=str(texts), hook=HOOKS[:1], massive_ratio=0.5)
+
+
+def test_training_with_massive_skip_never_sees_a_flagged_row(config_model, texts: Path, tmp_path: Path) -> None:
+    from kukla.pipeline.massive import massive_rows
+    from kukla.pipeline.train import TrainConfig, train
+    from kukla.pipeline.train.loop import without_rows
+    from kukla.storage import ActivationStream
+
+    out = str(tmp_path / "s.zarr")
+    harvest(HarvestConfig(output=out, dataset=str(texts), hook=HOOKS[:1], context_size=24, tokens=600,
+                          segment_windows=4, batch_size=3, massive_ratio=1.25), model=config_model)
+    store = open_store(out)
+    flagged = massive_rows(store)
+    train_rows = store.n_rows - store.holdout_rows
+    assert 0 < int((flagged < train_rows).sum()) < train_rows, "the ratio must flag some training rows"
+
+    seen = []
+    for batch in ActivationStream(store, HOOKS[:1], 32, with_rows=True, drop_last=False):
+        kept = without_rows(batch, flagged)
+        assert kept.acts[0].shape[0] == kept.rows.shape[0]
+        seen.append(kept.rows)
+    seen_rows = set(torch.cat(seen).tolist())
+    assert seen_rows == set(range(train_rows)) - set(flagged.tolist())  # every unflagged row once, no flagged one
+
+    (path,) = train(TrainConfig(store=Path(out), out=tmp_path / "d", hook=HOOKS[0], arch="batchtopk", width=[32],
+                                k=[4.0], tokens=640, batch_size=64, massive="skip", calibration_tokens=64,
+                                threads=1))
+    assert (path / "sae_weights.safetensors").exists()
