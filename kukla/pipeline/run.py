@@ -57,7 +57,7 @@ class RunConfig:
     stages: list[Stage] = field(default_factory=lambda: list(STAGES))
     """Stages to run, in pipeline order; a stage left out must not be needed by a later one without a path."""
     device: str | None = None
-    """Device for every stage whose section names none (cpu, cuda, cuda:1)."""
+    """Device for every stage whose section names none (auto, cpu, cuda, cuda:1); else each stage's default, auto."""
 
     def __post_init__(self) -> None:
         if not self.stages:

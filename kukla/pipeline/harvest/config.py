@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kukla.config import DEFAULT_DEVICE, DEFAULT_MEMORY_BUDGET, Bytes, resolve_device
 from kukla.errors import ConfigError
 from kukla.pipeline.harvest.massive import MASSIVE_RATIO
 
@@ -49,8 +50,8 @@ class HarvestConfig:
     massive_ratio: float | None = MASSIVE_RATIO
     """Flag rows (tokens/massive = 1) whose norm at any hook exceeds this many times that hook's
     median norm over the plan's first segment; none writes no flags."""
-    device: str = "cpu"
-    """Torch device for the model (cpu, cuda, cuda:1, mps); under torchrun, cuda means cuda:LOCAL_RANK."""
+    device: str = DEFAULT_DEVICE
+    """Torch device for the model: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:1, mps; under torchrun, cuda means cuda:LOCAL_RANK."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
     store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
@@ -63,8 +64,8 @@ class HarvestConfig:
     """On rank 0, wait for every rank's part, then shuffle and merge them into the final store."""
     finalize_wait: float = 86_400.0
     """Seconds rank 0 waits for the other ranks before leaving finalize to `kukla store finalize`."""
-    memory_budget_gb: float = 2.0
-    """Memory the global shuffle may use, in GB."""
+    memory_budget: Bytes = DEFAULT_MEMORY_BUDGET
+    """Memory the global shuffle may use (e.g. 512MiB, 8GB, or a byte count)."""
     holdout_rows: int | None = None
     """Rows at the end of the shuffled store kept out of training, for evaluation and threshold
     calibration; default min(1% of rows, 2²⁰)."""
@@ -106,8 +107,7 @@ class HarvestConfig:
             self.rank = int(os.environ.get("RANK", 0))
         if self.world is None:
             self.world = int(os.environ.get("WORLD_SIZE", 1))
-        if self.device == "cuda" and "LOCAL_RANK" in os.environ:
-            self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        self.device = resolve_device(self.device)
         if self.world < 1:
             raise ConfigError("world", "must be at least 1")
         if not 0 <= self.rank < self.world:
@@ -119,7 +119,7 @@ class HarvestConfig:
                 raise ConfigError(name, "must be a probability in [0, 1]")
         if self.toy_noise < 0 or self.toy_magnitude_std < 0:
             raise ConfigError("toy_noise" if self.toy_noise < 0 else "toy_magnitude_std", "must be ≥ 0")
-        if self.memory_budget_gb <= 0:
-            raise ConfigError("memory_budget_gb", "must be positive")
+        if self.memory_budget <= 0:
+            raise ConfigError("memory_budget", "must be positive")
         if self.holdout_rows is not None and self.holdout_rows < 0:
             raise ConfigError("holdout_rows", "must not be negative")

@@ -43,7 +43,7 @@ def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) ->
     Returns the store's path. SIGTERM abandons the segment in flight, releases the part's
     lease and raises `Preempted` (the CLI exits 143); a rerun resumes from the journal.
     """
-    check_memory_budget(int(config.memory_budget_gb * 1e9))
+    check_memory_budget(config.memory_budget)
     with stop_on_sigterm():
         return _harvest(config, model)
 
@@ -199,5 +199,5 @@ def _finalize_when_ready(config: HarvestConfig) -> None:
                              f"{config.finalize_wait:.0f} s; once they finish, run: kukla store finalize {config.output}")
         time.sleep(2.0)
         waiting = unfinished_ranks(config.output)
-    finalize_store(config.output, memory_budget_bytes=int(config.memory_budget_gb * 1e9), seed=config.seed,
+    finalize_store(config.output, memory_budget_bytes=config.memory_budget, seed=config.seed,
                    holdout_rows=config.holdout_rows)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from kukla.config import DEFAULT_DEVICE
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary.config import DEAD_TOKENS_MAX, DictionaryConfig, DictionarySettings
 from kukla.pipeline.hooks import expand_hook
@@ -98,8 +99,8 @@ class TrainConfig(DictionarySettings):
     """W&B project."""
     wandb_name: str | None = None
     """W&B run name; default: the output directory's name."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto (under torchrun each rank takes cuda:LOCAL_RANK)."""
+    device: str = DEFAULT_DEVICE
+    """Torch device: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:N; under torchrun, cuda means cuda:LOCAL_RANK."""
     compile: bool = False
     """torch.compile each dictionary's training loss (GPU; slow to start)."""
     threads: int | None = None
