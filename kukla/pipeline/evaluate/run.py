@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
+from kukla.atomic import write_atomic
 from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, load_dictionary
@@ -357,7 +358,5 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
                          "config": to_dict(config), "notes": notes, "dictionaries": dicts})
     write_markdown(out / "report.md", report)
     write_html(out / "report.html", report, payload, training)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps(report, indent=2).encode())
     return out

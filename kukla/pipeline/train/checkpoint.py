@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from kukla.atomic import fsync_tree, write_atomic
 from kukla.errors import KuklaError
 from kukla.storage.location import Location, disk_full_error
 
@@ -54,7 +55,7 @@ def publish_dir(build: Callable[[Path], None], final: Path) -> Path:
     tmp.mkdir()
     try:
         build(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:  # a full disk, a kill by SIGTERM: leave no half-built folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,13 +74,10 @@ def write_checkpoint(out: Path, step: int, build: Callable[[Path], None], keep: 
     root = checkpoints_dir(out)
     try:
         path = publish_dir(build, root / f"step-{step:08d}")
-        pointer_tmp = root / f".{_LATEST}-{os.getpid()}"
-        pointer_tmp.write_text(path.name + "\n")
-        _fsync_file(pointer_tmp)
+        write_atomic(root / _LATEST, (path.name + "\n").encode())
     except OSError as exc:
         full = disk_full_error(exc, Location(out), f"writing checkpoint step-{step:08d}")
         raise (KuklaError(f"{full} with --resume") if full else exc) from None
-    os.replace(pointer_tmp, root / _LATEST)
     _prune(root, keep, path)
     return path
 
@@ -127,19 +125,3 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(path: Path) -> None:
-    """Make a checkpoint durable before it is named: files first, then their directories."""
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            _fsync_file(Path(dirpath) / name)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
