@@ -30,11 +30,10 @@ journal (a finished store is kept), train resumes from its latest checkpoint
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import typer
 
 from kukla.config import from_dict, read_toml, to_dict
 from kukla.errors import ConfigError, KuklaError
@@ -221,12 +220,12 @@ def store_is_finished(config: HarvestConfig) -> bool:
     if recorded != wanted:
         raise KuklaError(f"{config.output} is a finalized store of a different harvest; "
                          "set overwrite = true under [harvest] to rebuild it, or choose another output")
-    typer.echo(f"   {config.output} is finalized: kept", err=True)
+    print(f"   {config.output} is finalized: kept", file=sys.stderr, flush=True)
     return True
 
 
 def _banner(stage: str, output: Any) -> None:
-    typer.echo(f"── {stage} → {output}", err=True)
+    print(f"── {stage} → {output}", file=sys.stderr, flush=True)
 
 
 def pipeline_settings(pipeline: Pipeline) -> dict[str, Any]:
