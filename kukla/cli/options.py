@@ -88,7 +88,7 @@ def config_command(
             default = typer.Option(None, flag, help=help_text, show_default=False)
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
                                         default=default, annotation=Optional[_cli_type(tp)]))
-    where = f" under [{section}] (a `kukla run` file works)" if section else ""
+    where = f" under \\[{section}] (a `kukla run` file works)" if section else ""  # \\[ escapes rich markup
     params.append(inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
         default=typer.Option(None, "--config", help=f"TOML file with these settings{where}; flags override it."),
