@@ -58,6 +58,8 @@ def test_every_memory_budget_is_one_size_type_with_one_default(cls: type, fields
     with pytest.raises(ConfigError, match="memory_budget: cannot read '2 gallons' as a size"):
         from_dict(cls, {**fields, "memory_budget": "2 gallons"})
     assert str(Bytes(2 * 2**30)) == "2GiB" and str(Bytes(512 * 10**6)) == "512MB" and str(Bytes(1234)) == "1234B"
+    with pytest.raises(KuklaError, match=r"unknown setting 'memory_budget_gb' \(did you mean 'memory_budget'\?\)"):
+        from_dict(HarvestConfig, {"output": "s", "source": "toy-tree", "memory_budget_gb": 2.0})  # the old GB key
 
 
 def test_every_stage_defaults_to_the_same_device_and_resolves_auto(monkeypatch: pytest.MonkeyPatch) -> None:
