@@ -6,68 +6,94 @@ latents below p, so its residual is r_j = e − Σ_{l ≤ j} c_l (c_l = zₗ W_d
 
     Σ_{p=1..F} w_p ‖e − ê_p‖² = Σ_{j=0..m} (C(i_{j+1}) − C(i_j)) · ‖r_j‖²,   i₀ = 0, i_{m+1} = F,
 
-with C the cumulative prefix weight. The ‖r_j‖² need no residual vectors: with a_l = c_l·e and
-the row's m×m Gram matrix G of its contributions, ‖r_j‖² = ‖e‖² − 2 Σ_{l≤j} a_l + Σ_{l,l'≤j} G_ll',
-two cumulative sums over m×m numbers. Rows are sorted by m and padded within a few groups, so
-BatchTopK's uneven rows cost ≈ Σ_b m_b·d memory and Σ_b m_b²·d flops, never B·F·d.
+with C the cumulative prefix weight. The ‖r_j‖² come from one [B, d] residual updated in place
+by slot: step j subtracts every row's j-th contribution, r_j = r_{j−1} − c_j. With rows sorted
+by active count (descending), the rows that have a j-th entry are a leading block, so BatchTopK's
+uneven rows cost Σ_b m_b·d gathered decoder numbers and no padding, never B·F·d, and each step
+works on one cache-sized [B, d] block rather than a [B, m, d] tensor (or a B·m²·d Gram).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kukla.pipeline.dictionary.snap import row_errors
 
 
-GROUPS = 8
-"""Row groups of similar active counts, each padded to its own largest count."""
+class _SlotResiduals(torch.autograd.Function):
+    """‖r_j‖² after each active entry (flat [nnz]) and ‖e‖² per row, residuals walked in place.
+
+    Backward walks them back from the last (r_{j−1} = r_j + c_j), carrying A_j = Σ_{j' ≥ j}
+    ∂L/∂r_{j'}: ∂L/∂z_j = −A_j·d_j, ∂L/∂d_j = −z_j A_j, ∂L/∂e = A_0. Decoder rows are gathered
+    again rather than kept, so nothing of size nnz·d is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, e: Tensor, values: Tensor, W_dec: Tensor, cols: Tensor, order: Tensor,  # type: ignore[override]
+                slot_entries: list[Tensor]) -> tuple[Tensor, Tensor]:
+        first = torch.linalg.vecdot(e, e)
+        r = e[order]  # rows sorted by active count, descending; a copy
+        after = torch.empty_like(values, dtype=r.dtype)
+        for entries in slot_entries:
+            n = entries.numel()
+            r[:n].addcmul_(W_dec.index_select(0, cols[entries]).to(r.dtype), values[entries, None].to(r.dtype),
+                           value=-1.0)
+            after[entries] = torch.linalg.vecdot(r[:n], r[:n])
+        ctx.slot_entries = slot_entries
+        ctx.save_for_backward(r, values, W_dec, cols, order)
+        return first, after
+
+    @staticmethod
+    def backward(ctx, grad_first: Tensor, grad_after: Tensor):  # type: ignore[override]
+        r, values, W_dec, cols, order = ctx.saved_tensors
+        r = r.clone()
+        acc = torch.zeros_like(r)
+        grad_values = torch.empty_like(values, dtype=r.dtype)
+        grad_W = torch.zeros_like(W_dec, dtype=r.dtype)
+        for entries in reversed(ctx.slot_entries):
+            n = entries.numel()
+            acc[:n].addcmul_(r[:n], grad_after[entries, None], value=2.0)
+            rows_dec = W_dec.index_select(0, cols[entries]).to(r.dtype)
+            z = values[entries, None].to(r.dtype)
+            grad_values[entries] = -torch.linalg.vecdot(acc[:n], rows_dec)
+            grad_W.index_add_(0, cols[entries], acc[:n] * z, alpha=-1.0)
+            r[:n].addcmul_(rows_dec, z)
+        acc.addcmul_(r, grad_first[order, None], value=2.0)
+        grad_e = torch.empty_like(acc).index_copy_(0, order, acc)
+        return grad_e, grad_values.to(values.dtype), grad_W.to(W_dec.dtype), None, None, None
 
 
-def _groups(counts: Tensor) -> list[tuple[Tensor, int]]:
-    """(row indices, their largest active count) for GROUPS runs of rows sorted by count, so
-    padding is small even when BatchTopK gives rows very different counts (one device read)."""
-    sorted_counts, order = torch.sort(counts, stable=True)
-    groups = [g for g in torch.tensor_split(torch.arange(len(order), device=order.device),
-                                             min(GROUPS, max(len(order), 1))) if g.numel()]
-    maxima = sorted_counts[torch.stack([g[-1] for g in groups])].tolist()
-    return [(order[g], m) for g, m in zip(groups, maxima)]
+def _slots(rows: Tensor, n_rows: int, row_count: int | None) -> tuple[Tensor, list[Tensor]]:
+    """Rows by active count (descending), and per slot j the flat indices of the j-th entry of
+    each row that has one (a leading block of those rows). One device read of the count
+    histogram, none when every row has row_count entries (TopK)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    starts = counts.cumsum(0) - counts
+    if row_count is not None:
+        order = torch.arange(n_rows, device=rows.device)
+        sizes = [n_rows] * row_count
+    else:
+        order = torch.argsort(counts, descending=True, stable=True)
+        histogram = torch.bincount(counts)
+        sizes = histogram.flip(0).cumsum(0).flip(0)[1:].tolist()  # rows with > j entries
+    starts = starts[order]
+    return order, [starts[:n] + j for j, n in enumerate(sizes)]
 
 
 def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor, to_explain: Tensor,
-                      cdf: Tensor, l2: bool = False) -> Tensor:
+                      cdf: Tensor, l2: bool = False, row_count: int | None = None) -> Tensor:
     """Σ_b Σ_p w_p ‖e_b − ê_b,p‖² (or ‖·‖ when l2), for the active codes (rows, cols, values) sorted
-    row-major with ascending columns; to_explain e = y − b_dec; cdf [F+1] C(l), C(0) = 0, C(F) = 1."""
+    row-major with ascending columns; to_explain e = y − b_dec; cdf [F+1] C(l), C(0) = 0, C(F) = 1;
+    row_count: every row's number of entries, when the activation fixes it (TopK's k)."""
     n_rows, width = to_explain.shape[0], W_dec.shape[0]
-    counts = torch.bincount(rows, minlength=n_rows)
-    starts = counts.cumsum(0) - counts
+    order, slot_entries = _slots(rows, n_rows, row_count)
+    first, after = _SlotResiduals.apply(to_explain, values, W_dec, cols, order, slot_entries)
     cdf = cdf.to(device=to_explain.device, dtype=to_explain.dtype)
-    values = values.to(to_explain.dtype)
-    groups = _groups(counts)
-    layout = []  # per group: its rows' entry index at each slot, and which slots hold an entry
-    for group, m in groups:
-        slot = torch.arange(m, device=cols.device)
-        valid = slot[None, :] < counts[group][:, None]  # [n, m]
-        layout.append((torch.where(valid, starts[group][:, None] + slot[None, :], 0), valid))
-    # one gather of every group's decoder rows (one dense backward into W_dec, not one per group)
-    flat = torch.cat([cols[entry].reshape(-1) for entry, _ in layout]) if groups else cols[:0]
-    decoder_rows = F.embedding(flat, W_dec).to(to_explain.dtype).split([e.numel() for e, _ in layout])
-    total = to_explain.new_zeros(())
-    for (group, m), (entry, valid), rows_flat in zip(groups, layout, decoder_rows):
-        e = to_explain[group]
-        sq = [e.pow(2).sum(dim=1, keepdim=True)]  # ‖r_0‖² = ‖e‖²
-        ends = torch.full((group.numel(), m + 2), width, dtype=torch.long, device=cols.device)
-        ends[:, 0] = 0
-        if m:
-            z = values[entry] * valid  # [n, m]; padding has z = 0, so its decoder row never counts
-            rows_dec = rows_flat.view(group.numel(), m, -1)  # [n, m, d]
-            a = z * torch.bmm(rows_dec, e[:, :, None]).squeeze(2)  # c_l·e
-            gram = z[:, :, None] * z[:, None, :] * torch.bmm(rows_dec, rows_dec.transpose(1, 2))
-            inner = gram.cumsum(1).cumsum(2).diagonal(dim1=1, dim2=2)  # ‖Σ_{l≤j} c_l‖²
-            sq.append((sq[0] - 2 * a.cumsum(1) + inner).clamp_min(0))
-            ends[:, 1:-1] = torch.where(valid, cols[entry], width)
-        cumulative = cdf[ends]
-        span_weight = cumulative[:, 1:] - cumulative[:, :-1]  # [n, m+1]; 0 on padding
-        total = total + (span_weight * row_errors(torch.cat(sq, dim=1), l2)).sum()
-    return total
+    # the span after each entry ends at the row's next active column, or at F after its last
+    last = torch.ones_like(rows, dtype=torch.bool)
+    last[:-1] = rows[1:] != rows[:-1]
+    nxt = torch.where(last, width, cols.roll(-1))
+    first_col = torch.full((n_rows,), width, dtype=cols.dtype, device=cols.device)
+    first_col.scatter_reduce_(0, rows, cols, reduce="amin")
+    return (cdf[first_col] * row_errors(first, l2)).sum() + ((cdf[nxt] - cdf[cols]) * row_errors(after, l2)).sum()

@@ -118,7 +118,8 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     if l2:  # snap loss: Σ‖r‖ over Σ‖y − ȳ‖ (global over the batch's shares, like the variance)
         scale = (deviation_norms_per_row(batch, target) * n_rows).clamp_min(1e-12)
     if all_prefixes:  # every prefix, from the active codes; sq_err above is the full width's
-        loss = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2) / (scale if l2 else total_var)
+        loss = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2,
+                                 row_count=int(cfg.k) if rule == "topk" else None) / (scale if l2 else total_var)
     elif l2:
         loss = (prefix_norms(to_explain, segments.float()) * torch.tensor(weights, device=x.device)).sum() / scale
     else:
