@@ -15,14 +15,18 @@ works on one cache-sized [B, d] block rather than a [B, m, d] tensor (or a B·m�
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kukla.pipeline.dictionary.snap import row_errors
 
 
 class _SlotResiduals(torch.autograd.Function):
-    """‖r_j‖² after each active entry (flat [nnz]) and ‖e‖² per row, residuals walked in place.
+    """‖e‖² per row, and ‖r_j‖² after each active entry, the entries in slot-major order (all
+    first entries, then all second ones, …; `sizes` entries per slot), residuals walked in place.
 
     Backward walks them back from the last (r_{j−1} = r_j + c_j), carrying A_j = Σ_{j' ≥ j}
     ∂L/∂r_{j'}: ∂L/∂z_j = −A_j·d_j, ∂L/∂d_j = −z_j A_j, ∂L/∂e = A_0. Decoder rows are gathered
@@ -31,43 +35,47 @@ class _SlotResiduals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e: Tensor, values: Tensor, W_dec: Tensor, cols: Tensor, order: Tensor,  # type: ignore[override]
-                slot_entries: list[Tensor]) -> tuple[Tensor, Tensor]:
-        first = torch.linalg.vecdot(e, e)
+                sizes: list[int]) -> tuple[Tensor, Tensor]:
         r = e[order]  # rows sorted by active count, descending; a copy
-        after = torch.empty_like(values, dtype=r.dtype)
-        for entries in slot_entries:
-            n = entries.numel()
-            r[:n].addcmul_(W_dec.index_select(0, cols[entries]).to(r.dtype), values[entries, None].to(r.dtype),
-                           value=-1.0)
-            after[entries] = torch.linalg.vecdot(r[:n], r[:n])
-        ctx.slot_entries = slot_entries
-        ctx.save_for_backward(r, values, W_dec, cols, order)
-        return first, after
+        z = values.to(r.dtype)[:, None]
+        after = torch.empty_like(z[:, 0])
+        for n, at in zip(sizes, _slices(sizes)):
+            r[:n].addcmul_(F.embedding(cols[at], W_dec).to(r.dtype), z[at], value=-1.0)
+            torch.linalg.vector_norm(r[:n], dim=1, out=after[at])
+        ctx.sizes = sizes
+        ctx.save_for_backward(r, z, W_dec, cols, order)
+        return torch.linalg.vecdot(e, e), after.square_()
 
     @staticmethod
     def backward(ctx, grad_first: Tensor, grad_after: Tensor):  # type: ignore[override]
-        r, values, W_dec, cols, order = ctx.saved_tensors
+        r, z, W_dec, cols, order = ctx.saved_tensors
         r = r.clone()
         acc = torch.zeros_like(r)
-        grad_values = torch.empty_like(values, dtype=r.dtype)
-        grad_W = torch.zeros_like(W_dec, dtype=r.dtype)
-        for entries in reversed(ctx.slot_entries):
-            n = entries.numel()
-            acc[:n].addcmul_(r[:n], grad_after[entries, None], value=2.0)
-            rows_dec = W_dec.index_select(0, cols[entries]).to(r.dtype)
-            z = values[entries, None].to(r.dtype)
-            grad_values[entries] = -torch.linalg.vecdot(acc[:n], rows_dec)
-            grad_W.index_add_(0, cols[entries], acc[:n] * z, alpha=-1.0)
-            r[:n].addcmul_(rows_dec, z)
+        minus_grad_z = torch.empty_like(z[:, 0])
+        minus_grad_W = torch.zeros_like(W_dec, dtype=r.dtype)
+        grad_after = 2 * grad_after[:, None].to(r.dtype)
+        for n, at in reversed(list(zip(ctx.sizes, _slices(ctx.sizes)))):
+            acc[:n].addcmul_(r[:n], grad_after[at])
+            rows_dec = F.embedding(cols[at], W_dec).to(r.dtype)
+            minus_grad_z[at] = torch.linalg.vecdot(acc[:n], rows_dec)
+            minus_grad_W.index_add_(0, cols[at], acc[:n] * z[at])
+            r[:n].addcmul_(rows_dec, z[at])
         acc.addcmul_(r, grad_first[order, None], value=2.0)
         grad_e = torch.empty_like(acc).index_copy_(0, order, acc)
-        return grad_e, grad_values.to(values.dtype), grad_W.to(W_dec.dtype), None, None, None
+        return grad_e, minus_grad_z.neg_().to(z.dtype), minus_grad_W.neg_().to(W_dec.dtype), None, None, None
 
 
-def _slots(rows: Tensor, n_rows: int, row_count: int | None) -> tuple[Tensor, list[Tensor]]:
-    """Rows by active count (descending), and per slot j the flat indices of the j-th entry of
-    each row that has one (a leading block of those rows). One device read of the count
-    histogram, none when every row has row_count entries (TopK)."""
+def _slices(sizes: list[int]) -> list[slice]:
+    """Each slot's run of entries in slot-major order."""
+    ends = list(itertools.accumulate(sizes))
+    return [slice(end - n, end) for n, end in zip(sizes, ends)]
+
+
+def _slots(rows: Tensor, n_rows: int, row_count: int | None) -> tuple[Tensor, Tensor, list[int]]:
+    """Rows by active count (descending), the flat entries in slot-major order (slot j: the j-th
+    entry of each row that has one, in that row order, so its rows are a leading block), and each
+    slot's size. One device read of the count histogram, none when every row has row_count
+    entries (TopK)."""
     counts = torch.bincount(rows, minlength=n_rows)
     starts = counts.cumsum(0) - counts
     if row_count is not None:
@@ -75,10 +83,9 @@ def _slots(rows: Tensor, n_rows: int, row_count: int | None) -> tuple[Tensor, li
         sizes = [n_rows] * row_count
     else:
         order = torch.argsort(counts, descending=True, stable=True)
-        histogram = torch.bincount(counts)
-        sizes = histogram.flip(0).cumsum(0).flip(0)[1:].tolist()  # rows with > j entries
+        sizes = torch.bincount(counts).flip(0).cumsum(0).flip(0)[1:].tolist()  # rows with > j entries
     starts = starts[order]
-    return order, [starts[:n] + j for j, n in enumerate(sizes)]
+    return order, torch.cat([starts[:n] + j for j, n in enumerate(sizes)] or [rows[:0]]), sizes
 
 
 def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor, to_explain: Tensor,
@@ -87,8 +94,8 @@ def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
     row-major with ascending columns; to_explain e = y − b_dec; cdf [F+1] C(l), C(0) = 0, C(F) = 1;
     row_count: every row's number of entries, when the activation fixes it (TopK's k)."""
     n_rows, width = to_explain.shape[0], W_dec.shape[0]
-    order, slot_entries = _slots(rows, n_rows, row_count)
-    first, after = _SlotResiduals.apply(to_explain, values, W_dec, cols, order, slot_entries)
+    order, slot_major, sizes = _slots(rows, n_rows, row_count)
+    first, after = _SlotResiduals.apply(to_explain, values[slot_major], W_dec, cols[slot_major], order, sizes)
     cdf = cdf.to(device=to_explain.device, dtype=to_explain.dtype)
     # the span after each entry ends at the row's next active column, or at F after its last
     last = torch.ones_like(rows, dtype=torch.bool)
@@ -96,4 +103,5 @@ def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
     nxt = torch.where(last, width, cols.roll(-1))
     first_col = torch.full((n_rows,), width, dtype=cols.dtype, device=cols.device)
     first_col.scatter_reduce_(0, rows, cols, reduce="amin")
-    return (cdf[first_col] * row_errors(first, l2)).sum() + ((cdf[nxt] - cdf[cols]) * row_errors(after, l2)).sum()
+    span = (cdf[nxt] - cdf[cols])[slot_major]
+    return (cdf[first_col] * row_errors(first, l2)).sum() + (span * row_errors(after, l2)).sum()
