@@ -36,7 +36,7 @@ from kukla.pipeline.train.sweep import build_trainees, train_step  # noqa: E402
 VARIANTS: dict[str, dict[str, Any]] = {
     "batchtopk": dict(arch="batchtopk"),
     "levels": dict(arch="matryoshka-batchtopk"),  # levels from --levels
-    "levels-reorder": dict(arch="matryoshka-batchtopk", reorder_latents=True),
+    "levels-reorder": dict(arch="matryoshka-batchtopk", reorder_latents=True),  # a tried fix for levels
     "sampled": dict(arch="matryoshka-prefix", prefixes="sampled", reorder_latents=True),
     "all": dict(arch="matryoshka-prefix", prefixes="all", reorder_latents=True),
     "all-fixed-order": dict(arch="matryoshka-prefix", prefixes="all"),
