@@ -106,11 +106,12 @@ def test_all_prefix_errors_of_uneven_and_empty_rows_equal_a_loop_over_every_pref
     cols = torch.tensor([c for cols in active for c in cols])
     values = torch.rand(len(cols), requires_grad=True)
     cdf = all_prefix_cdf(width, 4)
-    ours = all_prefix_errors(rows, cols, values, W_dec, e, cdf, l2)
+    ours, residual = all_prefix_errors(rows, cols, values, W_dec, e, cdf, l2)
     z = torch.zeros(4, width).index_put((rows, cols), values)
     naive = sum(w * ((e - z[:, :p] @ W_dec[:p]) ** 2).sum(1).pow(0.5 if l2 else 1).sum()
                 for p, w in zip(range(1, width + 1), cdf.diff().float()))
     torch.testing.assert_close(ours, naive)
+    torch.testing.assert_close(residual, (e - z @ W_dec).detach())
     for a, b in zip(torch.autograd.grad(ours, [W_dec, e, values]), torch.autograd.grad(naive, [W_dec, e, values])):
         torch.testing.assert_close(a, b)
 

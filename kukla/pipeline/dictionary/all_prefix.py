@@ -25,8 +25,8 @@ from kukla.pipeline.dictionary.snap import row_errors
 
 
 class _SlotResiduals(torch.autograd.Function):
-    """‖e‖² per row, and ‖r_j‖² after each active entry, the entries in slot-major order (all
-    first entries, then all second ones, …; `sizes` entries per slot), residuals walked in place.
+    """‖e‖² per row, ‖r_j‖² after each active entry, the entries in slot-major order (all
+    first entries, then all second ones, …; `sizes` entries per slot), residuals walked in place, and the last residual (the full width's, no gradient).
 
     Backward walks them back from the last (r_{j−1} = r_j + c_j), carrying A_j = Σ_{j' ≥ j}
     ∂L/∂r_{j'}: ∂L/∂z_j = −A_j·d_j, ∂L/∂d_j = −z_j A_j, ∂L/∂e = A_0. Decoder rows are gathered
@@ -35,7 +35,7 @@ class _SlotResiduals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e: Tensor, values: Tensor, W_dec: Tensor, cols: Tensor, order: Tensor,  # type: ignore[override]
-                sizes: list[int]) -> tuple[Tensor, Tensor]:
+                sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         r = e[order]  # rows sorted by active count, descending; a copy
         z = values.to(r.dtype)[:, None]
         after = torch.empty_like(z[:, 0])
@@ -44,10 +44,12 @@ class _SlotResiduals(torch.autograd.Function):
             torch.linalg.vector_norm(r[:n], dim=1, out=after[at])
         ctx.sizes = sizes
         ctx.save_for_backward(r, z, W_dec, cols, order)
-        return torch.linalg.vecdot(e, e), after.square_()
+        residual = torch.empty_like(r).index_copy_(0, order, r)
+        ctx.mark_non_differentiable(residual)
+        return torch.linalg.vecdot(e, e), after.square_(), residual
 
     @staticmethod
-    def backward(ctx, grad_first: Tensor, grad_after: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_first: Tensor, grad_after: Tensor, _: Tensor):  # type: ignore[override]
         r, z, W_dec, cols, order = ctx.saved_tensors
         r = r.clone()
         acc = torch.zeros_like(r)
@@ -89,13 +91,14 @@ def _slots(rows: Tensor, n_rows: int, row_count: int | None) -> tuple[Tensor, Te
 
 
 def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor, to_explain: Tensor,
-                      cdf: Tensor, l2: bool = False, row_count: int | None = None) -> Tensor:
+                      cdf: Tensor, l2: bool = False, row_count: int | None = None) -> tuple[Tensor, Tensor]:
     """Σ_b Σ_p w_p ‖e_b − ê_b,p‖² (or ‖·‖ when l2), for the active codes (rows, cols, values) sorted
     row-major with ascending columns; to_explain e = y − b_dec; cdf [F+1] C(l), C(0) = 0, C(F) = 1;
-    row_count: every row's number of entries, when the activation fixes it (TopK's k)."""
+    row_count: every row's number of entries, when the activation fixes it (TopK's k). Also gives
+    the full width's residual e − ê [B, d] (detached), which the loop reaches anyway."""
     n_rows, width = to_explain.shape[0], W_dec.shape[0]
     order, slot_major, sizes = _slots(rows, n_rows, row_count)
-    first, after = _SlotResiduals.apply(to_explain, values[slot_major], W_dec, cols[slot_major], order, sizes)
+    first, after, residual = _SlotResiduals.apply(to_explain, values[slot_major], W_dec, cols[slot_major], order, sizes)
     cdf = cdf.to(device=to_explain.device, dtype=to_explain.dtype)
     # the span after each entry ends at the row's next active column, or at F after its last
     last = torch.ones_like(rows, dtype=torch.bool)
@@ -104,4 +107,4 @@ def all_prefix_errors(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
     first_col = torch.full((n_rows,), width, dtype=cols.dtype, device=cols.device)
     first_col.scatter_reduce_(0, rows, cols, reduce="amin")
     span = (cdf[nxt] - cdf[cols])[slot_major]
-    return (cdf[first_col] * row_errors(first, l2)).sum() + (span * row_errors(after, l2)).sum()
+    return (cdf[first_col] * row_errors(first, l2)).sum() + (span * row_errors(after, l2)).sum(), residual
