@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kukla.errors import ConfigError
+from kukla.pipeline.harvest.massive import MASSIVE_RATIO
 
 STORE_DTYPES = ("bfloat16", "float32", "float16")
 
@@ -45,6 +46,9 @@ class HarvestConfig:
     """Store BOS/EOS/pad and other special-token positions too (left out by default)."""
     outlier_factor: float | None = None
     """Drop tokens whose norm at any hook exceeds this many times that hook's median norm."""
+    massive_ratio: float | None = MASSIVE_RATIO
+    """Flag rows (tokens/massive = 1) whose norm at any hook exceeds this many times that hook's
+    median norm over the plan's first segment; none writes no flags."""
     device: str = "cpu"
     """Torch device for the model (cpu, cuda, cuda:1, mps); under torchrun, cuda means cuda:LOCAL_RANK."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -96,6 +100,8 @@ class HarvestConfig:
                 raise ConfigError("dataset", "give a dataset: an HF name or a local .txt/.jsonl/.parquet file")
         if self.outlier_factor is not None and self.outlier_factor <= 1:
             raise ConfigError("outlier_factor", "must be above 1 (a multiple of the median norm)")
+        if self.massive_ratio is not None and self.massive_ratio <= 1:
+            raise ConfigError("massive_ratio", "must be above 1 (a multiple of the median norm)")
         if self.rank is None:
             self.rank = int(os.environ.get("RANK", 0))
         if self.world is None:
