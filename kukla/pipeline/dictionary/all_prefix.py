@@ -26,7 +26,8 @@ from kukla.pipeline.dictionary.snap import row_errors
 
 class _SlotResiduals(torch.autograd.Function):
     """‖e‖² per row, ‖r_j‖² after each active entry, the entries in slot-major order (all
-    first entries, then all second ones, …; `sizes` entries per slot), residuals walked in place, and the last residual (the full width's, no gradient).
+    first entries, then all second ones, …; `sizes` entries per slot), residuals walked in
+    place in float32 (also under autocast), and the last residual (the full width's, no gradient).
 
     Backward walks them back from the last (r_{j−1} = r_j + c_j), carrying A_j = Σ_{j' ≥ j}
     ∂L/∂r_{j'}: ∂L/∂z_j = −A_j·d_j, ∂L/∂d_j = −z_j A_j, ∂L/∂e = A_0. Decoder rows are gathered
@@ -36,13 +37,13 @@ class _SlotResiduals(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e: Tensor, values: Tensor, W_dec: Tensor, cols: Tensor, order: Tensor,  # type: ignore[override]
                 sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        r = e[order]  # rows sorted by active count, descending; a copy
+        r = e[order].float()  # rows sorted by active count, descending; a copy
         z = values.to(r.dtype)[:, None]
         after = torch.empty_like(z[:, 0])
         for n, at in zip(sizes, _slices(sizes)):
             r[:n].addcmul_(F.embedding(cols[at], W_dec).to(r.dtype), z[at], value=-1.0)
             torch.linalg.vector_norm(r[:n], dim=1, out=after[at])
-        ctx.sizes = sizes
+        ctx.sizes, ctx.dtypes = sizes, (e.dtype, values.dtype)
         ctx.save_for_backward(r, z, W_dec, cols, order)
         residual = torch.empty_like(r).index_copy_(0, order, r)
         ctx.mark_non_differentiable(residual)
@@ -64,7 +65,9 @@ class _SlotResiduals(torch.autograd.Function):
             r[:n].addcmul_(rows_dec, z[at])
         acc.addcmul_(r, grad_first[order, None], value=2.0)
         grad_e = torch.empty_like(acc).index_copy_(0, order, acc)
-        return grad_e, minus_grad_z.neg_().to(z.dtype), minus_grad_W.neg_().to(W_dec.dtype), None, None, None
+        e_dtype, values_dtype = ctx.dtypes
+        return (grad_e.to(e_dtype), minus_grad_z.neg_().to(values_dtype), minus_grad_W.neg_().to(W_dec.dtype),
+                None, None, None)
 
 
 def _slices(sizes: list[int]) -> list[slice]:
