@@ -174,7 +174,15 @@ def read_pipeline(path: Path, stages: list[str] | None = None) -> Pipeline:
 
 
 def run_pipeline(pipeline: Pipeline) -> Path | None:
-    """Run the pipeline's stages in order; returns the report's folder when evaluate ran."""
+    """Run the pipeline's stages in order; returns the report's folder when evaluate ran.
+
+    Every output folder is checked first, so a bad one is refused before any stage works."""
+    from kukla.storage.location import check_output_dir
+
+    for config in pipeline.train:
+        check_output_dir(config.out, "[train] out")
+    if pipeline.evaluate is not None:
+        check_output_dir(pipeline.evaluate.out, "[evaluate] out")
     if pipeline.harvest is not None:
         from kukla.pipeline.harvest.run import harvest
 

@@ -36,6 +36,7 @@ from kukla.pipeline.evaluate.trainlog import training_curves
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.progress import progress
 from kukla.storage import Store, open_store
+from kukla.storage.location import check_output_dir
 
 
 @dataclass
@@ -312,6 +313,7 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     """Evaluate `config.dictionaries` on `config.store`'s held-out rows; returns the report directory.
 
     `model` skips loading the store's model (e.g. one built from a HookedTransformerConfig)."""
+    check_output_dir(config.out, "--out")
     device = config.device
     store = open_store(config.store)
     if not evaluation_rows(store):
