@@ -2,9 +2,9 @@
 
     python benchmarks/all_prefix_step.py [--d 512 --width 8192 --k 32 --batch 2048 --steps 5]
 
-One thread; CPU seconds per forward + backward (median of --steps, after one warm-up step), for
-plain BatchTopK, fixed levels, sampled prefixes and all prefixes (all sparse path, a quarter of
-the latents dead so aux-k runs), and the physical floor: the encoder's dense forward matmul
+One thread; CPU seconds per forward + backward (median of --steps, after one warm-up round, the
+cases taking turns), for plain BatchTopK, fixed levels, sampled prefixes and all prefixes (all
+sparse path, a quarter of the latents dead so aux-k runs), and the physical floor: the encoder's dense forward matmul
 B·d·F, which every one of them must do. Ratios are to plain BatchTopK from the same run.
 """
 
@@ -14,6 +14,7 @@ import argparse
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,14 +32,17 @@ CASES = {
 }
 
 
-def _median_cpu(step, steps: int) -> float:
-    times = []
-    for i in range(steps + 1):
-        start = time.process_time()
-        step()
-        if i:
-            times.append(time.process_time() - start)
-    return sorted(times)[len(times) // 2]
+def _median_cpu(steps: dict[str, Callable[[], object]], n: int) -> dict[str, float]:
+    """Median CPU-s of each step over n rounds (after a warm-up round); the cases take turns
+    within a round, so a change in the machine's load hits them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(n + 1):
+        for name, step in steps.items():
+            start = time.process_time()
+            step()
+            if i:
+                times[name].append(time.process_time() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:
@@ -54,8 +58,7 @@ def main() -> None:
     x = torch.randn(args.batch, args.d) + 0.5
     print(f"d={args.d} F={args.width} k={args.k} batch={args.batch}, 1 thread, torch {torch.__version__}")
     w = torch.randn(args.d, args.width)
-    floor = _median_cpu(lambda: x @ w, args.steps)
-    costs = {}
+    steps: dict[str, Callable[[], object]] = {"floor": lambda: x @ w}
     for name, settings in CASES.items():
         d = Dictionary(DictionaryConfig(d_in=args.d, width=args.width, k=args.k, **settings))
         d.set_scales(float(x.norm(dim=1).mean()))
@@ -66,7 +69,9 @@ def main() -> None:
         def step(d: Dictionary = d, generator: torch.Generator = generator) -> None:
             d.training_loss(x, generator=generator).loss.backward()
             d.zero_grad(set_to_none=True)
-        costs[name] = _median_cpu(step, args.steps)
+        steps[name] = step
+    costs = _median_cpu(steps, args.steps)
+    floor = costs.pop("floor")
     print(f"{'encoder matmul (floor)':24s} {floor:6.3f} CPU-s")
     for name, cost in costs.items():
         print(f"{name:24s} {cost:6.3f} CPU-s/step  {args.batch / cost:8.0f} tok/CPU-s  "

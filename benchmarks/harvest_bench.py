@@ -7,10 +7,12 @@ process and so its own peak RSS. Model loading is not timed; after one untimed w
 batch each way runs `--repeat` times on the same tokens and the fastest run counts. CPU
 seconds (process time) are printed beside wall seconds: the steadier figure on a shared
 machine. Rates count forwarded positions (windows × context)
-so the three are comparable; kukla also reports its stored rows (BOS/EOS left out).
+so the three are comparable; kukla also reports its stored rows (BOS/EOS left out). The bare
+loop is the physical limit here: the same forward with nothing stored.
 
-    python benchmarks/harvest_bench.py                       # Gemma-3-270m, 32 windows of 128
-    python benchmarks/harvest_bench.py --windows 64 --threads 2
+    python benchmarks/harvest_bench.py                       # Gemma-3-270m, 64 windows of 128
+    python benchmarks/harvest_bench.py --device cuda --dtype bfloat16 --windows 512 --batch 32
+    python benchmarks/harvest_bench.py --dry-run             # tiny random model, seconds (no SAELens)
 """
 
 from __future__ import annotations
@@ -46,11 +48,17 @@ def _windows(model, args) -> list:
     raise SystemExit(f"{args.text} holds fewer than {args.windows} windows")
 
 
+def _sync(args) -> None:
+    """Wait for the device, so a timer stops after the work, not after its launch."""
+    import torch
+
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def way_kukla(model, args, work: Path) -> dict:
     from kukla.pipeline.harvest import HarvestConfig, harvest
-    from kukla.storage import open_store
-
-    from kukla.storage import finalize_store
+    from kukla.storage import finalize_store, open_store
 
     stored = int(sum(w.keep.sum() for w in _windows(model, args)))
     best = None
@@ -58,16 +66,18 @@ def way_kukla(model, args, work: Path) -> dict:
         out = work / f"kukla-{attempt}.zarr"
         config = HarvestConfig(output=str(out), model=args.model, dataset=args.text, hook=[args.hook],
                                context_size=args.context, tokens=stored, batch_size=args.batch,
-                               segment_windows=args.segment_windows, finalize=False)
+                               segment_windows=args.segment_windows, finalize=False, device=args.device,
+                               dtype=args.dtype, store_dtype=args.store_dtype)
         start, cpu = time.perf_counter(), time.process_time()
         harvest(config, model=model)
-        written = time.perf_counter() - start
+        written, written_cpu = time.perf_counter() - start, time.process_time() - cpu
         finalize_store(config.output, seed=0)
         total = time.perf_counter() - start
         assert open_store(config.output).n_rows == stored
         if best is None or total < best["seconds"]:
             best = {"seconds": total, "cpu_seconds": time.process_time() - cpu,
-                    "seconds_without_finalize": written, "stored_rows": stored,
+                    "seconds_without_finalize": written, "cpu_seconds_without_finalize": written_cpu,
+                    "stored_rows": stored,
                     "disk_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6}
     return best
 
@@ -86,8 +96,10 @@ def way_bare(model, args, work: Path) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for i in range(0, len(windows), args.batch):
-                _, cache = model.run_with_cache(windows[i:i + args.batch], names_filter=[hook], stop_at_layer=stop)
+                batch = windows[i:i + args.batch].to(args.device)
+                _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=stop)
                 cache[hook].cpu()
+        _sync(args)
         times.append((time.perf_counter() - start, time.process_time() - cpu))
     seconds, cpu_seconds = min(times)
     return {"seconds": seconds, "cpu_seconds": cpu_seconds}
@@ -101,36 +113,43 @@ def way_saelens(model, args, work: Path) -> dict:
 
     tokens = args.windows * args.context
     d_in = model.cfg.d_model
-    hf_model, texts = _hf_model(args.model), datasets.Dataset.from_json(args.text)
+    hf_model, texts = _hf_model(args.model, args.dtype), datasets.Dataset.from_json(args.text)
     best = None
     for attempt in range(args.repeat):  # a fresh runner reads the same first tokens again
         out = work / f"saelens-{attempt}"
         cfg = CacheActivationsRunnerConfig(
             dataset_path=args.text, model_name=args.model, model_batch_size=args.batch,
             hook_name=expand_hook(args.hook), d_in=d_in, training_tokens=tokens, context_size=args.context,
-            device="cpu", dtype="float32", buffer_size_gb=tokens * d_in * 4 / 1e9,
+            device=args.device, dtype=args.dtype, buffer_size_gb=tokens * d_in * 4 / 1e9,
             new_cached_activations_path=str(out),
-            model_from_pretrained_kwargs={"hf_model": hf_model, "tokenizer": model.tokenizer},
+            model_from_pretrained_kwargs={"hf_model": hf_model, "tokenizer": model.tokenizer, "dtype": args.dtype},
         )
         runner = CacheActivationsRunner(cfg, override_dataset=texts)
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
         dataset = runner.run()
+        _sync(args)
         seconds = time.perf_counter() - start
         if best is None or seconds < best["seconds"]:
-            best = {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "rows": len(dataset) * args.context,
+            best = {"seconds": seconds, "cpu_seconds": time.process_time() - cpu,
+                    "children_cpu_seconds": _children_cpu() - children, "rows": len(dataset) * args.context,
                     "disk_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6}
     return best
 
 
-def _hf_model(name: str):
+def _children_cpu() -> float:
+    """CPU seconds of finished child processes (work a way hands to a pool is not process time)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _hf_model(name: str, dtype: str):
     """SAELens loads by TransformerLens name; offline, it needs the HF model handed over."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma
+    from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma, torch_dtype
 
     folder = convert_embedded_gemma() if name == EMBEDDED_MODEL else Path(name)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
 
 
 def _warm_up(model, args) -> None:
@@ -138,15 +157,16 @@ def _warm_up(model, args) -> None:
     import torch
 
     with torch.inference_mode():
-        model(torch.zeros((args.batch, args.context), dtype=torch.long), stop_at_layer=1)
+        model(torch.zeros((args.batch, args.context), dtype=torch.long, device=args.device), stop_at_layer=1)
+    _sync(args)
 
 
 WAYS = {"kukla": way_kukla, "run_with_cache": way_bare, "saelens": way_saelens}
 
 
 def run_ways(args) -> None:
-    """Run the asked ways in this process; with several, interleave their repeats so each
-    sees the same machine load (peak RSS is then the process's, not one way's)."""
+    """Run the asked ways in this process; with several, interleave their repeats (in a rotated
+    order) so each sees the same machine load (peak RSS is then the process's, not one way's)."""
     import copy
 
     import torch
@@ -154,27 +174,67 @@ def run_ways(args) -> None:
     from kukla.pipeline.models import load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     _warm_up(model, args)
-    ways = list(WAYS) if args.way == "all" else [args.way]
+    ways = [w for w in WAYS if not (args.no_saelens and w == "saelens")] if args.way == "all" else [args.way]
     once = copy.copy(args)
     once.repeat = 1
     best: dict[str, dict] = {}
+    cpu_rates: dict[str, list[int]] = {}
     work = Path(tempfile.mkdtemp(prefix="harvest-bench-"))
     try:
         for attempt in range(args.repeat):
-            for way in ways:
+            for way in ways[attempt % len(ways):] + ways[:attempt % len(ways)]:  # rotated: no way always follows another
                 folder = work / f"{way}-{attempt}"
                 folder.mkdir()
                 result = WAYS[way](model, once, folder)
+                cpu_rates.setdefault(way, []).append(round(args.windows * args.context / result["cpu_seconds"]))
                 if way not in best or result["seconds"] < best[way]["seconds"]:
                     best[way] = result
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for way, result in best.items():
-        result.update(way=way, peak_rss_mb=_peak_mb(), positions=args.windows * args.context)
+        result.update(way=way, peak_rss_mb=_peak_mb(), positions=args.windows * args.context,
+                      every_cpu_rate=cpu_rates[way])
         print("RESULT " + json.dumps(result), flush=True)
+
+
+def _dry_run(args, work: Path) -> None:
+    """Tiny sizes on a random 2-layer GPT-2 saved as a local folder, so the script runs in seconds."""
+    from tests.harvest.conftest import build_tiny_model_dir, write_texts
+
+    args.model = str(build_tiny_model_dir(work / "tiny-model"))
+    args.text = str(write_texts(work / "texts.jsonl", n_docs=40))
+    args.hook, args.context, args.windows, args.batch, args.repeat = "resid_post:1", 16, 8, 4, 1
+    args.no_saelens = True
+
+
+def _report(results: dict, args) -> None:
+    """One line per way: wall and per-CPU-second rates, as ratios to the bare loop and to SAELens."""
+    print(f"model {args.model}, hook {args.hook}, {args.windows} windows × {args.context} = "
+          f"{args.windows * args.context} positions, batch {args.batch}, {args.threads} torch thread(s), "
+          f"device {args.device}, model dtype {args.dtype}, store dtype {args.store_dtype}")
+
+    def rates(r: dict) -> tuple[float, float]:
+        return r["positions"] / r["seconds"], r["positions"] / r["cpu_seconds"]
+
+    anchors = {name: rates(results[way]) for name, way in (("bare", "run_with_cache"), ("SAELens", "saelens"))
+               if way in results}
+    for way, r in results.items():
+        wall, cpu = rates(r)
+        ratios = "".join(f"  {wall / a[0]:.2f}× / {cpu / a[1]:.2f}× {name}" for name, a in anchors.items())
+        extra = ""
+        if way == "kukla":
+            extra = (f"; without finalize {r['positions'] / r['seconds_without_finalize']:.0f} tok/s, "
+                     f"{r['positions'] / r['cpu_seconds_without_finalize']:.0f} tok/CPU-s; "
+                     f"{r['stored_rows']} rows, {r['disk_mb']:.1f} MB on disk")
+        elif way == "saelens":
+            extra = (f"; {r['rows']} rows, {r['disk_mb']:.1f} MB on disk, "
+                     f"{r['children_cpu_seconds']:.2f} CPU-s in child processes")
+        print(f"{way:15s} {wall:8.0f} tok/s {r['seconds']:7.2f} s  {cpu:8.0f} tok/CPU-s  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB  (wall / CPU){ratios}{extra}; "
+              f"tok/CPU-s of each repeat {r['every_cpu_rate']}")
 
 
 def main() -> None:
@@ -183,42 +243,43 @@ def main() -> None:
     parser.add_argument("--hook", default="resid_post:6")
     parser.add_argument("--text", default="/work/shared/data/tinystories/train.jsonl")
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--segment-windows", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the model runs in (all three ways)")
+    parser.add_argument("--store-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                        help="dtype kukla stores")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny random model and sizes, kukla and the bare loop only: seconds on a CPU")
+    parser.add_argument("--no-saelens", action="store_true", help="leave SAELens out (implied by --dry-run)")
     parser.add_argument("--way", choices=[*WAYS, "all"], help="run in this process (used by the driver)")
     parser.add_argument("--separate", action="store_true",
                         help="one process per way (own peak RSS) instead of interleaved repeats in one process")
     args = parser.parse_args()
-    if args.way:
-        return run_ways(args)
-    results = {}
-    for way in WAYS if args.separate else ["all"]:
-        cmd = [sys.executable, __file__, "--way", way, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            print(f"{way}: FAILED\n{out.stderr[-3000:]}")
-        results.update({r["way"]: r for r in (json.loads(line[7:]) for line in lines)})
-    print(f"model {args.model}, hook {args.hook}, {args.windows} windows × {args.context} = "
-          f"{args.windows * args.context} positions, batch {args.batch}, {args.threads} torch thread(s)")
-    r_base = results.get("run_with_cache", {})
-    base = r_base.get("seconds")
-    for way, r in results.items():
-        rate = r["positions"] / r["seconds"]
-        ratio = f"{base / r['seconds']:.2f}× bare speed" if base else ""
-        extra = ""
-        if way == "kukla":
-            extra = (f", {r['stored_rows']} rows stored, without finalize {r['positions'] / r['seconds_without_finalize']:.0f} tok/s"
-                     f", {r['disk_mb']:.1f} MB on disk")
-        elif way == "saelens":
-            extra = f", {r['rows']} rows stored, {r['disk_mb']:.1f} MB on disk"
-        cpu_rate = r["positions"] / r["cpu_seconds"]
-        cpu_ratio = f" ({cpu_rate / (r_base['positions'] / r_base['cpu_seconds']):.2f}× bare)" if base else ""
-        print(f"{way:15s} {rate:8.0f} tok/s  {r['seconds']:7.2f} s  {cpu_rate:8.0f} tok/CPU-s{cpu_ratio}  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB  {ratio}{extra}")
+    with tempfile.TemporaryDirectory(prefix="harvest-bench-tiny-") as tiny:
+        if args.dry_run:
+            _dry_run(args, Path(tiny))
+        if args.way:
+            return run_ways(args)
+        passed = ["--model", args.model, "--text", args.text, "--hook", args.hook, "--context", str(args.context),
+                  "--windows", str(args.windows), "--batch", str(args.batch), "--repeat", str(args.repeat),
+                  "--threads", str(args.threads), "--segment-windows", str(args.segment_windows),
+                  "--device", args.device, "--dtype", args.dtype, "--store-dtype", args.store_dtype,
+                  *(["--no-saelens"] if args.no_saelens else [])]
+        results = {}
+        for way in (w for w in WAYS if not (args.no_saelens and w == "saelens")) if args.separate else ["all"]:
+            cmd = [sys.executable, __file__, "--way", way, *passed]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if not lines:
+                print(f"{way}: FAILED\n{out.stderr[-3000:]}")
+                raise SystemExit(1)
+            results.update({r["way"]: r for r in (json.loads(line[7:]) for line in lines)})
+        _report(results, args)
 
 
 if __name__ == "__main__":

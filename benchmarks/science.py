@@ -36,6 +36,7 @@ from kukla.pipeline.train.sweep import build_trainees, train_step  # noqa: E402
 VARIANTS: dict[str, dict[str, Any]] = {
     "batchtopk": dict(arch="batchtopk"),
     "levels": dict(arch="matryoshka-batchtopk"),  # levels from --levels
+    "levels-reorder": dict(arch="matryoshka-batchtopk", reorder_latents=True),  # a tried fix for levels
     "sampled": dict(arch="matryoshka-prefix", prefixes="sampled", reorder_latents=True),
     "all": dict(arch="matryoshka-prefix", prefixes="all", reorder_latents=True),
     "all-fixed-order": dict(arch="matryoshka-prefix", prefixes="all"),
@@ -54,7 +55,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int,
             data: tuple[ToyTree, torch.Tensor, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     tree, pool, (rows, activity) = data
     settings = dict(VARIANTS[variant])
-    if variant == "levels":
+    if variant.startswith("levels"):
         settings["levels"] = args.levels
     config = TrainConfig(store=Path("in-memory"), out=Path("unused"), hook="toy", width=[args.width], k=[args.k],
                          seed=[seed], batch_size=args.batch, tokens=args.batch * args.steps, lr=args.lr,

@@ -12,6 +12,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
+import re
 import textwrap
 import tomllib
 import types
@@ -23,6 +25,47 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from kukla.errors import ConfigError, KuklaError
 
 C = TypeVar("C")
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+class Bytes(int):
+    """A size in bytes, the one type of every memory budget: written `2GiB`, `512MB`, `1e9` or a byte count."""
+
+    @classmethod
+    def parse(cls, name: str, value: Any) -> Bytes:
+        match = re.fullmatch(r"\s*([0-9.eE+_]+)\s*([a-zA-Z]*)\s*", str(value))
+        if isinstance(value, bool) or not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(name, f"cannot read {value!r} as a size: use e.g. 2GiB, 512MB or a byte count")
+        try:
+            return cls(float(match.group(1).replace("_", "")) * _UNITS[match.group(2).lower()])
+        except ValueError:
+            raise ConfigError(name, f"cannot read {value!r} as a size: use e.g. 2GiB, 512MB or a byte count") from None
+
+    def __str__(self) -> str:
+        for unit in ("TiB", "TB", "GiB", "GB", "MiB", "MB", "KiB", "kB"):  # the largest that divides it
+            if self and self % _UNITS[unit.lower()] == 0:
+                return f"{self // _UNITS[unit.lower()]}{unit}"
+        return f"{int(self)}B"
+
+
+DEFAULT_MEMORY_BUDGET = Bytes(2 << 30)
+"""Every shuffle's memory budget default (harvest's finalize, `kukla store finalize` and `import`)."""
+
+DEFAULT_DEVICE = "auto"
+"""Every stage's device default: a GPU when one is visible, else the CPU."""
+
+
+def resolve_device(spec: str) -> str:
+    """`auto` → cuda if torch sees a GPU, else cpu; under torchrun a bare `cuda` → cuda:LOCAL_RANK."""
+    if spec == "auto":
+        import torch  # only when a stage resolves its device, not at CLI start
+
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and "LOCAL_RANK" in os.environ:
+        spec = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return spec
 
 
 @cache
@@ -115,6 +158,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             return float(value)
         if tp is Path:
             return Path(value)
+        if tp is Bytes:
+            return Bytes.parse(name, value)
         if tp is str:
             return str(value)
     except (TypeError, ValueError):
@@ -158,7 +203,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def read_toml(path: Path, section: str | None = None) -> dict[str, Any]:
-    """Read a TOML config file, optionally one `[section]` of it."""
+    """Read a TOML config file, optionally one `[section]` of it.
+
+    A run file's `[[train]]` array counts as the section when it holds one table; with
+    several, a single stage cannot choose, so `kukla run` is named instead.
+    """
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -167,9 +216,15 @@ def read_toml(path: Path, section: str | None = None) -> dict[str, Any]:
         raise KuklaError(f"config file {path} is not valid TOML: {exc}") from None
     if section is None:
         return data
-    if section in data and isinstance(data[section], dict):
-        return data[section]
-    raise KuklaError(f"config file {path} has no [{section}] section")
+    table = data.get(section)
+    if isinstance(table, list) and all(isinstance(t, dict) for t in table):
+        if len(table) > 1:
+            raise KuklaError(f"config file {path} has {len(table)} [[{section}]] runs; --config reads one: "
+                             f"run them all with `kukla run {path} --stages {section}`")
+        table = table[0] if table else None
+    if isinstance(table, dict):
+        return table
+    raise KuklaError(f"config file {path} has no [{section}] section; put this stage's settings under [{section}]")
 
 
 def load_config(cls: type[C], path: Path, section: str | None = None, **overrides: Any) -> C:

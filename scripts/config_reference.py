@@ -90,7 +90,10 @@ def reference() -> str:
     """The whole generated configuration reference (Markdown)."""
     intro = ("Generated from the typed configs by `scripts/config_reference.py` (a test keeps it in "
              "step). Every command also reads the same settings from `--config FILE.toml`; flags "
-             "override the file, which overrides the defaults. List settings take `a,b` or a "
+             "override the file, which overrides the defaults. `harvest`, `train` and `evaluate` "
+             "read their own section (`[harvest]`, `[train]`, `[evaluate]`), so a `kukla run` file "
+             "serves them too; one with several `[[train]]` runs is refused by `kukla train` "
+             "(use `kukla run FILE --stages train`). List settings take `a,b` or a "
              "repeated flag; booleans take `--x/--no-x`.")
     return "\n\n".join([intro, *(command_table(*row) for row in COMMANDS)])
 

@@ -14,9 +14,6 @@ def run(config: EvaluateConfig) -> None:
     toy ground truth. Writes metrics.json, report.md, report.html and latents_<name>.parquet.
     """
     from kukla.pipeline.evaluate import evaluate  # torch and the model load only when a run starts
-    from kukla.storage.location import check_output_dir
-
-    check_output_dir(config.out, "--out")
     out = evaluate(config)
     typer.echo(f"report: {out / 'report.html'}")
 

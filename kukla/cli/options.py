@@ -88,9 +88,10 @@ def config_command(
             default = typer.Option(None, flag, help=help_text, show_default=False)
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
                                         default=default, annotation=Optional[_cli_type(tp)]))
+    where = f" under \\[{section}] (a `kukla run` file works)" if section else ""  # \\[ escapes rich markup
     params.append(inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-        default=typer.Option(None, "--config", help="TOML file with these settings; flags override it."),
+        default=typer.Option(None, "--config", help=f"TOML file with these settings{where}; flags override it."),
     ))
 
     def command(**kwargs: Any) -> Any:

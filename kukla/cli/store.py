@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
 import typer
 
 from kukla.cli.options import config_command
+from kukla.config import DEFAULT_MEMORY_BUDGET, Bytes
 from kukla.errors import ConfigError, KuklaError
 from kukla.storage.codecs import DEFAULT_CODEC, check_codec, store_dtype
 
 store_app = typer.Typer(name="store", help="Inspect, verify, finalize and import activation stores.",
                         no_args_is_help=True)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_bytes(name: str, text: str) -> int:
-    """'2GiB', '512MB', '1e9' or a plain byte count."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(name, f"cannot read {text!r} as a size: use e.g. 2GiB, 512MB or a byte count")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 @dataclass
@@ -48,8 +38,8 @@ class VerifyConfig:
 class FinalizeConfig:
     path: str
     """Store folder or fsspec URL whose ranks have all finished writing."""
-    memory_budget: str = "2GiB"
-    """Memory the two-pass shuffle may use (e.g. 512MiB, 8GB); more memory, fewer buckets."""
+    memory_budget: Bytes = DEFAULT_MEMORY_BUDGET
+    """Memory the two-pass shuffle may use (e.g. 512MiB, 8GB, or a byte count); more memory, fewer buckets."""
     seed: int = 0
     """Seed of the global shuffle: the same seed gives the same store."""
     holdout_rows: int | None = None
@@ -60,7 +50,6 @@ class FinalizeConfig:
     """This process's share, 0..workers-1; a plain finalize afterwards (no --worker) commits the store."""
 
     def __post_init__(self) -> None:
-        parse_bytes("memory_budget", self.memory_budget)
         if self.holdout_rows is not None and self.holdout_rows < 0:
             raise ConfigError("holdout_rows", "must be 0 or more")
         if self.workers < 1:
@@ -74,15 +63,15 @@ class ImportConfig:
     out: str
     """Store to create (folder or fsspec URL)."""
     hook: list[str] = field(default_factory=list)
-    """NAME=FILE, repeatable: a .npy or .safetensors file ([rows, width] or [..., width]) per hook; FILE:KEY picks a tensor."""
+    """NAME=FILE, repeatable: a .npy or .safetensors file ([rows, width] or [..., width]) per hook (NAME may be a short form such as resid_post:6); FILE:KEY picks a tensor."""
     dtype: str = "bfloat16"
     """Stored dtype: bfloat16, float16 (refuses overflow) or float32."""
     codec: str = DEFAULT_CODEC
     """Compression: none, zstd-<level> or blosc-<zstd|lz4|lz4hc|zlib>-<level>-<noshuffle|shuffle|bitshuffle>."""
     drop_nonfinite: bool = False
     """Drop rows holding NaN or inf (and report how many) instead of refusing the input."""
-    memory_budget: str = "2GiB"
-    """Memory the global shuffle may use."""
+    memory_budget: Bytes = DEFAULT_MEMORY_BUDGET
+    """Memory the global shuffle may use (e.g. 512MiB, 8GB, or a byte count)."""
     seed: int = 0
     """Seed of the global shuffle."""
     overwrite: bool = False
@@ -96,7 +85,6 @@ class ImportConfig:
             check_codec(self.codec)
         except KuklaError as exc:
             raise ConfigError("dtype" if "dtype" in str(exc) else "codec", str(exc)) from None
-        parse_bytes("memory_budget", self.memory_budget)
 
 
 def _info(config: InfoConfig) -> None:
@@ -134,7 +122,7 @@ def _finalize(config: FinalizeConfig) -> None:
     """Merge every rank's part with a global shuffle and mark the store finalized (rerun to resume)."""
     from kukla.storage import finalize_store, finalize_worker
 
-    settings = {"memory_budget_bytes": parse_bytes("memory_budget", config.memory_budget), "seed": config.seed,
+    settings = {"memory_budget_bytes": config.memory_budget, "seed": config.seed,
                 "holdout_rows": config.holdout_rows}
     if config.worker is not None:
         finalize_worker(config.path, config.worker, config.workers, **settings)
@@ -147,12 +135,13 @@ def _finalize(config: FinalizeConfig) -> None:
 
 def _import(config: ImportConfig) -> None:
     """Turn existing activations (.npy, .safetensors) into a finalized, shuffled store."""
+    from kukla.pipeline.hooks import expand_hook
     from kukla.storage.importer import import_arrays
 
-    hooks = dict(h.split("=", 1) for h in config.hook)
+    hooks = {expand_hook(name): file for name, file in (h.split("=", 1) for h in config.hook)}
     rows, dropped = import_arrays(config.out, hooks, dtype=config.dtype, codec=config.codec,
                                   drop_nonfinite=config.drop_nonfinite, seed=config.seed,
-                                  memory_budget_bytes=parse_bytes("memory_budget", config.memory_budget),
+                                  memory_budget_bytes=config.memory_budget,
                                   overwrite=config.overwrite)
     note = f", dropped {dropped:,} rows with NaN/inf" if config.drop_nonfinite else ""
     typer.echo(f"imported {rows:,} rows into {config.out}{note}")

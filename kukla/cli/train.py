@@ -24,7 +24,7 @@ def run(config: TrainConfig) -> None:
             typer.echo(path)
 
 
-command = config_command(TrainConfig, run, arguments=("store",))
+command = config_command(TrainConfig, run, arguments=("store",), section="train")
 
 
 if __name__ == "__main__":  # `python -m kukla.cli.train …`: this command alone, without the other stages' imports

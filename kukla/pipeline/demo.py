@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kukla.config import read_toml
+from kukla.config import DEFAULT_DEVICE, read_toml
 from kukla.errors import ConfigError
 from kukla.pipeline.demo_text import write_demo_text
 from kukla.pipeline.run import build_pipeline, run_pipeline
@@ -66,8 +66,8 @@ class DemoConfig:
 
     out: Path = Path("kukla-demo")
     """Folder for the demo's text, store, dictionaries and report."""
-    device: str = "cpu"
-    """Torch device for all three stages (cpu, cuda, cuda:1)."""
+    device: str = DEFAULT_DEVICE
+    """Torch device for all three stages: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:1."""
     tokens: int = 40_000
     """Tokens to harvest; training makes several passes over them."""
     epochs: int = 3

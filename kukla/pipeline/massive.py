@@ -13,19 +13,17 @@ import torch
 from torch import Tensor
 
 from kukla.errors import KuklaError
+from kukla.pipeline.harvest.massive import MASSIVE_RATIO  # one default for harvest's flags and evaluate's
 from kukla.storage import Store
 
 MASSIVE = "tokens/massive"
 """The store's row-aligned massive-activation flags (uint8, 1 = massive)."""
-DEFAULT_RATIO = 5.0
-"""A row is massive when its norm exceeds this many times the median row norm (when the store
-records no ratio of its own)."""
 
 
 def massive_ratio(store: Store) -> float:
     """The ratio the store's harvest flagged with, else the default."""
     rule = store.meta.get("massive")
-    return float(rule["ratio"]) if isinstance(rule, dict) and "ratio" in rule else DEFAULT_RATIO
+    return float(rule["ratio"]) if isinstance(rule, dict) and "ratio" in rule else MASSIVE_RATIO
 
 
 def has_flags(store: Store) -> bool:

@@ -30,11 +30,10 @@ journal (a finished store is kept), train resumes from its latest checkpoint
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import typer
 
 from kukla.config import from_dict, read_toml, to_dict
 from kukla.errors import ConfigError, KuklaError
@@ -57,7 +56,7 @@ class RunConfig:
     stages: list[Stage] = field(default_factory=lambda: list(STAGES))
     """Stages to run, in pipeline order; a stage left out must not be needed by a later one without a path."""
     device: str | None = None
-    """Device for every stage whose section names none (cpu, cuda, cuda:1)."""
+    """Device for every stage whose section names none (auto, cpu, cuda, cuda:1); else each stage's default, auto."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -175,7 +174,15 @@ def read_pipeline(path: Path, stages: list[str] | None = None) -> Pipeline:
 
 
 def run_pipeline(pipeline: Pipeline) -> Path | None:
-    """Run the pipeline's stages in order; returns the report's folder when evaluate ran."""
+    """Run the pipeline's stages in order; returns the report's folder when evaluate ran.
+
+    Every output folder is checked first, so a bad one is refused before any stage works."""
+    from kukla.storage.location import check_output_dir
+
+    for config in pipeline.train:
+        check_output_dir(config.out, "[train] out")
+    if pipeline.evaluate is not None:
+        check_output_dir(pipeline.evaluate.out, "[evaluate] out")
     if pipeline.harvest is not None:
         from kukla.pipeline.harvest.run import harvest
 
@@ -221,12 +228,12 @@ def store_is_finished(config: HarvestConfig) -> bool:
     if recorded != wanted:
         raise KuklaError(f"{config.output} is a finalized store of a different harvest; "
                          "set overwrite = true under [harvest] to rebuild it, or choose another output")
-    typer.echo(f"   {config.output} is finalized: kept", err=True)
+    print(f"   {config.output} is finalized: kept", file=sys.stderr, flush=True)
     return True
 
 
 def _banner(stage: str, output: Any) -> None:
-    typer.echo(f"── {stage} → {output}", err=True)
+    print(f"── {stage} → {output}", file=sys.stderr, flush=True)
 
 
 def pipeline_settings(pipeline: Pipeline) -> dict[str, Any]:

@@ -31,6 +31,9 @@ from kukla.storage.location import Location
 FORMAT_VERSION = 1
 TOKEN_ARRAYS = {"tokens/token_id": np.dtype(np.int32), "tokens/sequence": np.dtype(np.int64),
                 "tokens/position": np.dtype(np.int32)}
+#: Row-aligned arrays a store may lack (old and imported stores: readers treat a missing one as
+#: unknown); like truth/*, a writer gives them in every segment or in none.
+OPTIONAL_TOKEN_ARRAYS = {"tokens/massive": np.dtype(np.uint8)}
 #: Keys of the `kukla` attributes that kukla owns; the caller's meta may not use them.
 RESERVED = ("format_version", "kukla_version", "state", "dtype", "codec", "world", "fingerprint",
             "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "shuffle_buckets", "hook_stats", "truth")

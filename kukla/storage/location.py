@@ -2,7 +2,7 @@
 
 Object stores have no rename, so every commit in kukla is "write the data, then put one
 small object" (a single PUT is atomic there). Locally we get the same guarantee with a
-temporary file, fsync and `os.replace`, and fsync the data files before committing them.
+temporary file, fsync and `os.replace` (`kukla.atomic`), and fsync the data files before committing them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import posixpath
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
+from kukla.atomic import atomic_path, fsync_tree, write_atomic
 from kukla.errors import KuklaError
 
 #: OS errors that mean "no room left" (ENOSPC), a file size limit (EFBIG) or a quota (EDQUOT).
@@ -84,36 +84,25 @@ class Location:
         if not self.is_local:
             self.fs.pipe_file(path, b"".join(bytes(piece) for piece in pieces))
             return
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                for piece in pieces:
-                    f.write(piece)
-                f.flush()
-                os.fsync(f.fileno())
-        _replace_atomically(path, write)
+        write_atomic(path, pieces)  # a full disk or a stop leaves no partial file to fill the disk further
 
     def put_direct(self, sub: str, buffer: np.ndarray, size: int) -> None:
         """`put_bytes` of `buffer[:size]` past the page cache (O_DIRECT) where the disk allows: for
         scratch written once and read once, whose copy into fresh cache pages costs more CPU than
         the rest of the shuffle. `buffer` is page-aligned (`aligned_buffer`) and `aligned(size)` long."""
-        path = self.join(sub)
         if not self.is_local or not hasattr(os, "O_DIRECT"):
             self.put_bytes(sub, memoryview(buffer[:size]))
             return
-
-        def write(tmp: str) -> None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
-            try:
-                view, at = memoryview(buffer[:aligned(size)]), 0
-                while at < len(view):
-                    at += os.write(fd, view[at:])
-                os.ftruncate(fd, size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         try:
-            _replace_atomically(path, write)
+            with atomic_path(self.join(sub)) as tmp:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+                try:
+                    view, at = memoryview(buffer[:aligned(size)]), 0
+                    while at < len(view):
+                        at += os.write(fd, view[at:])
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # a file system without O_DIRECT: through the page cache
                 raise
@@ -144,16 +133,8 @@ class Location:
 
     def make_durable(self, sub: str) -> None:
         """fsync every file under `sub` (local only: an object store's PUT is already durable)."""
-        if not self.is_local:
-            return
-        top = self.join(sub)
-        if os.path.isfile(top):
-            _fsync_file(top)
-            return
-        for folder, _, files in os.walk(top):
-            for name in files:
-                _fsync_file(os.path.join(folder, name))
-            fsync_dir(folder)
+        if self.is_local:
+            fsync_tree(self.join(sub))
 
     def disk_usage(self, sub: str = "") -> int:
         """Bytes stored under `sub` (the whole store by default)."""
@@ -161,41 +142,6 @@ class Location:
         return int(self.fs.du(path, total=True)) if self.fs.exists(path) else 0
 
 
-def _replace_atomically(path: str, write: Any) -> None:
-    """Call `write(tmp)` to make the new object's bytes durable beside `path`, then move it into
-    place: readers see the old content or the new, never a part."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{secrets.token_hex(8)}"  # unique across processes and hosts sharing the disk
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or a stop: no partial file is left to fill the disk further
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(path))
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new file in `path` survive a power cut (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_output_dir(path: str | Path, flag: str) -> None:

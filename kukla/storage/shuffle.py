@@ -91,7 +91,7 @@ def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budge
 def check_memory_budget(memory_budget_bytes: int) -> None:
     """Refuse a budget the shuffle cannot work in, before anything is written."""
     if memory_budget_bytes < 1 << 16:
-        raise KuklaError(f"memory budget {memory_budget_bytes} bytes is too small: give at least 64 KiB")
+        raise KuklaError(f"memory budget {int(memory_budget_bytes)} bytes is too small: give at least 64 KiB")
 
 
 def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int,

@@ -18,8 +18,8 @@ import zarr
 from kukla.errors import KuklaError
 from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec, store_dtype,
                                   to_stored)
-from kukla.storage.format import (TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta, chunk_rows_for,
-                                  data_crc32, new_attributes, write_manifest)
+from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta,
+                                  chunk_rows_for, data_crc32, new_attributes, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.lease import Lease
 from kukla.storage.parts import finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
@@ -117,10 +117,11 @@ class StoreWriter:
     def _stored_arrays(self, segment: int, rows: Rows) -> tuple[dict[str, np.ndarray], list[Any],
                                                                  dict[str, np.ndarray]]:
         """Check a segment's keys and row counts; convert to on-disk dtypes (and float32 for the stats)."""
-        unknown = [k for k in rows if not (k.startswith(("acts/", "truth/")) or k in TOKEN_ARRAYS)]
+        unknown = [k for k in rows if not (k.startswith(("acts/", "truth/")) or k in TOKEN_ARRAYS
+                                           or k in OPTIONAL_TOKEN_ARRAYS)]
         if unknown:
             raise KuklaError(f"segment {segment}: unknown key {unknown[0]!r}: use acts/<hook>, "
-                             f"{', '.join(TOKEN_ARRAYS)} or truth/<name>")
+                             f"{', '.join([*TOKEN_ARRAYS, *OPTIONAL_TOKEN_ARRAYS])} or truth/<name>")
         for key in rows:
             if key.startswith("acts/") and key[5:] not in self.hooks:
                 raise KuklaError(f"segment {segment}: hook {key[5:]!r} is not in this store; its hooks: "
@@ -143,14 +144,15 @@ class StoreWriter:
         for name, dtype in TOKEN_ARRAYS.items():
             arrays[name] = (as_numpy(rows[name]).astype(dtype).reshape(n) if name in rows
                             else np.full(n, -1, dtype=dtype))
-        truth = []
-        for key in sorted(k for k in rows if k.startswith("truth/")):
-            arrays[key] = np.ascontiguousarray(as_numpy(rows[key]))
+        truth = []  # the optional arrays' specs (finalize permutes whatever this lists)
+        for key in sorted(k for k in rows if k.startswith("truth/") or k in OPTIONAL_TOKEN_ARRAYS):
+            data = as_numpy(rows[key])
+            arrays[key] = np.ascontiguousarray(data, dtype=OPTIONAL_TOKEN_ARRAYS.get(key, data.dtype))
             truth.append(ArraySpec(key, arrays[key].shape[1:], arrays[key].dtype).to_json())
         previous = next(iter(self.journal.values()), None)
         if previous is not None and previous["truth"] != truth:
-            raise KuklaError(f"segment {segment}: truth arrays {truth} differ from earlier segments' "
-                             f"{previous['truth']}: every segment holds the same truth arrays")
+            raise KuklaError(f"segment {segment}: optional arrays {truth} differ from earlier segments' "
+                             f"{previous['truth']}: every segment holds the same truth/* and optional tokens/*")
         return arrays, truth, floats
 
     def put_static(self, name: str, array: Any) -> None:

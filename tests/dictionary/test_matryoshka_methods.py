@@ -9,6 +9,7 @@ import torch
 
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
+from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
 from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, sample_prefix_lengths
 
 WIDTH = 24
@@ -91,6 +92,28 @@ def test_all_prefix_loss_and_gradients_equal_a_loop_over_every_prefix(activation
     out = d.training_loss(x, y, l2=l2)
     naive = _naive_loss(d, x, y, list(range(1, WIDTH + 1)), _all_weights(WIDTH, 5), l2)
     _assert_matches(d, x, y, out.loss, naive)
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_all_prefix_errors_of_uneven_and_empty_rows_equal_a_loop_over_every_prefix(l2):
+    """Rows with 0, 1 and many active latents (BatchTopK's extremes), against a dense decode per prefix."""
+    torch.manual_seed(3)
+    width, dim = 12, 5
+    W_dec = torch.randn(width, dim, requires_grad=True)
+    e = torch.randn(4, dim, requires_grad=True)
+    active = [[], [7], list(range(width)), [0, 3, 11]]
+    rows = torch.tensor([b for b, cols in enumerate(active) for _ in cols])
+    cols = torch.tensor([c for cols in active for c in cols])
+    values = torch.rand(len(cols), requires_grad=True)
+    cdf = all_prefix_cdf(width, 4)
+    ours, residual = all_prefix_errors(rows, cols, values, W_dec, e, cdf, l2)
+    z = torch.zeros(4, width).index_put((rows, cols), values)
+    naive = sum(w * ((e - z[:, :p] @ W_dec[:p]) ** 2).sum(1).pow(0.5 if l2 else 1).sum()
+                for p, w in zip(range(1, width + 1), cdf.diff().float()))
+    torch.testing.assert_close(ours, naive)
+    torch.testing.assert_close(residual, (e - z @ W_dec).detach())
+    for a, b in zip(torch.autograd.grad(ours, [W_dec, e, values]), torch.autograd.grad(naive, [W_dec, e, values])):
+        torch.testing.assert_close(a, b)
 
 
 def test_all_prefix_with_the_log_penalty_charges_each_latent_its_tail_mass():

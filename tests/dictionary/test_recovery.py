@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
+from steps import adam_step
 
 
 def _sparse_rows(n: int, directions: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -28,14 +29,7 @@ def test_matryoshka_batchtopk_recovers_known_sparse_directions():
     d.initialize(sample)
     optimizer = torch.optim.Adam(d.parameters(), lr=3e-3)
     for _ in range(400):
-        x = _sparse_rows(256, directions, gen)
-        out = d.training_loss(x)
-        optimizer.zero_grad()
-        out.loss.backward()
-        d.project_decoder_grads()
-        optimizer.step()
-        d.normalize_decoder()
-        d.update_dead(out.fired, x.shape[0])
+        out = adam_step(d, optimizer, _sparse_rows(256, directions, gen))
     best = (directions @ d.W_dec.detach().t()).max(dim=1).values
     assert float(best.mean()) >= 0.95
     assert out.metrics["fvu"] < 0.15

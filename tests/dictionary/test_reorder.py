@@ -8,17 +8,7 @@ import torch
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
 from kukla.pipeline.dictionary.reorder import CONTRIBUTION_DECAY, reorder_latents
-
-
-def _step(d: Dictionary, optimizer: torch.optim.Adam, x: torch.Tensor):
-    out = d.training_loss(x)
-    optimizer.zero_grad()
-    out.loss.backward()
-    d.project_decoder_grads()
-    optimizer.step()
-    d.normalize_decoder()
-    d.update_dead(out.fired, x.shape[0])
-    return out
+from steps import adam_step
 
 
 def test_a_reordered_dictionary_trains_on_as_the_same_dictionary_permuted():
@@ -32,7 +22,7 @@ def test_a_reordered_dictionary_trains_on_as_the_same_dictionary_permuted():
     a.initialize(x[0])
     opt_a = torch.optim.Adam(a.parameters(), lr=1e-2)
     for batch in x[:2]:
-        _step(a, opt_a, batch)
+        adam_step(a, opt_a, batch)
     b = copy.deepcopy(a)
     opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
@@ -42,7 +32,7 @@ def test_a_reordered_dictionary_trains_on_as_the_same_dictionary_permuted():
     torch.testing.assert_close(b.contribution, (1 - CONTRIBUTION_DECAY) * contribution[order])
     assert torch.equal(order, torch.argsort(contribution, descending=True))
     for batch in x[2:]:
-        out_a, out_b = _step(a, opt_a, batch), _step(b, opt_b, batch)
+        out_a, out_b = adam_step(a, opt_a, batch), adam_step(b, opt_b, batch)
         assert torch.equal(out_b.fired, out_a.fired[order])
         torch.testing.assert_close(out_b.loss, out_a.loss)
     torch.testing.assert_close(b.W_enc, a.W_enc[:, order])

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, save_dictionary
-from kukla.storage import StoreWriter, finalize_store
+from tests.stores import write_store
 
 HOOK = "blocks.0.hook_resid_post"
 D = 8
@@ -16,16 +16,7 @@ D = 8
 
 def write_rows_store(path: Path, rows: np.ndarray, *, holdout_rows: int, hook: str = HOOK) -> Path:
     """A finalized float32 store of `rows` at one hook, with made-up token provenance."""
-    writer = StoreWriter.open(path, {"hooks": {hook: rows.shape[1]}, "source": "test"}, dtype="float32")
-    for i, (lo, hi) in enumerate([(0, len(rows) // 2), (len(rows) // 2, len(rows))]):
-        writer.write_segment(i, {f"acts/{hook}": rows[lo:hi],
-                                 "tokens/token_id": (np.arange(lo, hi) % 50).astype(np.int32),
-                                 "tokens/sequence": (np.arange(lo, hi) // 10).astype(np.int64),
-                                 "tokens/position": (np.arange(lo, hi) % 10).astype(np.int32)})
-    writer.finish()
-    writer.close()
-    finalize_store(path, holdout_rows=holdout_rows)
-    return path
+    return write_store(path, {hook: rows}, holdout_rows=holdout_rows, meta={"source": "test"})
 
 
 def make_dictionary(path: Path, w_enc: torch.Tensor, w_dec: torch.Tensor, *, b_enc: torch.Tensor | None = None,

@@ -6,6 +6,7 @@ import resource
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -103,3 +104,37 @@ def test_cli_prints_one_line_and_exits_2(texts: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "unknown model" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_full_disk_in_the_background_writer_is_one_line_and_the_rerun_resumes(
+        tiny_model_dir: Path, tiny_model, long_texts: Path, tmp_path: Path, kukla_cli, store_rows) -> None:
+    read_rows, rows_by_token = store_rows
+    out = tmp_path / "full.zarr"
+    flags = ["--model", str(tiny_model_dir), "--dataset", str(long_texts), "--hook", "resid_post:0",
+             "--context-size", "16", "--tokens", "900", "--segment-windows", "4", "--batch-size", "2",
+             "--store-dtype", "float32"]  # a segment's activations: 60 rows × 32 × 4 B = 7.7 kB
+
+    def small_files() -> None:  # in the child: a file may not grow past 5 kB; the write fails with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    full = kukla_cli("harvest", str(out), *flags, preexec_fn=small_files)
+    _, err = full.communicate(timeout=600)
+    assert full.returncode == 2, err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "disk full" in line]
+    assert "writing segment" in line and "rerun the same command to resume" in line
+
+    rerun = kukla_cli("harvest", str(out), *flags)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    resumed = rows_by_token(read_rows(str(out)))
+    whole = harvest(HarvestConfig(output=str(tmp_path / "whole.zarr"), model=str(tiny_model_dir),
+                                  dataset=str(long_texts), hook=["resid_post:0"], context_size=16, tokens=900,
+                                  segment_windows=4, batch_size=2, store_dtype="float32"), model=tiny_model)
+    reference = rows_by_token(read_rows(whole))
+    assert resumed.keys() == reference.keys() and len(resumed) == 900
+    for key, row in reference.items():
+        np.testing.assert_allclose(resumed[key]["acts/blocks.0.hook_resid_post"], row["acts/blocks.0.hook_resid_post"],
+                                   atol=1e-6)

@@ -70,3 +70,27 @@ def test_outlier_tokens_are_dropped_from_every_hook_and_counted(config_model, te
     assert planned == 500 and 0 < dropped < 500
     assert len(rows["tokens/sequence"]) == planned - dropped
     assert len(rows["acts/blocks.0.hook_resid_post"]) == len(rows["acts/blocks.1.hook_resid_post"])
+
+
+def test_rows_cross_to_the_host_in_the_store_dtype_with_their_norms(config_model, texts: Path) -> None:
+    import itertools
+
+    from kukla.pipeline.harvest.forward import SegmentForward
+    from kukla.pipeline.harvest.plan import Segment
+    from kukla.pipeline.harvest.text import iter_texts, iter_windows
+
+    texts_in = iter_texts(str(texts), None, "train", None, "text")
+    windows = tuple(itertools.islice(iter_windows(texts_in, config_model.tokenizer, 24), 5))
+    segment = Segment(0, int(sum(w.keep.sum() for w in windows)), windows)
+    widths = {"blocks.1.hook_resid_post": 16, "blocks.0.mlp.hook_post": 32}
+    pending = SegmentForward(config_model, widths, batch_size=2, store_dtype="bfloat16")(segment)
+    assert pending.acts.dtype == torch.bfloat16 and pending.acts.shape == (segment.planned_rows, 48)
+
+    tokens = torch.tensor(np.stack([w.tokens for w in windows]))
+    keep = torch.tensor(np.concatenate([w.keep for w in windows]))
+    with torch.no_grad():
+        _, cache = config_model.run_with_cache(tokens, names_filter=list(widths))  # one batch, full forward
+    expected = [cache[h].reshape(-1, cache[h].shape[-1])[keep] for h in widths]
+    torch.testing.assert_close(pending.acts.float(), torch.cat(expected, 1).bfloat16().float(), rtol=2 ** -7, atol=1e-6)
+    norms = torch.stack([x.double().norm(dim=1) for x in expected], 1).float()
+    torch.testing.assert_close(pending.norms, norms, rtol=1e-5, atol=1e-6)

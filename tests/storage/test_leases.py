@@ -105,7 +105,7 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
         tmp_path: Path) -> None:
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     flags = ["--source", "toy-tree", "--toy-dim", "16", "--toy-tree", "8,2", "--tokens", "4096",
-             "--context-size", "16", "--segment-windows", "2", "--memory-budget-gb", "0.001"]
+             "--context-size", "16", "--segment-windows", "2", "--memory-budget", "1MB"]
     journal = stopped / "_parts" / "rank-00000" / "journal"
     proc = _start(["-m", "kukla", "harvest", str(stopped), *flags])
     _wait_for(proc, lambda: journal.exists() and len(os.listdir(journal)) >= 10)

@@ -44,15 +44,15 @@ def test_import_npy_and_safetensors_gives_a_finalized_shuffled_store(tmp_path: P
     y = torch.from_numpy(-x[:, :8].copy()).to(torch.bfloat16)
     np.save(tmp_path / "x.npy", x)
     save_file({"mlp_out": y}, tmp_path / "y.safetensors")
-    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"resid={tmp_path / 'x.npy'}",
+    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"resid_post:6={tmp_path / 'x.npy'}",
                        "--hook", f"mlp={tmp_path / 'y.safetensors'}", "--dtype", "float32")
     assert code == 0, out
     store = open_store(tmp_path / "s")
-    a, b = store.read("resid").numpy(), store.read("mlp").numpy()
+    a, b = store.read("blocks.6.hook_resid_post").numpy(), store.read("mlp").numpy()
     assert sorted(a[:, 0].tolist()) == list(range(200)) and a[:, 0].tolist() != list(range(200))
     np.testing.assert_array_equal(b[:, 0], -a[:, 0])  # hooks stay aligned through the shuffle
     info = json.loads(_stdout("store", "info", tmp_path / "s", "--json"))
-    assert info["tokens"] == 200 and info["hooks"] == {"resid": 16, "mlp": 8}
+    assert info["tokens"] == 200 and info["hooks"] == {"blocks.6.hook_resid_post": 16, "mlp": 8}  # short form expanded
     assert info["finalized"] and info["dtype"] == "float32" and info["bytes_on_disk"] > 0
     assert info["compression_ratio"] == pytest.approx(info["bytes_uncompressed"] / info["bytes_on_disk"])
 

@@ -1,4 +1,4 @@
-"""Small real stores for the trainer's tests: written with StoreWriter, finalized (shuffled) on disk."""
+"""The trainer's test rows: sparse sums of fixed directions, written through the shared `tests/stores.py`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kukla.storage import StoreWriter, finalize_store
+from tests.stores import write_store as write_columns
 
 
 def sparse_rows(n_rows: int, dim: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,15 +30,5 @@ def write_store(path: Path, n_rows: int = 4096, hooks: dict[str, int] | None = N
     for name in names[1:]:  # a target hook: a nonlinear function of the input
         w = np.random.default_rng(seed + 1).standard_normal((hooks[names[0]], hooks[name])).astype(np.float32)
         columns[name] = np.maximum(x @ w, 0) / np.sqrt(hooks[names[0]])
-    writer = StoreWriter.open(path, {"hooks": hooks, "model": "test-rows"}, dtype=dtype)
-    bounds = np.linspace(0, n_rows, segments + 1).astype(int)
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        seq = np.arange(lo, hi, dtype=np.int64)
-        writer.write_segment(i, {**{f"acts/{n}": c[lo:hi] for n, c in columns.items()},
-                                 "tokens/token_id": np.zeros(hi - lo, np.int32), "tokens/sequence": seq,
-                                 "tokens/position": np.zeros(hi - lo, np.int32)})
-    writer.finish()
-    writer.close()
-    if finalize:
-        finalize_store(path, holdout_rows=holdout_rows)
-    return path
+    return write_columns(path, columns, segments=segments, holdout_rows=holdout_rows, finalize=finalize,
+                         dtype=dtype, meta={"model": "test-rows"})

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from conftest import HOOK, TARGET
 
 from kukla.config import load_config
 from kukla.errors import ConfigError
@@ -62,3 +64,46 @@ def test_l0_cap_is_a_multiple_of_k_rounded_up() -> None:
     with pytest.raises(ConfigError) as error:
         TrainConfig(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4], l0_cap=0.5)
     assert error.value.field == "l0_cap"
+
+
+def _train_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from kukla.cli.app import app
+
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def test_train_config_reads_the_train_section_of_a_run_file(store: Path, tmp_path: Path) -> None:
+    run_file = tmp_path / "pipeline.toml"
+    run_file.write_text(f'[run]\nout = "{tmp_path / "run"}"\n[harvest]\nsource = "toy-tree"\n'
+                        f'[[train]]\nhook = "{HOOK}"\narch = "topk"\nwidth = [32]\nk = [4]\n'
+                        'tokens = 1024\nbatch_size = 256\nthreads = 1\n')
+    result = _train_cli(str(store), "--out", str(tmp_path / "o"), "--config", str(run_file), "--k", "3")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "o" / "topk-w32-k3-s0" / "cfg.json").read_text())
+    assert (cfg["d_sae"], cfg["k"], cfg["metadata"]["hook_name"]) == (32, 3, HOOK)  # the file's width, the flag's k
+
+
+def test_train_config_with_several_train_runs_names_kukla_run(tmp_path: Path) -> None:
+    run_file = tmp_path / "pipeline.toml"
+    run_file.write_text('[[train]]\nwidth = [32]\n[[train]]\nwidth = [64]\n')
+    result = _train_cli("s.zarr", "--config", str(run_file))
+    assert result.exit_code == 2 and f"kukla run {run_file} --stages train" in result.output, result.output
+    flat = tmp_path / "flat.toml"
+    flat.write_text('width = [32]\n')
+    result = _train_cli("s.zarr", "--config", str(flat))
+    assert result.exit_code == 2 and "put this stage's settings under [train]" in result.output, result.output
+
+
+@pytest.mark.parametrize("flags, hooks", [
+    (["--hook", "resid_post:0"], (HOOK, HOOK)),
+    (["--input-hook", "resid_post:0", "--target-hook", "mlp_out:0"], (HOOK, TARGET)),
+])
+def test_train_takes_hook_short_forms(store: Path, tmp_path: Path, flags: list[str], hooks: tuple) -> None:
+    result = _train_cli(str(store), "--out", str(tmp_path), "--width", "32", "--k", "4", "--tokens", "512",
+                        "--batch-size", "256", "--threads", "1", *flags)
+    assert result.exit_code == 0, result.output
+    [cfg_file] = tmp_path.glob("*/cfg.json")
+    cfg = json.loads(cfg_file.read_text())
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"].get("hook_name_out", cfg["metadata"]["hook_name"])) == hooks

@@ -19,7 +19,7 @@ PrefixScheme = Literal["none", "levels", "sampled", "all"]
 
 
 def default_lr(width: int) -> float:
-    """Adam learning rate that scales as 1/√F: 2e-4 at F = 2¹⁴ (DESIGN §3)."""
+    """Adam learning rate that scales as 1/√F: 2e-4 at F = 2¹⁴ (docs/ARCHITECTURE.md)."""
     return 2e-4 * (width / 2**14) ** -0.5
 
 

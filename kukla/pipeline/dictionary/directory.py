@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from kukla.atomic import atomic_path, write_atomic
 from kukla.config import from_dict, to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.config import DictionaryConfig
@@ -42,9 +42,7 @@ _SAELENS_METADATA_KEYS = ("model_name", "context_size", "dataset_path", "prepend
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, allow_nan=False).encode())
 
 
 def _finite_or_none(value: torch.Tensor) -> float | None:
@@ -89,9 +87,8 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
     arch = saelens_architecture(dictionary)
     if cfg.activation_rule in ("batchtopk", "jumprelu"):
         weights["threshold"] = dictionary.threshold.float().expand(cfg.width)
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
     weights_sha256 = _sha256(directory / WEIGHTS_FILE)
 
     hooks = _hooks(dictionary, metadata)

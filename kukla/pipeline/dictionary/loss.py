@@ -94,7 +94,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         pre = pre_grad.detach()
     if rule == "relu":  # dense codes z = relu(pre), whatever sparse_path says
         z = pre_grad.relu()
-        segments = reference.dense_segments(z, W_dec, bounds)
+        segments = None if all_prefixes else reference.dense_segments(z, W_dec, bounds)
         fired, n_active = (pre > 0).any(dim=0), (pre > 0).sum()
         if all_prefixes or cfg.reorder_latents:
             rows, cols = (pre > 0).nonzero(as_tuple=True)
@@ -107,18 +107,23 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         else:
             gathered = pre_grad[rows, cols]
         values = gathered.relu()
-        segments = path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
+        segments = None if all_prefixes else path.decode_segments(rows, cols, values, W_dec, bounds, n_rows)
         active = values.detach() > 0
         fired = torch.zeros(width, device=x.device).index_add_(0, cols, active.float()) > 0
         n_active = active.sum()
     to_explain = (target - b_dec).float()
-    sq_err, residual = path.prefix_errors(to_explain, segments.float())  # [G] and [B, d]
+    if all_prefixes:  # every prefix at once from the active codes, the full width's residual with them
+        errors, residual = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2,
+                                             row_count=int(cfg.k) if rule == "topk" else None)
+        sq_err = residual.pow(2).sum()[None]
+    else:
+        sq_err, residual = path.prefix_errors(to_explain, segments.float())  # [G] and [B, d]
     total_var = (batch.variance_per_row(target) * n_rows).clamp_min(1e-12)  # this share at the global variance
     fvu = sq_err / total_var
     if l2:  # snap loss: Σ‖r‖ over Σ‖y − ȳ‖ (global over the batch's shares, like the variance)
         scale = (deviation_norms_per_row(batch, target) * n_rows).clamp_min(1e-12)
-    if all_prefixes:  # every prefix, from the active codes; sq_err above is the full width's
-        loss = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2) / (scale if l2 else total_var)
+    if all_prefixes:
+        loss = errors / (scale if l2 else total_var)
     elif l2:
         loss = (prefix_norms(to_explain, segments.float()) * torch.tensor(weights, device=x.device)).sum() / scale
     else:

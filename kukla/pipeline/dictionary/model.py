@@ -1,6 +1,6 @@
 """The dictionary: parameters, inference (encode/decode on raw activations) and constraints.
 
-Notation (DESIGN §3): x_s = x·input_scale, pre = (x_s − b_dec)·W_enc + b_enc for an SAE
+Notation (docs/ARCHITECTURE.md): x_s = x·input_scale, pre = (x_s − b_dec)·W_enc + b_enc for an SAE
 (x_s·W_enc + b_enc for a transcoder), ŷ_s = z·W_dec + b_dec, output ŷ = ŷ_s / target_scale.
 The scales (SAELens-style √d / E‖x‖) are buffers, so every public method takes raw activations.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kukla.config import DEFAULT_DEVICE, resolve_device
 from kukla.errors import ConfigError
 
 
@@ -22,8 +23,8 @@ class EvaluateConfig:
     """Evaluate at most this many held-out rows (default: all of them)."""
     batch_size: int = 4096
     """Rows per batch through the dictionaries (results do not depend on it)."""
-    device: str = "cpu"
-    """Torch device for dictionaries and the model (cpu, cuda, cuda:1, mps)."""
+    device: str = DEFAULT_DEVICE
+    """Torch device for dictionaries and the model: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:1, mps."""
     downstream: bool = True
     """Splice each dictionary into the store's model for CE loss recovered, ΔLM loss and KL."""
     require_downstream: bool = False
@@ -62,6 +63,7 @@ class EvaluateConfig:
     """Seed for the absorption probes' train/test split and initialisation."""
 
     def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
         if not self.dictionaries:
             raise ConfigError("dictionaries", "give at least one dictionary directory")
         for name in ("batch_size", "downstream_contexts", "downstream_batch_size", "top_examples",

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from kukla.atomic import atomic_path
+
 
 class TopActivations:
     """The k largest activations of every latent seen so far, with their store row ids."""
@@ -83,7 +85,6 @@ def write_latent_table(path: Path, *, levels: list[int], columns: dict[str, Tens
     data["top_rows"] = pa.array(top_rows, type=pa.list_(pa.int64()))
     if contexts is not None:
         data["top_contexts"] = pa.array(contexts, type=pa.list_(pa.string()))
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.table(data), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(data), tmp)
     return path

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
+from kukla.atomic import write_atomic
 from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, load_dictionary
@@ -35,6 +36,7 @@ from kukla.pipeline.evaluate.trainlog import training_curves
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.progress import progress
 from kukla.storage import Store, open_store
+from kukla.storage.location import check_output_dir
 
 
 @dataclass
@@ -311,6 +313,7 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     """Evaluate `config.dictionaries` on `config.store`'s held-out rows; returns the report directory.
 
     `model` skips loading the store's model (e.g. one built from a HookedTransformerConfig)."""
+    check_output_dir(config.out, "--out")
     device = config.device
     store = open_store(config.store)
     if not evaluation_rows(store):
@@ -357,7 +360,5 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
                          "config": to_dict(config), "notes": notes, "dictionaries": dicts})
     write_markdown(out / "report.md", report)
     write_html(out / "report.html", report, payload, training)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps(report, indent=2).encode())
     return out

@@ -5,7 +5,9 @@
 
 The pieces, in the order a harvest uses them: `text` (dataset → packed BOS-led windows),
 `plan` (windows → budget cut → segments → ranks), `forward` (one segment through the
-model, all hooks at once), `toy` (the synthetic source), `run` (the resumable loop).
+model, all hooks at once, rows to the host in the store dtype), `massive` (the
+massive-activation flags), `toy` (the synthetic source), `commit` (the background writer
+thread), `run` (the resumable loop).
 """
 
 from kukla.lazy import lazy_exports

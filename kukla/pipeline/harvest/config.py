@@ -6,7 +6,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kukla.config import DEFAULT_DEVICE, DEFAULT_MEMORY_BUDGET, Bytes, resolve_device
 from kukla.errors import ConfigError
+from kukla.pipeline.harvest.massive import MASSIVE_RATIO
 
 STORE_DTYPES = ("bfloat16", "float32", "float16")
 
@@ -45,8 +47,11 @@ class HarvestConfig:
     """Store BOS/EOS/pad and other special-token positions too (left out by default)."""
     outlier_factor: float | None = None
     """Drop tokens whose norm at any hook exceeds this many times that hook's median norm."""
-    device: str = "cpu"
-    """Torch device for the model (cpu, cuda, cuda:1, mps); under torchrun, cuda means cuda:LOCAL_RANK."""
+    massive_ratio: float | None = MASSIVE_RATIO
+    """Flag rows (tokens/massive = 1) whose norm at any hook exceeds this many times that hook's
+    median norm over the plan's first segment; none writes no flags."""
+    device: str = DEFAULT_DEVICE
+    """Torch device for the model: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:1, mps; under torchrun, cuda means cuda:LOCAL_RANK."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
     store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
@@ -59,8 +64,8 @@ class HarvestConfig:
     """On rank 0, wait for every rank's part, then shuffle and merge them into the final store."""
     finalize_wait: float = 86_400.0
     """Seconds rank 0 waits for the other ranks before leaving finalize to `kukla store finalize`."""
-    memory_budget_gb: float = 2.0
-    """Memory the global shuffle may use, in GB."""
+    memory_budget: Bytes = DEFAULT_MEMORY_BUDGET
+    """Memory the global shuffle may use (e.g. 512MiB, 8GB, or a byte count)."""
     holdout_rows: int | None = None
     """Rows at the end of the shuffled store kept out of training, for evaluation and threshold
     calibration; default min(1% of rows, 2²⁰)."""
@@ -96,12 +101,13 @@ class HarvestConfig:
                 raise ConfigError("dataset", "give a dataset: an HF name or a local .txt/.jsonl/.parquet file")
         if self.outlier_factor is not None and self.outlier_factor <= 1:
             raise ConfigError("outlier_factor", "must be above 1 (a multiple of the median norm)")
+        if self.massive_ratio is not None and self.massive_ratio <= 1:
+            raise ConfigError("massive_ratio", "must be above 1 (a multiple of the median norm)")
         if self.rank is None:
             self.rank = int(os.environ.get("RANK", 0))
         if self.world is None:
             self.world = int(os.environ.get("WORLD_SIZE", 1))
-        if self.device == "cuda" and "LOCAL_RANK" in os.environ:
-            self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        self.device = resolve_device(self.device)
         if self.world < 1:
             raise ConfigError("world", "must be at least 1")
         if not 0 <= self.rank < self.world:
@@ -113,7 +119,7 @@ class HarvestConfig:
                 raise ConfigError(name, "must be a probability in [0, 1]")
         if self.toy_noise < 0 or self.toy_magnitude_std < 0:
             raise ConfigError("toy_noise" if self.toy_noise < 0 else "toy_magnitude_std", "must be ≥ 0")
-        if self.memory_budget_gb <= 0:
-            raise ConfigError("memory_budget_gb", "must be positive")
+        if self.memory_budget <= 0:
+            raise ConfigError("memory_budget", "must be positive")
         if self.holdout_rows is not None and self.holdout_rows < 0:
             raise ConfigError("holdout_rows", "must not be negative")

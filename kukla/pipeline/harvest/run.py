@@ -3,15 +3,17 @@
 Every rank walks the whole plan in the same order (tokenizing is cheap next to the
 forward pass) and runs the model only on the segments it owns and has not committed yet,
 so a rerun after a crash continues where the journal says, and the union of all ranks'
-segments is exactly the planned set of rows.
+segments is exactly the planned set of rows. A background thread (`commit.py`) encodes and
+commits segment i while the model runs segment i+1.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,9 @@ from transformer_lens import HookedTransformer
 
 from kukla.errors import KuklaError
 from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.harvest.forward import harvest_segment
+from kukla.pipeline.harvest.commit import SegmentCommitter
+from kukla.pipeline.harvest.forward import SegmentForward
+from kukla.pipeline.harvest.massive import MASSIVE_RULE, reference_median
 from kukla.pipeline.harvest.plan import Segment, cut_budget, owned, plan_segments
 from kukla.pipeline.harvest.text import dataset_spec, iter_texts, iter_windows, special_token_policy
 from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
@@ -39,7 +43,7 @@ def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) ->
     Returns the store's path. SIGTERM abandons the segment in flight, releases the part's
     lease and raises `Preempted` (the CLI exits 143); a rerun resumes from the journal.
     """
-    check_memory_budget(int(config.memory_budget_gb * 1e9))
+    check_memory_budget(config.memory_budget)
     with stop_on_sigterm():
         return _harvest(config, model)
 
@@ -62,38 +66,35 @@ def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
 
 
 def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: HarvestConfig) -> tuple[int, int]:
-    """Harvest this rank's uncommitted segments; (planned rows, rows dropped as outliers) of the rank."""
-    planned = dropped = every_rank = 0
-    written = 0.0
+    """Harvest this rank's uncommitted segments; (planned rows, rows dropped as outliers) of the rank.
+
+    The forward of segment i+1 runs while the writer thread commits segment i."""
+    mine: list[Segment] = []
+    every_rank = 0
     bar = progress(-(-config.tokens // config.world), f"harvest rank {config.rank}/{config.world}")
     try:
-        for segment, make_rows in segments:
-            every_rank += segment.planned_rows
-            if not owned(segment.id, config.rank, config.world):
-                continue
-            if segment.id not in writer.committed:
-                rows = make_rows()
-                writer.write_segment(segment.id, rows)
-                written += _stored_bytes(rows, config.store_dtype) / 1e9
-                bar.set_postfix_str(f"{written:.3f} GB written", refresh=False)
-            planned += segment.planned_rows
-            dropped += segment.planned_rows - int(writer.journal[segment.id]["rows"])
-            bar.update(segment.planned_rows)
+        with SegmentCommitter(writer) as committer:
+            for segment, make_rows in segments:
+                every_rank += segment.planned_rows
+                if not owned(segment.id, config.rank, config.world):
+                    continue
+                mine.append(segment)
+                if segment.id not in writer.committed:
+                    committer.submit(segment.id, make_rows())  # the one place a segment is committed
+                bar.set_postfix_str(f"{committer.stored_bytes / 1e9:.3f} GB written", refresh=False)
+                bar.update(segment.planned_rows)
     finally:
         bar.close()
     if every_rank < config.tokens:
         print(f"warning: the dataset ran out after {every_rank} of the {config.tokens} tokens asked for",
               file=sys.stderr, flush=True)
-    return planned, dropped
+    planned = sum(s.planned_rows for s in mine)
+    return planned, planned - sum(int(writer.journal[s.id]["rows"]) for s in mine)
 
 
-def _stored_bytes(rows: dict[str, np.ndarray], store_dtype: str) -> int:
-    """Uncompressed bytes of a segment as stored (activations in the store's dtype)."""
-    act_itemsize = 4 if store_dtype == "float32" else 2
-    return sum(a.size * act_itemsize if k.startswith("acts/") else a.nbytes for k, a in rows.items())
-
-
-SegmentWork = Iterator[tuple[Segment, Any]]
+SegmentWork = Iterator[tuple[Segment, Callable[[], Callable[[], Any]]]]
+"""(segment, make): `make()` starts the segment's work in the main thread (the forward) and
+returns what the writer thread calls for the rows."""
 
 
 def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple[dict, dict, SegmentWork]:
@@ -105,6 +106,7 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
         raise KuklaError("the model has no tokenizer; kukla needs one to turn text into windows")
     widths = resolve_hooks(model, config.hook)
     hooks = list(widths)
+    forward = SegmentForward(model, widths, batch_size=config.batch_size, store_dtype=config.store_dtype)
     spec = dataset_spec(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
     texts = iter_texts(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
     windows = iter_windows(texts, model.tokenizer, config.context_size,
@@ -122,12 +124,28 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
         "hooks": widths,
         "hook_short_forms": {h: short_form(h) for h in hooks},
         "outliers": {"factor": config.outlier_factor, "rule": "norm at any hook > factor × segment median"},
+        "massive": None if config.massive_ratio is None else {"ratio": config.massive_ratio, "rule": MASSIVE_RULE,
+                                                              "array": "tokens/massive"},
     }
+    reference: list[np.ndarray] = []  # the massive-activation medians, once known
+
+    def start(segment: Segment, first_segment: Segment) -> Callable[[], Any]:
+        pending = forward(segment)
+        if config.massive_ratio is not None and not reference:
+            if segment.id == first_segment.id:
+                pending.wait()  # once per run: the reference is this segment's own norms
+                reference.append(reference_median(pending.norms.numpy()))
+            else:  # segment 0 is another rank's or already committed: forward it for its norms
+                reference.append(reference_median(forward.norms(first_segment)))
+        return functools.partial(pending.rows, outlier_factor=config.outlier_factor,
+                                 massive_median=reference[0] if reference else None,
+                                 massive_ratio=config.massive_ratio)
 
     def work() -> SegmentWork:
+        first_segment = None
         for segment in segments:
-            yield segment, lambda s=segment: harvest_segment(
-                model, hooks, s, batch_size=config.batch_size, outlier_factor=config.outlier_factor)
+            first_segment = first_segment or segment
+            yield segment, functools.partial(start, segment, first_segment)
 
     return meta, {}, work()
 
@@ -146,9 +164,15 @@ def _toy_plan(config: HarvestConfig) -> tuple[dict, dict, SegmentWork]:
     def work() -> SegmentWork:
         for segment_id, start in enumerate(range(0, config.tokens, rows_per_segment)):
             n = min(rows_per_segment, config.tokens - start)
-            yield Segment(segment_id, n), lambda s=segment_id, n=n: toy_segment_rows(tree, s, n, config.seed)
+            yield Segment(segment_id, n), functools.partial(_ready, toy_segment_rows, tree, segment_id, n, config.seed)
 
     return meta, tree.statics(), work()
+
+
+def _ready(make: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Make the rows now (in the main thread); the writer thread just takes them."""
+    rows = make(*args)
+    return lambda: rows
 
 
 def _common_meta(config: HarvestConfig) -> dict[str, Any]:
@@ -175,5 +199,5 @@ def _finalize_when_ready(config: HarvestConfig) -> None:
                              f"{config.finalize_wait:.0f} s; once they finish, run: kukla store finalize {config.output}")
         time.sleep(2.0)
         waiting = unfinished_ranks(config.output)
-    finalize_store(config.output, memory_budget_bytes=int(config.memory_budget_gb * 1e9), seed=config.seed,
+    finalize_store(config.output, memory_budget_bytes=config.memory_budget, seed=config.seed,
                    holdout_rows=config.holdout_rows)

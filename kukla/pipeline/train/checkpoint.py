@@ -3,6 +3,7 @@
 Layout of a run's output directory:
 
     out/checkpoints/step-00001000/trainer_state.pt   optimisers, step, RNG states, stream cursors
+    out/checkpoints/step-00001000/trainer_state.pt.sha256   its SHA-256, checked before a resume trusts it
     out/checkpoints/step-00001000/<member>/           SAELens-loadable dictionary dir per sweep member
     out/checkpoints/latest                            name of the newest complete checkpoint
     out/<member>/                                     the final dictionaries
@@ -14,6 +15,7 @@ moment leaves `latest` pointing at a complete checkpoint, or at nothing yet.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -21,10 +23,12 @@ from typing import Any, Callable
 
 import torch
 
+from kukla.atomic import fsync_tree, write_atomic
 from kukla.errors import KuklaError
 from kukla.storage.location import Location, disk_full_error
 
 STATE_FILE = "trainer_state.pt"
+_DIGEST = STATE_FILE + ".sha256"
 _LATEST = "latest"
 
 
@@ -54,7 +58,7 @@ def publish_dir(build: Callable[[Path], None], final: Path) -> Path:
     tmp.mkdir()
     try:
         build(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:  # a full disk, a kill by SIGTERM: leave no half-built folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,24 +77,23 @@ def write_checkpoint(out: Path, step: int, build: Callable[[Path], None], keep: 
     root = checkpoints_dir(out)
     try:
         path = publish_dir(build, root / f"step-{step:08d}")
-        pointer_tmp = root / f".{_LATEST}-{os.getpid()}"
-        pointer_tmp.write_text(path.name + "\n")
-        _fsync_file(pointer_tmp)
+        write_atomic(root / _LATEST, (path.name + "\n").encode())
     except OSError as exc:
         full = disk_full_error(exc, Location(out), f"writing checkpoint step-{step:08d}")
         raise (KuklaError(f"{full} with --resume") if full else exc) from None
-    os.replace(pointer_tmp, root / _LATEST)
     _prune(root, keep, path)
     return path
 
 
 class _Writes:
-    """A file whose write errors are kept: torch.save reports a full disk as a bare RuntimeError."""
+    """A file whose write errors are kept (torch.save reports a full disk as a bare RuntimeError)
+    and whose bytes are hashed as they go (a flipped byte in a pickle of tensors still loads)."""
 
     def __init__(self, file: Any) -> None:
-        self.file, self.error = file, None
+        self.file, self.error, self.sha256 = file, None, hashlib.sha256()
 
     def write(self, data: bytes) -> int:
+        self.sha256.update(data)
         try:
             return self.file.write(data)
         except OSError as exc:
@@ -102,7 +105,7 @@ class _Writes:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the trainer state (a plain torch pickle of tensors, ints and dicts)."""
+    """Write the trainer state (a plain torch pickle of tensors, ints and dicts) and its SHA-256."""
     with open(Path(path) / STATE_FILE, "wb") as f:
         writes = _Writes(f)
         try:
@@ -111,11 +114,23 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
             if writes.error is not None:
                 raise writes.error from None
             raise
+    (Path(path) / _DIGEST).write_text(writes.sha256.hexdigest() + "\n")
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    """Read the trainer state written by `save_state` (our own file, so full unpickling)."""
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    """Read the trainer state written by `save_state` (our own file, so full unpickling), once
+    its SHA-256 matches (checkpoints written before kukla recorded one are read unchecked)."""
+    file, digest = Path(checkpoint) / STATE_FILE, Path(checkpoint) / _DIGEST
+    if digest.exists():
+        sha256 = hashlib.sha256()
+        with open(file, "rb") as f:
+            while block := f.read(16 << 20):
+                sha256.update(block)
+        if sha256.hexdigest() != digest.read_text().strip():
+            raise KuklaError(f"{file} is damaged (checksum mismatch): delete {checkpoint} and write the name of an "
+                             f"earlier step-* folder into {file.parent.parent / _LATEST}, "
+                             "or train again without --resume")
+    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
@@ -127,19 +142,3 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(path: Path) -> None:
-    """Make a checkpoint durable before it is named: files first, then their directories."""
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            _fsync_file(Path(dirpath) / name)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from kukla.config import DEFAULT_DEVICE
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary.config import DEAD_TOKENS_MAX, DictionaryConfig, DictionarySettings
+from kukla.pipeline.hooks import expand_hook
 
 Decay = Literal["linear", "cosine", "constant"]
 
@@ -42,11 +44,11 @@ class TrainConfig(DictionarySettings):
     out: Path
     """Output directory: one dictionary directory per sweep member, checkpoints, metrics.jsonl."""
     hook: str | None = None
-    """Hook to train an SAE on (reconstructs its own input). Give this, or --input-hook and --target-hook."""
+    """Hook to train an SAE on (reconstructs its own input), a full name or a short form (resid_post:6). Give this, or --input-hook and --target-hook."""
     input_hook: str | None = None
-    """Transcoder input hook (e.g. blocks.3.ln2.hook_normalized)."""
+    """Transcoder input hook (e.g. blocks.3.ln2.hook_normalized, or a short form such as mlp_in:3)."""
     target_hook: str | None = None
-    """Transcoder target hook (e.g. blocks.3.hook_mlp_out); Matryoshka levels apply to its reconstruction."""
+    """Transcoder target hook (e.g. blocks.3.hook_mlp_out or mlp_out:3); Matryoshka levels apply to its reconstruction."""
     width: list[int] = field(default_factory=lambda: [16384])
     """Number of latents; several values (4096,8192) sweep them."""
     k: list[float] = field(default_factory=lambda: [64.0])
@@ -97,8 +99,8 @@ class TrainConfig(DictionarySettings):
     """W&B project."""
     wandb_name: str | None = None
     """W&B run name; default: the output directory's name."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto (under torchrun each rank takes cuda:LOCAL_RANK)."""
+    device: str = DEFAULT_DEVICE
+    """Torch device: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:N; under torchrun, cuda means cuda:LOCAL_RANK."""
     compile: bool = False
     """torch.compile each dictionary's training loss (GPU; slow to start)."""
     threads: int | None = None
@@ -108,6 +110,9 @@ class TrainConfig(DictionarySettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("hook", "input_hook", "target_hook"):  # short forms become the store's full names here, once
+            if getattr(self, name) is not None:
+                setattr(self, name, expand_hook(getattr(self, name)))
         if self.hook is not None and (self.input_hook is not None or self.target_hook is not None):
             raise ConfigError("hook", "give --hook (an SAE) or --input-hook with --target-hook (a transcoder), not both")
         if self.hook is None and (self.input_hook is None or self.target_hook is None):

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
+from kukla.config import resolve_device
 from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 
 
@@ -40,11 +41,9 @@ def init_ranks(device: str) -> Ranks:
     """Join torchrun's process group when launched under it (NCCL on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dev = torch.device(resolve_device(device))
+    if dev.type == "cuda" and dev.index is None:  # set_device needs an index
+        dev = torch.device("cuda", 0)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -1,0 +1,78 @@
+"""Local files that are either wholly there or not at all, and survive a power cut.
+
+Every file a later step trusts (store metadata and chunks, dictionary weights, checkpoint
+pointers, metrics) is written to a temporary sibling, fsynced, renamed over its name
+with `os.replace`, and its folder fsynced so the rename itself is durable. A write that
+fails (a full disk, a SIGTERM) leaves the old file and no temporary behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+Buffer = bytes | bytearray | memoryview
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush one file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new file in `path` survive a power cut (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under `path` (or `path` itself), then each folder: before the tree is named."""
+    if os.path.isfile(path):
+        fsync_file(path)
+        return
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fsync_file(os.path.join(folder, name))
+        fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write `path`'s new content to; on success it replaces `path`.
+
+    The temporary's name carries a random token, so processes on hosts sharing a disk
+    never collide (a pid would).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, data: Buffer | list[Buffer]) -> None:
+    """Write `data` (or buffers back to back, without joining them) as the whole of `path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for piece in data if isinstance(data, list) else [data]:
+            f.write(piece)
