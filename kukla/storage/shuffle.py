@@ -349,25 +349,31 @@ class _Runs:
 
 def _read_into(location: Location, key: str, start: int, out: np.ndarray, buffers: _Buffers) -> int:
     """Bytes [start, start + len(out)) of one run file into `out`; the count read. Local runs are
-    read past the page cache (O_DIRECT: the aligned span around them into a staging buffer)."""
+    read past the page cache (O_DIRECT) where the file system allows."""
     if not location.is_local:
         data = location.read_range(key, start, start + len(out))
         out[:len(data)] = np.frombuffer(data, np.uint8)
         return len(data)
     path = location.join(key)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # a file system without O_DIRECT: through the page cache
-            raise
-        fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, "O_DIRECT"):
         try:
-            return os.preadv(fd, [out], start)
-        finally:
-            os.close(fd)
+            return _read_direct(path, start, out, buffers)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # a file system without O_DIRECT: through the page cache
+                raise
+    fd = os.open(path, os.O_RDONLY)
     try:
-        first = start // DIRECT_ALIGN * DIRECT_ALIGN
-        staging = buffers.raw("staging", aligned(start + len(out)) - first)
+        return os.preadv(fd, [out], start)
+    finally:
+        os.close(fd)
+
+
+def _read_direct(path: str, start: int, out: np.ndarray, buffers: _Buffers) -> int:
+    """`_read_into` with O_DIRECT: the aligned span around the bytes into a staging buffer."""
+    first = start // DIRECT_ALIGN * DIRECT_ALIGN
+    staging = buffers.raw("staging", aligned(start + len(out)) - first)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
         got = max(0, min(len(out), os.preadv(fd, [staging], first) - (start - first)))
     finally:
         os.close(fd)
