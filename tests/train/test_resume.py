@@ -82,3 +82,9 @@ def test_existing_run_needs_resume_and_the_same_settings(store: Path, tmp_path: 
     assert changed.exit_code == 2 and "k differs" in changed.output
     finished = runner.invoke(app, ["train", *_flags(store, tmp_path, *short, "--resume")])
     assert finished.exit_code == 0 and str(tmp_path / NAME) in finished.output
+
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    state = checkpoint.load_state(latest)
+    checkpoint.save_state(latest, {**state, "format": 1})  # as an older kukla wrote it
+    older = runner.invoke(app, ["train", *_flags(store, tmp_path, *short, "--resume")])
+    assert older.exit_code == 2 and "checkpoint format 1" in older.output and "Traceback" not in older.output

@@ -37,6 +37,8 @@ from kukla.storage.stream import Batch
 #: Settings that may change between a run and its resumption (they do not touch the math).
 RESUMABLE_CHANGES = {"resume", "wandb", "wandb_project", "wandb_name", "threads", "log_every",
                      "checkpoint_every", "keep_checkpoints", "prefetch", "compile", "device", "store"}
+#: Bumped whenever what a checkpoint holds changes meaning (2: global-batch shares, l0_cap, reordering buffers).
+CHECKPOINT_FORMAT = 2
 #: Held-out rows used to calibrate a periodic checkpoint (the final one uses calibration_tokens).
 CHECKPOINT_CALIBRATION_ROWS = 32768
 
@@ -194,6 +196,9 @@ def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
         raise KuklaError(f"{config.out} already holds a training run; pass --resume to continue it, "
                          "or choose another --out")
     state = checkpoint.load_state(latest)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise KuklaError(f"--resume: {latest} was written by another kukla (checkpoint format {state.get('format')}, "
+                         f"this one reads {CHECKPOINT_FORMAT}); resume with that version, or train into a new --out")
     saved, now = state["config"], to_dict(config)
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
@@ -254,7 +259,7 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
                     calibrate_threshold(trainee.dictionary, held_out, per_latent=config.per_latent_thresholds,
                                         l0_cap=config.l0_cap_for(trainee.member.config))
         state = {
-            "format": 1, "step": step, "world": ranks.world, "config": to_dict(config),
+            "format": CHECKPOINT_FORMAT, "step": step, "world": ranks.world, "config": to_dict(config),
             "streams": streams, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
             "wandb_id": getattr(wandb_run, "id", None),
             "members": {t.name: {"dictionary": t.dictionary.state_dict(), "optimizer": t.optimizer.state_dict(),
