@@ -228,18 +228,6 @@ def test_sparse_path_runs_under_bf16_autocast_with_fp32_gradients():
     assert float(out.loss.detach()) == pytest.approx(float(exact.detach()), rel=0.05)
 
 
-def test_sampled_prefixes_with_relu_average_prefix_fvus_plus_l1():
-    d, x = _dictionary(arch="matryoshka-prefix", activation="relu", levels=None, k=None, n_prefixes=4)
-    out = d.training_loss(x, generator=torch.Generator().manual_seed(2))
-    draws = sample_prefix_lengths(48, 4, torch.Generator().manual_seed(2))
-    x_s = x * d.input_scale
-    z = ((x_s - d.b_dec) @ d.W_enc + d.b_enc).relu()
-    var = ((x_s - x_s.mean(0)) ** 2).sum()
-    fvus = [((x_s - z[:, :p] @ d.W_dec[:p] - d.b_dec) ** 2).sum() / var for p in draws]
-    l1 = (z * d.W_dec.norm(dim=1)).sum(1).mean() / (var / x.shape[0]).sqrt()
-    torch.testing.assert_close(out.loss, sum(fvus) / len(draws) + d.cfg.l1_coefficient * l1, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("arch,sparse_path", [("matryoshka-batchtopk", True), ("matryoshka-batchtopk", False),
                                               ("topk", True), ("relu", False)])
 def test_training_pass_and_dead_update_never_read_the_device(arch, sparse_path, monkeypatch):

@@ -80,6 +80,8 @@ def test_a_researcher_finds_a_latent_sees_its_contexts_switches_dictionary_and_s
     page.goto(url)
     page.wait_for_selector("body[data-ready='1']")
     assert page.inner_text("#count") == f"64 of 64 latents of {names[0]}"
+    assert any("dead latents counted on only 800 eval tokens" in w for w in metrics["dictionaries"][names[0]]["warnings"])
+    assert page.locator("tr.warnings .warn").count() >= 2  # shown in the metrics table, beside the numbers
 
     # Search a latent by number and open it: its contexts, the max token marked.
     page.fill("#search", "5")

@@ -77,6 +77,7 @@ def test_a_live_lease_on_another_host_is_refused_and_a_dead_ones_is_taken_over_o
         assert writer.lock.held and writer.committed == set()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_finalize_at_a_committed_point_and_the_rerun_equals_an_uninterrupted_one(
         tmp_path: Path) -> None:
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
@@ -99,6 +100,7 @@ def test_sigterm_stops_finalize_at_a_committed_point_and_the_rerun_equals_an_uni
     _assert_same_store(stopped, whole)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_uninterrupted_one(
         tmp_path: Path) -> None:
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
@@ -120,6 +122,7 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
     _assert_same_store(stopped, whole)
 
 
+@pytest.mark.slow
 def test_an_import_stopped_during_finalize_finishes_when_the_same_command_is_rerun(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((6000, 32)).astype(np.float32))
     args = ["store", "import", "--hook", f"h={tmp_path / 'x.npy'}", "--memory-budget", "64KiB", "--seed", "2"]

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from test_resume import NAME
 from test_resume import _flags as resume_flags
@@ -42,6 +43,7 @@ def _one_line_error(result, *needles: str) -> None:
         assert needle in errors[0], result.output
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_143_and_the_resumed_run_equals_an_uninterrupted_one(
         store: Path, tmp_path: Path) -> None:
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"

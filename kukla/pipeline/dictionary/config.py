@@ -15,7 +15,7 @@ from kukla.errors import ConfigError
 
 Arch = Literal["topk", "batchtopk", "relu", "matryoshka-batchtopk", "matryoshka-prefix", "jumprelu"]
 ActivationRule = Literal["topk", "batchtopk", "relu", "jumprelu"]
-PrefixScheme = Literal["none", "levels", "sampled"]
+PrefixScheme = Literal["none", "levels", "sampled", "all"]
 
 
 def default_lr(width: int) -> float:
@@ -39,16 +39,20 @@ class DictionarySettings:
     """topk (k per token), batchtopk (k·B per batch), relu (L1 penalty), matryoshka-batchtopk
     (batchtopk + fixed nested `levels`), matryoshka-prefix (random prefixes each batch, Nabeshima),
     jumprelu (inference only: what a loaded SAELens JumpReLU directory becomes)."""
-    activation: Literal["batchtopk", "relu"] = "batchtopk"
+    activation: Literal["batchtopk", "topk", "relu"] = "batchtopk"
     """Activation rule of matryoshka-prefix (the other archs fix their own)."""
+    prefixes: Literal["sampled", "all"] = "sampled"
+    """matryoshka-prefix: `sampled` draws n_prefixes lengths per batch (Nabeshima); `all` trains
+    every prefix at once (block size 1), each weighted by its expected share of those draws, so the
+    loss is the sampled loss's expectation (with replacement) without its noise."""
     levels: list[float] | None = None
     """Cumulative Matryoshka level widths ending at the width (e.g. 128,512,2048,8192,32768), or
     the same as fractions of the width (0.03125,0.125,…,1; fractions suit a width sweep). Default
     for matryoshka-batchtopk: F·{1/32, 3/32, 7/32, 15/32, 1}; with topk/batchtopk/relu, levels make
     them Matryoshka too. Stored as integer widths."""
     n_prefixes: int = 9
-    """matryoshka-prefix: prefix lengths drawn per batch with P(l) ∝ √l − √(l−1) (with
-    replacement), plus the full width, which is always included."""
+    """matryoshka-prefix: distinct prefix lengths drawn per batch with P(l) ∝ √l − √(l−1) from
+    1..F−1 (without replacement), plus the full width, which is always included."""
     level_weights: list[float] | None = None
     """Weight of each level's reconstruction term (fixed levels only), in level order. Default:
     1/G each (the mean), so the loss has the scale of one FVU whatever G is and aux_coefficient
@@ -58,6 +62,23 @@ class DictionarySettings:
     l1_coefficient: float = 0.3
     """relu: weight of the L1 penalty Σᵢ zᵢ‖W_dec,i‖, measured in units of the target's RMS
     deviation norm so it does not depend on the activations' scale."""
+    penalty: Literal["l1", "log"] = "l1"
+    """relu: sparsity penalty per latent, on a = zᵢ‖W_dec,i‖/σ (σ the target's RMS deviation norm):
+    l1 = a; log = log(1 + a/ε) (Nabeshima's log(a + ε), shifted so a silent latent costs 0). With
+    prefixes, each latent's penalty is weighted by the prefix weight that includes it (tail mass)."""
+    log_epsilon: float = 0.1
+    """ε of the log penalty, in the same σ units."""
+    target_l0: float | None = None
+    """relu: adjust the penalty's weight after every step so the training L0 approaches this
+    (starting from l1_coefficient); None keeps l1_coefficient fixed."""
+    l0_control_rate: float = 0.02
+    """Step of the target-L0 controller: λ ← λ·exp(rate·(L0 − target)/max(L0, target)) per step."""
+    reorder_latents: bool = False
+    """After every step, sort latents by their running mean contribution zᵢ²‖W_dec,i‖² (largest
+    first), permuting the weights, the Adam moments and the per-latent buffers together (Nabeshima)."""
+    snap_fraction: float | None = None
+    """Snap loss (Chanin et al.): from this fraction of training on, the reconstruction term is the
+    L2 norm ‖y − ŷ‖ (normalised by Σ‖y − ȳ‖) instead of the squared error. None: never."""
     aux_k: int | None = None
     """Dead latents used by the aux-k loss per token; default d_in // 2 (OpenAI's k_aux = d/2)."""
     aux_coefficient: float = 1 / 32
@@ -79,6 +100,19 @@ class DictionarySettings:
         if self.aux_coefficient < 0 or self.l1_coefficient < 0:
             raise ConfigError("aux_coefficient" if self.aux_coefficient < 0 else "l1_coefficient",
                               "must not be negative")
+        penalised = self.arch == "relu" or self.arch == "matryoshka-prefix" and self.activation == "relu"
+        if self.target_l0 is not None and not penalised:
+            raise ConfigError("target_l0", "steers the sparsity penalty of relu dictionaries; topk/batchtopk set L0 by k")
+        if self.target_l0 is not None and self.target_l0 <= 0:
+            raise ConfigError("target_l0", f"must be above 0, got {self.target_l0}")
+        if self.l0_control_rate <= 0:
+            raise ConfigError("l0_control_rate", f"must be above 0, got {self.l0_control_rate}")
+        if self.log_epsilon <= 0:
+            raise ConfigError("log_epsilon", f"must be above 0, got {self.log_epsilon}")
+        if self.snap_fraction is not None and not 0 <= self.snap_fraction <= 1:
+            raise ConfigError("snap_fraction", f"is a fraction of training, in [0, 1]; got {self.snap_fraction}")
+        if self.prefixes == "all" and self.arch != "matryoshka-prefix":
+            raise ConfigError("prefixes", "applies to matryoshka-prefix only (fixed levels are set by levels)")
         if self.arch == "matryoshka-prefix" and self.levels:
             raise ConfigError("levels", "matryoshka-prefix draws its prefixes; give n_prefixes, not levels")
         if self.level_weights is not None and (self.arch == "matryoshka-prefix" or not self.levels
@@ -117,6 +151,9 @@ class DictionaryConfig(DictionarySettings):
                                        "(set transcoder to map one hook to another)")
         if self.aux_k is None:
             self.aux_k = max(1, self.d_in // 2)
+        if self.prefix_scheme == "sampled" and self.n_prefixes >= self.width:
+            raise ConfigError("n_prefixes", f"draws distinct lengths below width {self.width}; "
+                                            f"got {self.n_prefixes} (use prefixes = all for every prefix)")
         self._check_k()
         self._check_levels()
 
@@ -166,7 +203,8 @@ class DictionaryConfig(DictionarySettings):
 
     @property
     def prefix_scheme(self) -> PrefixScheme:
-        """none: one reconstruction; levels: fixed nested widths; sampled: Nabeshima prefixes."""
+        """none: one reconstruction; levels: fixed nested widths; sampled: Nabeshima prefixes;
+        all: every prefix (block size 1)."""
         if self.arch == "matryoshka-prefix":
-            return "sampled"
+            return self.prefixes
         return "levels" if self.levels else "none"

@@ -26,7 +26,11 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import reference, sparse
 from kukla.pipeline.dictionary.activations import select_batch_topk, select_topk
 from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
-from kukla.pipeline.dictionary.prefixes import prefix_weights
+from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
+from kukla.pipeline.dictionary.penalty import sparsity_penalty
+from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, cumulative_weight, prefix_weights, tail_mass
+from kukla.pipeline.dictionary.reorder import batch_contribution
+from kukla.pipeline.dictionary.snap import deviation_norms_per_row, prefix_norms
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.model import Dictionary
@@ -43,6 +47,8 @@ class TrainOutput:
     mse (raw units, per element), fvu, l0, aux, dead (fraction), l1 (relu), fvu/level_<w> (fixed levels)."""
     fired: Tensor
     """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
+    contribution: Tensor | None = None
+    """[F] batch mean of zᵢ²‖W_dec,i‖² when the latents are reordered (for `reorder_latents`)."""
 
 
 def dead_latents_output(pre_dead: Tensor, W_dec_dead: Tensor, k_aux: int) -> Tensor:
@@ -58,8 +64,10 @@ def dead_latents_output(pre_dead: Tensor, W_dec_dead: Tensor, k_aux: int) -> Ten
 
 
 def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
-                  generator: torch.Generator | None = None, batch: GlobalBatch = ONE_PROCESS) -> TrainOutput:
-    """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder).
+                  generator: torch.Generator | None = None, batch: GlobalBatch = ONE_PROCESS,
+                  l2: bool = False) -> TrainOutput:
+    """Loss, metrics and fired mask for one batch of raw activations (x; and y for a transcoder);
+    l2: the snap loss's unsquared reconstruction error (`kukla.pipeline.dictionary.snap`).
 
     Under data parallelism x is this rank's share of the global batch and `batch` reduces over
     the shares (see `global_batch`). Nothing here reads a device value back to the host.
@@ -70,7 +78,9 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         raise KuklaError("a JumpReLU dictionary (loaded from SAELens) is inference-only here: train batchtopk instead")
     W_enc, b_enc, W_dec, b_dec = dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec
     n_rows, width = x.shape[0], cfg.width
-    bounds, weights = prefix_weights(cfg, generator)
+    all_prefixes = cfg.prefix_scheme == "all"
+    bounds, weights = ([width], [1.0]) if all_prefixes else prefix_weights(cfg, generator)
+    cdf = all_prefix_cdf(width, cfg.n_prefixes) if all_prefixes else cumulative_weight(bounds, weights, width)
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
     aux_cols = dictionary.aux_candidates() if cfg.aux_coefficient > 0 else None
@@ -86,6 +96,9 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         z = pre_grad.relu()
         segments = reference.dense_segments(z, W_dec, bounds)
         fired, n_active = (pre > 0).any(dim=0), (pre > 0).sum()
+        if all_prefixes or cfg.reorder_latents:
+            rows, cols = (pre > 0).nonzero(as_tuple=True)
+            values = z[rows, cols]
     else:
         rows, cols = select_topk(pre, int(cfg.k)) if rule == "topk" else select_batch_topk(pre, float(cfg.k), batch)
         if path is sparse:
@@ -102,7 +115,14 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     sq_err, residual = path.prefix_errors(to_explain, segments.float())  # [G] and [B, d]
     total_var = (batch.variance_per_row(target) * n_rows).clamp_min(1e-12)  # this share at the global variance
     fvu = sq_err / total_var
-    loss = sum(w * f for w, f in zip(weights, fvu.unbind()))
+    if l2:  # snap loss: Σ‖r‖ over Σ‖y − ȳ‖ (global over the batch's shares, like the variance)
+        scale = (deviation_norms_per_row(batch, target) * n_rows).clamp_min(1e-12)
+    if all_prefixes:  # every prefix, from the active codes; sq_err above is the full width's
+        loss = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2) / (scale if l2 else total_var)
+    elif l2:
+        loss = (prefix_norms(to_explain, segments.float()) * torch.tensor(weights, device=x.device)).sum() / scale
+    else:
+        loss = sum(w * f for w, f in zip(weights, fvu.unbind()))
 
     aux = torch.zeros((), device=loss.device)
     if aux_cols is not None:
@@ -119,8 +139,9 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         loss = loss + cfg.aux_coefficient * aux
     l1 = torch.zeros((), device=loss.device)
     if rule == "relu":
-        l1 = (z * W_dec.norm(dim=1)).sum(dim=1).mean() / (total_var / n_rows).sqrt()
-        loss = loss + cfg.l1_coefficient * l1
+        l1 = sparsity_penalty(z, W_dec, tail_mass(cdf), (total_var / n_rows).sqrt(), cfg.penalty, cfg.log_epsilon)
+        coefficient = dictionary.penalty_coefficient if cfg.target_l0 is not None else cfg.l1_coefficient
+        loss = loss + coefficient * l1
 
     metrics = {"mse": sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,
                "fvu": fvu[-1].detach(), "l0": n_active / n_rows, "aux": aux.detach(),
@@ -129,4 +150,5 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         metrics["l1"] = l1.detach()
     if cfg.prefix_scheme == "levels":
         metrics.update({f"fvu/level_{w}": f for w, f in zip(bounds, fvu.detach().unbind())})
-    return TrainOutput(loss=loss, metrics=metrics, fired=fired)
+    contribution = batch_contribution(cols, values, W_dec, n_rows) if cfg.reorder_latents else None
+    return TrainOutput(loss=loss, metrics=metrics, fired=fired, contribution=contribution)

@@ -40,6 +40,10 @@ class Dictionary(nn.Module):
         self.register_buffer("threshold", torch.full((width,), math.nan))
         self.register_buffer("inference_l0", torch.tensor(math.nan))
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        if cfg.target_l0 is not None:  # the penalty weight λ that the L0 controller moves (l0_control.py)
+            self.register_buffer("penalty_coefficient", torch.tensor(float(cfg.l1_coefficient)))
+        if cfg.reorder_latents:  # running mean of zᵢ²‖W_dec,i‖² that orders the latents (reorder.py)
+            self.register_buffer("contribution", torch.zeros(width))
         self.use_sparse_path = cfg.sparse_path
         """The path `training_loss` takes; `fast_path.choose_sparse_path` may pick dense where it is faster."""
         self.aux_columns = 0
@@ -157,11 +161,11 @@ class Dictionary(nn.Module):
         return self.decode(self.encode(x))
 
     def training_loss(self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
-                      batch: GlobalBatch = ONE_PROCESS) -> TrainOutput:
+                      batch: GlobalBatch = ONE_PROCESS, l2: bool = False) -> TrainOutput:
         """One training pass on raw activations (y: a transcoder's targets); `generator` draws
-        matryoshka-prefix's prefixes; `batch` reduces over data-parallel shares of the batch.
-        See `kukla.pipeline.dictionary.loss`."""
-        return training_loss(self, x, y, generator, batch)
+        matryoshka-prefix's prefixes; `batch` reduces over data-parallel shares of the batch;
+        l2: the snap loss. See `kukla.pipeline.dictionary.loss`."""
+        return training_loss(self, x, y, generator, batch, l2)
 
     # --- initialisation and constraints ----------------------------------------------------
     @torch.no_grad()

@@ -2,28 +2,53 @@
 
 A Matryoshka loss is Σⱼ wⱼ · FVU(prefix pⱼ). Fixed levels (Bussmann et al.) use the same
 widths every batch; sampled prefixes (Nabeshima) draw lengths l with P(l) ∝ √l − √(l−1),
-which favours short prefixes (the CDF is √(l/F)) so the first latents learn general features.
+which favours short prefixes (the CDF is √(l/F)) so the first latents learn general features;
+all prefixes (block size 1) weight every length by its expected share of those draws.
+
+Every scheme is also a cumulative weight C(l) = Σ_{p ≤ l} w_p over lengths 0..F: latent i is in
+every prefix longer than i, so its share of a per-prefix penalty is the tail mass 1 − C(i).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch import Tensor
 
 from kukla.pipeline.dictionary.config import DictionaryConfig
 
 
+def prefix_probabilities(width: int) -> Tensor:
+    """[F] float64: P(l) = (√l − √(l−1))/√F for l = 1..F."""
+    root = torch.arange(width + 1, dtype=torch.float64).sqrt()
+    return (root[1:] - root[:-1]) / root[-1]
+
+
 def sample_prefix_lengths(width: int, n: int, generator: torch.Generator | None = None) -> list[int]:
-    """n lengths drawn with P(l) = (√l − √(l−1))/√F, l ∈ 1..F (by inverting the CDF √(l/F)), plus F."""
-    u = 1.0 - torch.rand(n, generator=generator, dtype=torch.float64)  # (0, 1]
-    lengths = torch.ceil(width * u * u).clamp(1, width).long()
-    return [*lengths.tolist(), width]
+    """n distinct lengths from 1..F−1 drawn with P(l) without replacement (Nabeshima), sorted, plus F."""
+    device = generator.device if generator is not None else None
+    probabilities = prefix_probabilities(width)[:-1].to(device)
+    draws = torch.multinomial(probabilities, n, replacement=False, generator=generator) + 1
+    return [*sorted(draws.tolist()), width]
+
+
+@functools.lru_cache(maxsize=8)
+def all_prefix_cdf(width: int, n_prefixes: int) -> Tensor:
+    """[F+1] float64 C(l) of the all-prefix scheme: w_l = n/(n+1)·P(l) + [l = F]/(n+1), the chance
+    that one of n + 1 equally weighted draws (n with P, plus the full width) has length l."""
+    n = n_prefixes
+    cdf = torch.zeros(width + 1, dtype=torch.float64)
+    cdf[1:] = prefix_probabilities(width).cumsum(0) * n / (n + 1)
+    cdf[-1] = 1.0
+    return cdf
 
 
 def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = None) -> tuple[list[int], list[float]]:
     """Distinct prefix widths (increasing, ending at F) and the weight of each one's FVU.
 
-    Repeated draws merge into one prefix whose weight counts the repeats, so every draw weighs
-    1/(n+1) and the loss stays an unbiased estimate of the expected prefix loss.
+    Sampled: n_prefixes distinct lengths plus F, each weighing 1/(n+1). All prefixes: every
+    length 1..F with its expected weight.
     """
     if cfg.prefix_scheme == "none":
         return [cfg.width], [1.0]
@@ -32,9 +57,19 @@ def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = No
         widths = [int(w) for w in cfg.levels]
         raw = cfg.level_weights or [1.0] * len(widths)
         return widths, [float(w) / (1 if cfg.level_weights else len(widths)) for w in raw]
+    if cfg.prefix_scheme == "all":
+        return list(range(1, cfg.width + 1)), all_prefix_cdf(cfg.width, cfg.n_prefixes).diff().tolist()
     draws = sample_prefix_lengths(cfg.width, cfg.n_prefixes, generator)
-    counts: dict[int, int] = {}
-    for length in draws:
-        counts[length] = counts.get(length, 0) + 1
-    widths = sorted(counts)
-    return widths, [counts[w] / len(draws) for w in widths]
+    return draws, [1 / len(draws)] * len(draws)
+
+
+def cumulative_weight(widths: list[int], weights: list[float], width: int) -> Tensor:
+    """[F+1] float64 C(l) = Σ_{p ≤ l} w_p of explicit prefixes."""
+    cdf = torch.zeros(width + 1, dtype=torch.float64)
+    cdf.index_add_(0, torch.tensor(widths), torch.tensor(weights, dtype=torch.float64))
+    return cdf.cumsum(0)
+
+
+def tail_mass(cdf: Tensor) -> Tensor:
+    """[F] latent i's total weight over the prefixes that contain it (lengths above i): C(F) − C(i)."""
+    return cdf[-1] - cdf[:-1]

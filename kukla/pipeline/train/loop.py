@@ -19,6 +19,7 @@ import torch
 from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
+from kukla.pipeline.dictionary.snap import snap_step
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig
 from kukla.pipeline.train.distributed import Ranks, agree, barrier, gather_objects, sum_over_ranks
@@ -244,7 +245,8 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
 
         def build(tmp: Path) -> None:
             for trainee in trainees:
-                save_dictionary(trainee.dictionary, tmp / trainee.name, _metadata(config, store, trainee, step))
+                save_dictionary(trainee.dictionary, tmp / trainee.name,
+                                _metadata(config, store, trainee, step, ranks.world))
             checkpoint.save_state(tmp, state)
 
         path = checkpoint.write_checkpoint(config.out, step, build, config.keep_checkpoints)
@@ -268,7 +270,7 @@ def _held_out_inputs(store: Store, config: TrainConfig, rows: int, ranks: Ranks)
     return batches
 
 
-def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int) -> dict[str, Any]:
+def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, world: int) -> dict[str, Any]:
     """What save_dictionary records beside the weights (model, context and dataset also go to SAELens' cfg)."""
     summary = {k: float(v) for k, v in trainee.last.items()}
     model, dataset = store.meta.get("model"), store.meta.get("dataset")
@@ -287,6 +289,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int) ->
         "step": step,
         "tokens": step * config.batch_size,
         "summary": summary,
+        "snap_step": snap_step(config.snap_fraction, config.total_steps(world)),
     }
 
 

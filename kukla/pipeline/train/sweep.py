@@ -17,6 +17,9 @@ from torch import Tensor
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, default_lr
 from kukla.pipeline.dictionary.fast_path import choose_sparse_path
+from kukla.pipeline.dictionary.l0_control import adjust_penalty
+from kukla.pipeline.dictionary.reorder import reorder_latents
+from kukla.pipeline.dictionary.snap import snap_step
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
 from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
                                               global_batch)
@@ -110,18 +113,23 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
     """
     x, y = acts[0], (acts[1] if len(acts) > 1 else None)
     share = global_batch(ranks)
-    fired, bad = [], []
+    snap = snap_step(config.snap_fraction, total_steps)
+    l2 = snap is not None and step >= snap
+    fired, contributions, bad = [], [], []
     for trainee in trainees:
         with autocast(ranks.device):
-            out = trainee.loss_fn(x, y, trainee.generator, share)
+            out = trainee.loss_fn(x, y, trainee.generator, share, l2)
         bad.append(~torch.isfinite(out.loss.detach()))
         out.loss.backward()
         trainee.last = {"loss": out.loss.detach(), **out.metrics}
+        if snap is not None:
+            trainee.last["snap_l2"] = torch.tensor(float(l2))
         fired.append(out.fired)
+        contributions.append(out.contribution)
     average_gradients([p for t in trainees for p in t.dictionary.parameters()], ranks)
     fired = any_rank(fired, ranks)
     n_tokens = x.shape[0] * ranks.world
-    for trainee, fired_mask in zip(trainees, fired):
+    for trainee, fired_mask, contribution in zip(trainees, fired, contributions):
         dictionary = trainee.dictionary
         dictionary.project_decoder_grads()
         if config.grad_clip > 0:
@@ -133,6 +141,12 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
         trainee.optimizer.zero_grad(set_to_none=True)
         dictionary.normalize_decoder()
         dictionary.update_dead(fired_mask, n_tokens)
+        cfg = dictionary.cfg
+        if cfg.target_l0 is not None:  # the global batch's L0 steers λ the same way on every rank
+            adjust_penalty(dictionary, share.sum(trainee.last["l0"].float()) / share.world, cfg.target_l0,
+                           cfg.l0_control_rate)
+        if contribution is not None:  # the same order on every rank: sort by the global mean
+            reorder_latents(dictionary, trainee.optimizer, share.sum(contribution) / share.world)
     return FiniteCheck(step, acts, rows, torch.stack(bad))
 
 

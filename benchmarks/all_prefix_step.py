@@ -1,0 +1,78 @@
+"""Cost of one all-prefix Matryoshka training step against plain BatchTopK (goal ≤ 1.3×).
+
+    python benchmarks/all_prefix_step.py [--d 512 --width 8192 --k 32 --batch 2048 --steps 5]
+
+One thread; CPU seconds per forward + backward (median of --steps, after one warm-up step), for
+plain BatchTopK, fixed levels, sampled prefixes and all prefixes (all sparse path, a quarter of
+the latents dead so aux-k runs), and the physical floor: the encoder's dense forward matmul
+B·d·F, which every one of them must do. Ratios are to plain BatchTopK from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
+
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig  # noqa: E402
+
+CASES = {
+    "batchtopk": dict(arch="batchtopk"),
+    "levels": dict(arch="matryoshka-batchtopk"),
+    "sampled": dict(arch="matryoshka-prefix", prefixes="sampled"),
+    "all": dict(arch="matryoshka-prefix", prefixes="all"),
+    "all (topk)": dict(arch="matryoshka-prefix", prefixes="all", activation="topk"),
+}
+
+
+def _median_cpu(step, steps: int) -> float:
+    times = []
+    for i in range(steps + 1):
+        start = time.process_time()
+        step()
+        if i:
+            times.append(time.process_time() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--width", type=int, default=8192)
+    parser.add_argument("--k", type=float, default=32)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.d) + 0.5
+    print(f"d={args.d} F={args.width} k={args.k} batch={args.batch}, 1 thread, torch {torch.__version__}")
+    w = torch.randn(args.d, args.width)
+    floor = _median_cpu(lambda: x @ w, args.steps)
+    costs = {}
+    for name, settings in CASES.items():
+        d = Dictionary(DictionaryConfig(d_in=args.d, width=args.width, k=args.k, **settings))
+        d.set_scales(float(x.norm(dim=1).mean()))
+        d.initialize(x[:1024])
+        d.tokens_since_fired[: args.width // 4] = d.cfg.dead_tokens
+        generator = torch.Generator().manual_seed(0)
+
+        def step(d: Dictionary = d, generator: torch.Generator = generator) -> None:
+            d.training_loss(x, generator=generator).loss.backward()
+            d.zero_grad(set_to_none=True)
+        costs[name] = _median_cpu(step, args.steps)
+    print(f"{'encoder matmul (floor)':24s} {floor:6.3f} CPU-s")
+    for name, cost in costs.items():
+        print(f"{name:24s} {cost:6.3f} CPU-s/step  {args.batch / cost:8.0f} tok/CPU-s  "
+              f"{cost / costs['batchtopk']:.2f}x batchtopk  {cost / floor:.2f}x floor")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Absorption and recovery on a toy tree: plain BatchTopK against the Matryoshka variants.
+
+    python benchmarks/science.py [--seeds 5 --steps 2000 --variants batchtopk,levels,sampled,all]
+
+Each seed draws its own tree directions, data and initialisation. Rows come straight from the
+toy-tree generator in memory (`kukla.pipeline.harvest.toy.ToyTree.sample`, the same generator
+`kukla harvest --source toy-tree` writes to a store; skipping the store keeps a run to seconds).
+Training is the trainer's own step (`kukla.pipeline.train.sweep.train_step`: lr schedule, clip,
+decoder projection, dead latents, reordering, snap loss); scores are evaluate's toy truth
+(absorption holes, max cosine to the true features). Prints one line per (variant, seed) and a
+summary: mean ± sd of absorption holes, the worst parent, mean and min max-cosine, and the
+features unrecovered (max cosine < 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
+
+from kukla.pipeline.dictionary import calibrate_threshold  # noqa: E402
+from kukla.pipeline.evaluate.toy import ToyTruth  # noqa: E402
+from kukla.pipeline.harvest.toy import ToyTree  # noqa: E402
+from kukla.pipeline.train.config import TrainConfig  # noqa: E402
+from kukla.pipeline.train.distributed import Ranks  # noqa: E402
+from kukla.pipeline.train.sweep import build_trainees, train_step  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "batchtopk": dict(arch="batchtopk"),
+    "levels": dict(arch="matryoshka-batchtopk"),  # levels from --levels
+    "sampled": dict(arch="matryoshka-prefix", prefixes="sampled", reorder_latents=True),
+    "all": dict(arch="matryoshka-prefix", prefixes="all", reorder_latents=True),
+    "all-fixed-order": dict(arch="matryoshka-prefix", prefixes="all"),
+}
+
+
+def toy_data(args: argparse.Namespace, seed: int) -> tuple[ToyTree, torch.Tensor, tuple[np.ndarray, np.ndarray]]:
+    """The seed's tree, a pool of training rows (cycled, in a fresh order each pass) and held-out rows."""
+    tree = ToyTree.build(args.tree, dim=args.dim, p_root=args.p_root, p_child=args.p_child,
+                         noise=args.noise, magnitude_std=args.magnitude_std, seed=seed)
+    pool = torch.from_numpy(tree.sample(args.pool, np.random.default_rng([seed, 1]))[0])
+    return tree, pool, tree.sample(args.eval_rows, np.random.default_rng([seed, 2]))
+
+
+def run_one(args: argparse.Namespace, variant: str, seed: int,
+            data: tuple[ToyTree, torch.Tensor, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    tree, pool, (rows, activity) = data
+    settings = dict(VARIANTS[variant])
+    if variant == "levels":
+        settings["levels"] = args.levels
+    config = TrainConfig(store=Path("in-memory"), out=Path("unused"), hook="toy", width=[args.width], k=[args.k],
+                         seed=[seed], batch_size=args.batch, tokens=args.batch * args.steps, lr=args.lr,
+                         dead_tokens=args.batch * 200, n_prefixes=args.n_prefixes,
+                         snap_fraction=args.snap, **settings)
+    ranks = Ranks(rank=0, world=1, device=torch.device("cpu"))
+    init = pool[:4096]
+    members = config.members(args.dim, args.dim)
+    [trainee] = build_trainees(config, members, ranks, (float(init.norm(dim=1).mean()), None), (init,))
+    order = torch.Generator().manual_seed(seed)
+    per_pass = args.pool // args.batch
+    for step in range(args.steps):
+        if step % per_pass == 0:
+            batches = torch.randperm(args.pool, generator=order)[:per_pass * args.batch].view(per_pass, args.batch)
+        train_step([trainee], (pool[batches[step % per_pass]],), step, args.steps, config, ranks)
+    d = trainee.dictionary
+    x, activity = torch.from_numpy(rows), torch.from_numpy(activity)
+    calibrate_threshold(d, [x])
+    truth = ToyTruth(tree.directions, tree.parent, d.W_dec)
+    with torch.no_grad():
+        truth.update(d.encode(x), activity)
+    summary = truth.summary()
+    holes = summary["absorption_holes"]
+    worst = max(holes, key=holes.get)
+    return {"absorption": summary["mean_absorption_holes"], "worst": holes[worst], "worst_parent": worst,
+            "mean_cos": summary["mean_max_cosine"], "min_cos": min(summary["max_cosine"]),
+            "unrecovered": summary["n_true_features"] - summary["recovered_above_0.9"],
+            "diagnosis": _diagnose(tree, d.W_dec.detach(), worst, summary["matched_latent"])}
+
+
+def _diagnose(tree: ToyTree, w_dec: torch.Tensor, parent: int, matched: list[int]) -> str:
+    """Where the worst parent's latent sits and whether it is a parent+child mixture."""
+    rows = w_dec / w_dec.norm(dim=1, keepdim=True)
+    latent = matched[parent]
+    cos = torch.from_numpy(tree.directions) @ rows[latent]
+    children = np.flatnonzero(tree.parent == parent)
+    child = int(children[int(cos[children].argmax())])
+    return (f"parent f{parent} -> latent {latent}: cos parent {float(cos[parent]):.2f}, "
+            f"best child f{child} {float(cos[child]):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=1)
+    parser.add_argument("--variants", default="batchtopk,levels,sampled,all")
+    parser.add_argument("--tree", type=lambda s: [int(v) for v in s.split(",")], default=[8, 4])
+    parser.add_argument("--dim", type=int, default=48)
+    parser.add_argument("--p-root", type=float, default=0.1)
+    parser.add_argument("--p-child", type=float, default=0.15)
+    parser.add_argument("--noise", type=float, default=0.01)
+    parser.add_argument("--magnitude-std", type=float, default=0.1)
+    parser.add_argument("--width", type=int, default=48)
+    parser.add_argument("--k", type=float, default=1.5, help="the default tree fires 1.28 features per row")
+    parser.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[4, 16, 48])
+    parser.add_argument("--n-prefixes", type=int, default=9)
+    parser.add_argument("--snap", type=float, default=None, help="snap loss from this fraction of training")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--pool", type=int, default=131072, help="training rows generated per seed")
+    parser.add_argument("--eval-rows", type=int, default=32768)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    variants = args.variants.split(",")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    print(f"tree {args.tree}, dim {args.dim}, width {args.width}, k {args.k}, levels {args.levels}, "
+          f"{args.steps} steps x {args.batch} rows, lr {args.lr}, snap {args.snap}")
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for seed in seeds:
+        data = toy_data(args, seed)
+        for variant in variants:
+            start = time.process_time()
+            r = run_one(args, variant, seed, data)
+            results[variant].append(r)
+            print(f"{variant:12s} seed {seed:2d}: absorption {r['absorption']:.3f}  worst {r['worst']:.2f}  "
+                  f"max-cos mean {r['mean_cos']:.3f} min {r['min_cos']:.3f}  unrecovered {r['unrecovered']}  "
+                  f"({time.process_time() - start:.1f} CPU-s)  {r['diagnosis']}", flush=True)
+    print("\n| variant | absorption (mean ± sd) | worst parent | max-cos mean | max-cos min | unrecovered | "
+          "seeds meeting the goal |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for variant, rs in results.items():
+        a = np.array([r["absorption"] for r in rs])
+        ok = sum(r["absorption"] <= 0.05 and r["worst"] < 0.99 and r["mean_cos"] >= 0.99 for r in rs)
+        print(f"| {variant} | {a.mean():.3f} ± {a.std():.3f} | {max(r['worst'] for r in rs):.2f} | "
+              f"{np.mean([r['mean_cos'] for r in rs]):.3f} | {min(r['min_cos'] for r in rs):.3f} | "
+              f"{sum(r['unrecovered'] for r in rs)} | {ok}/{len(rs)} |")
+    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, "
+          f"{time.process_time():.0f} CPU-s in all")
+
+
+if __name__ == "__main__":
+    main()
