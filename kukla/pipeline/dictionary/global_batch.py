@@ -30,12 +30,16 @@ class GlobalBatch:
         """Every share's `t` concatenated along dim 0 (same shape on every share)."""
         return t
 
-    def variance_per_row(self, t: Tensor) -> Tensor:
-        """Σ_b ‖t_b − t̄‖² / N over the global batch (t̄ its mean, N its rows): FVU's denominator per row."""
+    def deviations(self, t: Tensor) -> tuple[Tensor, int]:
+        """This share's t − t̄ (t̄ the global batch's mean; detached, float32) and N, the global batch's rows."""
         t = t.detach().float()
         n = t.shape[0] * self.world
-        mean = self.sum(t.sum(dim=0)) / n
-        return self.sum((t - mean).pow(2).sum()) / n
+        return t - self.sum(t.sum(dim=0)) / n, n
+
+    def variance_per_row(self, t: Tensor) -> Tensor:
+        """Σ_b ‖t_b − t̄‖² / N over the global batch: FVU's denominator per row."""
+        deviation, n = self.deviations(t)
+        return self.sum(deviation.pow(2).sum()) / n
 
 
 ONE_PROCESS = GlobalBatch()

@@ -84,9 +84,11 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
     aux_cols = dictionary.aux_candidates() if cfg.aux_coefficient > 0 else None
+    dead_mask = dictionary.dead_mask()
     path = sparse if (dictionary.use_sparse_path and rule != "relu") else reference
 
     if path is sparse:
+        x_s = dictionary.scaled_input(x)  # what the sparse backwards re-centre, once for codes and aux-k
         with torch.no_grad():
             pre = torch.addmm(b_enc, x_c, W_enc)
     else:
@@ -102,8 +104,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     else:
         rows, cols = select_topk(pre, int(cfg.k)) if rule == "topk" else select_batch_topk(pre, float(cfg.k), batch)
         if path is sparse:
-            gathered = sparse.encode_at(dictionary.scaled_input(x), dictionary.input_bias, W_enc, b_enc, pre,
-                                        rows, cols)
+            gathered = sparse.encode_at(x_s, dictionary.input_bias, W_enc, b_enc, pre, rows, cols)
         else:
             gathered = pre_grad[rows, cols]
         values = gathered.relu()
@@ -131,10 +132,9 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
 
     aux = torch.zeros((), device=loss.device)
     if aux_cols is not None:
-        dead = dictionary.dead_mask()[aux_cols]
+        dead = dead_mask[aux_cols]
         if path is sparse:
-            pre_dead = sparse.columns_at(dictionary.scaled_input(x), dictionary.input_bias, W_enc, b_enc, pre,
-                                         aux_cols)
+            pre_dead = sparse.columns_at(x_s, dictionary.input_bias, W_enc, b_enc, pre, aux_cols)
         else:
             pre_dead = pre_grad[:, aux_cols]
         pre_dead = torch.where(dead, pre_dead, float("-inf"))
@@ -150,7 +150,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
 
     metrics = {"mse": sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,
                "fvu": fvu[-1].detach(), "l0": n_active / n_rows, "aux": aux.detach(),
-               "dead": dictionary.dead_mask().float().mean()}
+               "dead": dead_mask.float().mean()}
     if rule == "relu":
         metrics["l1"] = l1.detach()
     if cfg.prefix_scheme == "levels":

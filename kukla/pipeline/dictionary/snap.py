@@ -28,10 +28,8 @@ def snap_step(fraction: float | None, total_steps: int) -> int | None:
 def deviation_norms_per_row(batch: GlobalBatch, t: Tensor) -> Tensor:
     """Σ_b ‖t_b − t̄‖ / N over the global batch: the snap loss's denominator per row (as
     `GlobalBatch.variance_per_row` is the FVU's)."""
-    t = t.detach().float()
-    n = t.shape[0] * batch.world
-    mean = batch.sum(t.sum(dim=0)) / n
-    return batch.sum((t - mean).pow(2).sum(dim=1).sqrt().sum()) / n
+    deviation, n = batch.deviations(t)
+    return batch.sum(deviation.pow(2).sum(dim=1).sqrt().sum()) / n
 
 
 def prefix_norms(target: Tensor, segments: Tensor) -> Tensor:

@@ -267,9 +267,10 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
                                  "sparse_path": t.dictionary.use_sparse_path} for t in trainees},
         }
 
+        calibrated = calibration_range(store, calibration_rows)
+
         def build(tmp: Path) -> None:
             for trainee in trainees:
-                calibrated = calibration_range(store, calibration_rows)
                 save_dictionary(trainee.dictionary, tmp / trainee.name,
                                 _metadata(config, store, trainee, step, ranks.world, calibrated))
             checkpoint.save_state(tmp, state)

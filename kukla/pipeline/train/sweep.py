@@ -123,7 +123,7 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
         out.loss.backward()
         trainee.last = {"loss": out.loss.detach(), **out.metrics}
         if snap is not None:
-            trainee.last["snap_l2"] = torch.tensor(float(l2))
+            trainee.last["snap_l2"] = torch.full((), float(l2), device=out.loss.device)  # stacked with the rest
         fired.append(out.fired)
         contributions.append(out.contribution)
     average_gradients([p for t in trainees for p in t.dictionary.parameters()], ranks)
