@@ -121,7 +121,8 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
             "files": {h: {"path": str(s.path.absolute()), "key": s.key, "bytes": s.path.stat().st_size,
                           "mtime": s.path.stat().st_mtime} for h, s in sources.items()},
             "drop_nonfinite": drop_nonfinite}
-    dtype, same = store_dtype(dtype), {"fingerprint": meta_fingerprint(meta), "dtype": store_dtype(dtype), "codec": codec}
+    dtype = store_dtype(dtype)
+    same = {"fingerprint": meta_fingerprint(meta), "dtype": dtype, "codec": codec}
     target = Location(out)
     staging = Location(f"{target.url}.importing")
     staged = overwrite and (staging.exists() or (target.exists() and bool(target.listdir(""))

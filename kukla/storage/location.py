@@ -142,8 +142,6 @@ class Location:
         return int(self.fs.du(path, total=True)) if self.fs.exists(path) else 0
 
 
-
-
 def check_output_dir(path: str | Path, flag: str) -> None:
     """Refuse an output path that exists and is not a folder, before any work is done."""
     if Path(path).exists() and not Path(path).is_dir():

@@ -165,9 +165,8 @@ class ShardReader:
                 finally:
                     os.close(fd)
             else:
-                path = self.location.join(key)
-                start = offset if offset >= 0 else self.location.fs.size(path) + offset
-                data = self.location.fs.cat_file(path, start=start, end=start + nbytes) if start >= 0 else b""
+                start = offset if offset >= 0 else self.location.fs.size(self.location.join(key)) + offset
+                data = self.location.read_range(key, start, start + nbytes) if start >= 0 else b""
                 got, at = len(data), 0
                 for buf in buffers:
                     piece = np.frombuffer(data, np.uint8, count=min(buf.size, len(data) - at), offset=at)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +321,7 @@ class _Runs:
             if self.loaded.get(spec.name) != b:
                 self._bucket(spec, b, size)
             a, z = max(lo, start), min(hi, start + size)
-            perm = np.random.default_rng([self.plan["seed"], 2, b]).permutation(size)
+            perm = _bucket_permutation(self.plan["seed"], b, size)
             np.take(self._bucket_rows(spec)[:size], perm[a - start:z - start], axis=0, out=out[a - lo:z - lo],
                     mode="clip")  # "raise" would gather into a temporary first
         return out
@@ -345,6 +346,14 @@ class _Runs:
                                  "_parts/ is still in the store, otherwise rebuild the store")
             at += n
         self.loaded[spec.name] = b
+
+
+@lru_cache(maxsize=4)
+def _bucket_permutation(seed: int, b: int, size: int) -> np.ndarray:
+    """Bucket b's seeded order, drawn once for all arrays of the shards it covers, not once per array."""
+    perm = np.random.default_rng([seed, 2, b]).permutation(size)
+    perm.flags.writeable = False
+    return perm
 
 
 def _read_into(location: Location, key: str, start: int, out: np.ndarray, buffers: _Buffers) -> int:
