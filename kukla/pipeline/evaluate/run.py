@@ -130,7 +130,7 @@ def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], d
     toy = _attach_toy_truth(store, entries)
     with progress(len(scored), "evaluate (held-out rows)") as bar:
         for acts, rows in eval_batches(store, hooks, scored, config.batch_size, device):
-            activity = ctx.read_rows(store, TOY_ACTIVITY, rows.numpy()) if toy else None
+            activity = store.read(TOY_ACTIVITY, int(rows[0]), int(rows[-1]) + 1) if toy else None  # rows are one run
             for e in entries:
                 z = e.dictionary.encode(acts[e.input_hook])
                 levels = e.dictionary.decode_prefixes(z, e.dictionary.levels)  # the last is the full width
