@@ -1,4 +1,4 @@
-"""Harvest throughput: kukla vs bare `run_with_cache` vs SAELens' CacheActivationsRunner.
+"""Harvest throughput: kukla vs bare `run_with_cache` (kukla's weight layout and TransformerLens' own) vs SAELens' CacheActivationsRunner.
 
 Same model, same hook, same context size, same number of windows (the first windows of
 the text, packed with a BOS each). By default the three run in one process with their
@@ -161,7 +161,19 @@ def _warm_up(model, args) -> None:
     _sync(args)
 
 
-WAYS = {"kukla": way_kukla, "run_with_cache": way_bare, "saelens": way_saelens}
+def as_transformer_lens_lays_it_out(model):
+    """A copy of `model` with every weight contiguous again: the layout TransformerLens (and so
+    SAELens) loads, whose forward copies weights per call (`models.skip_per_call_weight_copies`)."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for parameter in plain.parameters():
+        parameter.data = parameter.data.contiguous()
+    return plain
+
+
+WAYS = {"kukla": way_kukla, "run_with_cache": way_bare, "saelens": way_saelens,
+        "run_with_cache-tl-layout": way_bare}
 
 
 def run_ways(args) -> None:
@@ -177,6 +189,7 @@ def run_ways(args) -> None:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     _warm_up(model, args)
     ways = [w for w in WAYS if not (args.no_saelens and w == "saelens")] if args.way == "all" else [args.way]
+    models = {way: as_transformer_lens_lays_it_out(model) if way.endswith("tl-layout") else model for way in ways}
     once = copy.copy(args)
     once.repeat = 1
     best: dict[str, dict] = {}
@@ -187,7 +200,7 @@ def run_ways(args) -> None:
             for way in ways[attempt % len(ways):] + ways[:attempt % len(ways)]:  # rotated: no way always follows another
                 folder = work / f"{way}-{attempt}"
                 folder.mkdir()
-                result = WAYS[way](model, once, folder)
+                result = WAYS[way](models[way], once, folder)
                 cpu_rates.setdefault(way, []).append(round(args.windows * args.context / result["cpu_seconds"]))
                 if way not in best or result["seconds"] < best[way]["seconds"]:
                     best[way] = result
@@ -232,7 +245,7 @@ def _report(results: dict, args) -> None:
         elif way == "saelens":
             extra = (f"; {r['rows']} rows, {r['disk_mb']:.1f} MB on disk, "
                      f"{r['children_cpu_seconds']:.2f} CPU-s in child processes")
-        print(f"{way:15s} {wall:8.0f} tok/s {r['seconds']:7.2f} s  {cpu:8.0f} tok/CPU-s  "
+        print(f"{way:24s} {wall:8.0f} tok/s {r['seconds']:7.2f} s  {cpu:8.0f} tok/CPU-s  "
               f"peak RSS {r['peak_rss_mb']:6.0f} MB  (wall / CPU){ratios}{extra}; "
               f"tok/CPU-s of each repeat {r['every_cpu_rate']}")
 
