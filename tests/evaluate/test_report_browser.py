@@ -140,3 +140,26 @@ def test_contexts_are_text_without_a_model(demo_report: Path, tmp_path: Path) ->
     notes = json.loads((out / "metrics.json").read_text())["notes"]
     assert any("no logit lens (no model loaded" in n for n in notes)
     assert not any("no tokenizer" in n for n in notes)
+
+
+@pytest.mark.slow
+def test_matching_is_the_mean_max_correlation_on_the_scored_rows(demo_report: Path) -> None:
+    """Cross-dictionary matching reads the scored rows, not the calibration split that tuned the thresholds."""
+    from kukla.pipeline.dictionary import load_dictionary
+    from kukla.pipeline.dictionary.calibrate import evaluation_rows
+    from kukla.pipeline.evaluate.browser import MATCH_ROWS
+    from kukla.pipeline.evaluate.matching import max_correlation, mean_max_correlation
+    from kukla.storage import open_store
+
+    metrics = json.loads((demo_report / "metrics.json").read_text())
+    store = open_store(metrics["store"]["path"])
+    scored = evaluation_rows(store)
+    assert metrics["store"]["eval_rows"] == [scored.start, scored.stop] and scored.start > store.n_rows - store.holdout_rows
+    rows = scored[:MATCH_ROWS]
+    x = store.read(HOOK, rows.start, rows.stop)
+    (a, meta_a), (b, meta_b) = metrics["dictionaries"].items()
+    with torch.no_grad():
+        codes = [load_dictionary(m["path"]).eval().encode(x) for m in (meta_a, meta_b)]
+    best, _ = max_correlation(codes[0], codes[1])
+    assert meta_a["matching"][b]["rows"] == len(rows)
+    assert meta_a["matching"][b]["mean_max_correlation"] == pytest.approx(mean_max_correlation(best), abs=1e-9)

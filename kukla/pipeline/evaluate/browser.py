@@ -72,10 +72,10 @@ def _encode_page(records: list[dict[str, Any]]) -> str:
     return base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode("ascii")
 
 
-def _matches(inputs: list[BrowserInput], store: Store, n_eval: int, device: str) -> None:
-    """Fill extra['match'] (per latent) and extra['matching'] (summary) for each pair of one hook."""
-    start = store.n_rows - store.holdout_rows
-    n = min(MATCH_ROWS, n_eval)
+def _matches(inputs: list[BrowserInput], store: Store, scored: range, device: str) -> None:
+    """Fill extra['match'] (per latent) and extra['matching'] (summary) for each pair of one hook,
+    on the first scored rows (not the calibration split, which tuned the thresholds)."""
+    start, n = scored.start, min(MATCH_ROWS, len(scored))
     groups: dict[tuple[str, str], list[BrowserInput]] = {}
     for item in inputs:
         groups.setdefault((item.input_hook, item.target_hook), []).append(item)
@@ -117,10 +117,10 @@ def _shaded_contexts(item: BrowserInput, store: Store, contexts: RowContexts, de
 
 
 def build(inputs: list[BrowserInput], store: Store, contexts: RowContexts | None, tokenizer: Any | None,
-          w_u: Tensor | None, n_eval: int, device: str) -> tuple[dict[str, Any], list[str]]:
+          w_u: Tensor | None, scored: range, device: str) -> tuple[dict[str, Any], list[str]]:
     """The browser payload for every dictionary, and notes on what it lacks."""
     notes: list[str] = []
-    _matches(inputs, store, n_eval, device)
+    _matches(inputs, store, scored, device)
     used: set[int] = set()
     out: dict[str, Any] = {}
     for item in inputs:

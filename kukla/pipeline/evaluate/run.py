@@ -130,7 +130,7 @@ def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], d
     toy = _attach_toy_truth(store, entries)
     with progress(len(scored), "evaluate (held-out rows)") as bar:
         for acts, rows in eval_batches(store, hooks, scored, config.batch_size, device):
-            activity = ctx.read_rows(store, TOY_ACTIVITY, rows.numpy()) if toy else None
+            activity = store.read(TOY_ACTIVITY, int(rows[0]), int(rows[-1]) + 1) if toy else None  # rows are one run
             for e in entries:
                 z = e.dictionary.encode(acts[e.input_hook])
                 levels = e.dictionary.decode_prefixes(z, e.dictionary.levels)  # the last is the full width
@@ -278,13 +278,13 @@ def _write_tables(entries: list[Entry], out: Path, contexts: ctx.RowContexts | N
 
 
 def _browser(config: EvaluateConfig, store: Store, entries: list[Entry], contexts: ctx.RowContexts | None,
-             tokenizer: Any | None, lm: HookedTransformer | None, n_eval: int,
+             tokenizer: Any | None, lm: HookedTransformer | None, scored: range,
              dicts: dict[str, dict[str, Any]], notes: list[str]) -> dict[str, Any]:
     """The latent browser's data; adds matching summaries and warnings to each dictionary's metrics."""
     inputs = [browser.BrowserInput(e.name, e.dictionary, e.input_hook, e.target_hook, e.browse, e.top.top_rows(),
                                    e.stats.latent_columns()) for e in entries]
     w_u = lm.W_U.detach() if lm is not None else None
-    payload, browser_notes = browser.build(inputs, store, contexts, tokenizer, w_u, n_eval, config.device)
+    payload, browser_notes = browser.build(inputs, store, contexts, tokenizer, w_u, scored, config.device)
     notes.extend(browser_notes)
     for e, item in zip(entries, inputs):
         if "matching" in item.extra:
@@ -349,7 +349,7 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
         if problem:
             notes.append(problem)
     _write_tables(entries, out, contexts, tokenizer, max_cos)
-    payload = _browser(config, store, entries, contexts, tokenizer, lm, len(scored), dicts, notes)
+    payload = _browser(config, store, entries, contexts, tokenizer, lm, scored, dicts, notes)
     training = {e.name: c for e in entries
                 if (c := training_curves(e.path, (e.dictionary.metadata or {}).get("sweep_member")))}
     calibration = calibration_rows(store)

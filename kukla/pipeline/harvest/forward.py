@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from kukla.pipeline.harvest.massive import massive_flags
+from kukla.pipeline.harvest.massive import massive_flags, reference_median
 from kukla.pipeline.harvest.plan import Segment
 from kukla.pipeline.hooks import stop_at_layer
 from kukla.storage.codecs import TORCH_DTYPES
@@ -42,7 +42,7 @@ def outlier_mask(norms: np.ndarray, factor: float) -> np.ndarray:
     hook's median norm."""
     if not len(norms):
         return np.zeros(0, dtype=bool)
-    return (norms > factor * np.median(norms, axis=0)).any(axis=1)
+    return massive_flags(norms, reference_median(norms), factor).astype(bool)  # the same rule, own median
 
 
 @dataclass
