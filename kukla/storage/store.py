@@ -125,7 +125,8 @@ class Store:
             return
         reader = self._readers.get(name)
         if reader is None:
-            self.arrays[name]  # noqa: B018 - refuses metadata that disagrees with the store's attributes
+            # refuses this array's metadata where it disagrees with the store's attributes
+            open_array(self._group, self.specs[name], self.n_rows, self.chunk_rows, self.url)
             reader = ShardReader(self.location, Layout.from_metadata(self.location, self.specs[name]))
             self._readers[name] = reader
         reader.read_into(start, stop, out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import zarr
 
 from kukla.errors import KuklaError
 from kukla.progress import progress
-from kukla.storage.format import open_array, shard_key
+from kukla.storage.format import open_array
 from kukla.storage.parts import read_blob, segment_dir
 from kukla.storage.store import Store, open_store
 
@@ -47,14 +46,13 @@ def verify_store(path: str | Path) -> list[str]:
     with progress(total, "verify", unit="row") as bar:
         for name, spec in store.specs.items():
             try:
-                array = open_array(group, spec, store.n_rows, store.chunk_rows, store.url)
+                open_array(group, spec, store.n_rows, store.chunk_rows, store.url)
             except KuklaError as exc:
                 problems.append(str(exc))
                 continue
-            problems += _missing_shards(store, name, array)
             step = max(store.chunk_rows, READ_BYTES // max(1, spec.row_bytes) // store.chunk_rows * store.chunk_rows)
             for start in range(0, store.n_rows, step):
-                problems += _decode(store, array, name, start, min(store.n_rows, start + step))
+                problems += _decode(store, name, start, min(store.n_rows, start + step))
                 bar.update(min(store.n_rows, start + step) - start)
     for name in _static_names(store):
         try:
@@ -80,34 +78,22 @@ def _nonfinite_rows(name: str, data: np.ndarray, start: int) -> list[str]:
             "activations (import --drop-nonfinite drops such rows)"]
 
 
-def _decode(store: Store, array: Any, name: str, start: int, stop: int) -> list[str]:
-    """Rows [start, stop) of one array; on failure, find the exact chunks that do not decode."""
+def _decode(store: Store, name: str, start: int, stop: int) -> list[str]:
+    """Rows [start, stop) of one array through the store's own reader, the one train and evaluate
+    use (so a missing shard, a chunk absent from its index or a checksum mismatch is found here
+    exactly when a reader would refuse it); on failure, every chunk it refuses, in its words."""
     try:
-        return _nonfinite_rows(name, array[start:stop], start)
-    except Exception:  # noqa: BLE001
+        return _nonfinite_rows(name, store.read_stored(name, start, stop), start)
+    except KuklaError:
         pass
-    problems = []
+    problems: dict[str, None] = {}  # a missing shard fails each of its chunks with one message
     for lo in range(start, stop, store.chunk_rows):
-        hi = min(stop, lo + store.chunk_rows)
         try:
-            array[lo:hi]
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"{name} rows {lo}-{hi - 1}: chunk does not decode ({type(exc).__name__}: "
-                            f"{str(exc)[:80]}): the shard file under {store.location.join(name, 'c')} is damaged; "
-                            "restore it from a copy, or rebuild the store")
-    return problems
-
-
-def _missing_shards(store: Store, name: str, array: Any) -> list[str]:
-    """Zarr reads a missing shard as zeros, so look for every shard file instead."""
-    shard_rows = array.shards[0] if array.shards else array.chunks[0]
-    expected = math.ceil(store.n_rows / shard_rows)
-    folder = store.location.join(name, "c")
-    present = set(store.location.fs.find(folder)) if store.location.exists(f"{name}/c") else set()
-    spec = store.specs[name]
-    missing = [i for i in range(expected) if store.location.join(shard_key(spec, i)) not in present]
-    return [f"{name}: shard {i} (rows {i * shard_rows}-{min(store.n_rows, (i + 1) * shard_rows) - 1}) is missing: "
-            "restore it from a copy, or rebuild the store" for i in missing]
+            store.read_stored(name, lo, min(stop, lo + store.chunk_rows))
+        except KuklaError as exc:
+            problems[str(exc).replace(f"run `kukla store verify {store.url}` and restore or rebuild it",
+                                      "restore it from a copy, or rebuild the store")] = None
+    return list(problems)
 
 
 def _check_manifest(store: Store) -> list[str]:

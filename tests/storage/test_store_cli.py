@@ -112,7 +112,9 @@ def test_finalize_then_verify_then_a_damaged_chunk_is_named(tmp_path: Path) -> N
     assert "restore it" in damaged[0]
     shard.unlink()
     code, out = _kukla("store", "verify", tmp_path / "s")
-    assert code == 2 and "shard 1" in out and "missing" in out
+    missing = [line for line in out.splitlines() if line.startswith("damaged:")]
+    assert code == 2 and len(missing) == 1, out  # one line for the shard, not one per chunk
+    assert f"rows {shard_rows}-" in missing[0] and "missing" in missing[0] and "restore it" in missing[0]
 
 
 def test_finalize_workers_then_commit_from_the_cli(tmp_path: Path) -> None:
@@ -125,3 +127,27 @@ def test_finalize_workers_then_commit_from_the_cli(tmp_path: Path) -> None:
     assert "finalized" in _stdout("store", "finalize", path, "--memory-budget", "64KiB")
     assert sorted(open_store(path).read("tokens/token_id").tolist()) == list(range(128))
     _one_line_error(*_kukla("store", "finalize", path, "--workers", "2", "--worker", "2"), "worker")
+
+
+def test_a_chunk_dropped_from_its_shard_index_fails_verify_as_it_fails_readers(tmp_path: Path) -> None:
+    """zarr reads a chunk marked empty in a shard index as zeros; verify must see what the reader sees."""
+    from kukla.errors import KuklaError
+    from kukla.storage.shards import crc32c
+
+    write_sequences(tmp_path / "s", 16, 16)
+    assert _kukla("store", "finalize", tmp_path / "s", "--memory-budget", "64KiB")[0] == 0
+    store = open_store(tmp_path / "s")
+    name = "acts/blocks.0.hook_resid_post"
+    shard_rows, chunk_rows = store.arrays[name].shards[0], store.chunk_rows
+    shard = tmp_path / "s" / name / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    size = shard_rows // chunk_rows * 16 + 4
+    index = np.frombuffer(bytes(data[-size:-4]), "<u8").copy()
+    index[:2] = np.iinfo(np.uint64).max  # chunk 0 of shard 1: "not written"
+    data[-size:] = index.tobytes() + np.uint32(crc32c(index.view(np.uint8))).tobytes()
+    shard.write_bytes(bytes(data))
+    with pytest.raises(KuklaError, match=f"rows {shard_rows}-{shard_rows + chunk_rows - 1}"):
+        open_store(tmp_path / "s").read(name, shard_rows, shard_rows + chunk_rows)
+    code, out = _kukla("store", "verify", tmp_path / "s")
+    damaged = [line for line in out.splitlines() if line.startswith("damaged:")]
+    assert code == 2 and len(damaged) == 1 and f"rows {shard_rows}-{shard_rows + chunk_rows - 1}" in damaged[0], out
