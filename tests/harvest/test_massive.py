@@ -10,6 +10,7 @@ import pytest
 
 from kukla.errors import ConfigError
 from kukla.pipeline.harvest import HarvestConfig, harvest
+from kukla.pipeline.harvest.massive import MASSIVE_RULE
 from kukla.storage import open_store
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
@@ -32,8 +33,7 @@ def test_rows_above_ratio_times_the_first_segments_median_are_flagged(config_mod
     assert flags.dtype == np.uint8 and set(np.unique(flags)) <= {0, 1}
     assert 0 < expected.sum() < len(expected), "the ratio must split the rows for the test to mean anything"
     np.testing.assert_array_equal(flags.astype(bool), expected)
-    assert open_store(out).meta["massive"] == {"ratio": ratio, "rule": open_store(out).meta["massive"]["rule"],
-                                               "array": "tokens/massive"}
+    assert open_store(out).meta["massive"] == {"ratio": ratio, "rule": MASSIVE_RULE, "array": "tokens/massive"}
 
 
 def test_no_ratio_writes_no_flags_and_the_store_says_so(config_model, texts: Path, tmp_path: Path) -> None:
