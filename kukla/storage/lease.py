@@ -45,9 +45,11 @@ def lease_seconds() -> float:
     try:
         value = float(text) if text else DEFAULT_LEASE_SECONDS
     except ValueError:
-        raise KuklaError(f"KUKLA_LEASE_SECONDS={text!r} is not a number of seconds") from None
+        raise KuklaError(f"KUKLA_LEASE_SECONDS={text!r} is not a number of seconds: set it to "
+                         f"e.g. 60, or unset it for the default {DEFAULT_LEASE_SECONDS:g}") from None
     if value <= 0:
-        raise KuklaError(f"KUKLA_LEASE_SECONDS={text!r} must be positive")
+        raise KuklaError(f"KUKLA_LEASE_SECONDS={text!r} must be positive: set it to e.g. 60, "
+                         f"or unset it for the default {DEFAULT_LEASE_SECONDS:g}")
     return value
 
 
