@@ -85,7 +85,8 @@ def test_metrics_equal_a_direct_float64_computation_whatever_the_batch_size(
             assert level["l0"] == pytest.approx((z[:, :width] != 0).sum(1).mean(), abs=1e-3)
     a = json.loads((report / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
     b = json.loads((small / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
-    assert a["explained_variance"] == pytest.approx(b["explained_variance"], abs=1e-9)
+    # Only the float32 forward may differ with the batch (GEMM blocking); the float64 sums may not.
+    assert a["explained_variance"] == pytest.approx(b["explained_variance"], rel=1e-8)
 
 
 def test_report_is_self_contained_and_the_latent_table_loads(report: Path, rows_store: Path,
