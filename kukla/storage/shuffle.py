@@ -7,8 +7,9 @@ array, a CRC32C per bucket piece), so a bucket's rows are one byte range per run
 the order of a seeded uniform permutation, fill rows [start of b, end of b) of the final
 arrays. Random buckets and a uniform permutation inside each give a uniform permutation of all
 rows; the same seed gives the same store, byte for byte. Runs are scratch written once and read
-once, so on a local disk they bypass the page cache (O_DIRECT), and every row buffer is reused:
-copying into fresh pages (cache or anonymous) cost more CPU than everything else together.
+once, and shards are read once per epoch, so on a local disk both bypass the page cache
+(O_DIRECT), and every row buffer is reused: copying into fresh pages (cache or anonymous) cost
+more CPU than everything else together.
 
 Every unit of work (a run, a shard) is a pure function of the plan, written atomically and
 committed by one small object carrying the plan's id, so a killed finalize resumes, and N
