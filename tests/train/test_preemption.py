@@ -1,6 +1,6 @@
 """Training under preemption and damage: SIGTERM writes a checkpoint and exits 143, a second
-trainer on the same --out is refused, a full disk during a checkpoint is one line and leaves
-nothing half-written, and an --out that is a file is refused."""
+trainer on the same --out is refused, and a full disk during a checkpoint is one line and leaves
+nothing half-written. (An --out that is a file: tests/test_output_is_a_file.py.)"""
 
 from __future__ import annotations
 
@@ -78,11 +78,3 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_half_written_
     filler.unlink()
     _train(*_flags(store, out, "--tokens", str(128 * 20), "--resume"))
     assert (out / NAME / "sae_weights.safetensors").exists()
-
-
-def test_an_out_that_is_a_file_is_refused_in_one_line(store: Path, tmp_path: Path) -> None:
-    file = tmp_path / "file"
-    file.write_text("not a folder")
-    one_line_error(*kukla("train", *_flags(store, file)), "--out", "is a file")
-    one_line_error(*kukla("evaluate", tmp_path, "--store", store, "--out", file),
-                   "--out", "is a file")
