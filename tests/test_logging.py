@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +15,31 @@ from kukla.errors import KuklaError
 from kukla.progress import progress, show_logs
 
 logger = logging.getLogger("kukla.pipeline.test")
+KUKLA = Path(__file__).parents[1] / "kukla"
+
+
+def _terminal_writes(tree: ast.AST) -> list[int]:
+    """Lines that print, touch sys.stdout/sys.stderr, or write through tqdm or a bar."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (
+                (node.value.id == "sys" and node.attr in ("stdout", "stderr"))
+                or (node.attr == "write" and (node.value.id == "tqdm" or "bar" in node.value.id))):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and node.attr == "write" and isinstance(node.value, ast.Attribute) \
+                and "bar" in node.value.attr:
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_no_module_below_the_cli_writes_to_the_terminal_but_through_the_log() -> None:
+    offenders = {str(path.relative_to(KUKLA)): lines for path in KUKLA.rglob("*.py")
+                 if path.relative_to(KUKLA).parts[0] != "cli" and path.name != "progress.py"
+                 and (lines := _terminal_writes(ast.parse(path.read_text())))}
+    assert offenders == {}, offenders
+    assert _terminal_writes(ast.parse("import sys\nprint('x')\nself.bar.write('y')\nsys.stderr.flush()")) == [2, 3, 4]
 
 
 def test_a_line_logged_while_a_bar_is_open_stands_on_a_line_of_its_own(capsys: pytest.CaptureFixture) -> None:
