@@ -62,7 +62,7 @@ def test_trained_transcoder_loads_in_saelens(store: Path, tmp_path: Path) -> Non
 
 def test_threshold_is_calibrated_on_rows_evaluate_never_scores(store: Path, tmp_path: Path) -> None:
     from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
-    from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+    from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
     from kukla.storage import open_store
 
     [path] = train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="batchtopk", width=[64], k=[3],
@@ -81,7 +81,7 @@ def test_threshold_is_calibrated_on_rows_evaluate_never_scores(store: Path, tmp_
     assert final["final"] and final["inference_l0"] == pytest.approx(saved)
 
     report = evaluate(EvaluateConfig(dictionaries=[path], store=store, out=tmp_path / "report",
-                                     downstream=False, absorption=False))
+                                     downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
     metrics = json.loads((report / "metrics.json").read_text())
     scored = range(*metrics["store"]["eval_rows"])
     assert scored == evaluation_rows(s) and not set(scored) & set(range(lo, hi))  # disjoint
