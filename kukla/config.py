@@ -239,14 +239,16 @@ def _moved_to(key: str, types_: dict[str, Any]) -> str | None:
 
 
 def _section(name: str, tp: type, value: Any, source: str) -> Any:
+    """A section from a table (TOML, flags) or an instance of its dataclass (Python)."""
     if isinstance(value, tp):
         return value
-    if not isinstance(value, dict):
-        first = "enabled" if "enabled" in field_types(tp) else dataclasses.fields(tp)[0].name
-        shown = json.dumps(value) if first == "enabled" else "…"
-        raise ConfigError(name, f"is a section of settings, not {json.dumps(value, default=str)}: write {name}.{first} = {shown}, "
-                                f"or a table {name} = {{{first} = {shown}}}")
-    return from_dict(tp, value, source=source, path=f"{name}.")
+    if isinstance(value, dict):
+        return from_dict(tp, value, source=source, path=f"{name}.")
+    if isinstance(value, bool) and "enabled" in field_types(tp):  # the on/off switch it used to be
+        raise ConfigError(name, f"is a section now: write {name}.enabled = {json.dumps(value)}")
+    example = dataclasses.fields(tp)[0].name
+    raise ConfigError(name, f"is a section of settings, not {json.dumps(value, default=str)}: "
+                            f"write {name}.{example} = … or a table {name} = {{{example} = …}}")
 
 
 def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", path: str = "") -> C:

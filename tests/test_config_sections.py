@@ -100,8 +100,7 @@ def test_errors_in_a_section_name_the_full_key(tmp_path: Path) -> None:
     (EvaluateConfig, EVAL, {"require_downstream": True},
      "'require_downstream' is now 'downstream.require': write downstream.require = true"),
     (EvaluateConfig, EVAL, {"downstream_contexts": 4}, "'downstream_contexts' is now 'downstream.contexts'"),
-    (EvaluateConfig, EVAL, {"absorption": False}, "absorption: is a section of settings, not false: "
-                                                  "write absorption.enabled = false"),
+    (EvaluateConfig, EVAL, {"absorption": False}, "absorption: is a section now: write absorption.enabled = false"),
 ])
 def test_an_old_flat_key_is_refused_naming_its_new_key(cls: type, base: dict, old: dict, message: str) -> None:
     with pytest.raises(KuklaError) as raised:
