@@ -116,8 +116,8 @@ def main() -> None:
     dictionary = build_dictionary(root / "sae", args.width)
     cpu = time.process_time()
     out = evaluate(EvaluateConfig(dictionaries=[dictionary], store=store, out=root / "report",
-                                  downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False),
-                                  batch_size=2048))
+                                  downstream=DownstreamConfig(enabled=False),
+                                  absorption=AbsorptionConfig(enabled=False), batch_size=2048))
     cpu = time.process_time() - cpu
     html = out / "report.html"
     page = html.read_text()

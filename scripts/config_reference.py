@@ -108,7 +108,7 @@ def reference() -> str:
              "serves them too; one with several `[[train]]` runs is refused by `kukla train` "
              "(use `kukla run FILE --stages train`). List settings take `a,b` or a "
              "repeated flag; booleans take `--x/--no-x`. Settings that belong together form a section "
-             "(`toy`, `absorption`, `downstream`): a TOML table (`[harvest.toy]`) or dotted keys "
+             "(`toy`, `absorption`, `downstream`, `wandb`): a TOML table (`[harvest.toy]`) or dotted keys "
              "(`toy.dim = 64`), flags named by the path (`--toy-dim`), and a section's `enabled` switch "
              "keeps the section's own flag (`--no-absorption`). The flat keys of earlier versions "
              "(`toy_dim`, `absorption_words`, `require_downstream`) are refused with the key to write instead.")

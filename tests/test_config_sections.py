@@ -22,10 +22,12 @@ from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, Evaluate
 from kukla.pipeline.harvest import HarvestConfig, ToyConfig
 from kukla.pipeline.models import load_model
 from kukla.pipeline.run import build_pipeline
+from kukla.pipeline.train import TrainConfig, WandbConfig
 from kukla.storage import StoreWriter
 
 runner = CliRunner()
 EVAL = {"dictionaries": ["d"], "store": "s", "out": "o"}
+TRAIN = {"store": "s", "out": "o", "hook": "resid_post:0"}
 
 
 def _capture(cls: type, section: str, argument: str) -> tuple[typer.Typer, list]:
@@ -70,8 +72,13 @@ def test_a_section_switch_keeps_the_short_flag() -> None:
     assert result.exit_code == 0, result.output
     assert seen[0].absorption == AbsorptionConfig(enabled=False, words=50)
     assert seen[0].downstream == DownstreamConfig(enabled=False)
-    flags = {s.key: s.flag for s in settings(EvaluateConfig)}
+    flags = {s.key: s.flag for s in settings(EvaluateConfig) + settings(TrainConfig)}
     assert flags["absorption.enabled"] == "--absorption" and flags["absorption.min_probe_f1"] == "--absorption-min-probe-f1"
+    assert flags["wandb.enabled"] == "--wandb" and flags["wandb.project"] == "--wandb-project"
+    stage, seen = _capture(TrainConfig, "train", "store")
+    result = runner.invoke(stage, ["stage", "s", "--out", "o", "--hook", "resid_post:0", "--wandb", "--wandb-name", "r1"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].wandb == WandbConfig(enabled=True, name="r1")
 
 
 def test_errors_in_a_section_name_the_full_key(tmp_path: Path) -> None:
@@ -101,6 +108,8 @@ def test_errors_in_a_section_name_the_full_key(tmp_path: Path) -> None:
      "'require_downstream' is now 'downstream.require': write downstream.require = true"),
     (EvaluateConfig, EVAL, {"downstream_contexts": 4}, "'downstream_contexts' is now 'downstream.contexts'"),
     (EvaluateConfig, EVAL, {"absorption": False}, "absorption: is a section now: write absorption.enabled = false"),
+    (TrainConfig, TRAIN, {"wandb": True}, "wandb: is a section now: write wandb.enabled = true"),
+    (TrainConfig, TRAIN, {"wandb_project": "p"}, "'wandb_project' is now 'wandb.project': write wandb.project = \"p\""),
 ])
 def test_an_old_flat_key_is_refused_naming_its_new_key(cls: type, base: dict, old: dict, message: str) -> None:
     with pytest.raises(KuklaError) as raised:

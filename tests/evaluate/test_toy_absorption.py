@@ -46,8 +46,8 @@ def _holes_by_hand(store_path: Path, dictionary_dir: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_batchtopk_shows_absorption_holes_and_matryoshka_clearly_fewer(tmp_path: Path) -> None:
     store = tmp_path / "toy.zarr"
-    harvest(HarvestConfig(output=store, source="toy-tree", tokens=60_000,
-                          toy=ToyConfig(tree=[4, 4], dim=32, p_root=0.25, p_child=0.3), store_dtype="float32", finalize=False))
+    harvest(HarvestConfig(output=store, source="toy-tree", tokens=60_000, store_dtype="float32", finalize=False,
+                          toy=ToyConfig(tree=[4, 4], dim=32, p_root=0.25, p_child=0.3)))
     finalize_store(store, holdout_rows=4000)
     dictionaries = []
     for arch, levels in (("batchtopk", None), ("matryoshka-batchtopk", [4, 20])):

@@ -34,7 +34,8 @@ def test_calibration_rows_among_the_scored_rows_are_stated(tmp_path: Path, rows_
              _batchtopk(tmp_path / "overlapping", rows_store, [scored.start, scored.start + 100]),
              _batchtopk(tmp_path / "old", rows_store, None)]
     out = evaluate(EvaluateConfig(dictionaries=dicts, store=rows_store, out=tmp_path / "report",
-                                  downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
+                                  downstream=DownstreamConfig(enabled=False),
+                                  absorption=AbsorptionConfig(enabled=False)))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["store"]["eval_rows"] == [scored.start, scored.stop]
     warnings = {name: m["warnings"] for name, m in metrics["dictionaries"].items()}

@@ -59,6 +59,6 @@ def test_reference_documents_every_setting_of_every_stage() -> None:
         for setting in settings(cls):
             row = f"`{setting.key.upper()}` (argument" if setting.key in arguments else f"`{setting.flag}` (`{setting.key}`)"
             assert row in reference, (cls.__name__, setting.key)
-    for key in ("toy.dim", "absorption.words", "downstream.contexts"):  # sections are listed by their dotted keys
+    for key in ("toy.dim", "absorption.words", "downstream.contexts", "wandb.project"):  # sections are listed by their dotted keys
         assert f"(`{key}`)" in reference, key
     assert "TOML table `[harvest.toy]`" in reference and "TOML table `[evaluate.absorption]`" in reference

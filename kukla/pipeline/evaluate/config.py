@@ -91,9 +91,9 @@ class EvaluateConfig:
     model_dtype: ModelDtype = "float32"
     """dtype the model runs in for downstream metrics and absorption."""
     downstream: DownstreamConfig = field(default_factory=lambda: DownstreamConfig())
-    """CE/KL with each dictionary spliced into the model: an [evaluate.downstream] table, or downstream.contexts = … ."""
+    """Downstream CE/KL: an [evaluate.downstream] table, or dotted keys (downstream.contexts = 16)."""
     absorption: AbsorptionConfig = field(default_factory=lambda: AbsorptionConfig())
-    """SAEBench's first-letter absorption: an [evaluate.absorption] table, or absorption.words = … ."""
+    """First-letter absorption: an [evaluate.absorption] table, or dotted keys (absorption.words = 1000)."""
     top_examples: int = 8
     """Top-activating rows kept per latent in the per-latent table."""
     context_tokens: int = 12

@@ -102,7 +102,7 @@ class HarvestConfig:
     overwrite: bool = False
     """Replace a store of another run at the output path."""
     toy: ToyConfig = field(default_factory=lambda: ToyConfig())
-    """The hierarchical toy generator (source = toy-tree): a [harvest.toy] table, or toy.dim = … ."""
+    """The hierarchical toy generator (source = toy-tree): a [harvest.toy] table, or dotted keys (toy.dim = 64)."""
 
     def __post_init__(self) -> None:
         positive = {"context_size": self.context_size, "tokens": self.tokens, "batch_size": self.batch_size,
