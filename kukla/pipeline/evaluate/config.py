@@ -14,7 +14,7 @@ class DownstreamConfig:
     """Splice each dictionary into the store's model for CE loss recovered, ΔLM loss and KL."""
 
     enabled: bool = True
-    """Score the downstream metrics; off needs neither the model nor its text."""
+    """Score the downstream metrics; off re-tokenizes no text and splices nothing."""
     require: bool = False
     """Fail instead of skipping with a note when the model or its text cannot be loaded."""
     contexts: int = 64
@@ -90,9 +90,9 @@ class EvaluateConfig:
     """Model to load instead of the one the store's metadata names (name or local HF folder)."""
     model_dtype: ModelDtype = "float32"
     """dtype the model runs in for downstream metrics and absorption."""
-    downstream: DownstreamConfig = field(default_factory=lambda: DownstreamConfig())
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     """Downstream CE/KL: an [evaluate.downstream] table, or dotted keys (downstream.contexts = 16)."""
-    absorption: AbsorptionConfig = field(default_factory=lambda: AbsorptionConfig())
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
     """First-letter absorption: an [evaluate.absorption] table, or dotted keys (absorption.words = 1000)."""
     top_examples: int = 8
     """Top-activating rows kept per latent in the per-latent table."""

@@ -10,6 +10,7 @@ from kukla.config import DEFAULT_DEVICE, DEFAULT_MEMORY_BUDGET, Bytes, ModelDtyp
 from kukla.errors import ConfigError
 from kukla.pipeline.harvest.massive import MASSIVE_RATIO
 
+
 @dataclass
 class ToyConfig:
     """The toy source: features in a tree (children fire only with their parent) along random
@@ -101,7 +102,7 @@ class HarvestConfig:
     """Seed of the global shuffle (and of the toy source)."""
     overwrite: bool = False
     """Replace a store of another run at the output path."""
-    toy: ToyConfig = field(default_factory=lambda: ToyConfig())
+    toy: ToyConfig = field(default_factory=ToyConfig)
     """The hierarchical toy generator (source = toy-tree): a [harvest.toy] table, or dotted keys (toy.dim = 64)."""
 
     def __post_init__(self) -> None:

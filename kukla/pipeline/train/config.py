@@ -105,7 +105,7 @@ class TrainConfig(DictionarySettings):
     """Continue the run in --out from its latest checkpoint (starts fresh if there is none)."""
     log_every: int = 50
     """Steps between metric lines (metrics.jsonl, progress bar, W&B)."""
-    wandb: WandbConfig = field(default_factory=lambda: WandbConfig())
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging: a [train.wandb] table, or dotted keys (wandb.enabled = true)."""
     device: str = DEFAULT_DEVICE
     """Torch device: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:N; under torchrun, cuda means cuda:LOCAL_RANK."""
