@@ -65,7 +65,7 @@ def test_import_errors_are_one_line(tmp_path: Path) -> None:
     one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
                           "--codec", "brotli"), "unknown codec 'brotli'")
     one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
-                          "--dtype", "int8"), "unsupported store dtype")
+                          "--dtype", "int8"), "dtype: 'int8' is not one of bfloat16, float16, float32")
 
 
 def test_readers_give_one_line_errors_for_bad_paths(tmp_path: Path) -> None:
