@@ -11,13 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
-from kukla.cli.app import app
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.calibrate import evaluation_rows
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.storage import open_store
+from tests.cli import kukla, one_line_error
 from tests.evaluate.helpers import D, make_dictionary
 
 
@@ -132,8 +131,8 @@ def test_missing_model_skips_downstream_with_a_note_or_fails_when_required(
 def test_a_directory_that_is_no_dictionary_is_one_error_line_and_nothing_is_written(
         tmp_path: Path, rows_store: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "empty"), "--store", str(rows_store),
-                                      "--out", str(tmp_path / "out"), "--no-downstream"])
-    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
-    assert result.output.startswith("error: ") and "not a dictionary directory" in result.output, result.output
+    code, output = kukla("evaluate", tmp_path / "empty", "--store", rows_store, "--out", tmp_path / "out",
+                         "--no-downstream")
+    one_line_error(code, output, "not a dictionary directory")
+    assert len(output.splitlines()) == 1, output
     assert not (tmp_path / "out" / "metrics.json").exists()
