@@ -78,6 +78,7 @@ def main() -> None:
     start = time.time()
     path = write_run_file(args.out.absolute(), args.tokens, args.epochs, args.device)
     data = read_toml(path)
+    data["evaluate"]["absorption"] = {"enabled": False}  # first-letter absorption: not in this table
     if args.store is not None:
         data["harvest"]["output"] = str(args.store.absolute())
     pipeline = build_pipeline(data, source=str(path), stages=["train", "evaluate"] if args.store else None)
