@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dictionary_flags import dictionary_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CASES = [("matmul", "-"), ("kukla", "batchtopk"), ("kukla-dense", "batchtopk"), ("saelens", "batchtopk"),
@@ -100,18 +101,30 @@ def kukla_trainer(args: argparse.Namespace, device: torch.device, first: torch.T
     return lambda i, x: train_step(trainees, (x,), i, 10**6, config, ranks)
 
 
-def saelens_trainer(args: argparse.Namespace, device: torch.device):
+def saelens_sae(args: argparse.Namespace, device: torch.device, widths: list[int] | None = None):
+    """SAELens' BatchTopK training SAE, or its Matryoshka one (levels `widths`, default `levels`)
+    when args.arch is matryoshka-batchtopk."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
                                                         MatryoshkaBatchTopKTrainingSAEConfig)
-    from sae_lens.saes.sae import TrainStepInput
 
     common = dict(d_in=args.d, d_sae=args.width, k=args.k, device=str(device), dtype="float32")
     if args.arch == "matryoshka-batchtopk":
-        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-            **common, matryoshka_widths=levels(args.width)))
-    else:
-        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            **common, matryoshka_widths=widths or levels(args.width)))
+    return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+
+
+def saelens_forward(sae, x: torch.Tensor, i: int, dead: torch.Tensor):
+    """SAELens' training forward pass (loss, aux loss on the `dead` latents, feature acts) at step i."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    return sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                    n_training_steps=i, is_logging_step=False))
+
+
+def saelens_trainer(args: argparse.Namespace, device: torch.device):
+    sae = saelens_sae(args, device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4, betas=(0.9, 0.999))
     since_fired = torch.zeros(args.width, device=device)
     frequency = torch.zeros(args.width, device=device)
@@ -120,9 +133,7 @@ def saelens_trainer(args: argparse.Namespace, device: torch.device):
     def step(i: int, x: torch.Tensor) -> None:
         sae.train()
         with autocast:
-            out = sae.training_forward_pass(TrainStepInput(
-                sae_in=x, coefficients={}, dead_neuron_mask=since_fired > 1000,
-                n_training_steps=i, is_logging_step=False))
+            out = saelens_forward(sae, x, i, since_fired > 1000)
             with torch.no_grad():  # SAELens' trainer counts firing latents every step
                 firing = out.feature_acts.bool().float()
                 since_fired.add_(1)
@@ -264,15 +275,9 @@ def report(args: argparse.Namespace, results: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = dictionary_parser(__doc__.splitlines()[0], d=None, width=None, k=64, batch=None, steps=None)
     parser.add_argument("--gpu", action="store_true", help="GPU config: d=2304, F=32768 (bf16 autocast)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, every case, seconds")
-    parser.add_argument("--d", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--k", type=float, default=64)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--store-dir", default="/tmp/kukla_train_bench", help="where the stream case's store goes")
     parser.add_argument("--trainer", choices=sorted({c for c, _ in CASES}), help=argparse.SUPPRESS)
     parser.add_argument("--arch", help=argparse.SUPPRESS)
