@@ -76,7 +76,7 @@ def iter_texts(dataset: str, subset: str | None, split: str, revision: str | Non
     for row in rows:
         if not seen and text_column not in row:
             raise KuklaError(f"dataset {dataset!r} has no column {text_column!r}; its columns are "
-                             f"{', '.join(row)}: pass --text-column")
+                             f"{', '.join(row)}: pass --dataset-text-column")
         seen = True
         text = row.get(text_column)  # a JSON line without it has no text, as `datasets` reads it
         if text:
