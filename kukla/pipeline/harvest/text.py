@@ -14,7 +14,7 @@ BOS, EOS and pad.
 Local files are read through `datasets` like Hub datasets: .json and .parquet give one
 document per row; a .txt file gives one document per line. A .jsonl file (one JSON object per
 line) is read line by line, only as far as the harvest needs: `datasets` parses a whole block
-of the file first, 8% of the CPU of a 64-window harvest.
+of the file first (0.045 CPU-s per run here, 40× the lines' own cost) and costs ≈ 1 s to import.
 """
 
 from __future__ import annotations
