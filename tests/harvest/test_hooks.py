@@ -34,3 +34,25 @@ def test_hooks_are_checked_and_measured_against_the_model(config_model) -> None:
         resolve_hooks(config_model, ["blocks.0.attn.hook_pattern"])
     with pytest.raises(KuklaError, match="given twice"):
         resolve_hooks(config_model, ["resid_post:0", "blocks.0.hook_resid_post"])
+
+
+def test_widths_measured_at_block_0_are_the_widths_every_block_produces() -> None:
+    """The probe runs block 0 only; a full forward at every layer (grouped-query attention, whose
+    k/v hooks are narrower than q) must give the widths it reports."""
+    import math
+
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=16, n_heads=4, d_head=4, n_key_value_heads=2, d_mlp=24,
+                                  n_ctx=8, d_vocab=50, act_fn="gelu", normalization_type="RMS", gated_mlp=True,
+                                  positional_embedding_type="rotary", seed=0)
+    model = HookedTransformer(cfg).eval()
+    suffixes = ["hook_resid_pre", "hook_resid_mid", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z",
+                "hook_attn_out", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "ln1.hook_scale"]
+    names = [f"blocks.{layer}.{suffix}" for layer in range(3) for suffix in suffixes] + ["ln_final.hook_normalized"]
+    widths = resolve_hooks(model, names)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.zeros((1, 3), dtype=torch.long), names_filter=names)
+    assert widths == {name: math.prod(cache[name].shape[2:]) for name in names}
+    assert widths["blocks.2.attn.hook_k"] == 2 * 4 and widths["blocks.2.attn.hook_q"] == 4 * 4
