@@ -3,6 +3,7 @@
 ```
 PATH/zarr.json                     group; attrs["kukla"] = metadata (state writing → finalizing → finalized)
 PATH/acts/<hook>, tokens/*, truth/* row-aligned final arrays (after finalize)
+PATH/windows/token_id, windows/row  the rows' context windows and each position's row (optional)
 PATH/static/<name>                 store-level arrays
 PATH/manifest.parquet              one row per written segment (rank, segment, rows, ...)
 PATH/_parts/rank-RRRRR/...         per-rank segments, journal, lock (gone after finalize)
@@ -34,9 +35,13 @@ TOKEN_ARRAYS = {"tokens/token_id": np.dtype(np.int32), "tokens/sequence": np.dty
 #: Row-aligned arrays a store may lack (old and imported stores: readers treat a missing one as
 #: unknown); like truth/*, a writer gives them in every segment or in none.
 OPTIONAL_TOKEN_ARRAYS = {"tokens/massive": np.dtype(np.uint8)}
+#: Window-aligned arrays ([n_windows, context_size]; window w holds the rows whose tokens/sequence is w):
+#: every token id of the window, and the final row holding each position (−1 where none does).
+WINDOW_ARRAYS = {"windows/token_id": np.dtype(np.int32), "windows/row": np.dtype(np.int64)}
 #: Keys of the `kukla` attributes that kukla owns; the caller's meta may not use them.
 RESERVED = ("format_version", "kukla_version", "state", "dtype", "codec", "world", "fingerprint",
-            "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "shuffle_buckets", "hook_stats", "truth")
+            "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "shuffle_buckets", "hook_stats", "truth",
+            "n_windows")
 TARGET_CHUNK_BYTES = 4 << 20
 TARGET_SHARD_BYTES = 256 << 20
 
@@ -103,6 +108,13 @@ def array_specs(attrs: dict[str, Any]) -> list[ArraySpec]:
     specs += [ArraySpec(name, (), dtype) for name, dtype in TOKEN_ARRAYS.items()]
     specs += [ArraySpec.from_json(value) for value in attrs.get("truth") or []]
     return specs
+
+
+def window_specs(attrs: dict[str, Any]) -> list[ArraySpec]:
+    """The window-aligned arrays of a finalized store: none unless its writer gave windows."""
+    if not attrs.get("n_windows"):
+        return []
+    return [ArraySpec(name, (int(attrs["context_size"]),), dtype) for name, dtype in WINDOW_ARRAYS.items()]
 
 
 def create_array(group: zarr.Group, spec: ArraySpec, n_rows: int, chunk_rows: int, shard_rows: int,

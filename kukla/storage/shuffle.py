@@ -42,6 +42,7 @@ from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, Hoo
 from kukla.storage.lease import Lease
 from kukla.storage.location import DIRECT_ALIGN, Location, aligned, aligned_buffer, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_blob, read_journal, segment_dir
+from kukla.storage import windows
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
 PLAN = "_finalize/plan.json"
@@ -99,13 +100,16 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
               holdout_rows: int | None, lease: Lease) -> None:
     plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
     _scatter(location, plan, 0, 1)
+    windows.write_token_ids(location, attrs.value, plan, memory_budget_bytes)  # needs _parts/
     location.remove("_parts")
     _permute(location, plan, 0, 1)
+    windows.write_rows(location, attrs.value, plan, memory_budget_bytes)
     lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
                        shuffle_buckets=plan["n_buckets"],
                        holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
-                       hook_stats=plan["hook_stats"], truth=plan["truth"])
+                       hook_stats=plan["hook_stats"], truth=plan["truth"],
+                       **({"n_windows": plan["n_windows"]} if plan["n_windows"] else {}))
     attrs.write()
     location.remove("_finalize")
 
@@ -154,7 +158,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     widest = max(spec.row_bytes for spec in specs)
     shard_rows = max(chunk_rows, min(unit, TARGET_SHARD_BYTES // widest) // chunk_rows * chunk_rows)
     plan = {
-        "seed": seed, "n_rows": n_rows, "truth": truth,
+        "seed": seed, "n_rows": n_rows, "truth": truth, "n_windows": windows.planned_windows(entries, location.url),
         # a run and its sorted copy (plus decoded segments) stay within the budget
         "run_rows": max(1, budget // (4 * row_bytes)), "n_buckets": max(1, math.ceil(n_rows / unit)),
         "shard_rows": shard_rows, "holdout_rows": holdout_default(n_rows) if holdout_rows is None else holdout_rows,

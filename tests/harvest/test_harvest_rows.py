@@ -77,7 +77,7 @@ def test_rows_cross_to_the_host_in_the_store_dtype_with_their_norms(config_model
 
     from kukla.pipeline.harvest.forward import SegmentForward
     from kukla.pipeline.harvest.plan import Segment
-    from kukla.pipeline.harvest.text import iter_texts, iter_windows
+    from kukla.pipeline.text import iter_texts, iter_windows
 
     texts_in = iter_texts(str(texts), None, "train", None, "text")
     windows = tuple(itertools.islice(iter_windows(texts_in, config_model.tokenizer, 24), 5))
