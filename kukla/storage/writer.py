@@ -137,7 +137,8 @@ class StoreWriter:
                                            or k in OPTIONAL_TOKEN_ARRAYS)]
         if unknown:
             raise KuklaError(f"segment {segment}: unknown key {unknown[0]!r}: use acts/<hook>, "
-                             f"{', '.join([*TOKEN_ARRAYS, *OPTIONAL_TOKEN_ARRAYS])} or truth/<name>")
+                             f"{', '.join([*TOKEN_ARRAYS, *OPTIONAL_TOKEN_ARRAYS])}, truth/<name> or windows/sequence + "
+                             "windows/token_id")
         for key in rows:
             if key.startswith("acts/") and key[5:] not in self.hooks:
                 raise KuklaError(f"segment {segment}: hook {key[5:]!r} is not in this store; its hooks: "

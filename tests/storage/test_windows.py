@@ -125,3 +125,16 @@ def test_the_shared_test_stores_carry_whole_windows(tmp_path: Path) -> None:
     store = open_store(tmp_path / "s")
     rows = store.read("windows/row").numpy()
     assert np.array_equal(store.read("truth/row").numpy()[rows], np.arange(30).reshape(6, 5))
+
+
+def test_a_damaged_window_shard_fails_verify_and_reads(tmp_path: Path) -> None:
+    from kukla.storage.verify import verify_store
+
+    _gappy_store(tmp_path / "s", 10)
+    shard = tmp_path / "s" / "windows" / "row" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert any("windows/row rows 0-" in problem for problem in verify_store(tmp_path / "s"))
+    with pytest.raises(KuklaError, match="checksum mismatch"):
+        open_store(tmp_path / "s").read("windows/row")
