@@ -72,6 +72,11 @@ class Store:
         value = self.meta.get("context_size", (self.meta.get("harvest") or {}).get("context_size"))
         return None if value is None else int(value)
 
+    @cached_property
+    def window_chunk_rows(self) -> int:
+        """Windows per chunk of windows/* (what reading one window costs)."""
+        return Layout.from_metadata(self.location, self.window_specs["windows/row"]).chunk_rows
+
     @property
     def fingerprint(self) -> str:
         return str(self.meta["fingerprint"])

@@ -22,12 +22,13 @@ import zarr
 
 from kukla.errors import KuklaError
 from kukla.storage.codecs import as_numpy, numcodecs_codec
-from kukla.storage.format import TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, chunk_rows_for, create_array, shard_key
+from kukla.storage.format import TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, create_array, shard_key
 from kukla.storage.location import Location
 from kukla.storage.parts import SegmentTable, read_blob, segment_dir
 from kukla.storage.shards import Layout, ShardReader, encode_shard
 
 TOKENS_DONE = "_finalize/windows.json"
+WINDOW_CHUNK_BYTES = 64 << 10
 SCAN_ROWS = 1 << 20
 
 
@@ -60,10 +61,11 @@ def planned_windows(entries: list[dict[str, Any]], url: str) -> int | None:
 
 
 def _layouts(attrs: dict[str, Any], n_windows: int, budget: int) -> list[Layout]:
-    """windows/* geometry: ~4 MiB chunks, shards of whole slabs (a slab: ≤ budget/2 bytes of windows/row)."""
+    """windows/* geometry: chunks of ~64 KiB of windows/row (a reader looks windows up one by one,
+    and a small store pays for one padded chunk), shards of at most 256 MiB and budget/2."""
     width = int(attrs["context_size"])
     row_bytes = width * WINDOW_ARRAYS["windows/row"].itemsize
-    chunk = chunk_rows_for([width], WINDOW_ARRAYS["windows/row"].itemsize)
+    chunk = 1 << max(0, (WINDOW_CHUNK_BYTES // row_bytes).bit_length() - 1)
     shard = max(chunk, min(budget // 2, TARGET_SHARD_BYTES) // row_bytes // chunk * chunk)
     codec = numcodecs_codec(attrs["codec"])
     return [Layout(ArraySpec(name, (width,), dtype), n_windows, chunk, shard, codec)

@@ -38,13 +38,15 @@ def _gappy_store(path: Path, n_windows: int, *, world: int = 2, budget: int = 1 
     return ids
 
 
-@pytest.mark.parametrize("budget", [1 << 16, 1 << 24])  # many slabs of windows, and one
+@pytest.mark.parametrize("budget", [1 << 16, 1 << 24])  # 3 slabs (and shards) of windows, and 1
 def test_window_rows_are_a_bijection_onto_the_stored_rows(tmp_path: Path, budget: int) -> None:
-    given = _gappy_store(tmp_path / "s", 40, budget=budget)
+    given = _gappy_store(tmp_path / "s", 1200, budget=budget)
     store = open_store(tmp_path / "s")
     rows, ids = store.read("windows/row").numpy(), store.read("windows/token_id").numpy()
     seq, pos = store.read("tokens/sequence").numpy(), store.read("tokens/position").numpy()
-    assert store.n_windows == 40 and rows.shape == ids.shape == (40, CTX)
+    assert store.n_windows == 1200 and rows.shape == ids.shape == (1200, CTX)
+    shards = len(list((tmp_path / "s" / "windows" / "row" / "c").iterdir()))
+    assert shards == (3 if budget == 1 << 16 else 1)
     stored = rows[rows >= 0]
     assert np.array_equal(np.sort(stored), np.arange(store.n_rows))  # every row once, nothing else
     assert np.array_equal(rows[seq, pos], np.arange(store.n_rows))  # and each where its row says

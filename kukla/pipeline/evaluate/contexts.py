@@ -105,11 +105,21 @@ def _window_contexts(store: Store, rows: np.ndarray, seq: np.ndarray, positions:
     """Contexts looked up in windows/token_id and windows/row (−1 before a window's start)."""
     outside = positions < 0
     at = np.where(outside, 0, positions)
-    picked = {name: read_rows(store, name, seq).numpy() for name in ("windows/token_id", "windows/row")}
+    picked = {name: _read_windows(store, name, seq) for name in ("windows/token_id", "windows/row")}
     tokens, sources = (np.take_along_axis(picked[name], at, axis=1).astype(np.int64)
                        for name in ("windows/token_id", "windows/row"))
     tokens[outside], sources[outside] = -1, -1
     return RowContexts(rows, tokens, sources)
+
+
+def _read_windows(store: Store, name: str, windows: np.ndarray) -> np.ndarray:
+    """Windows at `windows` (in that order), each chunk of the array read once."""
+    size = store.window_chunk_rows
+    unique, inverse = np.unique(windows, return_inverse=True)
+    blocks = np.unique(unique // size)
+    data = np.concatenate([store.read_stored(name, b * size, (b + 1) * size) for b in blocks.tolist()])
+    starts = np.searchsorted(blocks, unique // size) * size  # where each block landed in `data`
+    return data[(starts + unique % size)[inverse]]
 
 
 def stored_windows(store: Store, n_windows: int) -> torch.Tensor:
