@@ -290,13 +290,18 @@ def main() -> None:
     saelens = line("SAELens cache (Arrow float32) -> torch", anchor, anchor["rows"])
     disk = line("floor: read once + write once + fsync", run("disk"), args.rows)
     for codec in ["none", "zstd-1"]:
-        run("write", codec, windows=False)
-        bare = run("finalize", codec)
-        write, fin = run("write", codec), run("finalize", codec)
+        bare, windowed = [], []
+        for _ in range(3):  # taken in turn, best of 3: the machine is shared
+            run("write", codec, windows=False)
+            bare.append(run("finalize", codec))
+            write = run("write", codec)
+            windowed.append(run("finalize", codec))
+        fin = windowed[-1]
+        best = {key: min(r[key] for r in windowed) / min(r[key] for r in bare) for key in ("cpu_s", "seconds")}
         print(f"\ncodec {codec}")
-        print(f"  windows/* (128-token windows): store {fin['bytes'] / bare['bytes'] - 1:+.2%} bytes "
-              f"({fin['window_bytes'] / 1e6:.1f} MB), finalize {fin['cpu_s'] / bare['cpu_s']:.3f}x the CPU-s "
-              f"and {fin['seconds'] / bare['seconds']:.3f}x the wall of one without")
+        print(f"  windows/* (128-token windows): store {fin['bytes'] / bare[-1]['bytes'] - 1:+.2%} bytes "
+              f"({fin['window_bytes'] / 1e6:.2f} MB); finalize, best of 3 taken in turn: {best['cpu_s']:.3f}x "
+              f"the CPU-s and {best['seconds']:.3f}x the wall of the same store without windows")
         line("write (StoreWriter, 8192-row segments)", write, args.rows)
         line(f"shuffle (finalize, budget {args.budget >> 20} MiB)", fin, args.rows, disk, "the floor")
         zarr_read = run("zarr", codec)

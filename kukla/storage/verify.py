@@ -30,6 +30,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "compression_ratio": raw / on_disk if on_disk else None, "world": store.meta["world"],
         "shuffle_seed": store.meta.get("shuffle_seed"), "model": store.meta.get("model"),
         "source": store.meta.get("source"), "kukla_version": store.meta["kukla_version"],
+        "windows": store.n_windows if store.finalized else None, "context_size": store.context_size,
         "mean_norm": {hook: store.hook_stats(hook)["mean_norm"] for hook in store.hooks},
     }
 
