@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from kukla.pipeline.dictionary import load_dictionary
-from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.evaluate.contexts import row_contexts
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
@@ -107,7 +107,8 @@ def test_evaluate_of_a_store_whose_dataset_is_gone_still_shows_and_shades_contex
         path = make_dictionary(tmp_path / "d", torch.randn(32, 16, generator=g), torch.randn(16, 32, generator=g),
                                hook=HOOK)
         out = evaluate(EvaluateConfig(dictionaries=[path], store=store_path, out=tmp_path / "report",
-                                      downstream_contexts=4, downstream_batch_size=4, absorption=False,
+                                      downstream=DownstreamConfig(contexts=4, batch_size=4),
+                                      absorption=AbsorptionConfig(enabled=False),
                                       context_tokens=6), model=load_model(str(model_dir)))
     finally:
         moved.rename(texts)

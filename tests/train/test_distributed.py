@@ -35,11 +35,12 @@ def _train(store: Path, out: Path, arch: str, nproc: int) -> dict[str, torch.Ten
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka-batchtopk"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka-batchtopk", "matryoshka-prefix"])
 def test_two_gloo_ranks_train_the_same_dictionary_as_one_process(store: Path, tmp_path: Path, arch: str) -> None:
     one = _train(store, tmp_path / "one", arch, 1)
     two = _train(store, tmp_path / "two", arch, 2)
-    # the same global batches, BatchTopK's cutoff and the variances over the global batch: the same steps
+    # the same global batches, BatchTopK's cutoff, the variances over the global batch and (sampled
+    # prefixes) the same draws on every rank: the same steps
     assert torch.equal(two["tokens_since_fired"], one["tokens_since_fired"])
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         # relative to the whole tensor: float sums in another order differ by ~1e-7, and Adam
