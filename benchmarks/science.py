@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
 
+from dictionary_flags import dictionary_parser  # noqa: E402
+
 from kukla.pipeline.dictionary import calibrate_threshold  # noqa: E402
 from kukla.pipeline.evaluate.toy import ToyTruth  # noqa: E402
 from kukla.pipeline.harvest.toy import ToyTree  # noqa: E402
@@ -45,7 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def toy_data(args: argparse.Namespace, seed: int) -> tuple[ToyTree, torch.Tensor, tuple[np.ndarray, np.ndarray]]:
     """The seed's tree, a pool of training rows (cycled, in a fresh order each pass) and held-out rows."""
-    tree = ToyTree.build(args.tree, dim=args.dim, p_root=args.p_root, p_child=args.p_child,
+    tree = ToyTree.build(args.tree, dim=args.d, p_root=args.p_root, p_child=args.p_child,
                          noise=args.noise, magnitude_std=args.magnitude_std, seed=seed)
     pool = torch.from_numpy(tree.sample(args.pool, np.random.default_rng([seed, 1]))[0])
     return tree, pool, tree.sample(args.eval_rows, np.random.default_rng([seed, 2]))
@@ -63,7 +65,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int,
                          snap_fraction=args.snap, **settings)
     ranks = Ranks(rank=0, world=1, device=torch.device("cpu"))
     init = pool[:4096]
-    members = config.members(args.dim, args.dim)
+    members = config.members(args.d, args.d)
     [trainee] = build_trainees(config, members, ranks, (float(init.norm(dim=1).mean()), None), (init,))
     order = torch.Generator().manual_seed(seed)
     per_pass = args.pool // args.batch
@@ -98,31 +100,27 @@ def _diagnose(tree: ToyTree, w_dec: torch.Tensor, parent: int, matched: list[int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # k 1.5: the default tree fires 1.28 features per row
+    parser = dictionary_parser(__doc__.splitlines()[0], d=48, width=48, k=1.5, batch=256, steps=2000)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--variants", default="batchtopk,levels,sampled,all")
     parser.add_argument("--tree", type=lambda s: [int(v) for v in s.split(",")], default=[8, 4])
-    parser.add_argument("--dim", type=int, default=48)
     parser.add_argument("--p-root", type=float, default=0.1)
     parser.add_argument("--p-child", type=float, default=0.15)
     parser.add_argument("--noise", type=float, default=0.01)
     parser.add_argument("--magnitude-std", type=float, default=0.1)
-    parser.add_argument("--width", type=int, default=48)
-    parser.add_argument("--k", type=float, default=1.5, help="the default tree fires 1.28 features per row")
     parser.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[4, 16, 48])
     parser.add_argument("--n-prefixes", type=int, default=9)
     parser.add_argument("--snap", type=float, default=None, help="snap loss from this fraction of training")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--pool", type=int, default=131072, help="training rows generated per seed")
     parser.add_argument("--eval-rows", type=int, default=32768)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    print(f"tree {args.tree}, dim {args.dim}, width {args.width}, k {args.k}, levels {args.levels}, "
+    print(f"tree {args.tree}, dim {args.d}, width {args.width}, k {args.k}, levels {args.levels}, "
           f"{args.steps} steps x {args.batch} rows, lr {args.lr}, snap {args.snap}")
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for seed in seeds:
