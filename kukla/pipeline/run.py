@@ -225,8 +225,9 @@ def store_is_finished(config: HarvestConfig) -> bool:
               set(harvested_hooks(config)))
     if config.source == "model":
         recorded += (meta.get("model", {}).get("name"), meta.get("dataset", {}).get("name"))
-        wanted += (config.model, dataset_spec(config.dataset or "", config.dataset_subset, config.split,
-                                              config.revision, config.text_column)["name"])
+        text = config.dataset
+        wanted += (config.model, dataset_spec(text.name or "", text.subset, text.split, text.revision,
+                                              text.text_column)["name"])
     if recorded != wanted:
         raise KuklaError(f"{config.output} is a finalized store of a different harvest; "
                          "set overwrite = true under [harvest] to rebuild it, or choose another output")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from kukla.cli.app import app
 from kukla.config import from_dict
 from kukla.errors import ConfigError, KuklaError
-from kukla.pipeline.harvest import HarvestConfig, harvest
+from kukla.pipeline.harvest import DatasetConfig, HarvestConfig, harvest
 from kukla.pipeline.models import load_model
 from kukla.storage import open_store
 
@@ -35,8 +35,9 @@ def test_hub_model_offline_names_the_offline_path() -> None:
 
 
 def test_missing_text_column_lists_the_columns(config_model, texts: Path, tmp_path: Path) -> None:
-    with pytest.raises(KuklaError, match="no column 'body'.*text, id.*--text-column"):
-        harvest(_config(tmp_path / "s.zarr", texts, text_column="body"), model=config_model)
+    with pytest.raises(KuklaError, match="no column 'body'.*text, id.*--dataset-text-column"):
+        harvest(_config(tmp_path / "s.zarr", texts, dataset=DatasetConfig(str(texts), text_column="body")),
+                model=config_model)
     assert not (tmp_path / "s.zarr").exists()
 
 

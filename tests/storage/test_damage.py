@@ -95,12 +95,12 @@ def test_a_failed_overwrite_keeps_the_old_store_and_a_good_one_replaces_it(tmp_p
     for name, x in (("old", old), ("bad", bad), ("new", new)):
         np.save(tmp_path / f"{name}.npy", x)
     out = tmp_path / "s"
-    assert kukla("store", "import", out, "--hook", f"h={tmp_path / 'old.npy'}", "--dtype", "float32")[0] == 0
+    assert kukla("store", "import", out, "--hook", f"h={tmp_path / 'old.npy'}", "--store-dtype", "float32")[0] == 0
     code, output = kukla("store", "import", out, "--hook", f"h={tmp_path / 'bad.npy'}", "--overwrite")
     one_line_error(code, output, "row 40 holds NaN")
     kept = open_store(out).read("h").numpy()
     np.testing.assert_array_equal(np.sort(kept, axis=0), np.sort(old, axis=0))
-    code, output = kukla("store", "import", out, "--hook", f"h={tmp_path / 'new.npy'}", "--dtype", "float32",
+    code, output = kukla("store", "import", out, "--hook", f"h={tmp_path / 'new.npy'}", "--store-dtype", "float32",
                          "--overwrite")
     assert code == 0, output
     np.testing.assert_array_equal(np.sort(open_store(out).read("h").numpy(), axis=0), np.sort(new, axis=0))
@@ -110,7 +110,7 @@ def test_a_failed_overwrite_keeps_the_old_store_and_a_good_one_replaces_it(tmp_p
 def test_an_import_out_of_disk_during_finalize_finishes_when_rerun(tmp_path: Path, small_disk: Path) -> None:
     x = np.random.default_rng(0).standard_normal((4096, 32)).astype(np.float32)  # 512 KiB, as stored
     np.save(tmp_path / "x.npy", x)
-    args = ["store", "import", small_disk / "s", "--hook", f"h={tmp_path / 'x.npy'}", "--dtype", "float32",
+    args = ["store", "import", small_disk / "s", "--hook", f"h={tmp_path / 'x.npy'}", "--store-dtype", "float32",
             "--codec", "none", "--memory-budget", "256KiB", "--seed", "3"]
     code, output = kukla(*args)  # the segments fit on 1 MiB, the shuffle's runs beside them do not
     one_line_error(code, output, "disk full while finalizing", "rerun the same command")

@@ -30,7 +30,7 @@ def test_import_npy_and_safetensors_gives_a_finalized_shuffled_store(tmp_path: P
     np.save(tmp_path / "x.npy", x)
     save_file({"mlp_out": y}, tmp_path / "y.safetensors")
     code, out = kukla("store", "import", tmp_path / "s", "--hook", f"resid_post:6={tmp_path / 'x.npy'}",
-                      "--hook", f"mlp={tmp_path / 'y.safetensors'}", "--dtype", "float32")
+                      "--hook", f"mlp={tmp_path / 'y.safetensors'}", "--store-dtype", "float32")
     assert code == 0, out
     store = open_store(tmp_path / "s")
     a, b = store.read("blocks.6.hook_resid_post").numpy(), store.read("mlp").numpy()
@@ -65,7 +65,7 @@ def test_import_errors_are_one_line(tmp_path: Path) -> None:
     one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
                           "--codec", "brotli"), "unknown codec 'brotli'")
     one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
-                          "--dtype", "int8"), "dtype: 'int8' is not one of bfloat16, float16, float32")
+                          "--store-dtype", "int8"), "store_dtype: 'int8' is not one of bfloat16, float16, float32")
 
 
 def test_readers_give_one_line_errors_for_bad_paths(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ returns what the writer thread calls for the rows."""
 
 
 def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple[dict, dict, SegmentWork]:
-    model = model if model is not None else load_model(config.model, device=config.device, dtype=config.dtype)
+    model = model if model is not None else load_model(config.model, device=config.device, dtype=config.model_dtype)
     if config.context_size > model.cfg.n_ctx:
         raise KuklaError(f"context_size {config.context_size} is above the model's n_ctx {model.cfg.n_ctx}; "
                          f"pass --context-size {model.cfg.n_ctx} or less")
@@ -109,13 +109,14 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
     widths = resolve_hooks(model, config.hook)
     hooks = list(widths)
     forward = SegmentForward(model, widths, batch_size=config.batch_size, store_dtype=config.store_dtype)
-    spec = dataset_spec(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
-    texts = iter_texts(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
+    text = config.dataset
+    spec = dataset_spec(text.name, text.subset, text.split, text.revision, text.text_column)
+    texts = iter_texts(text.name, text.subset, text.split, text.revision, text.text_column)
     windows = iter_windows(texts, model.tokenizer, config.context_size,
                            keep_special_tokens=config.keep_special_tokens)
     first = next(windows, None)  # opens the dataset, checks its column, before any store exists
     if first is None:
-        raise KuklaError(f"dataset {config.dataset!r} holds no text in column {config.text_column!r}")
+        raise KuklaError(f"dataset {text.name!r} holds no text in column {text.text_column!r}")
     segments = plan_segments(cut_budget(itertools.chain([first], windows), config.tokens), config.segment_windows)
     meta = _common_meta(config) | {
         "source": "model",
