@@ -43,15 +43,15 @@ def test_levels_given_as_fractions_become_widths():
 
 def test_fractional_k_is_accepted_for_batchtopk_and_configs_round_trip_through_from_dict():
     cfg = from_dict(DictionaryConfig, {"d_in": 16, "width": 64, "k": "2.5", "arch": "batchtopk"})
-    assert cfg.k == 2.5 and cfg.prefix_scheme == "none" and cfg.activation_rule == "batchtopk"
+    assert cfg.k == 2.5 and cfg.prefixes == "none" and cfg.activation == "batchtopk"
     assert cfg.aux_k == 8 and cfg.d_out == 16
 
 
 def test_arch_is_a_composition_of_activation_rule_and_prefix_scheme():
     prefix = DictionaryConfig(d_in=8, width=64, k=4, arch="matryoshka-prefix", activation="relu")
-    assert (prefix.activation_rule, prefix.prefix_scheme) == ("relu", "sampled")
+    assert (prefix.activation, prefix.prefixes) == ("relu", "sampled")
     topk_levels = DictionaryConfig(d_in=8, width=64, k=4, arch="topk", levels=[16, 64])
-    assert (topk_levels.activation_rule, topk_levels.prefix_scheme) == ("topk", "levels")
+    assert (topk_levels.activation, topk_levels.prefixes) == ("topk", "levels")
 
 
 def test_default_learning_rate_scales_as_inverse_sqrt_width():

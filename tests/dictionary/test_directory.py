@@ -35,7 +35,7 @@ def _trained_like(arch: str, transcoder: bool, seed: int = 0) -> tuple[Dictionar
         for p in d.parameters():
             p.add_(0.2 * torch.randn_like(p))
     d.normalize_decoder()
-    if cfg.activation_rule == "batchtopk":
+    if cfg.activation == "batchtopk":
         calibrate_threshold(d, [x[:200], x[200:]])
     return d, torch.randn(64, 12) * 4 + 1
 
@@ -87,7 +87,7 @@ def test_saved_dictionary_loads_back_with_the_same_outputs_and_metadata(tmp_path
     assert info["levels"] == d.levels and info["arch"] == arch
     assert info["metadata"]["store_fingerprint"] == "abc123"
     assert loaded.metadata["hooks"] == info["hooks"]
-    if d.cfg.activation_rule == "batchtopk":
+    if d.cfg.activation == "batchtopk":
         assert info["inference_l0"] == pytest.approx(float(d.inference_l0))
         assert torch.equal(loaded.threshold, d.threshold)
 

@@ -50,14 +50,14 @@ def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = No
     Sampled: n_prefixes distinct lengths plus F, each weighing 1/(n+1). All prefixes: every
     length 1..F with its expected weight.
     """
-    if cfg.prefix_scheme == "none":
+    if cfg.prefixes == "none":
         return [cfg.width], [1.0]
-    if cfg.prefix_scheme == "levels":
+    if cfg.prefixes == "levels":
         assert cfg.levels is not None
         widths = [int(w) for w in cfg.levels]
         raw = cfg.level_weights or [1.0] * len(widths)
         return widths, [float(w) / (1 if cfg.level_weights else len(widths)) for w in raw]
-    if cfg.prefix_scheme == "all":
+    if cfg.prefixes == "all":
         return list(range(1, cfg.width + 1)), all_prefix_cdf(cfg.width, cfg.n_prefixes).diff().tolist()
     draws = sample_prefix_lengths(cfg.width, cfg.n_prefixes, generator)
     return draws, [1 / len(draws)] * len(draws)
