@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kukla.config import from_dict
+from kukla.config import from_dict, to_dict
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary import DictionaryConfig, default_lr
 
@@ -52,6 +52,27 @@ def test_arch_is_a_composition_of_activation_rule_and_prefix_scheme():
     assert (prefix.activation, prefix.prefixes) == ("relu", "sampled")
     topk_levels = DictionaryConfig(d_in=8, width=64, k=4, arch="topk", levels=[16, 64])
     assert (topk_levels.activation, topk_levels.prefixes) == ("topk", "levels")
+
+
+@pytest.mark.parametrize("settings, activation, prefixes, label", [
+    ({"activation": "topk", "prefixes": "sampled"}, "topk", "sampled", "matryoshka-sampled-topk"),
+    ({"activation": "jumprelu", "prefixes": "levels"}, "jumprelu", "levels", "matryoshka-jumprelu"),
+    ({"activation": "relu", "prefixes": "all"}, "relu", "all", "matryoshka-all-relu"),
+    ({}, "batchtopk", "levels", "matryoshka-batchtopk"),
+    ({"arch": "matryoshka-batchtopk"}, "batchtopk", "levels", "matryoshka-batchtopk"),
+    ({"arch": "jumprelu"}, "jumprelu", "none", "jumprelu"),
+    ({"arch": "matryoshka-prefix", "activation": "topk", "prefixes": "all"}, "topk", "all", "matryoshka-all-topk"),
+])
+def test_activation_and_prefixes_combine_freely_and_arch_names_fill_them(settings, activation, prefixes, label):
+    cfg = from_dict(DictionaryConfig, {"d_in": 8, "width": 64, "k": "4", **settings})
+    assert (cfg.activation, cfg.prefixes, cfg.label) == (activation, prefixes, label)
+    assert (cfg.levels is not None) == (prefixes == "levels")
+    assert from_dict(DictionaryConfig, to_dict(cfg)) == cfg  # kukla.json's config reloads as itself
+
+
+def test_levels_need_the_levels_scheme():
+    with pytest.raises(ConfigError, match="levels"):
+        DictionaryConfig(d_in=8, width=64, k=4, prefixes="sampled", levels=[16, 64])
 
 
 def test_default_learning_rate_scales_as_inverse_sqrt_width():

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from kukla.pipeline.dictionary.rules.rule import Rule
+from kukla.pipeline.dictionary.rules.rule import PenalisedRule
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.config import DictionaryConfig
@@ -81,13 +81,11 @@ def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return _Step.apply(pre, threshold, bandwidth)
 
 
-class JumpReLU(Rule):
+class JumpReLU(PenalisedRule):
     name = "jumprelu"
-    needs_k = False
-    selects = False
     penalty_metric = "l0_penalty"
     saelens = ("jumprelu", "jumprelu_transcoder")
-    loads_from = ("jumprelu", "jumprelu_transcoder")
+    loads_from = saelens
 
     def add_state(self, dictionary: Dictionary) -> None:
         init = math.log(dictionary.cfg.threshold_init)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
-from kukla.pipeline.dictionary.rules.rule import Rule
+from kukla.pipeline.dictionary.rules.rule import PenalisedRule
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.config import DictionaryConfig
@@ -28,10 +28,8 @@ def sparsity_penalty(z: Tensor, W_dec: Tensor, tail: Tensor, sigma: Tensor,
     return (cost * tail.to(device=cost.device, dtype=cost.dtype)).sum(dim=1).mean()
 
 
-class ReLU(Rule):
+class ReLU(PenalisedRule):
     name = "relu"
-    needs_k = False
-    selects = False
     penalty_metric = "l1"
     saelens = ("standard", "transcoder")
     loads_from = ("standard", "transcoder")

@@ -77,3 +77,10 @@ class Rule:
     def saelens_fields(self, cfg: DictionaryConfig) -> dict[str, object]:
         """Extra cfg.json fields its SAELens class reads."""
         return {}
+
+
+class PenalisedRule(Rule):
+    """A rule made sparse by a penalty rather than by k: dense codes at training, no k."""
+
+    needs_k = False
+    selects = False
