@@ -4,8 +4,12 @@
 
 One thread; CPU seconds per forward + backward (median of --steps, after one warm-up round, the
 cases taking turns), for plain BatchTopK, fixed levels, sampled prefixes and all prefixes (all
-sparse path, a quarter of the latents dead so aux-k runs), and the physical floor: the encoder's dense forward matmul
-B·d·F, which every one of them must do. Ratios are to plain BatchTopK from the same run.
+sparse path, a quarter of the latents dead so aux-k runs), the anchor: SAELens' Matryoshka BatchTopK
+training forward pass + backward on the same batch (levels F·{1/32, 3/32, 7/32, 15/32, 1}, the same
+quarter dead for its aux loss; built by `train_bench`; timed after kukla's rounds, half as many),
+and the physical floor: the encoder's dense
+forward matmul B·d·F, which every one of them must do. Ratios are to plain BatchTopK, to SAELens
+(its time over ours: > 1 is faster) and to the floor, all from the same run.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss  # noqa: E402
+from train_bench import saelens_forward, saelens_sae  # noqa: E402  (this script's folder is on sys.path)
 
 CASES = {
     "batchtopk": dict(arch="batchtopk"),
@@ -43,6 +48,20 @@ def _median_cpu(steps: dict[str, Callable[[], object]], n: int) -> dict[str, flo
             if i:
                 times[name].append(time.process_time() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def saelens_step(args: argparse.Namespace, x: torch.Tensor) -> Callable[[], object]:
+    """SAELens' Matryoshka BatchTopK forward + backward on x, a quarter of its latents dead."""
+    sae = saelens_sae(argparse.Namespace(d=args.d, width=args.width, k=args.k, arch="matryoshka-batchtopk"),
+                      x.device)
+    sae.train()
+    dead = torch.zeros(args.width, dtype=torch.bool)
+    dead[: args.width // 4] = True
+
+    def step() -> None:
+        saelens_forward(sae, x, 1, dead).loss.backward()
+        sae.zero_grad(set_to_none=True)
+    return step
 
 
 def main() -> None:
@@ -71,11 +90,14 @@ def main() -> None:
             d.zero_grad(set_to_none=True)
         steps[name] = step
     costs = _median_cpu(steps, args.steps)
+    # after kukla's rounds, not among them: its 10× larger temporaries would change their allocations
+    costs.update(_median_cpu({"saelens matryoshka": saelens_step(args, x)}, max(1, args.steps // 2)))
     floor = costs.pop("floor")
     print(f"{'encoder matmul (floor)':24s} {floor:6.3f} CPU-s")
     for name, cost in costs.items():
         print(f"{name:24s} {cost:6.3f} CPU-s/step  {args.batch / cost:8.0f} tok/CPU-s  "
-              f"{cost / costs['batchtopk']:.2f}x batchtopk  {cost / floor:.2f}x floor")
+              f"{cost / costs['batchtopk']:.2f}x batchtopk  {costs['saelens matryoshka'] / cost:.2f}x SAELens speed  "
+              f"{cost / floor:.2f}x floor")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -146,7 +146,8 @@ def _hf_model(name: str, dtype: str):
     """SAELens loads by TransformerLens name; offline, it needs the HF model handed over."""
     from transformers import AutoModelForCausalLM
 
-    from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma, torch_dtype
+    from kukla.config import torch_dtype
+    from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma
 
     folder = convert_embedded_gemma() if name == EMBEDDED_MODEL else Path(name)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))

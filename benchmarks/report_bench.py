@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, save_dictionary
-from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma
 from kukla.storage import StoreWriter, finalize_store
 
@@ -115,8 +115,9 @@ def main() -> None:
     store = build_store(root / "store.zarr", args.rows)
     dictionary = build_dictionary(root / "sae", args.width)
     cpu = time.process_time()
-    out = evaluate(EvaluateConfig(dictionaries=[dictionary], store=store, out=root / "report", downstream=False,
-                                  absorption=False, batch_size=2048))
+    out = evaluate(EvaluateConfig(dictionaries=[dictionary], store=store, out=root / "report",
+                                  downstream=DownstreamConfig(enabled=False),
+                                  absorption=AbsorptionConfig(enabled=False), batch_size=2048))
     cpu = time.process_time() - cpu
     html = out / "report.html"
     page = html.read_text()

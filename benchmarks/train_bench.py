@@ -100,18 +100,30 @@ def kukla_trainer(args: argparse.Namespace, device: torch.device, first: torch.T
     return lambda i, x: train_step(trainees, (x,), i, 10**6, config, ranks)
 
 
-def saelens_trainer(args: argparse.Namespace, device: torch.device):
+def saelens_sae(args: argparse.Namespace, device: torch.device, widths: list[int] | None = None):
+    """SAELens' BatchTopK training SAE, or its Matryoshka one (levels `widths`, default `levels`)
+    when args.arch is matryoshka-batchtopk."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
                                                         MatryoshkaBatchTopKTrainingSAEConfig)
-    from sae_lens.saes.sae import TrainStepInput
 
     common = dict(d_in=args.d, d_sae=args.width, k=args.k, device=str(device), dtype="float32")
     if args.arch == "matryoshka-batchtopk":
-        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-            **common, matryoshka_widths=levels(args.width)))
-    else:
-        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            **common, matryoshka_widths=widths or levels(args.width)))
+    return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+
+
+def saelens_forward(sae, x: torch.Tensor, i: int, dead: torch.Tensor):
+    """SAELens' training forward pass (loss, aux loss on the `dead` latents, feature acts) at step i."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    return sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                    n_training_steps=i, is_logging_step=False))
+
+
+def saelens_trainer(args: argparse.Namespace, device: torch.device):
+    sae = saelens_sae(args, device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4, betas=(0.9, 0.999))
     since_fired = torch.zeros(args.width, device=device)
     frequency = torch.zeros(args.width, device=device)
@@ -120,9 +132,7 @@ def saelens_trainer(args: argparse.Namespace, device: torch.device):
     def step(i: int, x: torch.Tensor) -> None:
         sae.train()
         with autocast:
-            out = sae.training_forward_pass(TrainStepInput(
-                sae_in=x, coefficients={}, dead_neuron_mask=since_fired > 1000,
-                n_training_steps=i, is_logging_step=False))
+            out = saelens_forward(sae, x, i, since_fired > 1000)
             with torch.no_grad():  # SAELens' trainer counts firing latents every step
                 firing = out.feature_acts.bool().float()
                 since_fired.add_(1)

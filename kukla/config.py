@@ -3,7 +3,10 @@
 Each stage has one dataclass. Every field carries a docstring right under it; those
 docstrings become the CLI's `--help`, and the README's configuration reference. The
 CLI, a TOML file and Python all go through `from_dict`, so validation happens once,
-and every error names the field it is about.
+and every error names the field it is about. A field whose type is itself a dataclass
+is a *section* (`toy`, `absorption`): a `[harvest.toy]` table or `toy.dim = 64` in TOML,
+`HarvestConfig(toy=ToyConfig(dim=64))` in Python, `--toy-dim 64` on the command line,
+and its errors name the path (`toy.dim: must be positive`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
 import os
 import re
 import textwrap
@@ -23,6 +27,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from kukla.errors import ConfigError, KuklaError
+
+if typing.TYPE_CHECKING:
+    import torch
 
 C = TypeVar("C")
 
@@ -48,6 +55,20 @@ class Bytes(int):
             if self and self % _UNITS[unit.lower()] == 0:
                 return f"{self // _UNITS[unit.lower()]}{unit}"
         return f"{int(self)}B"
+
+
+StoreDtype = Literal["bfloat16", "float16", "float32"]
+"""The dtype a store holds activations in: bfloat16 halves float32's bytes; float16 refuses values that overflow."""
+
+ModelDtype = Literal["bfloat16", "float16", "float32"]
+"""The dtype a model runs in (harvest's forward pass, evaluate's downstream metrics and absorption)."""
+
+
+def torch_dtype(name: StoreDtype | ModelDtype) -> torch.dtype:
+    """The torch dtype a `StoreDtype` or `ModelDtype` names (their spellings are torch's own)."""
+    import torch  # only when a dtype is used, not at CLI start
+
+    return getattr(torch, name)
 
 
 DEFAULT_MEMORY_BUDGET = Bytes(2 << 30)
@@ -167,28 +188,108 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-    """Build and validate a config; unknown keys are refused with the nearest valid name."""
+def is_section(tp: Any) -> bool:
+    """Whether a field's type is a nested section of settings (a dataclass), not one value."""
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One leaf setting of a config, sections flattened: what a flag and a README row describe."""
+
+    path: tuple[str, ...]
+    """Field names from the top config down: ("toy", "dim")."""
+    field: dataclasses.Field
+    type: Any
+    doc: str
+
+    @property
+    def key(self) -> str:
+        """The TOML key (dotted inside a section): `toy.dim`."""
+        return ".".join(self.path)
+
+    @property
+    def flag(self) -> str:
+        """`--toy-dim`; a section's `enabled` switch is named after the section (`--absorption`)."""
+        path = self.path[:-1] if len(self.path) > 1 and self.path[-1] == "enabled" else self.path
+        return "--" + "-".join(path).replace("_", "-")
+
+
+def settings(cls: type) -> list[Setting]:
+    """Every leaf setting of a config class, in field order, each section's settings in its place."""
+    docs, types_ = field_docs(cls), field_types(cls)
+    out: list[Setting] = []
+    for f in dataclasses.fields(cls):
+        if is_section(types_[f.name]):
+            out += [dataclasses.replace(s, path=(f.name, *s.path)) for s in settings(types_[f.name])]
+        else:
+            out.append(Setting((f.name,), f, types_[f.name], docs.get(f.name, "")))
+    return out
+
+
+def _moved_to(key: str, types_: dict[str, Any]) -> str | None:
+    """The section key an old flat key lives at now: `toy_dim` → `toy.dim`, `seed` → `absorption.seed`."""
+    for section, tp in types_.items():
+        if is_section(tp):
+            inner = field_types(tp)
+            rest = "_".join(word for word in key.split("_") if word != section)
+            if rest in inner and not is_section(inner[rest]):
+                return f"{section}.{rest}"
+    return None
+
+
+def _section(name: str, tp: type, value: Any, source: str) -> Any:
+    """A section from a table (TOML, flags) or an instance of its dataclass (Python)."""
+    if isinstance(value, tp):
+        return value
+    if isinstance(value, dict):
+        return from_dict(tp, value, source=source, path=f"{name}.")
+    if isinstance(value, bool) and "enabled" in field_types(tp):  # the on/off switch it used to be
+        raise ConfigError(name, f"is a section now: write {name}.enabled = {json.dumps(value)}")
+    example = dataclasses.fields(tp)[0].name
+    raise ConfigError(name, f"is a section of settings, not {json.dumps(value, default=str)}: "
+                            f"write {name}.{example} = … or a table {name} = {{{example} = …}}")
+
+
+def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", path: str = "") -> C:
+    """Build and validate a config; unknown keys are refused with the key to use instead.
+
+    `path` prefixes a section's field names (`toy.`), so every error names the full key.
+    """
     types_ = field_types(cls)
-    unknown = [key for key in data if key.replace("-", "_") not in types_]
-    if unknown:
-        key = unknown[0]
-        near = difflib.get_close_matches(key.replace("-", "_"), list(types_), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise KuklaError(f"{source}: unknown setting {key!r}{hint}")
-    values = {key.replace("-", "_"): coerce(key, types_[key.replace("-", "_")], v) for key, v in data.items()}
+    for key in data:
+        name = key.replace("-", "_")
+        if name in types_:
+            continue
+        moved = _moved_to(name, types_)
+        if moved:
+            raise KuklaError(f"{source}: setting {path + key!r} is now {path + moved!r}: "
+                             f"write {moved} = {json.dumps(data[key], default=str)}")
+        near = difflib.get_close_matches(name, list(types_), n=1)
+        hint = f" (did you mean {path + near[0]!r}?)" if near else ""
+        raise KuklaError(f"{source}: unknown setting {path + key!r}{hint}")
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        tp = types_[name]
+        values[name] = (_section(path + name, tp, value, source) if is_section(tp)
+                        else coerce(path + key, tp, value))
     try:
         return cls(**values)
+    except ConfigError as exc:  # a section validates itself; name the field from the top
+        if not path:
+            raise
+        raise ConfigError(path + exc.field, exc.message) from None
     except TypeError as exc:  # a required field is missing
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
-            raise ConfigError(missing[0], f"is required ({source})") from None
+            raise ConfigError(path + missing[0], f"is required ({source})") from None
         raise KuklaError(f"{source}: {exc}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON/TOML-ready dict of a config (paths as strings)."""
+    """A JSON/TOML-ready dict of a config (paths as strings, sections as tables)."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, Path):
@@ -197,6 +298,8 @@ def to_dict(config: Any) -> dict[str, Any]:
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
+        if is_section(type(value)):
+            return to_dict(value)
         return value
 
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}

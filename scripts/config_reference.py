@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from kukla.cli.store import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
 from kukla.cli.options import _default_text  # noqa: E402
-from kukla.config import _strip_optional, field_docs, field_types  # noqa: E402
+from kukla.config import Setting, _strip_optional, field_types, settings  # noqa: E402
 from kukla.pipeline.demo import DemoConfig  # noqa: E402
 from kukla.pipeline.evaluate.config import EvaluateConfig  # noqa: E402
 from kukla.pipeline.harvest.config import HarvestConfig  # noqa: E402
@@ -70,19 +70,32 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+_HEADER = ["| flag (TOML key) | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+
+def _row(setting: Setting, arguments: tuple[str, ...]) -> str:
+    if setting.key in arguments:
+        name = f"`{setting.key.upper()}` (argument; `{setting.key}`)"
+    else:
+        name = f"`{setting.flag}` (`{setting.key}`)"
+    return f"| {name} | {_type_name(setting.type)} | {_cell(_default(setting.field))} | {_cell(setting.doc)} |"
+
+
 def command_table(command: str, cls: type, arguments: tuple[str, ...], section: str | None) -> str:
-    """One command's settings: flag (TOML key), type, default, and what it means."""
-    docs, types_ = field_docs(cls), field_types(cls)
+    """One command's settings: flag (TOML key), type, default, and what it means; a table per section."""
     where = f" · `kukla run` section `{section}`" if section else ""
-    lines = [f"#### `{command}`{where}", "", _cell(cls.__doc__ or ""), "",
-             "| flag (TOML key) | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for field in dataclasses.fields(cls):
-        if field.name in arguments:
-            name = f"`{field.name.upper()}` (argument; `{field.name}`)"
+    lines = [f"#### `{command}`{where}", "", _cell(cls.__doc__ or ""), "", *_HEADER]
+    nested: dict[str, list[Setting]] = {}
+    for setting in settings(cls):
+        if len(setting.path) == 1:
+            lines.append(_row(setting, arguments))
         else:
-            name = f"`--{field.name.replace('_', '-')}` (`{field.name}`)"
-        lines.append(f"| {name} | {_type_name(types_[field.name])} | {_cell(_default(field))} | "
-                     f"{_cell(docs.get(field.name, ''))} |")
+            nested.setdefault(setting.path[0], []).append(setting)
+    types_ = field_types(cls)
+    for name, members in nested.items():
+        table = f"`[{section.strip('[]')}.{name}]`" if section else f"`{name} = {{…}}`"
+        lines += ["", f"Section `{name}`: TOML table {table}, or dotted keys such as `{members[0].key} = …`. "
+                      + _cell(types_[name].__doc__ or ""), "", *_HEADER, *(_row(s, arguments) for s in members)]
     return "\n".join(lines)
 
 
@@ -94,7 +107,11 @@ def reference() -> str:
              "read their own section (`[harvest]`, `[train]`, `[evaluate]`), so a `kukla run` file "
              "serves them too; one with several `[[train]]` runs is refused by `kukla train` "
              "(use `kukla run FILE --stages train`). List settings take `a,b` or a "
-             "repeated flag; booleans take `--x/--no-x`.")
+             "repeated flag; booleans take `--x/--no-x`. Settings that belong together form a section "
+             "(`toy`, `absorption`, `downstream`, `wandb`): a TOML table (`[harvest.toy]`) or dotted keys "
+             "(`toy.dim = 64`), flags named by the path (`--toy-dim`), and a section's `enabled` switch "
+             "keeps the section's own flag (`--no-absorption`). The flat keys of earlier versions "
+             "(`toy_dim`, `absorption_words`, `require_downstream`) are refused with the key to write instead.")
     return "\n\n".join([intro, *(command_table(*row) for row in COMMANDS)])
 
 

@@ -1,7 +1,8 @@
 """Typer commands generated from a stage's config dataclass.
 
-One field, one flag: the flag's help is the field's docstring, and the values go
+One setting, one flag: the flag's help is the field's docstring, and the values go
 through `kukla.config.from_dict`, the same path a TOML file or the Python API takes.
+A section's settings get flags named by their path (`toy.dim` → `--toy-dim`).
 Precedence: field default < `--config FILE` < flags given on the command line.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_orig
 
 import typer
 
-from kukla.config import _strip_optional, field_docs, field_types, from_dict, read_toml
+from kukla.config import Setting, _strip_optional, from_dict, read_toml, settings
 from kukla.errors import KuklaError
 from kukla.preempt import EXIT_SIGTERM, Preempted
 
@@ -65,6 +66,15 @@ def _default_text(field: dataclasses.Field) -> str:
     return f"default: {value}"
 
 
+def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set `data[a][b] = value` for the path (a, b), making the section tables a flag needs."""
+    for name in path[:-1]:
+        if not isinstance(data.get(name), dict):
+            data[name] = {}
+        data = data[name]
+    data[path[-1]] = value
+
+
 def config_command(
     cls: type[C],
     run: Callable[[C], Any],
@@ -72,21 +82,20 @@ def config_command(
     arguments: tuple[str, ...] = (),
     section: str | None = None,
 ) -> Callable[..., Any]:
-    """A Typer command whose parameters are the fields of `cls`; it calls `run(config)`."""
-    docs, types_ = field_docs(cls), field_types(cls)
+    """A Typer command whose parameters are the settings of `cls`; it calls `run(config)`."""
+    by_param: dict[str, Setting] = {"__".join(s.path): s for s in settings(cls)}
     params = []
-    for field in dataclasses.fields(cls):
-        tp, _ = _strip_optional(types_[field.name])
+    for param, setting in by_param.items():
+        tp, _ = _strip_optional(setting.type)
         choices = f" [{'|'.join(map(str, get_args(tp)))}]" if get_origin(tp) is Literal else ""
-        help_text = f"{docs.get(field.name, '')}{choices} ({_default_text(field)})"
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in arguments:
+        help_text = f"{setting.doc}{choices} ({_default_text(setting.field)})"
+        if setting.key in arguments:
             default = typer.Argument(None, help=help_text, show_default=False)
         elif tp is bool:
-            default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+            default = typer.Option(None, f"{setting.flag}/--no-{setting.flag[2:]}", help=help_text, show_default=False)
         else:
-            default = typer.Option(None, flag, help=help_text, show_default=False)
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+            default = typer.Option(None, setting.flag, help=help_text, show_default=False)
+        params.append(inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY,
                                         default=default, annotation=Optional[_cli_type(tp)]))
     where = f" under \\[{section}] (a `kukla run` file works)" if section else ""  # \\[ escapes rich markup
     params.append(inspect.Parameter(
@@ -101,7 +110,9 @@ def config_command(
             source = f"{config_path} [{section}]"
         else:
             source = str(config_path or "command line")
-        data.update({k: v for k, v in kwargs.items() if v is not None and v != [] and v != ()})
+        for param, value in kwargs.items():
+            if value is not None and value != [] and value != ():
+                _put(data, by_param[param].path, value)
         return run(from_dict(cls, data, source=source))
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

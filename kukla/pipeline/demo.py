@@ -42,8 +42,8 @@ holdout_rows = {holdout_rows}
 # CE/KL splice on 4 windows: each pass ends in Gemma's 262k-token unembedding, the
 # costliest step of the demo on a CPU (the report warns that 508 tokens are few).
 [evaluate]
-downstream_contexts = 4
-downstream_batch_size = 2
+downstream.contexts = 4
+downstream.batch_size = 2
 """
 
 TRAIN_TABLE = """\

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
+from kukla.config import ModelDtype, coerce, torch_dtype
 from kukla.errors import KuklaError
 
 EMBEDDED_MODEL = "google/gemma-3-270m"
@@ -30,16 +31,7 @@ EMBEDDED_MODEL = "google/gemma-3-270m"
 GEMMA_CACHE_ENV = "KUKLA_GEMMA_CACHE"
 """Environment variable that moves the converted Gemma folder (default ~/.cache/kukla/gemma-3-270m)."""
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _COMPLETE_MARK = "kukla-converted"
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a config string (`float32`, `bfloat16`, `float16`)."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise KuklaError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
 def gemma_cache_dir() -> Path:
@@ -138,7 +130,7 @@ def _is_offline_failure(exc: BaseException) -> bool:
                                    "we couldn't", "max retries", "network"))
 
 
-def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "float32") -> HookedTransformer:
+def load_model(name_or_path: str, *, device: str = "cpu", dtype: ModelDtype = "float32") -> HookedTransformer:
     """A HookedTransformer in eval mode, without weight processing.
 
     `name_or_path`: a local HF folder (config.json + weights + tokenizer), the embedded
@@ -146,7 +138,7 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "float32"
     (downloaded from the Hugging Face Hub, as `HookedTransformer.from_pretrained` does).
     Weights are laid out so TransformerLens' forward copies none (`skip_per_call_weight_copies`).
     """
-    torch_type = torch_dtype(dtype)
+    torch_type = torch_dtype(coerce("dtype", ModelDtype, dtype))
     path = Path(name_or_path).expanduser()
     if (path / "config.json").exists():
         return skip_per_call_weight_copies(_load_local_folder(path, device, torch_type))

@@ -27,21 +27,10 @@ from kukla.errors import KuklaError
 #: (object storage, archives).
 DEFAULT_CODEC = "none"
 
-_DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-                  "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 #: How each store dtype sits on disk.
 STORED_NUMPY = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FP16_MAX = float(np.finfo(np.float16).max)
 _CODEC_RE = re.compile(r"^(?:none|zstd-(-?\d+)|blosc-(zstd|lz4|lz4hc|zlib)-(\d)-(noshuffle|shuffle|bitshuffle))$")
-
-
-def store_dtype(name: str) -> str:
-    """The canonical store dtype for a user's spelling, or a one-line error."""
-    canonical = _DTYPE_ALIASES.get(str(name).lower())
-    if canonical is None:
-        raise KuklaError(f"unsupported store dtype {name!r}: use bfloat16, float16 or float32")
-    return canonical
 
 
 def check_codec(name: str) -> str:

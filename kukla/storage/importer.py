@@ -15,7 +15,8 @@ import torch
 from kukla.errors import KuklaError
 from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
-from kukla.storage.codecs import DEFAULT_CODEC, check_codec, store_dtype
+from kukla.config import StoreDtype, coerce
+from kukla.storage.codecs import DEFAULT_CODEC, check_codec
 from kukla.storage.format import Attributes, meta_fingerprint
 from kukla.storage.location import Location
 from kukla.storage.shuffle import check_memory_budget, finalize_store
@@ -121,7 +122,7 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
             "files": {h: {"path": str(s.path.absolute()), "key": s.key, "bytes": s.path.stat().st_size,
                           "mtime": s.path.stat().st_mtime} for h, s in sources.items()},
             "drop_nonfinite": drop_nonfinite}
-    dtype = store_dtype(dtype)
+    dtype = coerce("dtype", StoreDtype, dtype)
     same = {"fingerprint": meta_fingerprint(meta), "dtype": dtype, "codec": codec}
     target = Location(out)
     staging = Location(f"{target.url}.importing")

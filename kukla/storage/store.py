@@ -18,7 +18,8 @@ import torch
 import zarr
 
 from kukla.errors import KuklaError
-from kukla.storage.codecs import TORCH_DTYPES, from_stored
+from kukla.config import torch_dtype
+from kukla.storage.codecs import from_stored
 from kukla.storage.format import ArraySpec, Attributes, HookStats, array_specs, data_crc32, open_array
 from kukla.storage.location import Location
 from kukla.storage.parts import SegmentTable, read_journal
@@ -56,7 +57,7 @@ class Store:
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.meta["dtype"]]
+        return torch_dtype(self.meta["dtype"])
 
     @property
     def chunk_rows(self) -> int:

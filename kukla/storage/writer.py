@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import zarr
 
+from kukla.config import StoreDtype, coerce
 from kukla.errors import KuklaError
-from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec, store_dtype,
+from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec,
                                   to_stored)
 from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta,
                                   chunk_rows_for, data_crc32, new_attributes, write_manifest)
@@ -49,7 +50,7 @@ class StoreWriter:
              chunk_rows: int | None = None) -> "StoreWriter":
         """Create the store (state "writing") or resume this rank's part of the same run."""
         hooks = check_meta(meta)
-        dtype, codec = store_dtype(dtype), check_codec(codec)
+        dtype, codec = coerce("dtype", StoreDtype, dtype), check_codec(codec)
         if not (0 <= rank < world):
             raise KuklaError(f"rank {rank} is outside world size {world}")
         location = Location(path)

@@ -228,19 +228,21 @@ def test_sparse_path_runs_under_bf16_autocast_with_fp32_gradients():
     assert float(out.loss.detach()) == pytest.approx(float(exact.detach()), rel=0.05)
 
 
-@pytest.mark.parametrize("arch,sparse_path", [("matryoshka-batchtopk", True), ("matryoshka-batchtopk", False),
-                                              ("topk", True), ("relu", False)])
-def test_training_pass_and_dead_update_never_read_the_device(arch, sparse_path, monkeypatch):
-    """On a GPU a read (item, tolist, bool, float, int) makes the host wait for the device: a step
-    must not do one. CPU tensors can't show the wait, so count the reads themselves."""
+@pytest.mark.parametrize("arch,sparse_path,scheme", [
+    ("matryoshka-batchtopk", True, {}), ("matryoshka-batchtopk", False, {}), ("topk", True, {}), ("relu", False, {}),
+    ("matryoshka-prefix", True, dict(prefixes="sampled")), ("matryoshka-prefix", True, dict(prefixes="all", activation="topk"))])
+def test_training_pass_and_dead_update_never_read_the_device(arch, sparse_path, scheme, monkeypatch):
+    """On a GPU a read (item, tolist, bool, float, int, index) makes the host wait for the device: a step
+    must not do one, nor may drawn prefixes. CPU tensors can't show the wait, so count the reads themselves."""
     d, x = _dictionary(arch=arch, sparse_path=sparse_path, aux_k=4, k=None if arch == "relu" else 3.0,
-                       levels=[4, 12, 28, 48] if arch.startswith("matryoshka") else None)
+                       levels=[4, 12, 28, 48] if arch == "matryoshka-batchtopk" else None, **scheme)
+    generator = torch.Generator().manual_seed(0)
     _with_dead_latents(d, slice(0, 48, 3))  # aux-k runs: its decision must not read the dead count either
     reads = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
-    out = training_loss(d, x)
+    out = training_loss(d, x, generator=generator)
     out.loss.backward()
     d.update_dead(out.fired, x.shape[0])
     monkeypatch.undo()

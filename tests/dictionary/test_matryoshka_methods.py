@@ -126,7 +126,7 @@ def test_all_prefix_with_the_log_penalty_charges_each_latent_its_tail_mass():
 def test_sampled_prefixes_sum_the_penalty_per_prefix(penalty):
     d, x, y = _dictionary(activation="relu", k=None, prefixes="sampled", n_prefixes=4, penalty=penalty)
     out = training_loss(d, x, generator=torch.Generator().manual_seed(2))
-    draws = sample_prefix_lengths(WIDTH, 4, torch.Generator().manual_seed(2))
+    draws = sample_prefix_lengths(WIDTH, 4, torch.Generator().manual_seed(2)).tolist()
     _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, draws, [1 / 5] * 5))
 
 
@@ -137,7 +137,7 @@ def test_snap_loss_uses_the_unsquared_error_for_every_prefix_scheme(overrides):
     d, x, y = _dictionary(**overrides)
     out = training_loss(d, x, generator=torch.Generator().manual_seed(4), l2=True)
     prefixes, weights = {"none": ([WIDTH], [1.0]), "levels": ([4, 12, 24], [1 / 3] * 3),
-                         "sampled": (sample_prefix_lengths(WIDTH, 3, torch.Generator().manual_seed(4)), [1 / 4] * 4)
+                         "sampled": (sample_prefix_lengths(WIDTH, 3, torch.Generator().manual_seed(4)).tolist(), [1 / 4] * 4)
                          }[d.cfg.prefixes]
     _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, prefixes, weights, l2=True))
     assert float(training_loss(d, x, generator=torch.Generator().manual_seed(4)).loss) != pytest.approx(float(out.loss))

@@ -14,13 +14,13 @@ from kukla.pipeline.dictionary.prefixes import prefix_weights, sample_prefix_len
 def test_sampled_prefix_lengths_follow_nabeshima_distribution_without_replacement():
     width, n = 20, 20_000
     generator = torch.Generator().manual_seed(0)
-    firsts = [sample_prefix_lengths(width, 1, generator) for _ in range(n)]
+    firsts = [sample_prefix_lengths(width, 1, generator).tolist() for _ in range(n)]
     assert all(len(d) == 2 and d[-1] == width and d[0] < width for d in firsts)
     counts = torch.bincount(torch.tensor([d[0] for d in firsts]), minlength=width)[1:].double()
     p = torch.tensor([math.sqrt(l) - math.sqrt(l - 1) for l in range(1, width)], dtype=torch.float64)
     assert chisquare(counts.numpy(), (p / p.sum() * n).numpy()).pvalue > 1e-3
     assert chisquare(counts.numpy()).pvalue < 1e-6  # not uniform: short prefixes are drawn far more often
-    many = sample_prefix_lengths(width, width - 1, generator)  # without replacement: every length once
+    many = sample_prefix_lengths(width, width - 1, generator).tolist()  # without replacement: every length once
     assert many == list(range(1, width + 1))
 
 
@@ -29,6 +29,7 @@ def test_every_batch_of_sampled_prefixes_includes_the_full_width_with_weights_su
     generator = torch.Generator().manual_seed(1)
     for _ in range(50):
         widths, weights = prefix_weights(cfg, generator)
+        widths = widths.tolist()
         assert widths[-1] == 512 and widths == sorted(set(widths))
         assert len(widths) == 10 and weights == [0.1] * 10
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kukla.pipeline.evaluate.absorption import AbsorptionSettings, first_letter_absorption
+from kukla.pipeline.evaluate.absorption import first_letter_absorption
+from kukla.pipeline.evaluate.config import AbsorptionConfig
 
 
 @pytest.mark.slow
@@ -38,7 +39,7 @@ def test_absorbed_words_are_scored_and_weak_letters_are_gated_out() -> None:
         absorber_codes = torch.relu(x @ w_dec[26:].T - 1.0) * (token_proj > 1.0)
         return torch.cat([letter_codes, absorber_codes], dim=1)
 
-    settings = AbsorptionSettings(min_probe_f1=0.6, min_positives=5, max_k=10, f1_jump=0.03, seed=0, epochs=60)
+    settings = AbsorptionConfig(min_probe_f1=0.6, min_positives=5, max_k=10, f1_jump=0.03, seed=0, epochs=60)
     out = first_letter_absorption(x_all, y_all, encode, w_dec, settings)
     assert out["letters_kept"] == 25 and "z" not in out["per_letter"]
     a = out["per_letter"]["a"]

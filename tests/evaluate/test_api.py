@@ -14,13 +14,13 @@ from safetensors.numpy import load_file
 
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.calibrate import evaluation_rows
-from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.storage import open_store
 from tests.evaluate.helpers import D, make_dictionary
 
 
 def _config(dicts: list[Path], store: Path, out: Path, **kw) -> EvaluateConfig:
-    kw = {"downstream": False, "absorption": False, **kw}
+    kw = {"downstream": DownstreamConfig(enabled=False), "absorption": AbsorptionConfig(enabled=False), **kw}
     return EvaluateConfig(dictionaries=dicts, store=store, out=out, **kw)
 
 
@@ -129,14 +129,13 @@ def test_a_dictionary_of_another_width_or_hook_is_refused(tmp_path: Path, rows_s
 
 def test_missing_model_skips_downstream_with_a_note_or_fails_when_required(
         tmp_path: Path, rows_store: Path, dicts: dict[str, Path]) -> None:
-    out = evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out", downstream=True, max_tokens=100))
+    out = evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out", downstream=DownstreamConfig(), max_tokens=100))
     metrics = json.loads((out / "metrics.json").read_text())
     assert any("downstream metrics and absorption skipped" in n for n in metrics["notes"])
     assert "downstream" not in metrics["dictionaries"]["identity"]
     assert metrics["store"]["eval_tokens"] == 100
-    with pytest.raises(KuklaError, match="require-downstream"):
-        evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out2", downstream=True,
-                         require_downstream=True))
+    with pytest.raises(KuklaError, match="downstream-require"):
+        evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out2", downstream=DownstreamConfig(require=True)))
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path, rows_store: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, save_dictionary
-from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+from kukla.pipeline.evaluate import DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.storage import finalize_store
@@ -45,8 +45,8 @@ def test_ce_recovered_is_one_for_the_identity_and_zero_for_zero_ablation_through
     save_dictionary(silent_transcoder, tmp_path / "transcoder", {"hooks": {"input": MID, "target": MLP_OUT}})
 
     out = evaluate(EvaluateConfig(dictionaries=[identity, zero, tmp_path / "transcoder"], store=store,
-                                  out=tmp_path / "report", downstream_contexts=12, downstream_batch_size=4,
-                                  require_downstream=True))
+                                  out=tmp_path / "report",
+                                  downstream=DownstreamConfig(contexts=12, batch_size=4, require=True)))
     report = json.loads((out / "metrics.json").read_text())
     m = report["dictionaries"]
     assert m["identity"]["downstream"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)

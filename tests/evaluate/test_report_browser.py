@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
@@ -41,8 +41,9 @@ def build_demo_report(root: Path) -> Path:
         dictionaries += train(TrainConfig(store=store, out=root / arch, hook=HOOK, arch=arch, width=[64], k=[4],
                                           tokens=8192, batch_size=256, log_every=2, device="cpu",
                                           init_tokens=512, calibration_tokens=512))
-    return evaluate(EvaluateConfig(dictionaries=dictionaries, store=store, out=root / "report", downstream_contexts=8,
-                                   downstream_batch_size=4, absorption=False), model=load_model(str(model_dir)))
+    return evaluate(EvaluateConfig(dictionaries=dictionaries, store=store, out=root / "report",
+                                   downstream=DownstreamConfig(contexts=8, batch_size=4),
+                                   absorption=AbsorptionConfig(enabled=False)), model=load_model(str(model_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_contexts_are_text_without_a_model(demo_report: Path, tmp_path: Path) ->
     metrics = json.loads((demo_report / "metrics.json").read_text())
     dictionaries = [Path(m["path"]) for m in metrics["dictionaries"].values()]
     out = evaluate(EvaluateConfig(dictionaries=dictionaries, store=Path(metrics["store"]["path"]), out=tmp_path / "r",
-                                  downstream=False, absorption=False))
+                                  downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
     name = next(iter(metrics["dictionaries"]))
     contexts = [c for latent in pq.read_table(out / f"latents_{name}.parquet").to_pydict()["top_contexts"] for c in latent]
     assert contexts and all("«" in c for c in contexts)

@@ -15,7 +15,7 @@ import pytest
 from kukla.pipeline.dictionary import load_dictionary
 from kukla.pipeline.dictionary.calibrate import evaluation_rows
 from kukla.pipeline.evaluate import EvaluateConfig, evaluate
-from kukla.pipeline.harvest.config import HarvestConfig
+from kukla.pipeline.harvest.config import HarvestConfig, ToyConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.train import train
 from kukla.pipeline.train.config import TrainConfig
@@ -46,8 +46,8 @@ def _holes_by_hand(store_path: Path, dictionary_dir: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_batchtopk_shows_absorption_holes_and_matryoshka_clearly_fewer(tmp_path: Path) -> None:
     store = tmp_path / "toy.zarr"
-    harvest(HarvestConfig(output=store, source="toy-tree", toy_tree=[4, 4], toy_dim=32, toy_p_root=0.25,
-                          toy_p_child=0.3, tokens=60_000, store_dtype="float32", finalize=False))
+    harvest(HarvestConfig(output=store, source="toy-tree", tokens=60_000, store_dtype="float32", finalize=False,
+                          toy=ToyConfig(tree=[4, 4], dim=32, p_root=0.25, p_child=0.3)))
     finalize_store(store, holdout_rows=4000)
     dictionaries = []
     for arch, levels in (("batchtopk", None), ("matryoshka-batchtopk", [4, 20])):

@@ -9,7 +9,7 @@ import torch
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, calibrate_threshold, save_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
-from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.evaluate.caveats import caveats
 from kukla.storage import open_store
 from tests.evaluate.helpers import D, HOOK
@@ -34,7 +34,8 @@ def test_calibration_rows_among_the_scored_rows_are_stated(tmp_path: Path, rows_
              _batchtopk(tmp_path / "overlapping", rows_store, [scored.start, scored.start + 100]),
              _batchtopk(tmp_path / "old", rows_store, None)]
     out = evaluate(EvaluateConfig(dictionaries=dicts, store=rows_store, out=tmp_path / "report",
-                                  downstream=False, absorption=False))
+                                  downstream=DownstreamConfig(enabled=False),
+                                  absorption=AbsorptionConfig(enabled=False)))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["store"]["eval_rows"] == [scored.start, scored.stop]
     warnings = {name: m["warnings"] for name, m in metrics["dictionaries"].items()}

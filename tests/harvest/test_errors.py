@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kukla.cli.app import app
+from kukla.config import from_dict
 from kukla.errors import ConfigError, KuklaError
 from kukla.pipeline.harvest import HarvestConfig, harvest
 from kukla.pipeline.models import load_model
@@ -94,8 +95,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         HarvestConfig(output=str(tmp_path), dataset="x.txt")
     with pytest.raises(ConfigError, match="rank: must be in 0..1"):
         HarvestConfig(output=str(tmp_path), source="toy-tree", rank=2, world=2)
-    with pytest.raises(ConfigError, match="toy_p_child"):
-        HarvestConfig(output=str(tmp_path), source="toy-tree", toy_p_child=1.5)
+    with pytest.raises(ConfigError, match=r"toy\.p_child: must be a probability"):
+        from_dict(HarvestConfig, {"output": str(tmp_path), "source": "toy-tree", "toy": {"p_child": 1.5}})
 
 
 def test_cli_prints_one_line_and_exits_2(texts: Path, tmp_path: Path) -> None:

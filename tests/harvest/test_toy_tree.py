@@ -9,12 +9,13 @@ import pytest
 
 from kukla.errors import KuklaError
 from kukla.pipeline.harvest import TOY_HOOK, HarvestConfig, ToyTree, harvest
+from kukla.pipeline.harvest.config import ToyConfig
 from kukla.storage import open_store
 
 
 def _toy(out: Path, **overrides) -> HarvestConfig:
-    settings = dict(output=str(out), source="toy-tree", tokens=3000, toy_tree=[6, 3, 2], toy_dim=64,
-                    toy_p_root=0.3, toy_p_child=0.5, toy_noise=0.02, segment_windows=4, context_size=128,
+    settings = dict(output=str(out), source="toy-tree", tokens=3000, segment_windows=4,
+                    toy=ToyConfig(tree=[6, 3, 2], dim=64, p_root=0.3, p_child=0.5, noise=0.02), context_size=128,
                     store_dtype="float32", seed=3)
     return HarvestConfig(**(settings | overrides))
 

@@ -28,6 +28,7 @@ def test_demo_writes_a_run_file_for_the_embedded_model_and_both_dictionaries(tmp
     assert all(t.hook == "blocks.9.hook_resid_post" and t.tokens == 2 * 8192 for t in pipeline.train)
     assert [p.name for p in pipeline.evaluate.dictionaries] == ["matryoshka-batchtopk-w2048-k32-s0",
                                                                  "batchtopk-w2048-k32-s0"]
+    assert (pipeline.evaluate.downstream.contexts, pipeline.evaluate.downstream.batch_size) == (4, 2)
     # aux-k can engage: the dead-latent window is a tenth of the run, not 10M tokens
     assert all(t.dead_window == 2 * 8192 // 10 < t.tokens for t in pipeline.train)
     # --device reaches every stage: the same code path on a GPU.

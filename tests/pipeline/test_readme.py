@@ -51,9 +51,14 @@ def test_reference_covers_every_command_of_the_cli() -> None:
 
 
 def test_reference_documents_every_setting_of_every_stage() -> None:
+    from kukla.config import settings
+
     script = _script()
     reference = script.reference()
     for _, cls, arguments, _ in script.COMMANDS:
-        for name in cls.__dataclass_fields__:
-            flag = f"`{name.upper()}` (argument" if name in arguments else f"`--{name.replace('_', '-')}` (`{name}`)"
-            assert flag in reference, (cls.__name__, name)
+        for setting in settings(cls):
+            row = f"`{setting.key.upper()}` (argument" if setting.key in arguments else f"`{setting.flag}` (`{setting.key}`)"
+            assert row in reference, (cls.__name__, setting.key)
+    for key in ("toy.dim", "absorption.words", "downstream.contexts", "wandb.project"):  # sections are listed by their dotted keys
+        assert f"(`{key}`)" in reference, key
+    assert "TOML table `[harvest.toy]`" in reference and "TOML table `[evaluate.absorption]`" in reference

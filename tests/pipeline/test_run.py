@@ -29,9 +29,9 @@ device = "cpu"
 
 [harvest]
 source = "toy-tree"
-toy_tree = [4, 2]
-toy_dim = 16
-toy_p_root = 0.2
+toy.tree = [4, 2]
+toy.dim = 16
+toy.p_root = 0.2
 tokens = 6000
 segment_windows = 8
 

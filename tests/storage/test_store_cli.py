@@ -80,7 +80,7 @@ def test_import_errors_are_one_line(tmp_path: Path) -> None:
     _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
                             "--codec", "brotli"), "unknown codec 'brotli'")
     _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
-                            "--dtype", "int8"), "unsupported store dtype")
+                            "--dtype", "int8"), "dtype: 'int8' is not one of bfloat16, float16, float32")
 
 
 def test_readers_give_one_line_errors_for_bad_paths(tmp_path: Path) -> None:

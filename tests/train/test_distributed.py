@@ -35,17 +35,19 @@ def _train(store: Path, out: Path, arch: str, nproc: int) -> dict[str, torch.Ten
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka-batchtopk"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka-batchtopk", "matryoshka-prefix"])
 def test_two_gloo_ranks_train_the_same_dictionary_as_one_process(store: Path, tmp_path: Path, arch: str) -> None:
     one = _train(store, tmp_path / "one", arch, 1)
     two = _train(store, tmp_path / "two", arch, 2)
-    # the same global batches, BatchTopK's cutoff and the variances over the global batch: the same steps
+    # the same global batches, BatchTopK's cutoff, the variances over the global batch and (sampled
+    # prefixes) the same draws on every rank: the same steps
     assert torch.equal(two["tokens_since_fired"], one["tokens_since_fired"])
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         # relative to the whole tensor: float sums in another order differ by ~1e-7, and Adam
-        # turns that into a few 1e-6 on single entries whose gradients are near zero
+        # turns that into up to half a step (lr ≈ 1.1e-3) on the few entries whose gradients are
+        # near zero: 2.5e-4 on b_enc's norm on an AMD EPYC host. A wrong cutoff or share gave 0.26.
         relative = float((two[name] - one[name]).norm() / one[name].norm())
-        assert relative < 1e-4, (name, relative)
+        assert relative < 1e-3, (name, relative)
     # latents died and aux-k trained them, so its global normalisation was part of what matched
     logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert max(line.get("aux", 0.0) for line in logged) > 0

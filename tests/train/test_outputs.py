@@ -12,7 +12,7 @@ from conftest import HOOK, TARGET
 from safetensors.torch import load_file
 
 from kukla.pipeline.dictionary import load_dictionary
-from kukla.pipeline.train import TrainConfig, train
+from kukla.pipeline.train import TrainConfig, WandbConfig, train
 
 SMALL = dict(batch_size=256, tokens=256 * 60, log_every=10, checkpoint_every=0, threads=1)
 
@@ -62,7 +62,7 @@ def test_trained_transcoder_loads_in_saelens(store: Path, tmp_path: Path) -> Non
 
 def test_threshold_is_calibrated_on_rows_evaluate_never_scores(store: Path, tmp_path: Path) -> None:
     from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
-    from kukla.pipeline.evaluate import EvaluateConfig, evaluate
+    from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
     from kukla.storage import open_store
 
     [path] = train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="batchtopk", width=[64], k=[3],
@@ -81,7 +81,8 @@ def test_threshold_is_calibrated_on_rows_evaluate_never_scores(store: Path, tmp_
     assert final["final"] and final["inference_l0"] == pytest.approx(saved)
 
     report = evaluate(EvaluateConfig(dictionaries=[path], store=store, out=tmp_path / "report",
-                                     downstream=False, absorption=False))
+                                     downstream=DownstreamConfig(enabled=False),
+                                     absorption=AbsorptionConfig(enabled=False)))
     metrics = json.loads((report / "metrics.json").read_text())
     scored = range(*metrics["store"]["eval_rows"])
     assert scored == evaluation_rows(s) and not set(scored) & set(range(lo, hi))  # disjoint
@@ -109,8 +110,8 @@ def test_metrics_log_has_a_line_per_member_per_log_step(store: Path, tmp_path: P
 @pytest.mark.slow
 def test_wandb_offline_run_is_written(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="topk", width=[32], k=[4], wandb=True,
-                      wandb_project="kukla-test", **SMALL))
+    train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="topk", width=[32], k=[4],
+                      wandb=WandbConfig(enabled=True, project="kukla-test"), **SMALL))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     [record] = list(runs[0].glob("run-*.wandb"))

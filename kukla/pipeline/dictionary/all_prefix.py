@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kukla.pipeline.dictionary.snap import row_errors
@@ -38,35 +37,37 @@ class _SlotResiduals(torch.autograd.Function):
     def forward(ctx, e: Tensor, values: Tensor, W_dec: Tensor, cols: Tensor, order: Tensor,  # type: ignore[override]
                 sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         r = e[order].float()  # rows sorted by active count, descending; a copy
-        z = values.to(r.dtype)[:, None]
+        W, z = W_dec.to(r.dtype), values.to(r.dtype)[:, None]
         after = torch.empty_like(z[:, 0])
+        rows_dec = r.new_empty(r.shape)  # one buffer for every slot's gathered rows: fresh ones cost page faults
         for n, at in zip(sizes, _slices(sizes)):
-            r[:n].addcmul_(F.embedding(cols[at], W_dec).to(r.dtype), z[at], value=-1.0)
+            r[:n].addcmul_(torch.index_select(W, 0, cols[at], out=rows_dec[:n]), z[at], value=-1.0)
             torch.linalg.vector_norm(r[:n], dim=1, out=after[at])
-        ctx.sizes, ctx.dtypes = sizes, (e.dtype, values.dtype)
-        ctx.save_for_backward(r, z, W_dec, cols, order)
+        ctx.sizes, ctx.dtypes = sizes, (e.dtype, values.dtype, W_dec.dtype)
+        ctx.save_for_backward(r, z, W, cols, order)
         residual = torch.empty_like(r).index_copy_(0, order, r)
         ctx.mark_non_differentiable(residual)
         return torch.linalg.vecdot(e, e), after.square_(), residual
 
     @staticmethod
     def backward(ctx, grad_first: Tensor, grad_after: Tensor, _: Tensor):  # type: ignore[override]
-        r, z, W_dec, cols, order = ctx.saved_tensors
+        r, z, W, cols, order = ctx.saved_tensors
         r = r.clone()
         acc = torch.zeros_like(r)
+        rows_dec, product = torch.empty_like(r), torch.empty_like(r)
         minus_grad_z = torch.empty_like(z[:, 0])
-        minus_grad_W = torch.zeros_like(W_dec, dtype=r.dtype)
+        minus_grad_W = torch.zeros_like(W)
         grad_after = 2 * grad_after[:, None].to(r.dtype)
         for n, at in reversed(list(zip(ctx.sizes, _slices(ctx.sizes)))):
             acc[:n].addcmul_(r[:n], grad_after[at])
-            rows_dec = F.embedding(cols[at], W_dec).to(r.dtype)
-            minus_grad_z[at] = torch.linalg.vecdot(acc[:n], rows_dec)
-            minus_grad_W.index_add_(0, cols[at], acc[:n] * z[at])
-            r[:n].addcmul_(rows_dec, z[at])
+            torch.index_select(W, 0, cols[at], out=rows_dec[:n])
+            torch.sum(torch.mul(acc[:n], rows_dec[:n], out=product[:n]), dim=1, out=minus_grad_z[at])
+            minus_grad_W.index_add_(0, cols[at], torch.mul(acc[:n], z[at], out=product[:n]))
+            r[:n].addcmul_(rows_dec[:n], z[at])
         acc.addcmul_(r, grad_first[order, None], value=2.0)
         grad_e = torch.empty_like(acc).index_copy_(0, order, acc)
-        e_dtype, values_dtype = ctx.dtypes
-        return (grad_e.to(e_dtype), minus_grad_z.neg_().to(values_dtype), minus_grad_W.neg_().to(W_dec.dtype),
+        e_dtype, values_dtype, W_dtype = ctx.dtypes
+        return (grad_e.to(e_dtype), minus_grad_z.neg_().to(values_dtype), minus_grad_W.neg_().to(W_dtype),
                 None, None, None)
 
 

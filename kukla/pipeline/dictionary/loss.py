@@ -68,14 +68,17 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     l2: the snap loss's unsquared reconstruction error (`kukla.pipeline.dictionary.snap`).
 
     Under data parallelism x is this rank's share of the global batch and `batch` reduces over
-    the shares (see `global_batch`). Nothing here reads a device value back to the host.
+    the shares (see `global_batch`). Nothing here reads a device value back to the host, except
+    where a shape depends on the codes: BatchTopK all-prefix's count histogram (it sizes the slot
+    walk), drawn prefixes on the dense path (its slices) and ReLU's active entries.
     """
     cfg, rule = dictionary.cfg, dictionary.rule
     W_enc, b_enc, W_dec, b_dec = dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec
     n_rows, width = x.shape[0], cfg.width
     all_prefixes = cfg.prefixes == "all"
     bounds, weights = ([width], [1.0]) if all_prefixes else prefix_weights(cfg, generator)
-    cdf = all_prefix_cdf(width, cfg.n_prefixes) if all_prefixes else cumulative_weight(bounds, weights, width)
+    cdf = (all_prefix_cdf(width, cfg.n_prefixes, x.device) if all_prefixes
+           else cumulative_weight(bounds, weights, width, x.device))
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
     aux_cols = dictionary.aux_candidates() if cfg.aux_coefficient > 0 else None
@@ -122,7 +125,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     if all_prefixes:
         loss = errors / (scale if l2 else total_var)
     elif l2:
-        loss = (prefix_norms(to_explain, segments.float()) * torch.tensor(weights, device=x.device)).sum() / scale
+        loss = sum(w * n for w, n in zip(weights, prefix_norms(to_explain, segments.float()).unbind())) / scale
     else:
         loss = sum(w * f for w, f in zip(weights, fvu.unbind()))
 

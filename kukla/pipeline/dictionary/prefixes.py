@@ -25,30 +25,37 @@ def prefix_probabilities(width: int) -> Tensor:
     return (root[1:] - root[:-1]) / root[-1]
 
 
-def sample_prefix_lengths(width: int, n: int, generator: torch.Generator | None = None) -> list[int]:
-    """n distinct lengths from 1..F−1 drawn with P(l) without replacement (Nabeshima), sorted, plus F."""
-    device = generator.device if generator is not None else None
-    probabilities = prefix_probabilities(width)[:-1].to(device)
-    draws = torch.multinomial(probabilities, n, replacement=False, generator=generator) + 1
-    return [*sorted(draws.tolist()), width]
+@functools.lru_cache(maxsize=8)
+def _draw_probabilities(width: int, device: torch.device) -> Tensor:
+    """P(l) for l = 1..F−1, copied to the device once (a copy per step would wait for it)."""
+    return prefix_probabilities(width)[:-1].to(device)
+
+
+def sample_prefix_lengths(width: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """[n + 1]: n distinct lengths from 1..F−1 drawn with P(l) without replacement (Nabeshima),
+    sorted, then F; drawn on the generator's device and never read back to the host there."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    draws = torch.multinomial(_draw_probabilities(width, device), n, replacement=False, generator=generator) + 1
+    return torch.cat([draws.sort().values, draws.new_full((1,), width)])
 
 
 @functools.lru_cache(maxsize=8)
-def all_prefix_cdf(width: int, n_prefixes: int) -> Tensor:
+def all_prefix_cdf(width: int, n_prefixes: int, device: torch.device = torch.device("cpu")) -> Tensor:
     """[F+1] float64 C(l) of the all-prefix scheme: w_l = n/(n+1)·P(l) + [l = F]/(n+1), the chance
-    that one of n + 1 equally weighted draws (n with P, plus the full width) has length l."""
+    that one of n + 1 equally weighted draws (n with P, plus the full width) has length l.
+    Made once per device."""
     n = n_prefixes
     cdf = torch.zeros(width + 1, dtype=torch.float64)
     cdf[1:] = prefix_probabilities(width).cumsum(0) * n / (n + 1)
     cdf[-1] = 1.0
-    return cdf
+    return cdf.to(device)
 
 
-def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = None) -> tuple[list[int], list[float]]:
+def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = None) -> tuple[list[int] | Tensor, list[float]]:
     """Distinct prefix widths (increasing, ending at F) and the weight of each one's FVU.
 
-    Sampled: n_prefixes distinct lengths plus F, each weighing 1/(n+1). All prefixes: every
-    length 1..F with its expected weight.
+    Sampled: n_prefixes distinct lengths plus F, each weighing 1/(n+1), the lengths a tensor on
+    the generator's device. All prefixes: every length 1..F with its expected weight.
     """
     if cfg.prefixes == "none":
         return [cfg.width], [1.0]
@@ -63,11 +70,22 @@ def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = No
     return draws, [1 / len(draws)] * len(draws)
 
 
-def cumulative_weight(widths: list[int], weights: list[float], width: int) -> Tensor:
-    """[F+1] float64 C(l) = Σ_{p ≤ l} w_p of explicit prefixes."""
+def cumulative_weight(widths: list[int] | Tensor, weights: list[float], width: int,
+                      device: torch.device = torch.device("cpu")) -> Tensor:
+    """[F+1] float64 C(l) = Σ_{p ≤ l} w_p of explicit prefixes, on the device: fixed ones made
+    once, drawn ones (a tensor there, equal weights) without leaving it."""
+    if not isinstance(widths, Tensor):
+        return _fixed_cumulative_weight(tuple(widths), tuple(weights), width, device)
+    equal = torch.full(widths.shape, weights[0], dtype=torch.float64, device=device)
+    return torch.zeros(width + 1, dtype=torch.float64, device=device).index_add_(0, widths, equal).cumsum(0)
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_cumulative_weight(widths: tuple[int, ...], weights: tuple[float, ...], width: int,
+                             device: torch.device) -> Tensor:
     cdf = torch.zeros(width + 1, dtype=torch.float64)
     cdf.index_add_(0, torch.tensor(widths), torch.tensor(weights, dtype=torch.float64))
-    return cdf.cumsum(0)
+    return cdf.cumsum(0).to(device)
 
 
 def tail_mass(cdf: Tensor) -> Tensor:

@@ -11,14 +11,17 @@ from torch import Tensor
 
 
 def decode_segments(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
-                    bounds: list[int], n_rows: int) -> Tensor:
+                    bounds: list[int] | Tensor, n_rows: int) -> Tensor:
     """[B, G, d_out] segment contributions of the codes given as (rows, cols, values)."""
     z = torch.zeros(n_rows, W_dec.shape[0], dtype=values.dtype, device=values.device)
     return dense_segments(z.index_put((rows, cols), values), W_dec, bounds)
 
 
-def dense_segments(z: Tensor, W_dec: Tensor, bounds: list[int]) -> Tensor:
-    """[B, G, d_out] segment contributions of dense codes z [B, F]."""
+def dense_segments(z: Tensor, W_dec: Tensor, bounds: list[int] | Tensor) -> Tensor:
+    """[B, G, d_out] segment contributions of dense codes z [B, F]. Slicing needs the bounds on
+    the host: drawn ones are read back, the dense path's one device read (the sparse path has none)."""
+    if isinstance(bounds, Tensor):
+        bounds = bounds.tolist()
     starts = [0, *bounds[:-1]]
     return torch.stack([z[:, s:e] @ W_dec[s:e] for s, e in zip(starts, bounds)], dim=1)
 

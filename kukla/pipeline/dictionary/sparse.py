@@ -90,11 +90,11 @@ def columns_at(x_s: Tensor, bias: Tensor | None, W_enc: Tensor, b_enc: Tensor, p
 
 
 def decode_segments(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor,
-                    bounds: list[int], n_rows: int) -> Tensor:
+                    bounds: list[int] | Tensor, n_rows: int) -> Tensor:
     """[B, G, d_out] segment contributions, one bag of gathered decoder rows per (token, segment).
 
     Entries must come row-major with ascending columns, as the selections return them: that
-    already orders the bags.
+    already orders the bags. Bounds may be a device tensor (drawn prefixes): never read back.
     """
     n_segments = len(bounds)
     segment = sum((cols >= bound).long() for bound in bounds[:-1]) if n_segments > 1 else torch.zeros_like(cols)

@@ -5,7 +5,7 @@ absorption, toy ground truth; writes metrics.json, report.md, report.html and pe
 """
 
 from kukla.lazy import lazy_exports
-from kukla.pipeline.evaluate.config import EvaluateConfig
+from kukla.pipeline.evaluate.config import AbsorptionConfig, DownstreamConfig, EvaluateConfig
 
-__all__ = ["EvaluateConfig", "evaluate"]
+__all__ = ["AbsorptionConfig", "DownstreamConfig", "EvaluateConfig", "evaluate"]
 __getattr__ = lazy_exports(__name__, {"evaluate": "kukla.pipeline.evaluate.run"})

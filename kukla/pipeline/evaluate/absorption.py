@@ -17,38 +17,18 @@ Per letter: mean fraction and full-absorption rate over its correctly detected w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from kukla.pipeline.evaluate.config import EvaluateConfig
+from kukla.pipeline.evaluate.config import AbsorptionConfig
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 ABSORBER_COS = 0.1
 FULL_ABSORBER_COS = 0.025
 PROJECTION_SHARE = 0.4
 MAX_ABSORBERS = 3
-
-
-@dataclass
-class AbsorptionSettings:
-    """The gates and search limits; the user-facing ones come from EvaluateConfig's
-    absorption_* fields, documented (with their defaults) there only."""
-
-    min_probe_f1: float
-    min_positives: int
-    max_k: int
-    f1_jump: float
-    seed: int
-    l1: float = 0.01
-    epochs: int = 100
-
-    @classmethod
-    def from_config(cls, config: EvaluateConfig) -> AbsorptionSettings:
-        return cls(min_probe_f1=config.absorption_min_probe_f1, min_positives=config.absorption_min_positives,
-                   max_k=config.absorption_max_k, f1_jump=config.absorption_f1_jump, seed=config.seed)
 
 
 def _f1(pred: Tensor, truth: Tensor) -> float:
@@ -88,7 +68,7 @@ def train_probes(x: Tensor, targets: Tensor, *, l1: float = 0.0, epochs: int = 1
 
 
 def k_sparse_f1(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor, ranking: Tensor,
-                s: AbsorptionSettings) -> Tensor:
+                s: AbsorptionConfig) -> Tensor:
     """Test F1 [max_k, C] of each class's k-sparse probe on its k top-ranked latents, k = 1..max_k."""
     rows = []
     for k in range(1, s.max_k + 1):
@@ -128,7 +108,7 @@ def word_absorption(act_proj: Tensor, latent_proj: Tensor, main: list[int], cos:
 
 
 def first_letter_absorption(acts: Tensor, letters: Tensor, encode: Callable[[Tensor], Tensor], w_dec: Tensor,
-                            s: AbsorptionSettings) -> dict[str, Any]:
+                            s: AbsorptionConfig) -> dict[str, Any]:
     """Absorption scores from word activations [N, d] and their first letters [N] (0–25)."""
     g = torch.Generator().manual_seed(s.seed)
     order = torch.randperm(acts.shape[0], generator=g)

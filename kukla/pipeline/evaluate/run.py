@@ -177,8 +177,8 @@ def _load_model(config: EvaluateConfig, store: Store, model: HookedTransformer |
             return load_model(name, device=config.device, dtype=config.model_dtype)
         except KuklaError as exc:
             problem = f"model {name!r} unavailable: {exc}"
-    if config.require_downstream:
-        raise KuklaError(f"{problem}; downstream metrics are required (--require-downstream): pass --model")
+    if config.downstream.require:
+        raise KuklaError(f"{problem}; downstream metrics are required (--downstream-require): pass --model")
     notes.append(f"downstream metrics and absorption skipped: {problem}")
     return None
 
@@ -189,9 +189,9 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
     from kukla.pipeline.evaluate.downstream import Splice, evaluate_downstream
 
     try:
-        windows, unseen = ctx.fresh_windows(store, model.tokenizer, config.downstream_contexts)
+        windows, unseen = ctx.fresh_windows(store, model.tokenizer, config.downstream.contexts)
     except (KuklaError, KeyError) as exc:
-        if config.require_downstream:
+        if config.downstream.require:
             raise KuklaError(f"cannot re-read the store's text for downstream metrics: {exc}") from None
         notes.append(f"downstream metrics skipped: cannot re-read the store's text ({exc})")
         return
@@ -203,9 +203,9 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
     for e in entries:
         if e.stats.target.mean is not None:
             means.setdefault(e.target_hook, e.stats.target.mean.float())
-    results = evaluate_downstream(model, windows, splices, batch_size=config.downstream_batch_size,
+    results = evaluate_downstream(model, windows, splices, batch_size=config.downstream.batch_size,
                                   first_position=0 if keep_special else 1,
-                                  mean_ablation=means if config.mean_ablation else None)
+                                  mean_ablation=means if config.downstream.mean_ablation else None)
     for e in entries:
         e_result = results[e.name]
         e_result["contexts"] = int(windows.shape[0])
@@ -216,7 +216,7 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
 def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTransformer,
                    notes: list[str]) -> None:
     """First-letter absorption for residual-stream SAEs (skipped with a note for the rest)."""
-    from kukla.pipeline.evaluate.absorption import AbsorptionSettings, first_letter_absorption
+    from kukla.pipeline.evaluate.absorption import first_letter_absorption
     from kukla.pipeline.evaluate.words import word_activations
 
     targets = [e for e in entries if not e.transcoder and "resid" in e.input_hook]
@@ -225,9 +225,8 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
     if model.tokenizer is None:
         notes.append("absorption skipped: the model has no tokenizer")
         return
-    settings = AbsorptionSettings.from_config(config)
     for hook in sorted({e.input_hook for e in targets}):
-        words = word_activations(model, hook, n_words=config.absorption_words, seed=config.seed)
+        words = word_activations(model, hook, n_words=config.absorption.words, seed=config.absorption.seed)
         if words is None:
             notes.append(f"absorption skipped for {hook}: too few single-token alphabetic words in the vocabulary")
             continue
@@ -236,7 +235,7 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
             def encode(x: torch.Tensor, d: Dictionary = e.dictionary) -> torch.Tensor:
                 return d.encode(x.to(d.W_enc.device)).cpu()
 
-            e.absorption = first_letter_absorption(acts, letters, encode, e.dictionary.W_dec.cpu(), settings)
+            e.absorption = first_letter_absorption(acts, letters, encode, e.dictionary.W_dec.cpu(), config.absorption)
 
 
 def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
@@ -328,17 +327,17 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     massive = score_massive(store, entries, scored)
     tokenizer, lm = None, None
     if store.meta.get("source") == "toy-tree":
-        if config.require_downstream:
+        if config.downstream.require:
             raise KuklaError(f"store {store.url} is a toy-tree store: it has no model for downstream metrics")
         notes.append("toy-tree store: no model behind it, so no downstream metrics or absorption; "
                      "see the ground-truth scores instead")
-    elif config.downstream or config.absorption:
+    elif config.downstream.enabled or config.absorption.enabled:
         lm = _load_model(config, store, model, notes)
         if lm is not None:
             tokenizer = lm.tokenizer
-            if config.downstream:
+            if config.downstream.enabled:
                 run_downstream(config, store, entries, lm, notes)
-            if config.absorption:
+            if config.absorption.enabled:
                 run_absorption(config, entries, lm, notes)
     dicts, max_cos = {}, {}
     for e in entries:

@@ -6,11 +6,40 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kukla.config import DEFAULT_DEVICE, DEFAULT_MEMORY_BUDGET, Bytes, resolve_device
+from kukla.config import DEFAULT_DEVICE, DEFAULT_MEMORY_BUDGET, Bytes, ModelDtype, StoreDtype, resolve_device
 from kukla.errors import ConfigError
 from kukla.pipeline.harvest.massive import MASSIVE_RATIO
 
-STORE_DTYPES = ("bfloat16", "float32", "float16")
+
+@dataclass
+class ToyConfig:
+    """The toy source: features in a tree (children fire only with their parent) along random
+    unit directions, each row their sum plus Gaussian noise; the truth is stored beside the rows."""
+
+    tree: list[int] = field(default_factory=lambda: [32, 4])
+    """Branching per level, roots first (32,4 = 32 parents with 4 children each)."""
+    p_root: float = 0.05
+    """Probability that a root feature fires on a row."""
+    p_child: float = 0.25
+    """Probability that a child fires on a row where its parent fires."""
+    dim: int = 256
+    """Dimension of the rows."""
+    noise: float = 0.01
+    """Standard deviation of the Gaussian noise added to every coordinate."""
+    magnitude_std: float = 0.1
+    """Spread of feature magnitudes around 1 (magnitude = |1 + std·N(0,1)|)."""
+
+    def __post_init__(self) -> None:
+        if not self.tree or any(b <= 0 for b in self.tree):
+            raise ConfigError("tree", "give positive branching factors, roots first, e.g. 32,4")
+        if self.dim <= 0:
+            raise ConfigError("dim", "must be positive")
+        for name in ("p_root", "p_child"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, "must be a probability in [0, 1]")
+        for name in ("noise", "magnitude_std"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be ≥ 0")
 
 
 @dataclass
@@ -52,9 +81,9 @@ class HarvestConfig:
     median norm over the plan's first segment; none writes no flags."""
     device: str = DEFAULT_DEVICE
     """Torch device for the model: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:1, mps; under torchrun, cuda means cuda:LOCAL_RANK."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: ModelDtype = "float32"
     """Dtype the model runs in."""
-    store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    store_dtype: StoreDtype = "bfloat16"
     """Dtype of the stored activations (float16 refuses values that overflow)."""
     rank: int | None = None
     """This process's rank; defaults to torchrun's RANK, else 0."""
@@ -73,22 +102,12 @@ class HarvestConfig:
     """Seed of the global shuffle (and of the toy source)."""
     overwrite: bool = False
     """Replace a store of another run at the output path."""
-    toy_tree: list[int] = field(default_factory=lambda: [32, 4])
-    """Toy source: branching per level, roots first (32,4 = 32 parents with 4 children each)."""
-    toy_p_root: float = 0.05
-    """Toy source: probability that a root feature fires on a row."""
-    toy_p_child: float = 0.25
-    """Toy source: probability that a child fires on a row where its parent fires."""
-    toy_dim: int = 256
-    """Toy source: dimension of the rows."""
-    toy_noise: float = 0.01
-    """Toy source: standard deviation of the Gaussian noise added to every coordinate."""
-    toy_magnitude_std: float = 0.1
-    """Toy source: spread of feature magnitudes around 1 (magnitude = |1 + std·N(0,1)|)."""
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    """The hierarchical toy generator (source = toy-tree): a [harvest.toy] table, or dotted keys (toy.dim = 64)."""
 
     def __post_init__(self) -> None:
         positive = {"context_size": self.context_size, "tokens": self.tokens, "batch_size": self.batch_size,
-                    "segment_windows": self.segment_windows, "toy_dim": self.toy_dim}
+                    "segment_windows": self.segment_windows}
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(name, "must be positive")
@@ -112,13 +131,6 @@ class HarvestConfig:
             raise ConfigError("world", "must be at least 1")
         if not 0 <= self.rank < self.world:
             raise ConfigError("rank", f"must be in 0..{self.world - 1} (world is {self.world})")
-        if not self.toy_tree or any(b <= 0 for b in self.toy_tree):
-            raise ConfigError("toy_tree", "give positive branching factors, roots first, e.g. 32,4")
-        for name in ("toy_p_root", "toy_p_child"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(name, "must be a probability in [0, 1]")
-        if self.toy_noise < 0 or self.toy_magnitude_std < 0:
-            raise ConfigError("toy_noise" if self.toy_noise < 0 else "toy_magnitude_std", "must be ≥ 0")
         if self.memory_budget <= 0:
             raise ConfigError("memory_budget", "must be positive")
         if self.holdout_rows is not None and self.holdout_rows < 0:

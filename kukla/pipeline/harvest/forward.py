@@ -28,13 +28,13 @@ from transformer_lens import HookedTransformer
 from kukla.pipeline.harvest.massive import massive_flags, reference_median
 from kukla.pipeline.harvest.plan import Segment
 from kukla.pipeline.hooks import stop_at_layer
-from kukla.storage.codecs import TORCH_DTYPES
+from kukla.config import torch_dtype
 
 
 def moved_dtype(store_dtype: str) -> torch.dtype:
     """The dtype rows cross to the host in: the store's, except float16, which moves float32
     so the writer can name an overflow instead of storing inf."""
-    return TORCH_DTYPES["float32" if store_dtype == "float16" else store_dtype]
+    return torch_dtype("float32" if store_dtype == "float16" else store_dtype)
 
 
 def outlier_mask(norms: np.ndarray, factor: float) -> np.ndarray:

@@ -9,6 +9,7 @@ commits segment i while the model runs segment i+1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sys
@@ -151,13 +152,13 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
 
 
 def _toy_plan(config: HarvestConfig) -> tuple[dict, dict, SegmentWork]:
-    params = {"dim": config.toy_dim, "p_root": config.toy_p_root, "p_child": config.toy_p_child,
-              "noise": config.toy_noise, "magnitude_std": config.toy_magnitude_std, "seed": config.seed}
-    tree = ToyTree.build(config.toy_tree, **params)
+    params = {**dataclasses.asdict(config.toy), "seed": config.seed}
+    branching = params.pop("tree")
+    tree = ToyTree.build(branching, **params)
     meta = _common_meta(config) | {
         "source": "toy-tree",
-        "toy": toy_metadata(config.toy_tree, **params, n_features=tree.n_features),
-        "hooks": {TOY_HOOK: config.toy_dim},
+        "toy": toy_metadata(branching, **params, n_features=tree.n_features),
+        "hooks": {TOY_HOOK: config.toy.dim},
     }
     rows_per_segment = config.segment_windows * config.context_size
 

@@ -1,6 +1,6 @@
 """A hierarchical toy source with known ground truth (`kukla harvest --source toy-tree`).
 
-Features form a tree given by branching factors, roots first: `toy_tree = [32, 4]` is 32
+Features form a tree given by branching factors, roots first: `toy.tree = [32, 4]` is 32
 root (parent) features, each with 4 children; `[8, 3, 2]` adds 2 grandchildren under each
 child. A root fires on a row with probability `p_root`; a child fires only on rows where
 its parent fires, then with probability `p_child` (independently of its siblings). An

@@ -5,7 +5,7 @@ trainer on first use.
 """
 
 from kukla.lazy import lazy_exports
-from kukla.pipeline.train.config import TrainConfig
+from kukla.pipeline.train.config import TrainConfig, WandbConfig
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "WandbConfig", "train"]
 __getattr__ = lazy_exports(__name__, {"train": "kukla.pipeline.train.api"})

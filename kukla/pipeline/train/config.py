@@ -34,6 +34,18 @@ class Member:
     config: DictionaryConfig
 
 
+@dataclass
+class WandbConfig:
+    """Logging the run's metric lines to Weights & Biases (rank 0 only)."""
+
+    enabled: bool = False
+    """Log to W&B (respects WANDB_MODE=offline)."""
+    project: str = "kukla"
+    """W&B project."""
+    name: str | None = None
+    """W&B run name; default: the output directory's name."""
+
+
 @dataclass(kw_only=True)
 class TrainConfig(DictionarySettings):
     """Every setting of `kukla train`: the store and hooks, the sweep axes (width × k × seed),
@@ -52,7 +64,7 @@ class TrainConfig(DictionarySettings):
     width: list[int] = field(default_factory=lambda: [16384])
     """Number of latents; several values (4096,8192) sweep them."""
     k: list[float] = field(default_factory=lambda: [64.0])
-    """Active latents per token (a per-token average for BatchTopK, so it may be fractional); several values sweep them. Ignored by relu."""
+    """Active latents per token (a per-token average for BatchTopK, so it may be fractional); several values sweep them. Ignored by relu and jumprelu."""
     seed: list[int] = field(default_factory=lambda: [0])
     """Initialisation seeds; several values sweep them. The first also seeds the data order."""
     tokens: int = 100_000_000
@@ -93,12 +105,8 @@ class TrainConfig(DictionarySettings):
     """Continue the run in --out from its latest checkpoint (starts fresh if there is none)."""
     log_every: int = 50
     """Steps between metric lines (metrics.jsonl, progress bar, W&B)."""
-    wandb: bool = False
-    """Log to Weights & Biases (respects WANDB_MODE=offline)."""
-    wandb_project: str = "kukla"
-    """W&B project."""
-    wandb_name: str | None = None
-    """W&B run name; default: the output directory's name."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging: a [train.wandb] table, or dotted keys (wandb.enabled = true)."""
     device: str = DEFAULT_DEVICE
     """Torch device: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:N; under torchrun, cuda means cuda:LOCAL_RANK."""
     compile: bool = False

@@ -35,7 +35,7 @@ from kukla.storage.location import Location, check_output_dir
 from kukla.storage.stream import Batch
 
 #: Settings that may change between a run and its resumption (they do not touch the math).
-RESUMABLE_CHANGES = {"resume", "wandb", "wandb_project", "wandb_name", "threads", "log_every",
+RESUMABLE_CHANGES = {"resume", "wandb", "threads", "log_every",
                      "checkpoint_every", "keep_checkpoints", "prefetch", "compile", "device", "store"}
 #: Bumped whenever what a checkpoint holds changes meaning (2: global-batch shares, l0_cap, reordering buffers).
 CHECKPOINT_FORMAT = 2
@@ -114,8 +114,8 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]
         _restore(state, trainees, stream, ranks)
 
     wandb_run = None
-    if config.wandb and ranks.is_main:
-        wandb_run = start_wandb(out, config.wandb_project, config.wandb_name or out.name, wandb_id, to_dict(config))
+    if config.wandb.enabled and ranks.is_main:
+        wandb_run = start_wandb(out, config.wandb.project, config.wandb.name or out.name, wandb_id, to_dict(config))
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
                    start_step=step, enabled=ranks.is_main, wandb_run=wandb_run)
     if ranks.is_main and config.dead_window >= config.tokens:
