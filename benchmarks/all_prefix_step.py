@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss  # noqa: E402
+from dictionary_flags import dictionary_parser  # noqa: E402
 from train_bench import saelens_forward, saelens_sae  # noqa: E402  (this script's folder is on sys.path)
 
 CASES = {
@@ -65,17 +66,11 @@ def saelens_step(args: argparse.Namespace, x: torch.Tensor) -> Callable[[], obje
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--width", type=int, default=8192)
-    parser.add_argument("--k", type=float, default=32)
-    parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = dictionary_parser(__doc__.splitlines()[0], d=512, width=8192, k=32, batch=2048, steps=5).parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d) + 0.5
-    print(f"d={args.d} F={args.width} k={args.k} batch={args.batch}, 1 thread, torch {torch.__version__}")
+    print(f"d={args.d} F={args.width} k={args.k} batch={args.batch}, {args.threads} thread(s), torch {torch.__version__}")
     w = torch.randn(args.d, args.width)
     steps: dict[str, Callable[[], object]] = {"floor": lambda: x @ w}
     for name, settings in CASES.items():

@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from dictionary_flags import dictionary_parser
 
 
 def _levels(width: int) -> list[int]:
@@ -85,13 +86,7 @@ def run_case(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--d", type=int, default=640)
-    parser.add_argument("--width", type=int, default=10240)
-    parser.add_argument("--k", type=float, default=64)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = dictionary_parser(__doc__.splitlines()[0], d=640, width=10240, k=64, batch=4096, steps=3)
     parser.add_argument("--dead", type=float, default=0.25, help="fraction of latents marked dead (aux-k work)")
     parser.add_argument("--arch", default=None)
     parser.add_argument("--path", default=None)

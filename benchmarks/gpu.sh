@@ -36,7 +36,7 @@ part() {  # part <title> <seconds> <command...>: run with a time limit, timed, o
 if [[ "${1:-}" == "--dry-run" ]]; then
     part "train step (tiny, CPU)" 300 python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
     say "would run: python benchmarks/store_bench.py --device cuda --rows 262144 --out $WORK/store"
-    say "would run: python benchmarks/harvest_bench.py --device cuda --dtype bfloat16 --windows 256 --batch 32"
+    say "would run: python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32"
     say "would run: python -m kukla demo --device cuda --out $WORK/demo"
     exit $failed
 fi
@@ -47,6 +47,6 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 
 part "reader" 70 python benchmarks/store_bench.py --device cuda --rows 262144 --out "$WORK/store"
 part "train step" 200 python benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
-part "harvest" 100 python benchmarks/harvest_bench.py --device cuda --dtype bfloat16 --windows 256 --batch 32
+part "harvest" 100 python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
 part "demo" 100 python -m kukla demo --device cuda --out "$WORK/demo"
 exit $failed

@@ -11,7 +11,7 @@ so the three are comparable; kukla also reports its stored rows (BOS/EOS left ou
 loop is the physical limit here: the same forward with nothing stored.
 
     python benchmarks/harvest_bench.py                       # Gemma-3-270m, 64 windows of 128
-    python benchmarks/harvest_bench.py --device cuda --dtype bfloat16 --windows 512 --batch 32
+    python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 512 --batch 32
     python benchmarks/harvest_bench.py --dry-run             # tiny random model, seconds (no SAELens)
 """
 
@@ -67,7 +67,7 @@ def way_kukla(model, args, work: Path) -> dict:
         config = HarvestConfig(output=str(out), model=args.model, dataset=args.text, hook=[args.hook],
                                context_size=args.context, tokens=stored, batch_size=args.batch,
                                segment_windows=args.segment_windows, finalize=False, device=args.device,
-                               dtype=args.dtype, store_dtype=args.store_dtype)
+                               model_dtype=args.model_dtype, store_dtype=args.store_dtype)
         start, cpu = time.perf_counter(), time.process_time()
         harvest(config, model=model)
         written, written_cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -113,16 +113,16 @@ def way_saelens(model, args, work: Path) -> dict:
 
     tokens = args.windows * args.context
     d_in = model.cfg.d_model
-    hf_model, texts = _hf_model(args.model, args.dtype), datasets.Dataset.from_json(args.text)
+    hf_model, texts = _hf_model(args.model, args.model_dtype), datasets.Dataset.from_json(args.text)
     best = None
     for attempt in range(args.repeat):  # a fresh runner reads the same first tokens again
         out = work / f"saelens-{attempt}"
         cfg = CacheActivationsRunnerConfig(
             dataset_path=args.text, model_name=args.model, model_batch_size=args.batch,
             hook_name=expand_hook(args.hook), d_in=d_in, training_tokens=tokens, context_size=args.context,
-            device=args.device, dtype=args.dtype, buffer_size_gb=tokens * d_in * 4 / 1e9,
+            device=args.device, dtype=args.model_dtype, buffer_size_gb=tokens * d_in * 4 / 1e9,
             new_cached_activations_path=str(out),
-            model_from_pretrained_kwargs={"hf_model": hf_model, "tokenizer": model.tokenizer, "dtype": args.dtype},
+            model_from_pretrained_kwargs={"hf_model": hf_model, "tokenizer": model.tokenizer, "dtype": args.model_dtype},
         )
         runner = CacheActivationsRunner(cfg, override_dataset=texts)
         start, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
@@ -187,7 +187,7 @@ def run_ways(args) -> None:
     from kukla.pipeline.models import load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
     _warm_up(model, args)
     ways = [w for w in WAYS if not (args.no_saelens and w == "saelens")] if args.way == "all" else [args.way]
     models = {way: as_transformer_lens_lays_it_out(model) if way.endswith("tl-layout") else model for way in ways}
@@ -228,7 +228,7 @@ def _report(results: dict, args) -> None:
     """One line per way: wall and per-CPU-second rates, as ratios to the bare loop and to SAELens."""
     print(f"model {args.model}, hook {args.hook}, {args.windows} windows × {args.context} = "
           f"{args.windows * args.context} positions, batch {args.batch}, {args.threads} torch thread(s), "
-          f"device {args.device}, model dtype {args.dtype}, store dtype {args.store_dtype}")
+          f"device {args.device}, model dtype {args.model_dtype}, store dtype {args.store_dtype}")
 
     def rates(r: dict) -> tuple[float, float]:
         return r["positions"] / r["seconds"], r["positions"] / r["cpu_seconds"]
@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--segment-windows", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype the model runs in (all three ways)")
     parser.add_argument("--store-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                         help="dtype kukla stores")
@@ -282,7 +282,7 @@ def main() -> None:
         passed = ["--model", args.model, "--text", args.text, "--hook", args.hook, "--context", str(args.context),
                   "--windows", str(args.windows), "--batch", str(args.batch), "--repeat", str(args.repeat),
                   "--threads", str(args.threads), "--segment-windows", str(args.segment_windows),
-                  "--device", args.device, "--dtype", args.dtype, "--store-dtype", args.store_dtype,
+                  "--device", args.device, "--model-dtype", args.model_dtype, "--store-dtype", args.store_dtype,
                   *(["--no-saelens"] if args.no_saelens else [])]
         results = {}
         for way in (w for w in WAYS if not (args.no_saelens and w == "saelens")) if args.separate else ["all"]:

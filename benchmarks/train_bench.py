@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dictionary_flags import dictionary_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CASES = [("matmul", "-"), ("kukla", "batchtopk"), ("kukla-dense", "batchtopk"), ("saelens", "batchtopk"),
@@ -274,15 +275,9 @@ def report(args: argparse.Namespace, results: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = dictionary_parser(__doc__.splitlines()[0], d=None, width=None, k=64, batch=None, steps=None)
     parser.add_argument("--gpu", action="store_true", help="GPU config: d=2304, F=32768 (bf16 autocast)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, every case, seconds")
-    parser.add_argument("--d", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--k", type=float, default=64)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--store-dir", default="/tmp/kukla_train_bench", help="where the stream case's store goes")
     parser.add_argument("--trainer", choices=sorted({c for c, _ in CASES}), help=argparse.SUPPRESS)
     parser.add_argument("--arch", help=argparse.SUPPRESS)

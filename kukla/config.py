@@ -6,7 +6,12 @@ CLI, a TOML file and Python all go through `from_dict`, so validation happens on
 and every error names the field it is about. A field whose type is itself a dataclass
 is a *section* (`toy`, `absorption`): a `[harvest.toy]` table or `toy.dim = 64` in TOML,
 `HarvestConfig(toy=ToyConfig(dim=64))` in Python, `--toy-dim 64` on the command line,
-and its errors name the path (`toy.dim: must be positive`).
+and its errors name the path (`toy.dim: must be positive`). A section's main setting, its
+`enabled` switch or its `name`, goes by the section's own name: `--dataset X` and
+`dataset = "X"` fill `dataset.name`, `--no-absorption` and `absorption = false` clear
+`absorption.enabled`. A key that was renamed is refused naming its new key: a section moved
+there is found by its words (`toy_dim` → `toy.dim`), any other rename is listed in the
+class's `RENAMED` table (`dtype` → `model_dtype`).
 """
 
 from __future__ import annotations
@@ -202,6 +207,8 @@ class Setting:
     field: dataclasses.Field
     type: Any
     doc: str
+    main: bool = False
+    """Whether it is its section's main setting (see `main_field`)."""
 
     @property
     def key(self) -> str:
@@ -210,9 +217,15 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        """`--toy-dim`; a section's `enabled` switch is named after the section (`--absorption`)."""
-        path = self.path[:-1] if len(self.path) > 1 and self.path[-1] == "enabled" else self.path
+        """`--toy-dim`; a section's main setting is named after the section (`--absorption`, `--dataset`)."""
+        path = self.path[:-1] if self.main else self.path
         return "--" + "-".join(path).replace("_", "-")
+
+
+def main_field(section: type) -> str | None:
+    """The setting a section's own name stands for: its `enabled` switch, else its `name`."""
+    names = field_types(section)
+    return next((name for name in ("enabled", "name") if name in names), None)
 
 
 def settings(cls: type) -> list[Setting]:
@@ -221,7 +234,9 @@ def settings(cls: type) -> list[Setting]:
     out: list[Setting] = []
     for f in dataclasses.fields(cls):
         if is_section(types_[f.name]):
-            out += [dataclasses.replace(s, path=(f.name, *s.path)) for s in settings(types_[f.name])]
+            main = main_field(types_[f.name])
+            out += [dataclasses.replace(s, path=(f.name, *s.path), main=s.path == (main,))
+                    for s in settings(types_[f.name])]
         else:
             out.append(Setting((f.name,), f, types_[f.name], docs.get(f.name, "")))
     return out
@@ -238,17 +253,23 @@ def _moved_to(key: str, types_: dict[str, Any]) -> str | None:
     return None
 
 
-def _section(name: str, tp: type, value: Any, source: str) -> Any:
-    """A section from a table (TOML, flags) or an instance of its dataclass (Python)."""
-    if isinstance(value, tp):
-        return value
+def section_table(name: str, tp: type, value: Any) -> dict[str, Any]:
+    """A section's settings as a table: the table itself, or a plain value as its main setting."""
     if isinstance(value, dict):
-        return from_dict(tp, value, source=source, path=f"{name}.")
-    if isinstance(value, bool) and "enabled" in field_types(tp):  # the on/off switch it used to be
-        raise ConfigError(name, f"is a section now: write {name}.enabled = {json.dumps(value)}")
+        return value
+    main = main_field(tp)
+    if main is not None:
+        return {main: value}
     example = dataclasses.fields(tp)[0].name
     raise ConfigError(name, f"is a section of settings, not {json.dumps(value, default=str)}: "
                             f"write {name}.{example} = … or a table {name} = {{{example} = …}}")
+
+
+def _section(name: str, tp: type, value: Any, source: str) -> Any:
+    """A section from a table (TOML, flags), its main setting, or an instance of its dataclass (Python)."""
+    if isinstance(value, tp):
+        return value
+    return from_dict(tp, section_table(name, tp, value), source=source, path=f"{name}.")
 
 
 def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", path: str = "") -> C:
@@ -261,10 +282,11 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", pat
         name = key.replace("-", "_")
         if name in types_:
             continue
-        moved = _moved_to(name, types_)
+        moved = getattr(cls, "RENAMED", {}).get(name) or _moved_to(name, types_)
         if moved:
-            raise KuklaError(f"{source}: setting {path + key!r} is now {path + moved!r}: "
-                             f"write {moved} = {json.dumps(data[key], default=str)}")
+            flag = next(s.flag for s in settings(cls) if s.key == moved)
+            raise KuklaError(f"{source}: setting {path + key!r} is now {path + moved!r}: write "
+                             f"{moved} = {json.dumps(data[key], default=str)} (flag {flag})")
         near = difflib.get_close_matches(name, list(types_), n=1)
         hint = f" (did you mean {path + near[0]!r}?)" if near else ""
         raise KuklaError(f"{source}: unknown setting {path + key!r}{hint}")

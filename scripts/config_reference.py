@@ -108,10 +108,13 @@ def reference() -> str:
              "serves them too; one with several `[[train]]` runs is refused by `kukla train` "
              "(use `kukla run FILE --stages train`). List settings take `a,b` or a "
              "repeated flag; booleans take `--x/--no-x`. Settings that belong together form a section "
-             "(`toy`, `absorption`, `downstream`, `wandb`): a TOML table (`[harvest.toy]`) or dotted keys "
-             "(`toy.dim = 64`), flags named by the path (`--toy-dim`), and a section's `enabled` switch "
-             "keeps the section's own flag (`--no-absorption`). The flat keys of earlier versions "
-             "(`toy_dim`, `absorption_words`, `require_downstream`) are refused with the key to write instead.")
+             "(`dataset`, `toy`, `absorption`, `downstream`, `wandb`): a TOML table (`[harvest.toy]`) or "
+             "dotted keys (`toy.dim = 64`), flags named by the path (`--toy-dim`). A section's main "
+             "setting, its `enabled` switch or its `name`, goes by the section's own name: "
+             "`--no-absorption` or `absorption = false`, `--dataset X` or `dataset = \"X\"`. Every dtype "
+             "is a `model_dtype` (what the model runs in) or a `store_dtype` (what a store holds). The "
+             "keys of earlier versions (`toy_dim`, `dataset_subset`, `require_downstream`, `dtype`) are "
+             "refused with the key to write instead.")
     return "\n\n".join([intro, *(command_table(*row) for row in COMMANDS)])
 
 

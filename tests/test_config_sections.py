@@ -1,9 +1,8 @@
-"""Nested config sections (`toy`, `absorption`, `downstream`) and the two dtype types: one
-definition each, filled alike by TOML tables, dotted keys, Python and flags."""
+"""Nested config sections (`dataset`, `toy`, `absorption`, `downstream`) and the two dtype types:
+one definition each, filled alike by TOML tables, dotted keys, Python and flags."""
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from kukla.cli.store import ImportConfig
 from kukla.config import ModelDtype, StoreDtype, from_dict, read_toml, settings, to_dict, torch_dtype
 from kukla.errors import ConfigError, KuklaError
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig
-from kukla.pipeline.harvest import HarvestConfig, ToyConfig
+from kukla.pipeline.harvest import DatasetConfig, HarvestConfig, ToyConfig
 from kukla.pipeline.models import load_model
 from kukla.pipeline.run import build_pipeline
 from kukla.pipeline.train import TrainConfig, WandbConfig
@@ -28,6 +27,7 @@ from kukla.storage import StoreWriter
 runner = CliRunner()
 EVAL = {"dictionaries": ["d"], "store": "s", "out": "o"}
 TRAIN = {"store": "s", "out": "o", "hook": "resid_post:0"}
+TEXT = {"output": "s", "dataset": "t.txt", "hook": ["resid_post:0"]}
 
 
 def _capture(cls: type, section: str, argument: str) -> tuple[typer.Typer, list]:
@@ -65,6 +65,42 @@ def test_a_flag_overrides_one_key_of_a_file_section_and_keeps_the_others(tmp_pat
     assert seen[0].toy == ToyConfig(tree=[3, 3], dim=16)
 
 
+def test_a_plain_value_for_a_section_fills_its_main_setting() -> None:
+    assert from_dict(EvaluateConfig, {**EVAL, "absorption": False}).absorption == AbsorptionConfig(enabled=False)
+    assert from_dict(TrainConfig, {**TRAIN, "wandb": "true"}).wandb == WandbConfig(enabled=True)
+    assert from_dict(HarvestConfig, TEXT).dataset == DatasetConfig("t.txt")
+
+
+def test_the_dataset_reads_the_same_from_a_name_a_table_python_and_flags(tmp_path: Path) -> None:
+    base = {"output": "s", "hook": ["resid_post:0"]}
+    named = HarvestConfig(**base, dataset=DatasetConfig("wikitext"))
+    assert from_dict(HarvestConfig, {**base, "dataset": "wikitext"}) == named == HarvestConfig(**base, dataset="wikitext")
+    wanted = HarvestConfig(**base, dataset=DatasetConfig("wikitext", subset="wikitext-103-raw-v1", split="validation"))
+    path = tmp_path / "h.toml"
+    path.write_text('[harvest]\nhook = ["resid_post:0"]\n[harvest.dataset]\nname = "wikitext"\n'
+                    'subset = "wikitext-103-raw-v1"\nsplit = "validation"\n')
+    assert from_dict(HarvestConfig, {**read_toml(path, "harvest"), "output": "s"}) == wanted
+    stage, seen = _capture(HarvestConfig, "harvest", "output")
+    flags = ["--dataset", "wikitext", "--dataset-subset", "wikitext-103-raw-v1", "--dataset-split", "validation"]
+    result = runner.invoke(stage, ["stage", "s", "--hook", "resid_post:0", *flags])
+    assert result.exit_code == 0, result.output
+    path.write_text('[harvest]\nhook = ["resid_post:0"]\ndataset = "wikitext"\n')  # flags join the file's name
+    result = runner.invoke(stage, ["stage", "s", "--config", str(path), *flags[2:]])
+    assert result.exit_code == 0, result.output
+    assert seen == [wanted, wanted]
+
+
+def test_old_spellings_on_the_command_line_are_refused_naming_the_new_flag(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float32))
+    for args, new in ((["harvest", str(tmp_path / "h"), "--source", "toy-tree", "--dtype", "bfloat16"], "model_dtype"),
+                      (["store", "import", str(tmp_path / "s"), "--hook", f"a={tmp_path / 'a.npy'}",
+                        "--dtype", "float32"], "store_dtype")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert f"setting 'dtype' is now '{new}'" in result.output and f"(flag --{new.replace('_', '-')})" in result.output
+    assert not (tmp_path / "h").exists() and not (tmp_path / "s").exists()
+
+
 def test_a_section_switch_keeps_the_short_flag() -> None:
     stage, seen = _capture(EvaluateConfig, "evaluate", "dictionaries")
     result = runner.invoke(stage, ["stage", "d", "--store", "s", "--out", "o", "--no-absorption", "--no-downstream",
@@ -75,6 +111,8 @@ def test_a_section_switch_keeps_the_short_flag() -> None:
     flags = {s.key: s.flag for s in settings(EvaluateConfig) + settings(TrainConfig)}
     assert flags["absorption.enabled"] == "--absorption" and flags["absorption.min_probe_f1"] == "--absorption-min-probe-f1"
     assert flags["wandb.enabled"] == "--wandb" and flags["wandb.project"] == "--wandb-project"
+    flags = {s.key: s.flag for s in settings(HarvestConfig)}
+    assert flags["dataset.name"] == "--dataset" and flags["dataset.text_column"] == "--dataset-text-column"
     stage, seen = _capture(TrainConfig, "train", "store")
     result = runner.invoke(stage, ["stage", "s", "--out", "o", "--hook", "resid_post:0", "--wandb", "--wandb-name", "r1"])
     assert result.exit_code == 0, result.output
@@ -107,8 +145,15 @@ def test_errors_in_a_section_name_the_full_key(tmp_path: Path) -> None:
     (EvaluateConfig, EVAL, {"require_downstream": True},
      "'require_downstream' is now 'downstream.require': write downstream.require = true"),
     (EvaluateConfig, EVAL, {"downstream_contexts": 4}, "'downstream_contexts' is now 'downstream.contexts'"),
-    (EvaluateConfig, EVAL, {"absorption": False}, "absorption: is a section now: write absorption.enabled = false"),
-    (TrainConfig, TRAIN, {"wandb": True}, "wandb: is a section now: write wandb.enabled = true"),
+    (HarvestConfig, TEXT, {"dataset_subset": "en"},
+     "'dataset_subset' is now 'dataset.subset': write dataset.subset = \"en\" (flag --dataset-subset)"),
+    (HarvestConfig, TEXT, {"text_column": "body"}, "'text_column' is now 'dataset.text_column'"),
+    (HarvestConfig, TEXT, {"split": "validation"}, "'split' is now 'dataset.split'"),
+    (HarvestConfig, TEXT, {"revision": "v1"}, "'revision' is now 'dataset.revision'"),
+    (HarvestConfig, TEXT, {"dtype": "bfloat16"},
+     "'dtype' is now 'model_dtype': write model_dtype = \"bfloat16\" (flag --model-dtype)"),
+    (ImportConfig, {"out": "s", "hook": ["a=a.npy"]}, {"dtype": "float32"},
+     "'dtype' is now 'store_dtype': write store_dtype = \"float32\" (flag --store-dtype)"),
     (TrainConfig, TRAIN, {"wandb_project": "p"}, "'wandb_project' is now 'wandb.project': write wandb.project = \"p\""),
 ])
 def test_an_old_flat_key_is_refused_naming_its_new_key(cls: type, base: dict, old: dict, message: str) -> None:
@@ -140,15 +185,17 @@ def test_printed_settings_read_back_to_the_same_config() -> None:
     assert pipeline.harvest.toy.dim == 12 and pipeline.evaluate.absorption.words == 7
 
 
-def _dtype_fields() -> dict[tuple[type, str], object]:
-    return {(cls, f.name): typing.get_type_hints(cls)[f.name] for cls in (HarvestConfig, EvaluateConfig, ImportConfig)
-            for f in dataclasses.fields(cls) if "dtype" in f.name}
+def _commands(group: typer.Typer) -> list:
+    """Every command of the CLI, subcommand groups included."""
+    found = [c.callback for c in group.registered_commands]
+    return found + [c for g in group.registered_groups for c in _commands(g.typer_instance)]
 
 
-def test_every_dtype_setting_is_a_store_dtype_or_a_model_dtype() -> None:
-    fields = _dtype_fields()
-    assert fields == {(HarvestConfig, "dtype"): ModelDtype, (HarvestConfig, "store_dtype"): StoreDtype,
-                      (EvaluateConfig, "model_dtype"): ModelDtype, (ImportConfig, "dtype"): StoreDtype}
+def test_every_dtype_setting_of_every_command_is_a_model_dtype_or_a_store_dtype() -> None:
+    fields = {(cmd.config_class, s.key): s.type for cmd in _commands(app) if hasattr(cmd, "config_class")
+              for s in settings(cmd.config_class) if "dtype" in s.key}
+    assert fields == {(HarvestConfig, "model_dtype"): ModelDtype, (HarvestConfig, "store_dtype"): StoreDtype,
+                      (EvaluateConfig, "model_dtype"): ModelDtype, (ImportConfig, "store_dtype"): StoreDtype}
     by_name = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     for tp in (StoreDtype, ModelDtype):
         assert {name: torch_dtype(name) for name in typing.get_args(tp)} == by_name
@@ -166,6 +213,6 @@ def test_a_bad_dtype_gets_the_same_one_line_refusal_from_every_entry(tmp_path: P
         load_model("google/gemma-3-270m", dtype="fp8")
     np.save(tmp_path / "a.npy", np.ones((10, 4), np.float32))
     result = runner.invoke(app, ["store", "import", str(tmp_path / "s"), "--hook", f"a={tmp_path / 'a.npy'}",
-                                 "--dtype", "fp8"])
-    assert result.exit_code == 2 and f"error: dtype: {refusal} bfloat16, float16, float32" in result.output
+                                 "--store-dtype", "fp8"])
+    assert result.exit_code == 2 and f"error: store_dtype: {refusal} bfloat16, float16, float32" in result.output
     assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()

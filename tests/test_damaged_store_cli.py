@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kukla.cli.app import app
-from kukla.storage import StoreWriter, finalize_store
 from kukla.storage.verify import verify_store
+from tests.stores import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -30,15 +30,9 @@ TRAIN = ["--hook", HOOK, "--arch", "topk", "--width", "32", "--k", "4", "--batch
 def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A finalized 16-shard store and a dictionary trained on it."""
     root = tmp_path_factory.mktemp("damage")
-    store = root / "s.zarr"
     x = np.random.default_rng(0).standard_normal((ROWS, 16)).astype(np.float32)
-    with StoreWriter.open(store, {"hooks": {HOOK: 16}, "model": "test-rows"}, dtype="float32",
-                          chunk_rows=CHUNK_ROWS) as writer:
-        writer.write_segment(0, {f"acts/{HOOK}": x, "tokens/token_id": np.zeros(ROWS, np.int32),
-                                 "tokens/sequence": np.arange(ROWS, dtype=np.int64),
-                                 "tokens/position": np.zeros(ROWS, np.int32)})
-        writer.finish()
-    finalize_store(store, memory_budget_bytes=64 << 10, holdout_rows=HOLDOUT)
+    store = write_store(root / "s.zarr", {HOOK: x}, segments=1, holdout_rows=HOLDOUT, meta={"model": "test-rows"},
+                        chunk_rows=CHUNK_ROWS, memory_budget_bytes=64 << 10)
     result = CliRunner().invoke(app, ["train", str(store), *TRAIN, "--out", str(root / "dicts")])
     assert result.exit_code == 0, result.output
     return store, root / "dicts" / "topk-w32-k4-s0"

@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from kukla.cli.app import app
 from kukla.errors import KuklaError
 from kukla.pipeline.evaluate import EvaluateConfig, evaluate
 from kukla.pipeline.train import train
 from kukla.pipeline.train.config import TrainConfig
+from tests.cli import kukla, one_line_error
 from tests.pipeline.test_run import tiny_pipeline
 
 
@@ -41,9 +40,6 @@ def test_kukla_run_refuses_an_out_that_is_a_file_before_harvesting(tmp_path: Pat
         text = text.replace("[[train]]\n", f'[[train]]\nout = "{file.as_posix()}"\n', 1)
     config = tmp_path / "pipeline.toml"
     config.write_text(text)
-    result = CliRunner().invoke(app, ["run", str(config)])
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert f"[{section}] out {file} is a file, not a folder" in errors[0], result.output
+    one_line_error(*kukla("run", config), f"[{section}] out {file} is a file, not a folder")
     assert not (tmp_path / "run").exists()  # nothing was harvested
     assert file.read_text() == "not a folder"

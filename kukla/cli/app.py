@@ -7,6 +7,8 @@ from typing import Optional
 import typer
 
 import kukla
+from kukla.cli.options import friendly
+from kukla.progress import LOG_LEVEL_ENV, show_logs
 
 app = typer.Typer(
     name="kukla",
@@ -24,12 +26,17 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
+@friendly
 def _root(
     version: Optional[bool] = typer.Option(
         None, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help=f"Log only warnings and errors (else the level is ${LOG_LEVEL_ENV}, or info)."
+    ),
 ) -> None:
     """kukla: harvest → train → evaluate sparse dictionaries."""
+    show_logs("warning" if quiet else None)
 
 
 from kukla.cli.harvest import harvest_command  # noqa: E402 - registered after the app exists

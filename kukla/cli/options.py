@@ -2,7 +2,8 @@
 
 One setting, one flag: the flag's help is the field's docstring, and the values go
 through `kukla.config.from_dict`, the same path a TOML file or the Python API takes.
-A section's settings get flags named by their path (`toy.dim` → `--toy-dim`).
+A section's settings get flags named by their path (`toy.dim` → `--toy-dim`); an old
+spelling in the class's `RENAMED` table is a hidden flag that from_dict refuses naming the new one.
 Precedence: field default < `--config FILE` < flags given on the command line.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_orig
 
 import typer
 
-from kukla.config import Setting, _strip_optional, from_dict, read_toml, settings
+from kukla.config import Setting, _strip_optional, field_types, from_dict, read_toml, section_table, settings
 from kukla.errors import KuklaError
 from kukla.preempt import EXIT_SIGTERM, Preempted
 
@@ -66,11 +67,12 @@ def _default_text(field: dataclasses.Field) -> str:
     return f"default: {value}"
 
 
-def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    """Set `data[a][b] = value` for the path (a, b), making the section tables a flag needs."""
+def _put(cls: type, data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set `data[a][b] = value` for the path (a, b), making the section tables a flag needs
+    (a file's `dataset = "X"` becomes `{name = "X"}` when `--dataset-split` joins it)."""
     for name in path[:-1]:
-        if not isinstance(data.get(name), dict):
-            data[name] = {}
+        cls = field_types(cls)[name]
+        data[name] = {} if data.get(name) is None else section_table(name, cls, data[name])
         data = data[name]
     data[path[-1]] = value
 
@@ -97,6 +99,9 @@ def config_command(
             default = typer.Option(None, setting.flag, help=help_text, show_default=False)
         params.append(inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY,
                                         default=default, annotation=Optional[_cli_type(tp)]))
+    for old in getattr(cls, "RENAMED", {}):
+        params.append(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                        default=typer.Option(None, "--" + old.replace("_", "-"), hidden=True)))
     where = f" under \\[{section}] (a `kukla run` file works)" if section else ""  # \\[ escapes rich markup
     params.append(inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
@@ -112,7 +117,7 @@ def config_command(
             source = str(config_path or "command line")
         for param, value in kwargs.items():
             if value is not None and value != [] and value != ():
-                _put(data, by_param[param].path, value)
+                _put(cls, data, by_param[param].path if param in by_param else (param,), value)
         return run(from_dict(cls, data, source=source))
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

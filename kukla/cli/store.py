@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import typer
 
@@ -36,6 +37,8 @@ class VerifyConfig:
 
 @dataclass
 class FinalizeConfig:
+    """Merge every rank's part with a global shuffle and mark the store finalized (rerun to resume)."""
+
     path: str
     """Store folder or fsspec URL whose ranks have all finished writing."""
     memory_budget: Bytes = DEFAULT_MEMORY_BUDGET
@@ -60,12 +63,14 @@ class FinalizeConfig:
 
 @dataclass
 class ImportConfig:
+    """Turn existing activations (.npy, .safetensors) into a finalized, shuffled store."""
+
     out: str
     """Store to create (folder or fsspec URL)."""
     hook: list[str] = field(default_factory=list)
     """NAME=FILE, repeatable: a .npy or .safetensors file ([rows, width] or [..., width]) per hook (NAME may be a short form such as resid_post:6); FILE:KEY picks a tensor."""
-    dtype: StoreDtype = "bfloat16"
-    """Stored dtype (float16 refuses values that overflow)."""
+    store_dtype: StoreDtype = "bfloat16"
+    """Dtype of the stored activations (float16 refuses values that overflow)."""
     codec: str = DEFAULT_CODEC
     """Compression: none, zstd-<level> or blosc-<zstd|lz4|lz4hc|zlib>-<level>-<noshuffle|shuffle|bitshuffle>."""
     drop_nonfinite: bool = False
@@ -76,6 +81,9 @@ class ImportConfig:
     """Seed of the global shuffle."""
     overwrite: bool = False
     """Replace a store of another run at OUT."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"dtype": "store_dtype"}
+    """Old keys under their new names: one name per dtype concept in every stage."""
 
     def __post_init__(self) -> None:
         if not self.hook or any("=" not in h for h in self.hook):
@@ -138,7 +146,7 @@ def _import(config: ImportConfig) -> None:
     from kukla.storage.importer import import_arrays
 
     hooks = {expand_hook(name): file for name, file in (h.split("=", 1) for h in config.hook)}
-    rows, dropped = import_arrays(config.out, hooks, dtype=config.dtype, codec=config.codec,
+    rows, dropped = import_arrays(config.out, hooks, dtype=config.store_dtype, codec=config.codec,
                                   drop_nonfinite=config.drop_nonfinite, seed=config.seed,
                                   memory_budget_bytes=config.memory_budget,
                                   overwrite=config.overwrite)

@@ -8,6 +8,7 @@ import typer
 
 from kukla.cli.options import config_command
 from kukla.pipeline.train.config import TrainConfig
+from kukla.progress import show_logs
 
 
 def run(config: TrainConfig) -> None:
@@ -28,4 +29,5 @@ command = config_command(TrainConfig, run, arguments=("store",), section="train"
 
 
 if __name__ == "__main__":  # `python -m kukla.cli.train …`: this command alone, without the other stages' imports
+    show_logs()  # the app's callback, which does this for `kukla train`, is not run here
     typer.run(command)

@@ -31,7 +31,7 @@ journal (a finished store is kept), train resumes from its latest checkpoint
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +44,8 @@ from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.toy import TOY_HOOK
 from kukla.pipeline.hooks import expand_hook
 from kukla.pipeline.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 Stage = Literal["harvest", "train", "evaluate"]
 STAGES: tuple[Stage, ...] = ("harvest", "train", "evaluate")
@@ -234,17 +236,18 @@ def store_is_finished(config: HarvestConfig) -> bool:
               set(harvested_hooks(config)))
     if config.source == "model":
         recorded += (meta.get("model", {}).get("name"), meta.get("dataset", {}).get("name"))
-        wanted += (config.model, dataset_spec(config.dataset or "", config.dataset_subset, config.split,
-                                              config.revision, config.text_column)["name"])
+        text = config.dataset
+        wanted += (config.model, dataset_spec(text.name or "", text.subset, text.split, text.revision,
+                                              text.text_column)["name"])
     if recorded != wanted:
         raise KuklaError(f"{config.output} is a finalized store of a different harvest; "
                          "set overwrite = true under [harvest] to rebuild it, or choose another output")
-    print(f"   {config.output} is finalized: kept", file=sys.stderr, flush=True)
+    logger.info("   %s is finalized: kept", config.output)
     return True
 
 
 def _banner(stage: str, output: Any) -> None:
-    print(f"── {stage} → {output}", file=sys.stderr, flush=True)
+    logger.info("── %s → %s", stage, output)
 
 
 def pipeline_settings(pipeline: Pipeline) -> dict[str, Any]:

@@ -31,11 +31,6 @@ def test_invalid_settings_raise_an_error_naming_the_field(settings, field):
     assert str(err.value).startswith(f"{field}: ")
 
 
-def test_matryoshka_without_levels_gets_the_documented_fractions():
-    cfg = DictionaryConfig(d_in=16, width=4096, k=8, arch="matryoshka-batchtopk")
-    assert cfg.levels == [128, 384, 896, 1920, 4096]
-
-
 def test_levels_given_as_fractions_become_widths():
     cfg = DictionaryConfig(d_in=16, width=1024, k=8, levels=[1 / 32, 3 / 32, 7 / 32, 15 / 32, 1])
     assert cfg.levels == [32, 96, 224, 480, 1024]

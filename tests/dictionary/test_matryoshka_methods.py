@@ -167,3 +167,22 @@ def test_matryoshka_method_settings_are_validated():
     with pytest.raises(ConfigError, match="log_epsilon"):
         DictionaryConfig(d_in=8, width=32, k=None, arch="relu", penalty="log", log_epsilon=0)
     DictionaryConfig(d_in=8, width=8, k=2, arch="matryoshka-prefix", prefixes="all", n_prefixes=9)
+
+
+@pytest.mark.parametrize("activation,sparse_path", [("batchtopk", True), ("batchtopk", False), ("relu", True)])
+def test_spread_levels_weight_every_length_of_a_level_equally_in_loss_and_gradients(activation, sparse_path):
+    """Levels 4/12/24 with weights 0.5/0.3/0.2 spread: each length l of level j weighs w_j/(p_j − p_{j−1})."""
+    arch = "relu" if activation == "relu" else "matryoshka-batchtopk"
+    d, x, y = _dictionary(arch=arch, prefixes="sampled", levels=[4, 12, WIDTH], level_weights=[0.5, 0.3, 0.2],
+                          spread_levels=True, sparse_path=sparse_path, k=None if activation == "relu" else 3.0)
+    weights = [0.5 / 4] * 4 + [0.3 / 8] * 8 + [0.2 / 12] * 12
+    out = training_loss(d, x, y)
+    _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, list(range(1, WIDTH + 1)), weights))
+
+
+def test_spread_levels_apply_to_fixed_levels_only():
+    with pytest.raises(ConfigError, match="spread_levels"):
+        DictionaryConfig(d_in=8, width=32, k=2, arch="batchtopk", spread_levels=True)
+    with pytest.raises(ConfigError, match="spread_levels"):
+        DictionaryConfig(d_in=8, width=32, k=2, arch="matryoshka-prefix", spread_levels=True)
+    DictionaryConfig(d_in=8, width=32, k=2, arch="matryoshka-batchtopk", spread_levels=True)

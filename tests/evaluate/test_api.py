@@ -16,6 +16,7 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.calibrate import evaluation_rows
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.storage import open_store
+from tests.cli import kukla, one_line_error
 from tests.evaluate.helpers import D, make_dictionary
 
 
@@ -60,33 +61,29 @@ def report(tmp_path_factory: pytest.TempPathFactory, rows_store: Path, dicts: di
     return evaluate(_config(list(dicts.values()), rows_store, tmp_path_factory.mktemp("report"), batch_size=256))
 
 
-def test_explained_variance_is_one_for_the_identity_and_zero_for_the_mean(report: Path) -> None:
-    metrics = json.loads((report / "metrics.json").read_text())["dictionaries"]
-    assert metrics["identity"]["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["mean"]["reconstruction"]["explained_variance"] == pytest.approx(0.0, abs=1e-5)
-    assert metrics["mean"]["reconstruction"]["dead_latents"] == 4
-
-
 def test_metrics_equal_a_direct_float64_computation_whatever_the_batch_size(
         tmp_path: Path, rows_store: Path, dicts: dict[str, Path], report: Path) -> None:
     x = _heldout(rows_store)
-    z, recon = _numpy_forward(dicts["random"], x)
-    ev = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    small = evaluate(_config([dicts["random"]], rows_store, tmp_path / "b7", batch_size=7))
-    for out in (report, small):
-        m = json.loads((out / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
-        assert m["n_tokens"] == len(x)
-        assert m["explained_variance"] == pytest.approx(ev, abs=1e-5)
-        assert m["l0"] == pytest.approx((z != 0).sum(1).mean(), abs=1e-3)
-        for level, width in zip(m["levels"], [4, 10, 24]):
-            recon_w = _numpy_forward(dicts["random"], x, width)[1]
-            ev_w = 1 - ((x - recon_w) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-            assert level["explained_variance"] == pytest.approx(ev_w, abs=1e-5)
-            assert level["l0"] == pytest.approx((z[:, :width] != 0).sum(1).mean(), abs=1e-3)
-    a = json.loads((report / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
-    b = json.loads((small / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]
-    # Only the float32 forward may differ with the batch (GEMM blocking); the float64 sums may not.
-    assert a["explained_variance"] == pytest.approx(b["explained_variance"], rel=1e-8)
+    small = evaluate(_config(list(dicts.values()), rows_store, tmp_path / "b7", batch_size=7))
+    for name, path in dicts.items():
+        z, recon = _numpy_forward(path, x)
+        ev = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        assert ev == pytest.approx({"identity": 1.0, "mean": 0.0}.get(name, ev), abs=1e-6)  # the two known cases
+        for out in (report, small):
+            m = json.loads((out / "metrics.json").read_text())["dictionaries"][name]["reconstruction"]
+            assert m["n_tokens"] == len(x)
+            assert m["explained_variance"] == pytest.approx(ev, abs=1e-5)
+            assert m["l0"] == pytest.approx((z != 0).sum(1).mean(), abs=1e-3)
+            assert m["dead_latents"] == int(((z != 0).sum(0) == 0).sum())
+            for level, width in zip(m["levels"], [4, 10, 24] if name == "random" else []):
+                recon_w = _numpy_forward(path, x, width)[1]
+                ev_w = 1 - ((x - recon_w) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+                assert level["explained_variance"] == pytest.approx(ev_w, abs=1e-5)
+                assert level["l0"] == pytest.approx((z[:, :width] != 0).sum(1).mean(), abs=1e-3)
+        a, b = (json.loads((out / "metrics.json").read_text())["dictionaries"][name]["reconstruction"]
+                for out in (report, small))
+        # Only the float32 forward may differ with the batch (GEMM blocking); the float64 sums may not.
+        assert a["explained_variance"] == pytest.approx(b["explained_variance"], rel=1e-8, abs=1e-12)
 
 
 def test_report_is_self_contained_and_the_latent_table_loads(report: Path, rows_store: Path,
@@ -110,13 +107,6 @@ def test_report_is_self_contained_and_the_latent_table_loads(report: Path, rows_
             assert table["max_activation"][latent] == pytest.approx(top_code, rel=1e-4)
 
 
-def test_a_directory_that_is_no_dictionary_is_refused(tmp_path: Path, rows_store: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(KuklaError, match="not a dictionary directory"):
-        evaluate(_config([tmp_path / "empty"], rows_store, tmp_path / "out"))
-    assert not (tmp_path / "out" / "metrics.json").exists()
-
-
 def test_a_dictionary_of_another_width_or_hook_is_refused(tmp_path: Path, rows_store: Path) -> None:
     wide = make_dictionary(tmp_path / "wide", torch.zeros(D + 1, 4), torch.zeros(4, D + 1))
     with pytest.raises(KuklaError, match=f"d_in {D + 1}.*{D} wide"):
@@ -138,13 +128,11 @@ def test_missing_model_skips_downstream_with_a_note_or_fails_when_required(
         evaluate(_config([dicts["identity"]], rows_store, tmp_path / "out2", downstream=DownstreamConfig(require=True)))
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path: Path, rows_store: Path) -> None:
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[2]
+def test_a_directory_that_is_no_dictionary_is_one_error_line_and_nothing_is_written(
+        tmp_path: Path, rows_store: Path) -> None:
     (tmp_path / "empty").mkdir()
-    out = subprocess.run([sys.executable, "-m", "kukla", "evaluate", str(tmp_path / "empty"), "--store", str(rows_store),
-                          "--out", str(tmp_path / "out"), "--no-downstream"], cwd=repo, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "not a dictionary directory" in out.stderr and "Traceback" not in out.stderr
+    code, output = kukla("evaluate", tmp_path / "empty", "--store", rows_store, "--out", tmp_path / "out",
+                         "--no-downstream")
+    one_line_error(code, output, "not a dictionary directory")
+    assert len(output.splitlines()) == 1, output
+    assert not (tmp_path / "out" / "metrics.json").exists()

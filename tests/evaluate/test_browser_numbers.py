@@ -123,13 +123,3 @@ def test_context_shading_is_each_rows_own_code_and_leaves_unread_rows_empty(tmp_
             assert value == pytest.approx(float(dictionary.encode(x)[0, latent]), rel=1e-5, abs=1e-6)
         unread = context_activations(store, HOOK, dictionary.encode, rows, latents, "cpu", max_rows=0)
     assert np.isnan(unread).all()  # beyond the read budget: no value, never a made-up one
-
-
-def test_warnings_name_too_few_tokens_or_contexts_and_a_model_mismatch() -> None:
-    from kukla.pipeline.evaluate.caveats import caveats
-
-    metrics = {"reconstruction": {"n_tokens": 5000, "dead_latents": 3}, "downstream": {"contexts": 8}}
-    found = caveats(metrics, {"model_name": "gpt2"}, {"model": {"name": "google/gemma-3-270m"}})
-    assert [w.split(" ")[0] for w in found] == ["dead", "EV,", "CE", "hook/model"]
-    plenty = {"reconstruction": {"n_tokens": 2_000_000, "dead_latents": 3}, "downstream": {"contexts": 64}}
-    assert caveats(plenty, {"model_name": "gpt2"}, {"model": {"name": "gpt2"}}) == []

@@ -47,7 +47,7 @@ def test_calibration_rows_among_the_scored_rows_are_stated(tmp_path: Path, rows_
     assert "> warning (overlapping): L0 and EV: 100 of the scored rows" in report
 
 
-def test_weak_splices_and_thin_samples_get_warnings_that_name_the_metric() -> None:
+def test_weak_splices_thin_samples_and_a_model_mismatch_get_warnings_that_name_the_metric() -> None:
     m = {"width": 4096, "reconstruction": {"n_tokens": 2000, "dead_latents": 300, "massive_variance_share": 0.38,
                                            "massive_rows_excluded": 3, "explained_variance_without_massive": 0.52,
                                            "l0_tail": {"p99": 60, "p99.9": 900, "max": 1400}},
@@ -55,13 +55,16 @@ def test_weak_splices_and_thin_samples_get_warnings_that_name_the_metric() -> No
                         "delta_lm_loss": 4.7, "ce_loss_mean_ablation": 5.5, "ce_loss_recovered_mean_ablation": -0.38,
                         "ce_loss_recovered_zero_ablation": 0.76},
          "absorption": {"letters_kept": 11, "letters_total": 26}}
-    meta = {"config": {"k": 32}, "metadata": {"dead_window": {"tokens": 10_000_000, "engaged": False}}}
-    warnings = caveats(m, meta, {})
+    meta = {"model_name": "gpt2", "config": {"k": 32},
+            "metadata": {"dead_window": {"tokens": 10_000_000, "engaged": False}}}
+    warnings = caveats(m, meta, {"model": {"name": "google/gemma-3-270m"}})
     starts = [w.split(":")[0].split(" from")[0] for w in warnings]
     assert starts == ["dead latents counted on only 2,000 eval tokens", "EV, FVU and L0", "CE recovered and KL",
-                      "explained variance", "L0", "dead latents", "CE loss recovered -0.38 against mean ablation",
+                      "hook/model mismatch", "explained variance", "L0", "dead latents", "CE loss recovered -0.38 against mean ablation",
                       "absorption"]
     assert any("38% of the eval variance; without them EV is 0.520" in w for w in warnings)
     assert any("from 2.10 to 6.80 nats/token (ΔLM 4.70)" in w and "(5.50)" in w for w in warnings)
     assert any("aux-k never engaged" in w for w in warnings)
     assert any("only 11 of 26 letters" in w for w in warnings)
+    plenty = {"reconstruction": {"n_tokens": 2_000_000, "dead_latents": 3}, "downstream": {"contexts": 64}}
+    assert caveats(plenty, {"model_name": "gpt2"}, {"model": {"name": "gpt2"}}) == []

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from kukla.cli.app import app
 from kukla.config import from_dict
 from kukla.errors import ConfigError, KuklaError
-from kukla.pipeline.harvest import HarvestConfig, harvest
+from kukla.pipeline.harvest import DatasetConfig, HarvestConfig, harvest
 from kukla.pipeline.models import load_model
 from kukla.storage import open_store
 
@@ -35,8 +35,9 @@ def test_hub_model_offline_names_the_offline_path() -> None:
 
 
 def test_missing_text_column_lists_the_columns(config_model, texts: Path, tmp_path: Path) -> None:
-    with pytest.raises(KuklaError, match="no column 'body'.*text, id.*--text-column"):
-        harvest(_config(tmp_path / "s.zarr", texts, text_column="body"), model=config_model)
+    with pytest.raises(KuklaError, match="no column 'body'.*text, id.*--dataset-text-column"):
+        harvest(_config(tmp_path / "s.zarr", texts, dataset=DatasetConfig(str(texts), text_column="body")),
+                model=config_model)
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -72,22 +73,6 @@ def test_another_runs_store_is_refused_unless_overwrite(config_model, texts: Pat
     assert open_store(str(out)).hooks == {"blocks.0.hook_resid_post": 16}  # untouched
     harvest(_config(out, texts, hook=["resid_post:1"], overwrite=True), model=config_model)
     assert open_store(str(out)).hooks == {"blocks.1.hook_resid_post": 16}
-
-
-def test_disk_full_is_one_clear_line_and_the_rerun_resumes(config_model, texts: Path, tmp_path: Path) -> None:
-    out = tmp_path / "s.zarr"
-    config = _config(out, texts, tokens=400, store_dtype="float32", segment_windows=8)  # 7.7 kB shards
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (5000, hard))  # metadata fits, a segment does not
-    try:
-        with pytest.raises(KuklaError, match="disk full.*rerun the same command to resume"):
-            harvest(config, model=config_model)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-    harvest(config, model=config_model)
-    assert open_store(str(out)).n_rows == 400
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:

@@ -11,29 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
-from kukla.cli.app import app
 from kukla.errors import KuklaError
 from kukla.storage import StoreWriter, finalize_store, open_store
 from kukla.storage.verify import verify_store
+from tests.cli import kukla, one_line_error
 
 from .conftest import HOOKS, write_sequences  # noqa: TID252
 
 HOOK = "blocks.0.hook_resid_post"
-runner = CliRunner()
-
-
-def _kukla(*args: object) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def _one_line_error(code: int, output: str, *needles: str) -> None:
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
-    for needle in needles:
-        assert needle in errors[0], output
 
 
 def _finalized(path: Path, dtype: str = "float32") -> Path:
@@ -59,8 +45,8 @@ def test_a_truncated_array_zarr_json_is_named_by_verify_in_one_line(tmp_path: Pa
     path = _finalized(tmp_path / "s")
     meta = path / "tokens" / "token_id" / "zarr.json"
     meta.write_text(meta.read_text()[:40])
-    code, out = _kukla("store", "verify", path)
-    _one_line_error(code, out, "1 problem(s)")
+    code, out = kukla("store", "verify", path)
+    one_line_error(code, out, "1 problem(s)")
     assert "damaged: " in out and "tokens/token_id/zarr.json is missing or damaged" in out
 
 
@@ -92,15 +78,15 @@ def test_verify_finds_nan_rows(tmp_path: Path) -> None:
 def test_bad_import_settings_and_files_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.ones((100, 4), np.float32))
     out = tmp_path / "s"
-    _one_line_error(*_kukla("store", "import", out, "--hook", f"a={tmp_path / 'a.npy'}", "--codec", "zstd-99"),
-                    "zstd levels run from -131072 to 22")
-    _one_line_error(*_kukla("store", "import", out, "--hook", f"a={tmp_path / 'a.npy'}", "--memory-budget", "1KiB"),
-                    "too small")
+    one_line_error(*kukla("store", "import", out, "--hook", f"a={tmp_path / 'a.npy'}", "--codec", "zstd-99"),
+                   "zstd levels run from -131072 to 22")
+    one_line_error(*kukla("store", "import", out, "--hook", f"a={tmp_path / 'a.npy'}", "--memory-budget", "1KiB"),
+                   "too small")
     truncated = tmp_path / "t.npy"
     truncated.write_bytes((tmp_path / "a.npy").read_bytes()[:900])
-    _one_line_error(*_kukla("store", "import", out, "--hook", f"t={truncated}"), "not a readable .npy file")
+    one_line_error(*kukla("store", "import", out, "--hook", f"t={truncated}"), "not a readable .npy file")
     assert not out.exists()
-    _one_line_error(*_kukla("store", "info", tmp_path / "a.npy"), "is not a kukla store")
+    one_line_error(*kukla("store", "info", tmp_path / "a.npy"), "is not a kukla store")
 
 
 def test_a_failed_overwrite_keeps_the_old_store_and_a_good_one_replaces_it(tmp_path: Path) -> None:
@@ -109,13 +95,13 @@ def test_a_failed_overwrite_keeps_the_old_store_and_a_good_one_replaces_it(tmp_p
     for name, x in (("old", old), ("bad", bad), ("new", new)):
         np.save(tmp_path / f"{name}.npy", x)
     out = tmp_path / "s"
-    assert _kukla("store", "import", out, "--hook", f"h={tmp_path / 'old.npy'}", "--dtype", "float32")[0] == 0
-    code, output = _kukla("store", "import", out, "--hook", f"h={tmp_path / 'bad.npy'}", "--overwrite")
-    _one_line_error(code, output, "row 40 holds NaN")
+    assert kukla("store", "import", out, "--hook", f"h={tmp_path / 'old.npy'}", "--store-dtype", "float32")[0] == 0
+    code, output = kukla("store", "import", out, "--hook", f"h={tmp_path / 'bad.npy'}", "--overwrite")
+    one_line_error(code, output, "row 40 holds NaN")
     kept = open_store(out).read("h").numpy()
     np.testing.assert_array_equal(np.sort(kept, axis=0), np.sort(old, axis=0))
-    code, output = _kukla("store", "import", out, "--hook", f"h={tmp_path / 'new.npy'}", "--dtype", "float32",
-                          "--overwrite")
+    code, output = kukla("store", "import", out, "--hook", f"h={tmp_path / 'new.npy'}", "--store-dtype", "float32",
+                         "--overwrite")
     assert code == 0, output
     np.testing.assert_array_equal(np.sort(open_store(out).read("h").numpy(), axis=0), np.sort(new, axis=0))
     assert not Path(f"{out}.importing").exists()
@@ -124,15 +110,15 @@ def test_a_failed_overwrite_keeps_the_old_store_and_a_good_one_replaces_it(tmp_p
 def test_an_import_out_of_disk_during_finalize_finishes_when_rerun(tmp_path: Path, small_disk: Path) -> None:
     x = np.random.default_rng(0).standard_normal((4096, 32)).astype(np.float32)  # 512 KiB, as stored
     np.save(tmp_path / "x.npy", x)
-    args = ["store", "import", small_disk / "s", "--hook", f"h={tmp_path / 'x.npy'}", "--dtype", "float32",
+    args = ["store", "import", small_disk / "s", "--hook", f"h={tmp_path / 'x.npy'}", "--store-dtype", "float32",
             "--codec", "none", "--memory-budget", "256KiB", "--seed", "3"]
-    code, output = _kukla(*args)  # the segments fit on 1 MiB, the shuffle's runs beside them do not
-    _one_line_error(code, output, "disk full while finalizing", "rerun the same command")
+    code, output = kukla(*args)  # the segments fit on 1 MiB, the shuffle's runs beside them do not
+    one_line_error(code, output, "disk full while finalizing", "rerun the same command")
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # space is freed
-    code, output = _kukla(*args)
+    code, output = kukla(*args)
     assert code == 0, output
     whole = tmp_path / "whole"
-    assert _kukla(*args[:2], whole, *args[3:])[0] == 0
+    assert kukla(*args[:2], whole, *args[3:])[0] == 0
     assert not [p for p in (small_disk / "s").rglob("*.tmp-*")]  # no partial file left by the full disk
     a, b = open_store(small_disk / "s"), open_store(whole)
     np.testing.assert_array_equal(a.read_stored("h"), b.read_stored("h"))

@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from kukla.cli.app import app
 from kukla.storage import open_store
+from tests.cli import kukla, one_line_error, runner
 
 from .conftest import write_sequences  # noqa: TID252
-
-runner = CliRunner()
-
-
-def _kukla(*args: str) -> tuple[int, str]:
-    """Exit code and stdout + stderr (progress bars go to stderr)."""
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def _stdout(*args: str) -> str:
@@ -31,21 +23,14 @@ def _stdout(*args: str) -> str:
     return result.stdout
 
 
-def _one_line_error(code: int, output: str, *needles: str) -> None:
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
-    for needle in needles:
-        assert needle in errors[0], output
-
-
 def test_import_npy_and_safetensors_gives_a_finalized_shuffled_store(tmp_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
     x[:, 0] = np.arange(200)  # ids exact in bf16 up to 256
     y = torch.from_numpy(-x[:, :8].copy()).to(torch.bfloat16)
     np.save(tmp_path / "x.npy", x)
     save_file({"mlp_out": y}, tmp_path / "y.safetensors")
-    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"resid_post:6={tmp_path / 'x.npy'}",
-                       "--hook", f"mlp={tmp_path / 'y.safetensors'}", "--dtype", "float32")
+    code, out = kukla("store", "import", tmp_path / "s", "--hook", f"resid_post:6={tmp_path / 'x.npy'}",
+                      "--hook", f"mlp={tmp_path / 'y.safetensors'}", "--store-dtype", "float32")
     assert code == 0, out
     store = open_store(tmp_path / "s")
     a, b = store.read("blocks.6.hook_resid_post").numpy(), store.read("mlp").numpy()
@@ -61,10 +46,10 @@ def test_import_refuses_or_drops_nonfinite_rows(tmp_path: Path) -> None:
     x = np.ones((50, 4), np.float32)
     x[[3, 7, 9], 1] = [np.nan, np.inf, -np.inf]
     np.save(tmp_path / "x.npy", x)
-    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"h={tmp_path / 'x.npy'}")
-    _one_line_error(code, out, "row 3 holds NaN or inf", "--drop-nonfinite")
+    code, out = kukla("store", "import", tmp_path / "s", "--hook", f"h={tmp_path / 'x.npy'}")
+    one_line_error(code, out, "row 3 holds NaN or inf", "--drop-nonfinite")
     assert not (tmp_path / "s").exists()  # nothing half-written is left behind
-    code, out = _kukla("store", "import", tmp_path / "s", "--hook", f"h={tmp_path / 'x.npy'}", "--drop-nonfinite")
+    code, out = kukla("store", "import", tmp_path / "s", "--hook", f"h={tmp_path / 'x.npy'}", "--drop-nonfinite")
     assert code == 0 and "dropped 3 rows" in out, out
     assert open_store(tmp_path / "s").n_rows == 47
 
@@ -73,30 +58,30 @@ def test_import_errors_are_one_line(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.ones((10, 4), np.float32))
     np.save(tmp_path / "b.npy", np.ones((9, 4), np.float32))
     np.save(tmp_path / "i.npy", np.ones((10, 4), np.int64))
-    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
-                            "--hook", f"b={tmp_path / 'b.npy'}"), "different row counts", "a=10", "b=9")
-    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"i={tmp_path / 'i.npy'}"),
-                    "unsupported dtype int64")
-    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
-                            "--codec", "brotli"), "unknown codec 'brotli'")
-    _one_line_error(*_kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
-                            "--dtype", "int8"), "dtype: 'int8' is not one of bfloat16, float16, float32")
+    one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
+                          "--hook", f"b={tmp_path / 'b.npy'}"), "different row counts", "a=10", "b=9")
+    one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"i={tmp_path / 'i.npy'}"),
+                   "unsupported dtype int64")
+    one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
+                          "--codec", "brotli"), "unknown codec 'brotli'")
+    one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"a={tmp_path / 'a.npy'}",
+                          "--store-dtype", "int8"), "store_dtype: 'int8' is not one of bfloat16, float16, float32")
 
 
 def test_readers_give_one_line_errors_for_bad_paths(tmp_path: Path) -> None:
-    _one_line_error(*_kukla("store", "info", tmp_path / "missing"), "does not exist")
+    one_line_error(*kukla("store", "info", tmp_path / "missing"), "does not exist")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
-    _one_line_error(*_kukla("store", "verify", tmp_path / "folder"), "not a kukla store")
+    one_line_error(*kukla("store", "verify", tmp_path / "folder"), "not a kukla store")
     write_sequences(tmp_path / "w", 4, 16, finish=False)
-    code, out = _kukla("store", "info", tmp_path / "w")
+    code, out = kukla("store", "info", tmp_path / "w")
     assert code == 0 and "NOT finalized" in out
-    _one_line_error(*_kukla("store", "finalize", tmp_path / "w"), "rank 0 of 1 has not finished")
+    one_line_error(*kukla("store", "finalize", tmp_path / "w"), "rank 0 of 1 has not finished")
 
 
 def test_finalize_then_verify_then_a_damaged_chunk_is_named(tmp_path: Path) -> None:
     write_sequences(tmp_path / "s", 16, 16)
-    code, out = _kukla("store", "finalize", tmp_path / "s", "--memory-budget", "64KiB", "--seed", "3")
+    code, out = kukla("store", "finalize", tmp_path / "s", "--memory-budget", "64KiB", "--seed", "3")
     assert code == 0, out
     assert open_store(tmp_path / "s").meta["shuffle_seed"] == 3
     assert _stdout("store", "verify", tmp_path / "s").startswith("ok: every chunk")
@@ -104,14 +89,14 @@ def test_finalize_then_verify_then_a_damaged_chunk_is_named(tmp_path: Path) -> N
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF  # flip a byte inside the first chunk of shard 1
     shard.write_bytes(bytes(data))
-    code, out = _kukla("store", "verify", tmp_path / "s")
+    code, out = kukla("store", "verify", tmp_path / "s")
     damaged = [line for line in out.splitlines() if line.startswith("damaged:")]
     assert code == 2 and len(damaged) == 1, out
     shard_rows = open_store(tmp_path / "s").arrays["acts/blocks.0.hook_resid_post"].shards[0]
     assert f"acts/blocks.0.hook_resid_post rows {shard_rows}-{shard_rows + 15}" in damaged[0]
     assert "restore it" in damaged[0]
     shard.unlink()
-    code, out = _kukla("store", "verify", tmp_path / "s")
+    code, out = kukla("store", "verify", tmp_path / "s")
     missing = [line for line in out.splitlines() if line.startswith("damaged:")]
     assert code == 2 and len(missing) == 1, out  # one line for the shard, not one per chunk
     assert f"rows {shard_rows}-" in missing[0] and "missing" in missing[0] and "restore it" in missing[0]
@@ -121,12 +106,12 @@ def test_finalize_workers_then_commit_from_the_cli(tmp_path: Path) -> None:
     path = tmp_path / "s"
     write_sequences(path, 8, 16)
     for worker in (1, 0):  # any order: each does its share, then whatever is left
-        code, out = _kukla("store", "finalize", path, "--workers", "2", "--worker", worker, "--memory-budget", "64KiB")
+        code, out = kukla("store", "finalize", path, "--workers", "2", "--worker", worker, "--memory-budget", "64KiB")
         assert code == 0 and f"worker {worker} of 2 done" in out, out
     assert json.loads((path / "zarr.json").read_text())["attributes"]["kukla"]["state"] == "finalizing"
     assert "finalized" in _stdout("store", "finalize", path, "--memory-budget", "64KiB")
     assert sorted(open_store(path).read("tokens/token_id").tolist()) == list(range(128))
-    _one_line_error(*_kukla("store", "finalize", path, "--workers", "2", "--worker", "2"), "worker")
+    one_line_error(*kukla("store", "finalize", path, "--workers", "2", "--worker", "2"), "worker")
 
 
 def test_a_chunk_dropped_from_its_shard_index_fails_verify_as_it_fails_readers(tmp_path: Path) -> None:
@@ -135,7 +120,7 @@ def test_a_chunk_dropped_from_its_shard_index_fails_verify_as_it_fails_readers(t
     from kukla.storage.shards import crc32c
 
     write_sequences(tmp_path / "s", 16, 16)
-    assert _kukla("store", "finalize", tmp_path / "s", "--memory-budget", "64KiB")[0] == 0
+    assert kukla("store", "finalize", tmp_path / "s", "--memory-budget", "64KiB")[0] == 0
     store = open_store(tmp_path / "s")
     name = "acts/blocks.0.hook_resid_post"
     shard_rows, chunk_rows = store.arrays[name].shards[0], store.chunk_rows
@@ -148,6 +133,6 @@ def test_a_chunk_dropped_from_its_shard_index_fails_verify_as_it_fails_readers(t
     shard.write_bytes(bytes(data))
     with pytest.raises(KuklaError, match=f"rows {shard_rows}-{shard_rows + chunk_rows - 1}"):
         open_store(tmp_path / "s").read(name, shard_rows, shard_rows + chunk_rows)
-    code, out = _kukla("store", "verify", tmp_path / "s")
+    code, out = kukla("store", "verify", tmp_path / "s")
     damaged = [line for line in out.splitlines() if line.startswith("damaged:")]
     assert code == 2 and len(damaged) == 1 and f"rows {shard_rows}-{shard_rows + chunk_rows - 1}" in damaged[0], out

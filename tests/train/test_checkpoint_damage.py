@@ -6,27 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from test_resume import _flags
-from typer.testing import CliRunner
 
-from kukla.cli.app import app
 from kukla.pipeline.train import checkpoint
-
-runner = CliRunner()
+from tests.cli import kukla, one_line_error
 
 
 def test_a_damaged_trainer_state_is_refused_on_resume_and_the_intact_one_resumes(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = runner.invoke(app, ["train", *_flags(store, out, "--tokens", str(128 * 40))])
-    assert first.exit_code == 0, first.output
+    code, output = kukla("train", *_flags(store, out, "--tokens", str(128 * 40)))
+    assert code == 0, output
     state = checkpoint.latest_checkpoint(out) / checkpoint.STATE_FILE
     intact = state.read_bytes()
     damaged = bytearray(intact)
     damaged[len(damaged) // 2] ^= 0x40  # inside a tensor's bytes: the pickle still loads
     state.write_bytes(bytes(damaged))
-    resumed = runner.invoke(app, ["train", *_flags(store, out, "--tokens", str(128 * 40), "--resume")])
-    errors = [line for line in resumed.output.splitlines() if line.startswith("error:")]
-    assert resumed.exit_code == 2 and len(errors) == 1 and "Traceback" not in resumed.output, resumed.output
-    assert f"{state} is damaged (checksum mismatch)" in errors[0] and "without --resume" in errors[0], errors[0]
+    resume = ("train", *_flags(store, out, "--tokens", str(128 * 40), "--resume"))
+    one_line_error(*kukla(*resume), f"{state} is damaged (checksum mismatch)", "without --resume")
     state.write_bytes(intact)
-    resumed = runner.invoke(app, ["train", *_flags(store, out, "--tokens", str(128 * 40), "--resume")])
-    assert resumed.exit_code == 0, resumed.output
+    code, output = kukla(*resume)
+    assert code == 0, output

@@ -32,13 +32,14 @@ def test_default_levels_are_the_documented_fractions() -> None:
 
 @pytest.mark.parametrize("changes, field", [
     ({"hook": None}, "hook"), ({"input_hook": "a"}, "hook"), ({"k": [64]}, "k"),
-    ({"levels": [8, 4, 64]}, "levels"), ({"width": [64, 64]}, "width"), ({"warmup": 2.0}, "warmup"),
+    ({"levels": [8, 4, 64]}, "levels"), ({"levels": [8, 16, 32]}, "levels"), ({"width": [64, 64]}, "width"),
+    ({"warmup": 2.0}, "warmup"), ({"width": [64, 128], "k": [4, 80]}, "k"),  # one sweep member is invalid
 ])
 def test_bad_settings_name_their_field(changes: dict, field: str) -> None:
     settings = dict(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4])
     with pytest.raises(ConfigError) as error:
         TrainConfig(**{**settings, **changes})
-    assert error.value.field == field
+    assert error.value.field == field and str(error.value).startswith(f"{field}: ")
 
 
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:

@@ -1,6 +1,6 @@
 """Training under preemption and damage: SIGTERM writes a checkpoint and exits 143, a second
-trainer on the same --out is refused, a full disk during a checkpoint is one line and leaves
-nothing half-written, and an --out that is a file is refused."""
+trainer on the same --out is refused, and a full disk during a checkpoint is one line and leaves
+nothing half-written. (An --out that is a file: tests/test_output_is_a_file.py.)"""
 
 from __future__ import annotations
 
@@ -17,13 +17,11 @@ import torch
 from test_resume import NAME
 from test_resume import _flags as resume_flags
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from kukla.cli.app import app
 from kukla.pipeline.train import checkpoint
+from tests.cli import kukla, one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
-runner = CliRunner()
 
 
 def _flags(store: Path, out: Path, *extra: str) -> list[str]:
@@ -32,15 +30,8 @@ def _flags(store: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _train(*args: str) -> None:
-    result = runner.invoke(app, ["train", *args])
-    assert result.exit_code == 0, result.output
-
-
-def _one_line_error(result, *needles: str) -> None:
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in errors[0], result.output
+    code, output = kukla("train", *args)
+    assert code == 0, output
 
 
 @pytest.mark.slow
@@ -55,8 +46,7 @@ def test_sigterm_checkpoints_and_exits_143_and_the_resumed_run_equals_an_uninter
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.01)
-    second = runner.invoke(app, ["train", *_flags(store, stopped, "--resume")])
-    _one_line_error(second, "training run", "is in use by process")
+    one_line_error(*kukla("train", *_flags(store, stopped, "--resume")), "training run", "is in use by process")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -80,19 +70,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_half_written_
     filler = small_disk / "filler"
     free = shutil.disk_usage(small_disk).free
     filler.write_bytes(b"\0" * (free - 64 * 1024))  # room for the log, not for a checkpoint (~100 KiB)
-    result = runner.invoke(app, ["train", *_flags(store, out, "--tokens", str(128 * 20))])
-    _one_line_error(result, "disk full while writing checkpoint", "--resume")
+    one_line_error(*kukla("train", *_flags(store, out, "--tokens", str(128 * 20))),
+                   "disk full while writing checkpoint", "--resume")
     leftovers = [p.name for p in (out / "checkpoints").iterdir()] if (out / "checkpoints").exists() else []
     assert not [name for name in leftovers if name.startswith(".tmp-")], leftovers
     assert checkpoint.latest_checkpoint(out) is None and not (out / "lock.json").exists()
     filler.unlink()
     _train(*_flags(store, out, "--tokens", str(128 * 20), "--resume"))
     assert (out / NAME / "sae_weights.safetensors").exists()
-
-
-def test_an_out_that_is_a_file_is_refused_in_one_line(store: Path, tmp_path: Path) -> None:
-    file = tmp_path / "file"
-    file.write_text("not a folder")
-    _one_line_error(runner.invoke(app, ["train", *_flags(store, file)]), "--out", "is a file")
-    _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path), "--store", str(store), "--out", str(file)]),
-                    "--out", "is a file")

@@ -64,6 +64,12 @@ class DictionarySettings:
     and l1_coefficient mean the same for every prefix scheme. SAELens' plain sum is all 1s.
     Sampled prefixes always use the mean over the n_prefixes + 1 draws (a Monte Carlo estimate of
     the expected prefix loss)."""
+    spread_levels: bool = False
+    """Fixed levels: spread each level's weight evenly over the prefix lengths inside it, so the
+    cumulative weight C(l) runs linearly between the same level points instead of in steps, and
+    train every prefix at once (the all-prefix closed form). With steps, every latent of a level is
+    in the same prefixes, so nothing orders a parent before its children inside a level and a
+    parent+child mixture latent stays put (issue 11 §0); use it with reorder_latents."""
     l1_coefficient: float = 0.3
     """relu: weight of the L1 penalty Σᵢ zᵢ‖W_dec,i‖, measured in units of the target's RMS
     deviation norm so it does not depend on the activations' scale."""
@@ -133,6 +139,8 @@ class DictionarySettings:
             raise ConfigError("levels", f"are the widths of prefixes = levels (prefixes is {self.prefixes})")
         if self.level_weights is not None and self.prefixes != "levels":
             raise ConfigError("level_weights", "applies to fixed levels only (prefixes = levels)")
+        if self.spread_levels and self.prefixes != "levels":
+            raise ConfigError("spread_levels", "applies to fixed levels only (prefixes = levels)")
 
     def _expand_arch(self) -> None:
         """Fill activation and prefixes from the `arch` shorthand (kukla.json of every version has one)."""

@@ -25,7 +25,7 @@ from torch import Tensor
 from kukla.pipeline.dictionary import reference, sparse
 from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
-from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, cumulative_weight, prefix_weights, tail_mass
+from kukla.pipeline.dictionary.prefixes import prefix_cdf, prefix_weights, tail_mass
 from kukla.pipeline.dictionary.reorder import batch_contribution
 from kukla.pipeline.dictionary.snap import deviation_norms_per_row, prefix_norms
 
@@ -75,10 +75,9 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     cfg, rule = dictionary.cfg, dictionary.rule
     W_enc, b_enc, W_dec, b_dec = dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec
     n_rows, width = x.shape[0], cfg.width
-    all_prefixes = cfg.prefixes == "all"
-    bounds, weights = ([width], [1.0]) if all_prefixes else prefix_weights(cfg, generator)
-    cdf = (all_prefix_cdf(width, cfg.n_prefixes, x.device) if all_prefixes
-           else cumulative_weight(bounds, weights, width, x.device))
+    all_prefixes = cfg.prefixes == "all" or cfg.spread_levels  # every prefix, by the closed form
+    bounds, weights = prefix_weights(cfg, generator) if cfg.prefixes != "all" else ([width], [1.0])
+    cdf = prefix_cdf(cfg, bounds, weights, x.device)
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
     aux_cols = dictionary.aux_candidates() if cfg.aux_coefficient > 0 else None
@@ -151,7 +150,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
                "dead": dead_mask.float().mean()}
     if rule.penalty_metric is not None:
         metrics[rule.penalty_metric] = penalty.detach()
-    if cfg.prefixes == "levels":
+    if cfg.prefixes == "levels" and not all_prefixes:
         metrics.update({f"fvu/level_{w}": f for w, f in zip(bounds, fvu.detach().unbind())})
     contribution = batch_contribution(cols, values, W_dec, n_rows) if cfg.reorder_latents else None
     return TrainOutput(loss=loss, metrics=metrics, fired=fired, contribution=contribution)

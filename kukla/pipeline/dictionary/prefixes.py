@@ -88,6 +88,35 @@ def _fixed_cumulative_weight(widths: tuple[int, ...], weights: tuple[float, ...]
     return cdf.cumsum(0).to(device)
 
 
+def spread_cumulative_weight(widths: list[int], weights: list[float], width: int,
+                             device: torch.device = torch.device("cpu")) -> Tensor:
+    """[F+1] float64 C(l) of spread levels: level j's weight w_j split evenly over its lengths
+    (p_{j−1}, p_j], so C is linear between the level points and C(p_j) = w_1 + … + w_j as with steps."""
+    return _spread_cumulative_weight(tuple(widths), tuple(weights), width, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _spread_cumulative_weight(widths: tuple[int, ...], weights: tuple[float, ...], width: int,
+                              device: torch.device) -> Tensor:
+    cdf = torch.zeros(width + 1, dtype=torch.float64)
+    start, total = 0, 0.0
+    for end, w in zip(widths, weights):
+        cdf[start + 1:end + 1] = total + w * torch.arange(1, end - start + 1, dtype=torch.float64) / (end - start)
+        start, total = end, total + w
+    return cdf.to(device)
+
+
+def prefix_cdf(cfg: DictionaryConfig, widths: list[int] | Tensor, weights: list[float],
+               device: torch.device = torch.device("cpu")) -> Tensor:
+    """[F+1] float64 C(l) of the config's scheme on the device, given this batch's `prefix_weights`."""
+    if cfg.prefixes == "all":
+        return all_prefix_cdf(cfg.width, cfg.n_prefixes, device)
+    if cfg.spread_levels:
+        assert isinstance(widths, list)  # fixed levels
+        return spread_cumulative_weight(widths, weights, cfg.width, device)
+    return cumulative_weight(widths, weights, cfg.width, device)
+
+
 def tail_mass(cdf: Tensor) -> Tensor:
     """[F] latent i's total weight over the prefixes that contain it (lengths above i): C(F) − C(i)."""
     return cdf[-1] - cdf[:-1]

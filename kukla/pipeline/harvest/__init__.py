@@ -11,8 +11,8 @@ thread), `run` (the resumable loop).
 """
 
 from kukla.lazy import lazy_exports
-from kukla.pipeline.harvest.config import HarvestConfig, ToyConfig
+from kukla.pipeline.harvest.config import DatasetConfig, HarvestConfig, ToyConfig
 
-__all__ = ["HarvestConfig", "ToyConfig", "harvest", "ToyTree", "TOY_HOOK"]
+__all__ = ["HarvestConfig", "DatasetConfig", "ToyConfig", "harvest", "ToyTree", "TOY_HOOK"]
 __getattr__ = lazy_exports(__name__, {"harvest": "kukla.pipeline.harvest.run", "ToyTree": "kukla.pipeline.harvest.toy",
                                       "TOY_HOOK": "kukla.pipeline.harvest.toy"})

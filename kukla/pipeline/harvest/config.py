@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from kukla.config import DEFAULT_DEVICE, DEFAULT_MEMORY_BUDGET, Bytes, ModelDtype, StoreDtype, resolve_device
 from kukla.errors import ConfigError
@@ -43,6 +43,22 @@ class ToyConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """The text a model harvest reads, as the store's metadata records it (`dataset` there)."""
+
+    name: str | None = None
+    """HF dataset name (streamed) or a local .txt/.jsonl/.json/.parquet file; `--dataset X` or `dataset = "X"`."""
+    subset: str | None = None
+    """HF dataset configuration name (e.g. wikitext-103-raw-v1); none for local files."""
+    split: str = "train"
+    """Dataset split to read."""
+    revision: str | None = None
+    """Dataset revision (git ref on the Hub) so a rerun reads the same text."""
+    text_column: str = "text"
+    """Column holding the text."""
+
+
+@dataclass
 class HarvestConfig:
     """Run a model (or the toy source) over text and write a finalized activation store."""
 
@@ -54,16 +70,9 @@ class HarvestConfig:
     """TransformerLens name (needs the Hub), local HF folder, or the embedded google/gemma-3-270m."""
     hook: list[str] = field(default_factory=list)
     """Hook points, repeatable: TransformerLens names or short forms like resid_post:6, mlp_out:6."""
-    dataset: str | None = None
-    """HF dataset name (streamed) or a local .txt/.jsonl/.json/.parquet file."""
-    dataset_subset: str | None = None
-    """HF dataset configuration name (e.g. wikitext-103-raw-v1); none for local files."""
-    split: str = "train"
-    """Dataset split to read."""
-    revision: str | None = None
-    """Dataset revision (git ref on the Hub) so a rerun reads the same text."""
-    text_column: str = "text"
-    """Column holding the text."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """The text (source = model): `dataset = "X"` names it (a plain string in Python too); a
+    [harvest.dataset] table adds its subset, split, revision and text column."""
     context_size: int = 128
     """Tokens per window, the BOS included; at most the model's n_ctx."""
     tokens: int = 1_000_000
@@ -81,7 +90,7 @@ class HarvestConfig:
     median norm over the plan's first segment; none writes no flags."""
     device: str = DEFAULT_DEVICE
     """Torch device for the model: auto (a GPU if one is visible, else cpu), cpu, cuda, cuda:1, mps; under torchrun, cuda means cuda:LOCAL_RANK."""
-    dtype: ModelDtype = "float32"
+    model_dtype: ModelDtype = "float32"
     """Dtype the model runs in."""
     store_dtype: StoreDtype = "bfloat16"
     """Dtype of the stored activations (float16 refuses values that overflow)."""
@@ -105,7 +114,12 @@ class HarvestConfig:
     toy: ToyConfig = field(default_factory=ToyConfig)
     """The hierarchical toy generator (source = toy-tree): a [harvest.toy] table, or dotted keys (toy.dim = 64)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"dtype": "model_dtype"}
+    """Old keys whose new name no plain "did you mean" finds (dtype was the model's, not the store's)."""
+
     def __post_init__(self) -> None:
+        if isinstance(self.dataset, str):  # the Python API's shorthand, as `dataset = "X"` in TOML
+            self.dataset = DatasetConfig(self.dataset)
         positive = {"context_size": self.context_size, "tokens": self.tokens, "batch_size": self.batch_size,
                     "segment_windows": self.segment_windows}
         for name, value in positive.items():
@@ -116,7 +130,7 @@ class HarvestConfig:
         if self.source == "model":
             if not self.hook:
                 raise ConfigError("hook", "give at least one hook, e.g. --hook resid_post:6")
-            if not self.dataset:
+            if not self.dataset.name:
                 raise ConfigError("dataset", "give a dataset: an HF name or a local .txt/.jsonl/.parquet file")
         if self.outlier_factor is not None and self.outlier_factor <= 1:
             raise ConfigError("outlier_factor", "must be above 1 (a multiple of the median norm)")

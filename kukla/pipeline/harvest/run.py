@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import sys
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +34,8 @@ from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
 from kukla.storage.shuffle import check_memory_budget
+
+logger = logging.getLogger(__name__)
 
 
 def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) -> str:
@@ -87,8 +89,7 @@ def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: Ha
     finally:
         bar.close()
     if every_rank < config.tokens:
-        print(f"warning: the dataset ran out after {every_rank} of the {config.tokens} tokens asked for",
-              file=sys.stderr, flush=True)
+        logger.warning("the dataset ran out after %d of the %d tokens asked for", every_rank, config.tokens)
     planned = sum(s.planned_rows for s in mine)
     return planned, planned - sum(int(writer.journal[s.id]["rows"]) for s in mine)
 
@@ -99,7 +100,7 @@ returns what the writer thread calls for the rows."""
 
 
 def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple[dict, dict, SegmentWork]:
-    model = model if model is not None else load_model(config.model, device=config.device, dtype=config.dtype)
+    model = model if model is not None else load_model(config.model, device=config.device, dtype=config.model_dtype)
     if config.context_size > model.cfg.n_ctx:
         raise KuklaError(f"context_size {config.context_size} is above the model's n_ctx {model.cfg.n_ctx}; "
                          f"pass --context-size {model.cfg.n_ctx} or less")
@@ -108,13 +109,14 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
     widths = resolve_hooks(model, config.hook)
     hooks = list(widths)
     forward = SegmentForward(model, widths, batch_size=config.batch_size, store_dtype=config.store_dtype)
-    spec = dataset_spec(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
-    texts = iter_texts(config.dataset, config.dataset_subset, config.split, config.revision, config.text_column)
+    text = config.dataset
+    spec = dataset_spec(text.name, text.subset, text.split, text.revision, text.text_column)
+    texts = iter_texts(text.name, text.subset, text.split, text.revision, text.text_column)
     windows = iter_windows(texts, model.tokenizer, config.context_size,
                            keep_special_tokens=config.keep_special_tokens)
     first = next(windows, None)  # opens the dataset, checks its column, before any store exists
     if first is None:
-        raise KuklaError(f"dataset {config.dataset!r} holds no text in column {config.text_column!r}")
+        raise KuklaError(f"dataset {text.name!r} holds no text in column {text.text_column!r}")
     segments = plan_segments(cut_budget(itertools.chain([first], windows), config.tokens), config.segment_windows)
     meta = _common_meta(config) | {
         "source": "model",
@@ -191,9 +193,9 @@ def _finalize_when_ready(config: HarvestConfig) -> None:
     deadline = time.monotonic() + config.finalize_wait
     waiting = unfinished_ranks(config.output)
     if waiting:
-        print(f"rank 0: waiting for rank(s) {', '.join(map(str, waiting))} to finish before finalizing "
-              f"(up to {config.finalize_wait:.0f} s; or stop here and run `kukla store finalize {config.output}` "
-              "later)", file=sys.stderr, flush=True)
+        logger.info("rank 0: waiting for rank(s) %s to finish before finalizing (up to %.0f s; or stop here "
+                    "and run `kukla store finalize %s` later)", ", ".join(map(str, waiting)), config.finalize_wait,
+                    config.output)
     while waiting:
         if time.monotonic() > deadline:
             raise KuklaError(f"gave up waiting for rank(s) {', '.join(map(str, waiting))} after "

@@ -74,7 +74,7 @@ def iter_texts(dataset: str, subset: str | None, split: str, revision: str | Non
     for row in rows:
         if text_column not in row:
             raise KuklaError(f"dataset {dataset!r} has no column {text_column!r}; its columns are "
-                             f"{', '.join(row)}: pass --text-column")
+                             f"{', '.join(row)}: pass --dataset-text-column")
         seen = True
         text = row[text_column]
         if text:

@@ -9,7 +9,7 @@ the same W&B run id.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from kukla.errors import KuklaError
 from kukla.progress import progress
 
 METRICS_FILE = "metrics.jsonl"
+logger = logging.getLogger(__name__)
 
 
 class TrainLog:
@@ -64,7 +65,7 @@ class TrainLog:
         with self.path.open("a") as f:
             f.write(json.dumps({"dictionary": name, "final": True, **values}) + "\n")
         if values.get("inference_l0") == values.get("inference_l0"):  # not NaN: a calibrated BatchTopK
-            self.bar.write(f"{name}: calibrated inference L0 {values['inference_l0']:.3f}", file=sys.stderr)
+            logger.info("%s: calibrated inference L0 %.3f", name, values["inference_l0"])
         if self.wandb_run is not None:
             self.wandb_run.summary.update({f"{name}/{k}": v for k, v in values.items()})
 

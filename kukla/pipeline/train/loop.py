@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import shutil
-import sys
+from logging import getLogger
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
 from kukla.storage.lease import Lease
 from kukla.storage.location import Location, check_output_dir
 from kukla.storage.stream import Batch
+
+logger = getLogger(__name__)  # `logging` names the logging steps below
 
 #: Settings that may change between a run and its resumption (they do not touch the math).
 RESUMABLE_CHANGES = {"resume", "wandb", "threads", "log_every",
@@ -119,8 +121,8 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
                    start_step=step, enabled=ranks.is_main, wandb_run=wandb_run)
     if ranks.is_main and config.dead_window >= config.tokens:
-        log.bar.write(f"note: dead_tokens {config.dead_window:,} ≥ the run's {config.tokens:,} tokens: "
-                      "no latent can be dead, so aux-k never engages", file=sys.stderr)
+        logger.warning("dead_tokens %s ≥ the run's %s tokens: no latent can be dead, so aux-k never engages",
+                       f"{config.dead_window:,}", f"{config.tokens:,}")
     batches = iter(stream)
     pending: FiniteCheck | None = None  # the latest step's finiteness, read one step late
     try:
