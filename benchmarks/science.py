@@ -1,15 +1,16 @@
 """Absorption and recovery on a toy tree: plain BatchTopK against the Matryoshka variants.
 
-    python benchmarks/science.py [--seeds 5 --steps 2000 --variants batchtopk,levels,sampled,all]
+    python benchmarks/science.py [--seeds 10 --steps 2000 --variants batchtopk,levels,levels-spread,sampled,all,saelens]
 
 Each seed draws its own tree directions, data and initialisation. Rows come straight from the
 toy-tree generator in memory (`kukla.pipeline.harvest.toy.ToyTree.sample`, the same generator
 `kukla harvest --source toy-tree` writes to a store; skipping the store keeps a run to seconds).
 Training is the trainer's own step (`kukla.pipeline.train.sweep.train_step`: lr schedule, clip,
 decoder projection, dead latents, reordering, snap loss); scores are evaluate's toy truth
-(absorption holes, max cosine to the true features). Prints one line per (variant, seed) and a
-summary: mean ± sd of absorption holes, the worst parent, mean and min max-cosine, and the
-features unrecovered (max cosine < 0.9).
+(absorption holes, max cosine to the true features). The anchor `saelens` is SAELens' own
+Matryoshka BatchTopK on the same batches. Prints, per seed, what bounds max-cos given the true codes
+(`max_cos_ceilings`), one line per (variant, seed) and a summary: mean ± sd of absorption holes,
+the worst parent, mean and min max-cosine, and the features unrecovered (max cosine < 0.9).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from dictionary_flags import dictionary_parser  # noqa: E402
 
 from kukla.pipeline.dictionary import calibrate_threshold  # noqa: E402
+from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, cumulative_weight, spread_cumulative_weight  # noqa: E402
 from kukla.pipeline.evaluate.toy import ToyTruth  # noqa: E402
 from kukla.pipeline.harvest.toy import ToyTree  # noqa: E402
 from kukla.pipeline.train.config import TrainConfig  # noqa: E402
@@ -39,6 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batchtopk": dict(arch="batchtopk"),
     "levels": dict(arch="matryoshka-batchtopk"),  # levels from --levels
     "levels-reorder": dict(arch="matryoshka-batchtopk", reorder_latents=True),  # a tried fix for levels
+    "levels-spread": dict(arch="matryoshka-batchtopk", spread_levels=True, reorder_latents=True),  # the fix
     "sampled": dict(arch="matryoshka-prefix", prefixes="sampled", reorder_latents=True),
     "all": dict(arch="matryoshka-prefix", prefixes="all", reorder_latents=True),
     "all-fixed-order": dict(arch="matryoshka-prefix", prefixes="all"),
@@ -53,9 +56,49 @@ def toy_data(args: argparse.Namespace, seed: int) -> tuple[ToyTree, torch.Tensor
     return tree, pool, tree.sample(args.eval_rows, np.random.default_rng([seed, 2]))
 
 
-def run_one(args: argparse.Namespace, variant: str, seed: int,
-            data: tuple[ToyTree, torch.Tensor, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    tree, pool, (rows, activity) = data
+def _batches(args: argparse.Namespace, pool: torch.Tensor, seed: int):
+    """The training batches of a seed: the pool in a fresh order each pass (the same for every variant)."""
+    order = torch.Generator().manual_seed(seed)
+    per_pass = args.pool // args.batch
+    for step in range(args.steps):
+        if step % per_pass == 0:
+            batches = torch.randperm(args.pool, generator=order)[:per_pass * args.batch].view(per_pass, args.batch)
+        yield step, pool[batches[step % per_pass]]
+
+
+def train_saelens(args: argparse.Namespace, seed: int, pool: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The anchor: SAELens' MatryoshkaBatchTopKTrainingSAE, stepped as its SAETrainer does (Adam at the
+    same lr, constant, grad clip 1, dead after 200 steps unfired); decoder rows and codes at its own
+    inference rule (JumpReLU at its EMA threshold)."""
+    from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
+                                                        MatryoshkaBatchTopKTrainingSAEConfig)
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(seed)
+    sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=args.d, d_sae=args.width, k=args.k, matryoshka_widths=args.levels, aux_loss_coefficient=1 / 32))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    since_fired = torch.zeros(args.width)
+    for step, batch in _batches(args, pool, seed):
+        out = sae.training_forward_pass(TrainStepInput(sae_in=batch, coefficients={},
+                                                       dead_neuron_mask=since_fired > 200,
+                                                       n_training_steps=step, is_logging_step=False))
+        since_fired += 1
+        since_fired[(out.feature_acts > 0).any(0)] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        pre = (sae.process_sae_in(x) @ sae.W_enc + sae.b_enc) * sae.W_dec.norm(dim=-1)
+        return pre * (pre > sae.topk_threshold)
+    return sae.W_dec.detach(), encode
+
+
+def train_kukla(args: argparse.Namespace, variant: str, seed: int, pool: torch.Tensor,
+                held_out: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The trainer's own step on the seed's batches; codes at the threshold calibrated on the held-out rows."""
     settings = dict(VARIANTS[variant])
     if variant.startswith("levels"):
         settings["levels"] = args.levels
@@ -67,25 +110,55 @@ def run_one(args: argparse.Namespace, variant: str, seed: int,
     init = pool[:4096]
     members = config.members(args.d, args.d)
     [trainee] = build_trainees(config, members, ranks, (float(init.norm(dim=1).mean()), None), (init,))
-    order = torch.Generator().manual_seed(seed)
-    per_pass = args.pool // args.batch
-    for step in range(args.steps):
-        if step % per_pass == 0:
-            batches = torch.randperm(args.pool, generator=order)[:per_pass * args.batch].view(per_pass, args.batch)
-        train_step([trainee], (pool[batches[step % per_pass]],), step, args.steps, config, ranks)
-    d = trainee.dictionary
+    for step, batch in _batches(args, pool, seed):
+        train_step([trainee], (batch,), step, args.steps, config, ranks)
+    calibrate_threshold(trainee.dictionary, [held_out])
+    return trainee.dictionary.W_dec.detach(), trainee.dictionary.encode
+
+
+def run_one(args: argparse.Namespace, variant: str, seed: int,
+            data: tuple[ToyTree, torch.Tensor, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    tree, pool, (rows, activity) = data
     x, activity = torch.from_numpy(rows), torch.from_numpy(activity)
-    calibrate_threshold(d, [x])
-    truth = ToyTruth(tree.directions, tree.parent, d.W_dec)
+    if variant == "saelens":
+        w_dec, encode = train_saelens(args, seed, pool)
+    else:
+        w_dec, encode = train_kukla(args, variant, seed, pool, x)
+    truth = ToyTruth(tree.directions, tree.parent, w_dec)
     with torch.no_grad():
-        truth.update(d.encode(x), activity)
+        truth.update(encode(x), activity)
     summary = truth.summary()
     holes = summary["absorption_holes"]
     worst = max(holes, key=holes.get)
     return {"absorption": summary["mean_absorption_holes"], "worst": holes[worst], "worst_parent": worst,
             "mean_cos": summary["mean_max_cosine"], "min_cos": min(summary["max_cosine"]),
             "unrecovered": summary["n_true_features"] - summary["recovered_above_0.9"],
-            "diagnosis": _diagnose(tree, d.W_dec.detach(), worst, summary["matched_latent"])}
+            "diagnosis": _diagnose(tree, w_dec, worst, summary["matched_latent"])}
+
+
+def max_cos_ceilings(args: argparse.Namespace, tree: ToyTree, rows: np.ndarray, activity: np.ndarray) -> str:
+    """What bounds max-cos, from the true codes (parents placed first): the least-squares decoder
+    (noise and sampling only), and the decoder minimising each Matryoshka objective
+    Σ_l w_l‖x − Σ_{i<l} a_i D_i‖². Latent i is in every prefix longer than i, so the normal equations
+    are Σ_j (AᵀA)_ij T(max(i, j)) D_j = T(i)(AᵀX)_i with T(i) = C(F) − C(i), the tail mass."""
+    order = np.argsort(tree.parent >= 0, kind="stable")
+    a = torch.from_numpy(activity[:, order]).double()
+    x = torch.from_numpy(rows).double()
+    a, x = a - a.mean(0), x - x.mean(0)  # the decoder bias takes the means
+    truth = torch.from_numpy(tree.directions[order]).double()
+    n, width = a.shape[1], args.width
+    equal = [1 / len(args.levels)] * len(args.levels)
+    cdfs = {"least squares": None, "levels": cumulative_weight(args.levels, equal, width),
+            "levels-spread": spread_cumulative_weight(args.levels, equal, width),
+            "all": all_prefix_cdf(width, args.n_prefixes)}
+    out = []
+    for name, cdf in cdfs.items():
+        tail = torch.ones(n) if cdf is None else (cdf[-1] - cdf[:n])
+        at = torch.arange(n)
+        weight = tail[torch.maximum(at[:, None], at[None, :])]
+        d = torch.linalg.solve((a.T @ a) * weight, tail[:, None] * (a.T @ x))
+        out.append(f"{name} {float(torch.nn.functional.cosine_similarity(d, truth).mean()):.4f}")
+    return "max-cos ceiling from the true codes: " + ", ".join(out)
 
 
 def _diagnose(tree: ToyTree, w_dec: torch.Tensor, parent: int, matched: list[int]) -> str:
@@ -102,9 +175,9 @@ def _diagnose(tree: ToyTree, w_dec: torch.Tensor, parent: int, matched: list[int
 def main() -> None:
     # k 1.5: the default tree fires 1.28 features per row
     parser = dictionary_parser(__doc__.splitlines()[0], d=48, width=48, k=1.5, batch=256, steps=2000)
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=1)
-    parser.add_argument("--variants", default="batchtopk,levels,sampled,all")
+    parser.add_argument("--variants", default="batchtopk,levels,levels-spread,sampled,all,saelens")
     parser.add_argument("--tree", type=lambda s: [int(v) for v in s.split(",")], default=[8, 4])
     parser.add_argument("--p-root", type=float, default=0.1)
     parser.add_argument("--p-child", type=float, default=0.15)
@@ -125,6 +198,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for seed in seeds:
         data = toy_data(args, seed)
+        print(f"seed {seed:2d}: {max_cos_ceilings(args, data[0], *data[2])}", flush=True)
         for variant in variants:
             start = time.process_time()
             r = run_one(args, variant, seed, data)

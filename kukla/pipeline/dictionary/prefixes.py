@@ -57,14 +57,14 @@ def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = No
     Sampled: n_prefixes distinct lengths plus F, each weighing 1/(n+1), the lengths a tensor on
     the generator's device. All prefixes: every length 1..F with its expected weight.
     """
-    if cfg.prefix_scheme == "none":
+    if cfg.prefixes == "none":
         return [cfg.width], [1.0]
-    if cfg.prefix_scheme == "levels":
+    if cfg.prefixes == "levels":
         assert cfg.levels is not None
         widths = [int(w) for w in cfg.levels]
         raw = cfg.level_weights or [1.0] * len(widths)
         return widths, [float(w) / (1 if cfg.level_weights else len(widths)) for w in raw]
-    if cfg.prefix_scheme == "all":
+    if cfg.prefixes == "all":
         return list(range(1, cfg.width + 1)), all_prefix_cdf(cfg.width, cfg.n_prefixes).diff().tolist()
     draws = sample_prefix_lengths(cfg.width, cfg.n_prefixes, generator)
     return draws, [1 / len(draws)] * len(draws)
@@ -86,6 +86,35 @@ def _fixed_cumulative_weight(widths: tuple[int, ...], weights: tuple[float, ...]
     cdf = torch.zeros(width + 1, dtype=torch.float64)
     cdf.index_add_(0, torch.tensor(widths), torch.tensor(weights, dtype=torch.float64))
     return cdf.cumsum(0).to(device)
+
+
+def spread_cumulative_weight(widths: list[int], weights: list[float], width: int,
+                             device: torch.device = torch.device("cpu")) -> Tensor:
+    """[F+1] float64 C(l) of spread levels: level j's weight w_j split evenly over its lengths
+    (p_{j−1}, p_j], so C is linear between the level points and C(p_j) = w_1 + … + w_j as with steps."""
+    return _spread_cumulative_weight(tuple(widths), tuple(weights), width, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _spread_cumulative_weight(widths: tuple[int, ...], weights: tuple[float, ...], width: int,
+                              device: torch.device) -> Tensor:
+    cdf = torch.zeros(width + 1, dtype=torch.float64)
+    start, total = 0, 0.0
+    for end, w in zip(widths, weights):
+        cdf[start + 1:end + 1] = total + w * torch.arange(1, end - start + 1, dtype=torch.float64) / (end - start)
+        start, total = end, total + w
+    return cdf.to(device)
+
+
+def prefix_cdf(cfg: DictionaryConfig, widths: list[int] | Tensor, weights: list[float],
+               device: torch.device = torch.device("cpu")) -> Tensor:
+    """[F+1] float64 C(l) of the config's scheme on the device, given this batch's `prefix_weights`."""
+    if cfg.prefixes == "all":
+        return all_prefix_cdf(cfg.width, cfg.n_prefixes, device)
+    if cfg.spread_levels:
+        assert isinstance(widths, list)  # fixed levels
+        return spread_cumulative_weight(widths, weights, cfg.width, device)
+    return cumulative_weight(widths, weights, cfg.width, device)
 
 
 def tail_mass(cdf: Tensor) -> Tensor:

@@ -247,7 +247,7 @@ def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str
     max_cos = max_cosine_to_others(e.dictionary.W_dec.detach())
     calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, scored)
     out: dict[str, Any] = {
-        "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch,
+        "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch or e.dictionary.cfg.label,
         "hooks": {"input": e.input_hook, "target": e.target_hook}, "d_in": e.dictionary.d_in,
         "d_out": e.dictionary.d_out, "width": e.dictionary.width, "levels": e.dictionary.levels,
         "calibration_rows": calibrated, "l0_cap": int(e.dictionary.l0_cap) or None,

@@ -10,7 +10,7 @@ massive-activation flags), `toy` (the synthetic source), `commit` (the backgroun
 thread), `run` (the resumable loop).
 """
 
-from kukla.lazy import lazy_exports
+from kukla import lazy_exports
 from kukla.pipeline.harvest.config import DatasetConfig, HarvestConfig, ToyConfig
 
 __all__ = ["HarvestConfig", "DatasetConfig", "ToyConfig", "harvest", "ToyTree", "TOY_HOOK"]
