@@ -186,20 +186,55 @@ def phase_anchor(path: str, n: int, batch: int) -> dict:
 
 
 def phase_disk(path: str, n: int) -> dict:
-    """The floor under any shuffle here: the same bytes read once (from the page cache, into a
-    reused buffer) and written once to a fresh file (fsync), in 64 MiB pieces; no gather, no CRC."""
-    data = synthetic_rows(n).view(np.uint8).reshape(-1)
+    """The floor under any shuffle here: the bytes of n bf16 rows read once (from the page cache,
+    into a reused buffer) and written once to a fresh file (fsync), in 64 MiB pieces; no gather,
+    no CRC. Then the disk's own rates for the same bytes past the page cache (O_DIRECT, wall)."""
+    from kukla.storage.location import aligned_buffer
+
+    data = synthetic_rows(n).view(np.uint8).reshape(-1)[:n * D * 2]
     back, piece = np.empty(64 << 20, np.uint8), 64 << 20
     with open(f"{path}.in", "wb") as f:
         f.write(memoryview(data))
     with PeakRSS() as rss:
         with open(f"{path}.in", "rb") as src, open(f"{path}.out", "wb") as dst:
-            while got := src.readinto(memoryview(back)):
+            while got := src.readinto(memoryview(back[:piece])):
                 dst.write(memoryview(back[:got]))
             dst.flush()
             os.fsync(dst.fileno())
-    for suffix in [".in", ".out"]:
+    direct = aligned_buffer(data.size)
+    direct[:data.size] = data
+    t0 = time.perf_counter()
+    fd = os.open(f"{path}.direct", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    os.write(fd, memoryview(direct))
+    os.fsync(fd)
+    os.close(fd)
+    t1 = time.perf_counter()
+    fd = os.open(f"{path}.direct", os.O_RDONLY | os.O_DIRECT)
+    os.preadv(fd, [direct], 0)
+    os.close(fd)
+    t2 = time.perf_counter()
+    for suffix in [".in", ".out", ".direct"]:
         os.remove(path + suffix)
+    write, read = direct.size / 1e6 / (t1 - t0), direct.size / 1e6 / (t2 - t1)
+    return {"rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds,
+            "direct_write_MBps": write, "direct_read_MBps": read, "shuffle_bound_MBps": 1 / (2 / write + 2 / read)}
+
+
+def phase_shuffle_anchor(path: str, n: int) -> dict:
+    """Hugging Face `datasets`' global shuffle of the same rows made contiguous on disk (SAELens'
+    `shuffle=True` cache, `shuffle` + `flatten_indices`), float32 rows as SAELens caches them."""
+    import datasets
+    import pyarrow as pa
+
+    rows = synthetic_rows(n)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), D)
+    folder = f"{path}.hf"
+    datasets.Dataset(pa.table({"resid": column})).save_to_disk(folder)
+    del rows, column
+    ds = datasets.load_from_disk(folder)
+    with PeakRSS() as rss:
+        ds.shuffle(seed=0).flatten_indices(cache_file_name=f"{folder}/shuffled.arrow")
+    shutil.rmtree(folder)
     return {"rows": n, "peak_mb": rss.extra_mb, "cpu_s": rss.cpu_s, "seconds": rss.seconds}
 
 
@@ -252,7 +287,8 @@ def main() -> None:
                   "read": lambda: phase_read(path, args.batch, args.dtype, args.threads, args.device),
                   "zarr": lambda: phase_zarr(path, args.batch), "anchor": lambda: phase_anchor(path, args.rows, args.batch),
                   "limit": lambda: phase_limit(args.rows, args.batch),
-                  "disk": lambda: phase_disk(path, args.rows)}[args.phase]()
+                  "disk": lambda: phase_disk(path, args.rows),
+                  "shuffle-anchor": lambda: phase_shuffle_anchor(path, args.rows)}[args.phase]()
         print(json.dumps(result))
         return
     shutil.rmtree(args.out, ignore_errors=True)
