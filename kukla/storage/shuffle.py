@@ -38,11 +38,11 @@ from kukla.errors import KuklaError
 from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage.codecs import numcodecs_codec
-from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, array_specs, create_array,
-                                  holdout_default, shard_key, write_manifest)
+from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, HookStats, SegmentTable, array_specs,
+                                  create_array, finished_key, holdout_default, read_blob, read_journal, segment_dir,
+                                  shard_key, write_manifest)
 from kukla.storage.lease import Lease
 from kukla.storage.location import DIRECT_ALIGN, Location, aligned, aligned_buffer, disk_full_error
-from kukla.storage.parts import SegmentTable, finished_key, read_blob, read_journal, segment_dir
 from kukla.storage import windows
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
