@@ -33,7 +33,7 @@ from kukla.pipeline.models import load_model, model_summary
 from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
-from kukla.storage.shuffle import check_memory_budget
+from kukla.storage.finalize import check_memory_budget
 
 logger = logging.getLogger(__name__)
 
