@@ -9,7 +9,7 @@ from scipy.optimize import minimize
 
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
-from kukla.pipeline.dictionary.geometric_median import geometric_median
+from kukla.pipeline.dictionary.model import geometric_median
 
 
 def test_geometric_median_matches_an_independent_solver():

@@ -17,7 +17,6 @@ longest-unfired ones (`Dictionary.aux_candidates`), so the step never reads how 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,11 +25,8 @@ from kukla.pipeline.dictionary import reference, sparse
 from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
 from kukla.pipeline.dictionary.prefixes import prefix_cdf, prefix_weights, tail_mass
-from kukla.pipeline.dictionary.reorder import batch_contribution
 from kukla.pipeline.dictionary.snap import deviation_norms_per_row, prefix_norms
-
-if TYPE_CHECKING:
-    from kukla.pipeline.dictionary.model import Dictionary
+from kukla.pipeline.dictionary.model import Dictionary, batch_contribution
 
 
 @dataclass
