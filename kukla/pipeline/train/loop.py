@@ -21,7 +21,7 @@ from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows
-from kukla.pipeline.dictionary.snap import snap_step
+from kukla.pipeline.dictionary.loss import snap_step
 from kukla.pipeline.massive import massive_rows
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig

@@ -19,7 +19,7 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, default_lr, training_loss
 from kukla.pipeline.dictionary.fast_path import choose_sparse_path
 from kukla.pipeline.dictionary.model import adjust_penalty, reorder_latents
-from kukla.pipeline.dictionary.snap import snap_step
+from kukla.pipeline.dictionary.loss import snap_step
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
 from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
                                               global_batch)
