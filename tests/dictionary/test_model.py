@@ -105,7 +105,7 @@ def test_inference_rules_topk_per_token_and_uncalibrated_batchtopk_refuses():
 
 
 def test_measured_path_choice_leaves_weights_gradients_and_rng_as_they_were():
-    from kukla.pipeline.dictionary.fast_path import choose_sparse_path
+    from kukla.pipeline.train.sweep import choose_sparse_path
 
     torch.manual_seed(0)
     d = Dictionary(DictionaryConfig(d_in=16, width=128, k=4, arch="matryoshka-batchtopk", levels=[32, 128]))

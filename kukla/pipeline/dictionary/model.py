@@ -47,7 +47,7 @@ class Dictionary(nn.Module):
         if cfg.reorder_latents:  # running mean of zᵢ²‖W_dec,i‖² that orders the latents (`reorder_latents`)
             self.register_buffer("contribution", torch.zeros(width))
         self.use_sparse_path = cfg.sparse_path
-        """The path `training_loss` takes; the trainer's `choose_sparse_path` may pick dense where it is faster."""
+        """The path `training_loss` takes; `train.sweep.choose_sparse_path` may pick dense where it is faster."""
         self.aux_columns = 0
         """How many longest-unfired latents aux-k searches for dead ones (set by `count_dead`)."""
         self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)
