@@ -20,7 +20,7 @@ from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, Evaluate
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
-from kukla.pipeline.train.api import train
+from kukla.pipeline.train import train
 from kukla.pipeline.train.config import TrainConfig
 from tests.harvest.conftest import build_tiny_model_dir, write_texts
 
