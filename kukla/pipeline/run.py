@@ -222,7 +222,7 @@ def store_is_finished(config: HarvestConfig) -> bool:
     A finalized store of *another* harvest is refused rather than silently trained on: the
     settings that decide which rows exist must match what the store records.
     """
-    from kukla.pipeline.harvest.text import dataset_spec
+    from kukla.pipeline.text import dataset_spec
     from kukla.storage import open_store
 
     try:
@@ -231,7 +231,7 @@ def store_is_finished(config: HarvestConfig) -> bool:
         return False
     meta = store.meta
     recorded = (meta.get("source"), meta.get("planned_tokens"), meta.get("segment_windows"),
-                meta.get("harvest", {}).get("context_size"), set(store.hooks))
+                store.context_size, set(store.hooks))
     wanted = (config.source, config.tokens, config.segment_windows, config.context_size,
               set(harvested_hooks(config)))
     if config.source == "model":

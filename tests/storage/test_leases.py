@@ -142,7 +142,7 @@ def test_a_holder_whose_lease_was_taken_over_stops_at_its_next_check(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUKLA_LEASE_SECONDS", "0.4")
     write_sequences(tmp_path / "s", 4, 16, finish=False)
-    writer = StoreWriter.open(tmp_path / "s", {"model": "toy", "hooks": HOOKS}, dtype="float32", chunk_rows=16)
+    writer = StoreWriter.open(tmp_path / "s", {"model": "toy", "hooks": HOOKS, "context_size": 16}, dtype="float32", chunk_rows=16)
     lock = tmp_path / "s" / "_parts" / "rank-00000" / "lock.json"
     taken = {**json.loads(lock.read_text()), "token": "another", "host": "node-c", "time": time.time() + 60}
     lock.write_text(json.dumps(taken))  # what a taker writes once it judged this lease expired

@@ -332,7 +332,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, wo
     model, dataset = store.meta.get("model"), store.meta.get("dataset")
     provenance = {
         "model_name": model.get("name") if isinstance(model, dict) else model,
-        "context_size": (store.meta.get("harvest") or {}).get("context_size"),
+        "context_size": store.context_size,
         "dataset_path": dataset.get("name") if isinstance(dataset, dict) else None,
     }
     return {
