@@ -25,14 +25,12 @@ from kukla.pipeline.dictionary import Dictionary, load_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
 from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
-from kukla.pipeline.evaluate.caveats import calibration_overlap, caveats
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.geometry import max_cosine_to_others
 from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
-from kukla.pipeline.evaluate.report import write_html, write_markdown
+from kukla.pipeline.evaluate.report import calibration_overlap, caveats, training_curves, write_html, write_markdown
 from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
-from kukla.pipeline.evaluate.trainlog import training_curves
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.progress import progress
 from kukla.storage import Store, open_store
