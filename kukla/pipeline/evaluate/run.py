@@ -219,8 +219,7 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
 def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTransformer,
                    notes: list[str]) -> None:
     """First-letter absorption for residual-stream SAEs (skipped with a note for the rest)."""
-    from kukla.pipeline.evaluate.absorption import first_letter_absorption
-    from kukla.pipeline.evaluate.words import word_activations
+    from kukla.pipeline.evaluate.absorption import first_letter_absorption, word_activations
 
     targets = [e for e in entries if not e.transcoder and "resid" in e.input_hook]
     if not targets:
