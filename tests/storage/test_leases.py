@@ -116,8 +116,9 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
     assert not (stopped / "_parts" / "rank-00000" / "lock.json").exists()
     assert len(os.listdir(journal)) < 4096 // 32, "the harvest finished before SIGTERM"
 
-    settings = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
-    for out in (stopped, whole):  # the same command, run in this process
+    settings = {"source": "toy-tree", "toy": {"dim": 16, "tree": "8,2"}, "tokens": 4096, "context_size": 16,
+                "segment_windows": 2, "memory_budget": "1MB"}
+    for out in (stopped, whole):  # the same settings, run in this process
         harvest(from_dict(HarvestConfig, {**settings, "output": str(out)}))
     _assert_same_store(stopped, whole)
 
