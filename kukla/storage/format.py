@@ -3,6 +3,7 @@
 ```
 PATH/zarr.json                     group; attrs["kukla"] = metadata (state writing → finalizing → finalized)
 PATH/acts/<hook>, tokens/*, truth/* row-aligned final arrays (after finalize)
+PATH/windows/token_id, windows/row  the rows' context windows and each position's row (optional)
 PATH/static/<name>                 store-level arrays
 PATH/manifest.parquet              one row per written segment (rank, segment, rows, ...)
 PATH/_parts/rank-RRRRR/...         per-rank segments, journal, lock (gone after finalize)
@@ -34,9 +35,13 @@ TOKEN_ARRAYS = {"tokens/token_id": np.dtype(np.int32), "tokens/sequence": np.dty
 #: Row-aligned arrays a store may lack (old and imported stores: readers treat a missing one as
 #: unknown); like truth/*, a writer gives them in every segment or in none.
 OPTIONAL_TOKEN_ARRAYS = {"tokens/massive": np.dtype(np.uint8)}
+#: Window-aligned arrays ([n_windows, context_size]; window w holds the rows whose tokens/sequence is w):
+#: every token id of the window, and the final row holding each position (−1 where none does).
+WINDOW_ARRAYS = {"windows/token_id": np.dtype(np.int32), "windows/row": np.dtype(np.int64)}
 #: Keys of the `kukla` attributes that kukla owns; the caller's meta may not use them.
 RESERVED = ("format_version", "kukla_version", "state", "dtype", "codec", "world", "fingerprint",
-            "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "shuffle_buckets", "hook_stats", "truth")
+            "chunk_rows", "n_rows", "holdout_rows", "shuffle_seed", "shuffle_buckets", "hook_stats", "truth",
+            "n_windows")
 TARGET_CHUNK_BYTES = 4 << 20
 TARGET_SHARD_BYTES = 256 << 20
 
@@ -105,6 +110,13 @@ def array_specs(attrs: dict[str, Any]) -> list[ArraySpec]:
     return specs
 
 
+def window_specs(attrs: dict[str, Any]) -> list[ArraySpec]:
+    """The window-aligned arrays of a finalized store: none unless its writer gave windows."""
+    if not attrs.get("n_windows"):
+        return []
+    return [ArraySpec(name, (int(attrs["context_size"]),), dtype) for name, dtype in WINDOW_ARRAYS.items()]
+
+
 def create_array(group: zarr.Group, spec: ArraySpec, n_rows: int, chunk_rows: int, shard_rows: int,
                  codec: str) -> zarr.Array:
     """A sharded, compressed, checksummed array for `spec` (empty chunks still written, so a
@@ -148,18 +160,21 @@ def shard_key(spec: ArraySpec, shard_index: int) -> str:
 def write_manifest(location: Location, key: str, entries: list[dict[str, Any]]) -> None:
     """A Parquet table with one row per segment (rank, segment, rows, offset in the merge order,
     sequence range), for pyarrow/pandas users and for `kukla store verify`."""
-    import pyarrow as pa  # deferred: pyarrow pulls in pandas, seconds of import for every writer
+    import pyarrow as pa  # deferred: most readers never need it
     import pyarrow.parquet as pq
 
     rows = np.array([e["rows"] for e in entries], dtype=np.int64)
-    table = pa.table({
-        "rank": pa.array([e["rank"] for e in entries], pa.int32()),
-        "segment": pa.array([e["segment"] for e in entries], pa.int64()),
-        "rows": pa.array(rows),
-        "input_offset": pa.array(np.cumsum(rows) - rows),
-        "first_sequence": pa.array([e["first_sequence"] for e in entries], pa.int64()),
-        "last_sequence": pa.array([e["last_sequence"] for e in entries], pa.int64()),
-    })
+    columns = {
+        "rank": np.array([e["rank"] for e in entries], np.int32),
+        "segment": np.array([e["segment"] for e in entries], np.int64),
+        "rows": rows,
+        "input_offset": np.cumsum(rows) - rows,
+        "first_sequence": np.array([e["first_sequence"] for e in entries], np.int64),
+        "last_sequence": np.array([e["last_sequence"] for e in entries], np.int64),
+    }
+    # from_buffers, not pa.array: pa.array imports pandas to probe its input (0.7 CPU-s per call here)
+    table = pa.Table.from_arrays([pa.Array.from_buffers(pa.from_numpy_dtype(c.dtype), len(c), [None, pa.py_buffer(c)])
+                                  for c in columns.values()], names=list(columns))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     location.put_bytes(key, sink.getvalue().to_pybytes())

@@ -7,8 +7,9 @@ array, a CRC32C per bucket piece), so a bucket's rows are one byte range per run
 the order of a seeded uniform permutation, fill rows [start of b, end of b) of the final
 arrays. Random buckets and a uniform permutation inside each give a uniform permutation of all
 rows; the same seed gives the same store, byte for byte. Runs are scratch written once and read
-once, so on a local disk they bypass the page cache (O_DIRECT), and every row buffer is reused:
-copying into fresh pages (cache or anonymous) cost more CPU than everything else together.
+once, and shards are read once per epoch, so on a local disk both bypass the page cache
+(O_DIRECT), and every row buffer is reused: copying into fresh pages (cache or anonymous) cost
+more CPU than everything else together.
 
 Every unit of work (a run, a shard) is a pure function of the plan, written atomically and
 committed by one small object carrying the plan's id, so a killed finalize resumes, and N
@@ -42,6 +43,7 @@ from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, ArraySpec, Hoo
 from kukla.storage.lease import Lease
 from kukla.storage.location import DIRECT_ALIGN, Location, aligned, aligned_buffer, disk_full_error
 from kukla.storage.parts import SegmentTable, finished_key, read_blob, read_journal, segment_dir
+from kukla.storage import windows
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
 PLAN = "_finalize/plan.json"
@@ -99,13 +101,16 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
               holdout_rows: int | None, lease: Lease) -> None:
     plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
     _scatter(location, plan, 0, 1)
+    windows.write_token_ids(location, attrs.value, plan, memory_budget_bytes)  # needs _parts/
     location.remove("_parts")
     _permute(location, plan, 0, 1)
+    windows.write_rows(location, attrs.value, plan, memory_budget_bytes)
     lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
                        shuffle_buckets=plan["n_buckets"],
                        holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
-                       hook_stats=plan["hook_stats"], truth=plan["truth"])
+                       hook_stats=plan["hook_stats"], truth=plan["truth"],
+                       **({"n_windows": plan["n_windows"]} if plan["n_windows"] else {}))
     attrs.write()
     location.remove("_finalize")
 
@@ -154,7 +159,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     widest = max(spec.row_bytes for spec in specs)
     shard_rows = max(chunk_rows, min(unit, TARGET_SHARD_BYTES // widest) // chunk_rows * chunk_rows)
     plan = {
-        "seed": seed, "n_rows": n_rows, "truth": truth,
+        "seed": seed, "n_rows": n_rows, "truth": truth, "n_windows": windows.planned_windows(entries, location.url),
         # a run and its sorted copy (plus decoded segments) stay within the budget
         "run_rows": max(1, budget // (4 * row_bytes)), "n_buckets": max(1, math.ceil(n_rows / unit)),
         "shard_rows": shard_rows, "holdout_rows": holdout_default(n_rows) if holdout_rows is None else holdout_rows,
@@ -235,7 +240,7 @@ def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec
     crcs, largest = {}, max(int(e["rows"]) for e in table.entries)
     for spec in specs:
         size = (hi - lo) * spec.row_bytes
-        run = buffers.raw("run", aligned(plan["run_rows"] * spec.row_bytes))
+        run = buffers.raw("run", aligned(min(plan["run_rows"], plan["n_rows"]) * spec.row_bytes))
         data = run[:size].view(spec.dtype).reshape(hi - lo, *spec.row_shape)
         offset = 0
         for entry in table.entries:  # segment by segment, each read into one reused buffer: no joined copy
@@ -284,9 +289,22 @@ def _permute(location: Location, plan: dict[str, Any], worker: int, workers: int
             done = f"_finalize/shards/shard-{s:09d}.json"
             if _committed(location, done, plan) is None:
                 for layout in layouts:
-                    location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout, lo, hi)))
+                    _put_shard(location, shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout, lo, hi)),
+                               runs.buffers)
                 location.put_json(done, {"plan": plan["id"]})
             bar.update(hi - lo)
+
+
+def _put_shard(location: Location, key: str, pieces: list[np.ndarray], buffers: _Buffers) -> None:
+    """One shard, its pieces joined in a reused aligned buffer and written past the page cache
+    (O_DIRECT): the copy into warm memory costs a fraction of a write into fresh cache pages, and
+    a store is read once per epoch, mostly from disk at scale."""
+    size = sum(piece.nbytes for piece in pieces)
+    image, at = buffers.raw("image", aligned(size)), 0
+    for piece in pieces:
+        image[at:at + piece.nbytes] = piece
+        at += piece.nbytes
+    location.put_direct(key, image, size)
 
 
 class _Runs:
@@ -312,7 +330,7 @@ class _Runs:
     def rows(self, layout: Layout, lo: int, hi: int) -> np.ndarray:
         """Final rows [lo, hi) of one array, gathered straight into a buffer reused across shards."""
         spec = layout.spec
-        out = self.buffers.rows("shard", layout.shard_rows, spec)[:hi - lo]
+        out = self.buffers.rows("shard", min(layout.shard_rows, layout.n_rows), spec)[:hi - lo]
         first = int(np.searchsorted(self.bucket_end, lo, side="right"))
         last = int(np.searchsorted(self.bucket_end, hi - 1, side="right"))
         for b in range(first, last + 1):

@@ -30,6 +30,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "compression_ratio": raw / on_disk if on_disk else None, "world": store.meta["world"],
         "shuffle_seed": store.meta.get("shuffle_seed"), "model": store.meta.get("model"),
         "source": store.meta.get("source"), "kukla_version": store.meta["kukla_version"],
+        "windows": store.n_windows if store.finalized else None, "context_size": store.context_size,
         "mean_norm": {hook: store.hook_stats(hook)["mean_norm"] for hook in store.hooks},
     }
 
@@ -54,6 +55,14 @@ def verify_store(path: str | Path) -> list[str]:
             for start in range(0, store.n_rows, step):
                 problems += _decode(store, name, start, min(store.n_rows, start + step))
                 bar.update(min(store.n_rows, start + step) - start)
+    for name, spec in store.window_specs.items():  # windows/*: every chunk decodes, as a reader reads it
+        step = max(1, READ_BYTES // spec.row_bytes)
+        for start in range(0, store.n_windows, step):
+            try:
+                store.read_stored(name, start, start + step)
+            except KuklaError as exc:
+                problems.append(str(exc))
+                break
     for name in _static_names(store):
         try:
             store.read_stored(name)

@@ -124,3 +124,11 @@ def test_full_disk_in_the_background_writer_is_one_line_and_the_rerun_resumes(
     for key, row in reference.items():
         np.testing.assert_allclose(resumed[key]["acts/blocks.0.hook_resid_post"], row["acts/blocks.0.hook_resid_post"],
                                    atol=1e-6)
+
+
+def test_a_jsonl_line_that_is_not_json_is_named(config_model, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "cut off\n')
+    with pytest.raises(KuklaError, match=r"broken.jsonl line 2 is not JSON .*fix or remove that line"):
+        harvest(_config(tmp_path / "s.zarr", broken), model=config_model)
+    assert not (tmp_path / "s.zarr").exists()

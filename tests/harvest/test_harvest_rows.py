@@ -77,7 +77,7 @@ def test_rows_cross_to_the_host_in_the_store_dtype_with_their_norms(config_model
 
     from kukla.pipeline.harvest.forward import SegmentForward
     from kukla.pipeline.harvest.plan import Segment
-    from kukla.pipeline.harvest.text import iter_texts, iter_windows
+    from kukla.pipeline.text import iter_texts, iter_windows
 
     texts_in = iter_texts(str(texts), None, "train", None, "text")
     windows = tuple(itertools.islice(iter_windows(texts_in, config_model.tokenizer, 24), 5))
@@ -94,3 +94,20 @@ def test_rows_cross_to_the_host_in_the_store_dtype_with_their_norms(config_model
     torch.testing.assert_close(pending.acts.float(), torch.cat(expected, 1).bfloat16().float(), rtol=2 ** -7, atol=1e-6)
     norms = torch.stack([x.double().norm(dim=1) for x in expected], 1).float()
     torch.testing.assert_close(pending.norms, norms, rtol=1e-5, atol=1e-6)
+
+
+def test_jsonl_texts_are_the_texts_datasets_reads(tmp_path: Path) -> None:
+    """The line-by-line .jsonl reader gives what `datasets` gives for the same file: order,
+    unicode, escapes, blank lines skipped, empty and missing texts left out."""
+    import datasets
+
+    from kukla.pipeline.harvest.text import iter_texts
+
+    rows = [{"text": "Tom saw a cat.", "id": 0}, {"text": "", "id": 1}, {"text": "naïve café ✓ \"quoted\"\nnew line"},
+            {"id": 3}, {"text": "Last one.", "id": 4}]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    theirs = [r["text"] for r in datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
+              if r["text"]]
+    assert list(iter_texts(str(path), None, "train", None, "text")) == theirs
+    assert theirs == ["Tom saw a cat.", "naïve café ✓ \"quoted\"\nnew line", "Last one."]

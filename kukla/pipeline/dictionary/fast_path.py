@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from kukla.pipeline.dictionary.loss import training_loss
 from kukla.pipeline.dictionary.model import Dictionary
 
 _MEASURED: dict[tuple[Any, ...], bool] = {}
@@ -30,14 +31,14 @@ def choose_sparse_path(dictionary: Dictionary, x: Tensor, y: Tensor | None = Non
     The weights, gradients and random state are left as they were.
     """
     cfg = dictionary.cfg
-    if not cfg.sparse_path or cfg.activation_rule == "relu":
+    if not cfg.sparse_path or not dictionary.rule.selects:
         dictionary.use_sparse_path = cfg.sparse_path
         return dictionary.use_sparse_path
     if not (x.device.type == "cuda" if measure is None else measure):
         dictionary.use_sparse_path = True
         return True
     device = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device.type
-    key = (device, cfg.arch, cfg.d_in, dictionary.d_out, cfg.width, cfg.k, cfg.aux_k, tuple(cfg.levels or ()),
+    key = (device, cfg.activation, cfg.prefixes, cfg.d_in, dictionary.d_out, cfg.width, cfg.k, cfg.aux_k, tuple(cfg.levels or ()),
            x.shape[0], x.dtype)
     if key not in _MEASURED:
         _MEASURED[key] = _seconds(dictionary, x, y, True, precision) <= _seconds(dictionary, x, y, False, precision)
@@ -55,7 +56,7 @@ def _seconds(dictionary: Dictionary, x: Tensor, y: Tensor | None, sparse: bool,
         _wait(x)
         start = time.perf_counter()
         with precision():
-            loss = dictionary.training_loss(x, y, generator).loss
+            loss = training_loss(dictionary, x, y, generator).loss
         loss.backward()
         _wait(x)
         times.append(time.perf_counter() - start)

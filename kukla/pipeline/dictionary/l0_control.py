@@ -1,6 +1,6 @@
-"""A target-L0 controller for the penalised (ReLU) dictionaries: λ follows the L0 you ask for.
+"""A target-L0 controller for the penalised dictionaries (ReLU, JumpReLU): λ follows the L0 you ask for.
 
-With an L1 or log penalty the L0 is whatever λ gives, and that drifts as training goes; a sweep
+With an L1, log or L0 penalty the L0 is whatever λ gives, and that drifts as training goes; a sweep
 that must compare dictionaries at equal L0 wants λ set by the L0 instead. After every step
 
     λ ← λ · exp(rate · (L0 − target) / max(L0, target))

@@ -1,6 +1,6 @@
-"""The training objective: Matryoshka reconstruction + aux-k (+ L1 for ReLU), in one pass.
+"""The training objective: Matryoshka reconstruction + aux-k (+ the rule's sparsity penalty), in one pass.
 
-    loss = Σⱼ wⱼ · FVUⱼ + aux_coefficient · FVU_aux (+ l1_coefficient · L1)
+    loss = Σⱼ wⱼ · FVUⱼ + aux_coefficient · FVU_aux (+ λ · penalty: ReLU's L1, JumpReLU's L0)
     FVUⱼ = Σ_b ‖y_b − ŷ_b^(pⱼ)‖² / Σ_b ‖y_b − ȳ‖²,   ŷ^(p) = b_dec + Σ_{i<p} zᵢ W_dec,i
 
 One encoder pass; the codes are chosen once over the whole dictionary and every prefix
@@ -22,12 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import reference, sparse
-from kukla.pipeline.dictionary.activations import select_batch_topk, select_topk
 from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
-from kukla.pipeline.dictionary.penalty import sparsity_penalty
 from kukla.pipeline.dictionary.prefixes import prefix_cdf, prefix_weights, tail_mass
 from kukla.pipeline.dictionary.reorder import batch_contribution
 from kukla.pipeline.dictionary.snap import deviation_norms_per_row, prefix_norms
@@ -44,7 +41,8 @@ class TrainOutput:
     """Scalar to backpropagate."""
     metrics: dict[str, Tensor]
     """0-d tensors on the step's device, read only when logged (reading them waits for the device):
-    mse (raw units, per element), fvu, l0, aux, dead (fraction), l1 (relu), fvu/level_<w> (fixed levels)."""
+    mse (raw units, per element), fvu, l0, aux, dead (fraction), the rule's penalty (relu: l1,
+    jumprelu: l0_penalty), fvu/level_<w> (fixed levels)."""
     fired: Tensor
     """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
     contribution: Tensor | None = None
@@ -74,20 +72,17 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     where a shape depends on the codes: BatchTopK all-prefix's count histogram (it sizes the slot
     walk), drawn prefixes on the dense path (its slices) and ReLU's active entries.
     """
-    cfg = dictionary.cfg
-    rule = cfg.activation_rule
-    if rule == "jumprelu":
-        raise KuklaError("a JumpReLU dictionary (loaded from SAELens) is inference-only here: train batchtopk instead")
+    cfg, rule = dictionary.cfg, dictionary.rule
     W_enc, b_enc, W_dec, b_dec = dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec
     n_rows, width = x.shape[0], cfg.width
-    all_prefixes = cfg.prefix_scheme == "all" or cfg.spread_levels  # every prefix, by the closed form
-    bounds, weights = prefix_weights(cfg, generator) if cfg.prefix_scheme != "all" else ([width], [1.0])
+    all_prefixes = cfg.prefixes == "all" or cfg.spread_levels  # every prefix, by the closed form
+    bounds, weights = prefix_weights(cfg, generator) if cfg.prefixes != "all" else ([width], [1.0])
     cdf = prefix_cdf(cfg, bounds, weights, x.device)
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)
     aux_cols = dictionary.aux_candidates() if cfg.aux_coefficient > 0 else None
     dead_mask = dictionary.dead_mask()
-    path = sparse if (dictionary.use_sparse_path and rule != "relu") else reference
+    path = sparse if (dictionary.use_sparse_path and rule.selects) else reference
 
     if path is sparse:
         x_s = dictionary.scaled_input(x)  # what the sparse backwards re-centre, once for codes and aux-k
@@ -96,15 +91,16 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     else:
         pre_grad = torch.addmm(b_enc, x_c, W_enc)
         pre = pre_grad.detach()
-    if rule == "relu":  # dense codes z = relu(pre), whatever sparse_path says
-        z = pre_grad.relu()
+    if not rule.selects:  # dense codes, whatever sparse_path says
+        z = rule.codes(dictionary, pre_grad)
+        active = z.detach() > 0
         segments = None if all_prefixes else reference.dense_segments(z, W_dec, bounds)
-        fired, n_active = (pre > 0).any(dim=0), (pre > 0).sum()
+        fired, n_active = active.any(dim=0), active.sum()
         if all_prefixes or cfg.reorder_latents:
-            rows, cols = (pre > 0).nonzero(as_tuple=True)
+            rows, cols = active.nonzero(as_tuple=True)
             values = z[rows, cols]
     else:
-        rows, cols = select_topk(pre, int(cfg.k)) if rule == "topk" else select_batch_topk(pre, float(cfg.k), batch)
+        rows, cols = rule.select(pre, cfg, batch)
         if path is sparse:
             gathered = sparse.encode_at(x_s, dictionary.input_bias, W_enc, b_enc, pre, rows, cols)
         else:
@@ -117,7 +113,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     to_explain = (target - b_dec).float()
     if all_prefixes:  # every prefix at once from the active codes, the full width's residual with them
         errors, residual = all_prefix_errors(rows, cols, values, W_dec, to_explain, cdf, l2,
-                                             row_count=int(cfg.k) if rule == "topk" else None)
+                                             row_count=rule.rows_per_token(cfg))
         sq_err = residual.pow(2).sum()[None]
     else:
         sq_err, residual = path.prefix_errors(to_explain, segments.float())  # [G] and [B, d]
@@ -144,18 +140,17 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         aux_var = (batch.variance_per_row(residual) * n_rows).clamp_min(1e-12)
         aux = (residual - aux_out).pow(2).sum() / aux_var * dead.any()
         loss = loss + cfg.aux_coefficient * aux
-    l1 = torch.zeros((), device=loss.device)
-    if rule == "relu":
-        l1 = sparsity_penalty(z, W_dec, tail_mass(cdf), (total_var / n_rows).sqrt(), cfg.penalty, cfg.log_epsilon)
-        coefficient = dictionary.penalty_coefficient if cfg.target_l0 is not None else cfg.l1_coefficient
-        loss = loss + coefficient * l1
+    if rule.penalty_metric is not None:
+        penalty = rule.penalty(dictionary, pre_grad, z, tail_mass(cdf), (total_var / n_rows).sqrt())
+        coefficient = dictionary.penalty_coefficient if cfg.target_l0 is not None else rule.penalty_weight(cfg)
+        loss = loss + coefficient * penalty
 
     metrics = {"mse": sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,
                "fvu": fvu[-1].detach(), "l0": n_active / n_rows, "aux": aux.detach(),
                "dead": dead_mask.float().mean()}
-    if rule == "relu":
-        metrics["l1"] = l1.detach()
-    if cfg.prefix_scheme == "levels" and not all_prefixes:
+    if rule.penalty_metric is not None:
+        metrics[rule.penalty_metric] = penalty.detach()
+    if cfg.prefixes == "levels" and not all_prefixes:
         metrics.update({f"fvu/level_{w}": f for w, f in zip(bounds, fvu.detach().unbind())})
     contribution = batch_contribution(cols, values, W_dec, n_rows) if cfg.reorder_latents else None
     return TrainOutput(loss=loss, metrics=metrics, fired=fired, contribution=contribution)

@@ -3,6 +3,8 @@
 Notation (docs/ARCHITECTURE.md): x_s = x·input_scale, pre = (x_s − b_dec)·W_enc + b_enc for an SAE
 (x_s·W_enc + b_enc for a transcoder), ŷ_s = z·W_dec + b_dec, output ŷ = ŷ_s / target_scale.
 The scales (SAELens-style √d / E‖x‖) are buffers, so every public method takes raw activations.
+The codes come from the activation rule (`rules/`); training is `loss.training_loss(dictionary, …)`,
+which reads the dictionary (the model never calls into the loss).
 """
 
 from __future__ import annotations
@@ -14,11 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary.activations import jumprelu, topk_codes
 from kukla.pipeline.dictionary.config import DictionaryConfig
 from kukla.pipeline.dictionary.geometric_median import geometric_median
-from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
-from kukla.pipeline.dictionary.loss import TrainOutput, training_loss
 
 
 _AUX_COLUMN_STEP = 128  # aux-k candidates come in multiples of this
@@ -30,6 +29,7 @@ class Dictionary(nn.Module):
     def __init__(self, cfg: DictionaryConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.rule = cfg.rule
         d_in, d_out, width = cfg.d_in, self.d_out, cfg.width
         self.W_enc = nn.Parameter(torch.empty(d_in, width))
         self.b_enc = nn.Parameter(torch.zeros(width))
@@ -42,7 +42,7 @@ class Dictionary(nn.Module):
         self.register_buffer("l0_cap", torch.tensor(0, dtype=torch.long))  # BatchTopK inference; 0: none
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         if cfg.target_l0 is not None:  # the penalty weight λ that the L0 controller moves (l0_control.py)
-            self.register_buffer("penalty_coefficient", torch.tensor(float(cfg.l1_coefficient)))
+            self.register_buffer("penalty_coefficient", torch.tensor(float(self.rule.penalty_weight(cfg))))
         if cfg.reorder_latents:  # running mean of zᵢ²‖W_dec,i‖² that orders the latents (reorder.py)
             self.register_buffer("contribution", torch.zeros(width))
         self.use_sparse_path = cfg.sparse_path
@@ -50,6 +50,7 @@ class Dictionary(nn.Module):
         self.aux_columns = 0
         """How many longest-unfired latents aux-k searches for dead ones (set by `count_dead`)."""
         self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)
+        self.rule.add_state(self)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -86,7 +87,7 @@ class Dictionary(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        """Whether the inference threshold has been set (BatchTopK needs it to encode)."""
+        """Whether the calibrated inference threshold has been set (BatchTopK needs it to encode)."""
         return not bool(torch.isnan(self.threshold).any())
 
     # --- scaling ---------------------------------------------------------------------------
@@ -131,24 +132,8 @@ class Dictionary(nn.Module):
 
     # --- inference -------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
-        """Inference codes [B, F]: TopK per token; BatchTopK → JumpReLU at the calibrated threshold(s),
-        keeping at most `l0_cap` codes per token when set; ReLU."""
-        pre = self.pre_activations(x)
-        rule = self.cfg.activation_rule
-        if rule == "topk":
-            return topk_codes(pre, int(self.cfg.k or 0))
-        if rule == "relu":
-            return pre.relu()
-        if not self.calibrated:
-            raise KuklaError("this BatchTopK dictionary has no inference threshold yet: "
-                             "run calibrate_threshold on held-out rows first")
-        codes = jumprelu(pre, self.threshold)
-        cap = int(self.l0_cap)
-        if cap:
-            over = (codes > 0).sum(1) > cap
-            if over.any():
-                codes[over] = topk_codes(codes[over], cap)
-        return codes
+        """Inference codes [B, F], by the activation rule (`rules/`)."""
+        return self.rule.encode(self, self.pre_activations(x))
 
     def decode(self, z: Tensor) -> Tensor:
         """Output in raw units of the target: (z·W_dec + b_dec) / target_scale."""
@@ -168,14 +153,6 @@ class Dictionary(nn.Module):
         """Reconstruction (SAE) or prediction of the target (transcoder), in raw units."""
         return self.decode(self.encode(x))
 
-    def training_loss(self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
-                      batch: GlobalBatch = ONE_PROCESS, l2: bool = False) -> TrainOutput:
-        """One training pass on raw activations (y: a transcoder's targets); `generator` draws
-        matryoshka-prefix's prefixes; `batch` reduces over data-parallel shares of the batch;
-        l2: the snap loss. See `kukla.pipeline.dictionary.loss`."""
-        return training_loss(self, x, y, generator, batch, l2)
-
-    # --- initialisation and constraints ----------------------------------------------------
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor | None = None) -> None:
         """b_dec = geometric median of a sample (of the target, in training units); call after set_scales.

@@ -27,7 +27,7 @@ def batch_contribution(cols: Tensor, values: Tensor, W_dec: Tensor, n_rows: int)
 
 
 #: Per-latent parameters and the dimension that indexes latents.
-_LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+_LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
 #: Per-latent buffers (indexed by latent along dim 0).
 _LATENT_BUFFERS = ("threshold", "tokens_since_fired", "contribution")
 
@@ -40,7 +40,9 @@ def reorder_latents(dictionary: nn.Module, optimizer: torch.optim.Optimizer, con
     running.mul_(CONTRIBUTION_DECAY).add_(contribution.to(running), alpha=1 - CONTRIBUTION_DECAY)
     order = torch.argsort(running, descending=True, stable=True)
     for name, dim in _LATENT_DIM.items():
-        param = getattr(dictionary, name)
+        param = getattr(dictionary, name, None)
+        if param is None:  # a rule's own parameter (JumpReLU's threshold) that this one lacks
+            continue
         tensors = [param] + [v for v in optimizer.state.get(param, {}).values()
                              if torch.is_tensor(v) and v.shape == param.shape]
         for tensor in tensors:

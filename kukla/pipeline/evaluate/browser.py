@@ -105,7 +105,7 @@ def _shaded_contexts(item: BrowserInput, store: Store, contexts: RowContexts, de
     sources = contexts.source_rows[at].reshape(-1)
     acts = context_activations(store, item.input_hook, item.dictionary.encode, sources, np.repeat(latent, width),
                                device).reshape(len(pairs), width)
-    unread = int(np.isnan(acts[contexts.token_ids[at] >= 0]).sum())
+    unread = int(np.isnan(acts[contexts.source_rows[at] >= 0]).sum())  # tokens with a row left unread
     if unread:
         item.extra["unshaded_tokens"] = unread
     out: list[list[dict[str, Any]]] = [[] for _ in item.top_rows]

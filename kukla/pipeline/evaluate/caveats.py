@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kukla.config import from_dict
+from kukla.pipeline.dictionary.config import DictionaryConfig
+
 DEAD_MIN_TOKENS = 1_000_000
 """Below this many eval tokens a rare latent (firing once per 1e6 tokens) can look dead."""
 EV_MIN_TOKENS = 10_000
@@ -26,9 +29,8 @@ def calibration_overlap(metadata: dict[str, Any], fingerprint: str, evaluated: r
     config, training = metadata.get("config") or {}, metadata.get("metadata") or {}
     calibration = training.get("calibration")
     if calibration is None:
-        batchtopk = config.get("arch") in ("batchtopk", "matryoshka-batchtopk") or (
-            config.get("arch") == "matryoshka-prefix" and config.get("activation") == "batchtopk")
-        if batchtopk and (training.get("store") or {}).get("fingerprint") == fingerprint:
+        calibrated = bool(config) and from_dict(DictionaryConfig, config).rule.calibrated
+        if calibrated and (training.get("store") or {}).get("fingerprint") == fingerprint:
             return None, ("L0 and EV: the threshold was calibrated by an older kukla on this store's held-out "
                           "rows, which include the rows scored here: L0 ≈ k by construction")
         return None, None

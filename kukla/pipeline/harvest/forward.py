@@ -65,7 +65,8 @@ class SegmentRows:
     def rows(self, *, outlier_factor: float | None, massive_median: np.ndarray | None,
              massive_ratio: float | None) -> dict[str, np.ndarray | torch.Tensor]:
         """The rows for `StoreWriter.write_segment`, outliers dropped (their count is planned −
-        written), with `tokens/massive` when a massive reference is given."""
+        written), with `tokens/massive` when a massive reference is given, and the segment's
+        whole windows (`windows/*`), so the store alone shows any row in its context."""
         self.wait()
         windows = self.segment.windows
         rows: dict[str, np.ndarray | torch.Tensor] = {
@@ -74,6 +75,8 @@ class SegmentRows:
                                                for w in windows]),
             "tokens/position": np.concatenate([np.flatnonzero(w.keep) for w in windows]).astype(np.int64),
         }
+        whole = {"windows/sequence": np.array([w.index for w in windows], dtype=np.int64),
+                   "windows/token_id": np.stack([w.tokens for w in windows])}
         columns = torch.split(self.acts, list(self.widths.values()), dim=1)
         rows.update({f"acts/{hook}": column for hook, column in zip(self.widths, columns)})
         norms = self.norms.numpy()
@@ -85,7 +88,7 @@ class SegmentRows:
                 keep = np.flatnonzero(~drop)
                 rows = {k: v[torch.from_numpy(keep)] if isinstance(v, torch.Tensor) else v[keep]
                         for k, v in rows.items()}
-        return rows
+        return rows | whole  # every window whole, the dropped rows' positions too (windows/row: −1)
 
 
 class SegmentForward:

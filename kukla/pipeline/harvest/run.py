@@ -26,7 +26,7 @@ from kukla.pipeline.harvest.commit import SegmentCommitter
 from kukla.pipeline.harvest.forward import SegmentForward
 from kukla.pipeline.harvest.massive import MASSIVE_RULE, reference_median
 from kukla.pipeline.harvest.plan import Segment, cut_budget, owned, plan_segments
-from kukla.pipeline.harvest.text import dataset_spec, iter_texts, iter_windows, special_token_policy
+from kukla.pipeline.text import dataset_spec, iter_texts, iter_windows, special_token_policy
 from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
@@ -122,7 +122,6 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
         "source": "model",
         "model": {**model_summary(model), "name": config.model},
         "dataset": spec,
-        "context_size": config.context_size,
         "special_tokens": special_token_policy(model.tokenizer, config.keep_special_tokens),
         "hooks": widths,
         "hook_short_forms": {h: short_form(h) for h in hooks},
@@ -182,8 +181,9 @@ def _common_meta(config: HarvestConfig) -> dict[str, Any]:
     """What every harvest records: the plan's inputs, so a rerun can prove it is the same run."""
     return {
         "planned_tokens": config.tokens,
+        "context_size": config.context_size,
         "segment_windows": config.segment_windows,
-        "harvest": {"context_size": config.context_size, "keep_special_tokens": config.keep_special_tokens,
+        "harvest": {"keep_special_tokens": config.keep_special_tokens,
                     "rows_per_rank": "static/harvest_rows_rank_RRRRR = [planned rows, dropped outliers]"},
     }
 

@@ -4,7 +4,7 @@
 trainer on first use.
 """
 
-from kukla.lazy import lazy_exports
+from kukla import lazy_exports
 from kukla.pipeline.train.config import TrainConfig, WandbConfig
 
 __all__ = ["TrainConfig", "WandbConfig", "train"]

@@ -254,10 +254,10 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
     cuda = gather_objects(torch.cuda.get_rng_state(ranks.device), ranks) if ranks.device.type == "cuda" else None
     path = None
     if ranks.is_main:
-        if any(t.member.config.activation_rule == "batchtopk" for t in trainees):
+        if any(t.dictionary.rule.calibrated for t in trainees):
             held_out = _held_out_inputs(store, config, calibration_rows, ranks)
             for trainee in trainees:
-                if trainee.member.config.activation_rule == "batchtopk":
+                if trainee.dictionary.rule.calibrated:
                     calibrate_threshold(trainee.dictionary, held_out, per_latent=config.per_latent_thresholds,
                                         l0_cap=config.l0_cap_for(trainee.member.config))
         state = {
@@ -307,7 +307,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, wo
     model, dataset = store.meta.get("model"), store.meta.get("dataset")
     provenance = {
         "model_name": model.get("name") if isinstance(model, dict) else model,
-        "context_size": (store.meta.get("harvest") or {}).get("context_size"),
+        "context_size": store.context_size,
         "dataset_path": dataset.get("name") if isinstance(dataset, dict) else None,
     }
     return {
@@ -323,7 +323,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, wo
         **({"calibration": {"rows": [calibrated.start, calibrated.stop], "store_fingerprint": store.fingerprint,
                             "per_latent_thresholds": config.per_latent_thresholds,
                             "l0_cap": int(trainee.dictionary.l0_cap)}}
-           if trainee.member.config.activation_rule == "batchtopk" else {}),
+           if trainee.dictionary.rule.calibrated else {}),
         "dead_window": {"tokens": trainee.member.config.dead_tokens,
                         "engaged": trainee.member.config.dead_tokens < config.tokens},
         "snap_step": snap_step(config.snap_fraction, config.total_steps(world)),

@@ -8,6 +8,7 @@ members' weights and optimiser state, not with their activations.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary import Dictionary, default_lr
+from kukla.pipeline.dictionary import Dictionary, default_lr, training_loss
 from kukla.pipeline.dictionary.fast_path import choose_sparse_path
 from kukla.pipeline.dictionary.l0_control import adjust_penalty
 from kukla.pipeline.dictionary.reorder import reorder_latents
@@ -61,7 +62,8 @@ def build_trainees(config: TrainConfig, members: list[Member], ranks: Ranks,
         base_lr = config.lr or default_lr(member.config.width)
         optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=ADAM_BETAS)
         generator = torch.Generator(device=ranks.device).manual_seed(member.seed)
-        loss_fn = torch.compile(dictionary.training_loss) if config.compile else dictionary.training_loss
+        loss_fn = functools.partial(training_loss, dictionary)
+        loss_fn = torch.compile(loss_fn) if config.compile else loss_fn
         trainees.append(Trainee(member, dictionary, optimizer, generator, base_lr, loss_fn))
     return trainees
 
