@@ -9,7 +9,7 @@ import torch
 
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
-from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
+from kukla.pipeline.dictionary.loss import all_prefix_errors
 from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, sample_prefix_lengths
 
 WIDTH = 24

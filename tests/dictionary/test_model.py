@@ -9,7 +9,7 @@ from scipy.optimize import minimize
 
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
-from kukla.pipeline.dictionary.geometric_median import geometric_median
+from kukla.pipeline.dictionary.model import geometric_median
 
 
 def test_geometric_median_matches_an_independent_solver():
@@ -105,7 +105,7 @@ def test_inference_rules_topk_per_token_and_uncalibrated_batchtopk_refuses():
 
 
 def test_measured_path_choice_leaves_weights_gradients_and_rng_as_they_were():
-    from kukla.pipeline.dictionary.fast_path import choose_sparse_path
+    from kukla.pipeline.train.sweep import choose_sparse_path
 
     torch.manual_seed(0)
     d = Dictionary(DictionaryConfig(d_in=16, width=128, k=4, arch="matryoshka-batchtopk", levels=[32, 128]))

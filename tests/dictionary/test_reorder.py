@@ -7,7 +7,7 @@ import copy
 import torch
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
-from kukla.pipeline.dictionary.reorder import CONTRIBUTION_DECAY, reorder_latents
+from kukla.pipeline.dictionary.model import CONTRIBUTION_DECAY, reorder_latents
 from steps import adam_step
 
 

@@ -101,7 +101,7 @@ def test_jsonl_texts_are_the_texts_datasets_reads(tmp_path: Path) -> None:
     unicode, escapes, blank lines skipped, empty and missing texts left out."""
     import datasets
 
-    from kukla.pipeline.harvest.text import iter_texts
+    from kukla.pipeline.text import iter_texts
 
     rows = [{"text": "Tom saw a cat.", "id": 0}, {"text": "", "id": 1}, {"text": "naïve café ✓ \"quoted\"\nnew line"},
             {"id": 3}, {"text": "Last one.", "id": 4}]

@@ -25,14 +25,12 @@ from kukla.pipeline.dictionary import Dictionary, load_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
 from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
-from kukla.pipeline.evaluate.caveats import calibration_overlap, caveats
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.geometry import max_cosine_to_others
 from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
-from kukla.pipeline.evaluate.report import write_html, write_markdown
+from kukla.pipeline.evaluate.report import calibration_overlap, caveats, training_curves, write_html, write_markdown
 from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
-from kukla.pipeline.evaluate.trainlog import training_curves
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.progress import progress
 from kukla.storage import Store, open_store
@@ -221,8 +219,7 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
 def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTransformer,
                    notes: list[str]) -> None:
     """First-letter absorption for residual-stream SAEs (skipped with a note for the rest)."""
-    from kukla.pipeline.evaluate.absorption import first_letter_absorption
-    from kukla.pipeline.evaluate.words import word_activations
+    from kukla.pipeline.evaluate.absorption import first_letter_absorption, word_activations
 
     targets = [e for e in entries if not e.transcoder and "resid" in e.input_hook]
     if not targets:

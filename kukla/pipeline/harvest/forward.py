@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from kukla.pipeline.harvest.massive import massive_flags, reference_median
+from kukla.pipeline.massive import massive_flags, reference_median
 from kukla.pipeline.harvest.plan import Segment
 from kukla.pipeline.hooks import stop_at_layer
 from kukla.config import torch_dtype

@@ -24,7 +24,7 @@ from kukla.errors import KuklaError
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.commit import SegmentCommitter
 from kukla.pipeline.harvest.forward import SegmentForward
-from kukla.pipeline.harvest.massive import MASSIVE_RULE, reference_median
+from kukla.pipeline.massive import MASSIVE_RULE, reference_median
 from kukla.pipeline.harvest.plan import Segment, cut_budget, owned, plan_segments
 from kukla.pipeline.text import dataset_spec, iter_texts, iter_windows, special_token_policy
 from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
