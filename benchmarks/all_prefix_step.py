@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
 
-from kukla.pipeline.dictionary import Dictionary, DictionaryConfig  # noqa: E402
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss  # noqa: E402
 from dictionary_flags import dictionary_parser  # noqa: E402
 from train_bench import saelens_forward, saelens_sae  # noqa: E402  (this script's folder is on sys.path)
 
@@ -81,7 +81,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
 
         def step(d: Dictionary = d, generator: torch.Generator = generator) -> None:
-            d.training_loss(x, generator=generator).loss.backward()
+            training_loss(d, x, generator=generator).loss.backward()
             d.zero_grad(set_to_none=True)
         steps[name] = step
     costs = _median_cpu(steps, args.steps)

@@ -1,6 +1,6 @@
 """The Matryoshka variants on a real store: EV, EV per prefix and CE against mean ablation.
 
-    python benchmarks/demo_variants.py [--out /tmp/demo-variants --tokens 40000 --epochs 3 --store STORE]
+    python benchmarks/demo_variants.py [--out /tmp/demo-variants --tokens 40000 --epochs 3 --store STORE --snap 0.8]
 
 The demo's run file (`kukla demo`: Gemma-3-270m, `resid_post:9`, Wikipedia lead paragraphs,
 width 2048, k 32, the same tokens for every run) with five [[train]] runs instead of two:
@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
 
 from kukla.config import read_toml  # noqa: E402
-from kukla.pipeline.demo import DEMO_TOML, TRAIN_TABLE  # noqa: E402
-from kukla.pipeline.demo_text import write_demo_text  # noqa: E402
+from kukla.pipeline.demo import DEMO_TOML, TRAIN_TABLE, write_demo_text  # noqa: E402
 from kukla.pipeline.dictionary.calibrate import evaluation_rows  # noqa: E402
 from kukla.pipeline.dictionary.directory import load_dictionary  # noqa: E402
 from kukla.pipeline.run import build_pipeline, run_pipeline  # noqa: E402
@@ -42,11 +41,12 @@ VARIANTS = {  # name: (arch, extra TOML lines)
 PREFIXES = [64, 192, 448, 960]
 
 
-def write_run_file(out: Path, tokens: int, epochs: int, device: str) -> Path:
+def write_run_file(out: Path, tokens: int, epochs: int, device: str, snap: float | None) -> Path:
     """The demo's run file with one [[train]] table per variant, each writing to its own folder."""
     text = write_demo_text(out / "text" / "wikipedia-en.jsonl")
+    shared = "" if snap is None else f"snap_fraction = {snap}\n"
     tables = "\n".join(TRAIN_TABLE.format(arch=arch, train_tokens=tokens * epochs)
-                       + f'out = "{(out / "dictionaries" / name).as_posix()}"\n' + extra
+                       + f'out = "{(out / "dictionaries" / name).as_posix()}"\n' + extra + shared
                        for name, (arch, extra) in VARIANTS.items())
     path = out / "pipeline.toml"
     path.write_text(DEMO_TOML.format(out=out.as_posix(), device=device, text=text.as_posix(), tokens=tokens,
@@ -74,9 +74,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--store", type=Path, help="train and evaluate on this store instead of harvesting one")
+    parser.add_argument("--snap", type=float, help="every variant trains with the snap loss from this fraction")
     args = parser.parse_args()
     start = time.time()
-    path = write_run_file(args.out.absolute(), args.tokens, args.epochs, args.device)
+    path = write_run_file(args.out.absolute(), args.tokens, args.epochs, args.device, args.snap)
     data = read_toml(path)
     data["evaluate"]["absorption"] = {"enabled": False}  # first-letter absorption: not in this table
     if args.store is not None:

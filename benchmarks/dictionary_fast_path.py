@@ -51,7 +51,7 @@ def saelens_step(args: argparse.Namespace, x: torch.Tensor):
 
 
 def kukla_step(args: argparse.Namespace, x: torch.Tensor):
-    from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
+    from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
 
     levels = _levels(args.width)
     cfg = DictionaryConfig(d_in=args.d, width=args.width, k=args.k, arch=args.arch,
@@ -64,7 +64,7 @@ def kukla_step(args: argparse.Namespace, x: torch.Tensor):
     d.count_dead()  # what the trainer does when it logs: sizes aux-k's candidates
 
     def step() -> None:
-        d.training_loss(x).loss.backward()
+        training_loss(d, x).loss.backward()
         d.zero_grad(set_to_none=True)
     return step
 

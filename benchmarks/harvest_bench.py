@@ -37,7 +37,7 @@ def _peak_mb() -> float:
 
 
 def _windows(model, args) -> list:
-    from kukla.pipeline.harvest.text import iter_texts, iter_windows
+    from kukla.pipeline.text import iter_texts, iter_windows
 
     texts = iter_texts(args.text, None, "train", None, "text")
     windows = []

@@ -11,6 +11,8 @@ decoder projection, dead latents, reordering, snap loss); scores are evaluate's 
 Matryoshka BatchTopK on the same batches. Prints, per seed, what bounds max-cos given the true codes
 (`max_cos_ceilings`), one line per (variant, seed) and a summary: mean ± sd of absorption holes,
 the worst parent, mean and min max-cosine, and the features unrecovered (max cosine < 0.9).
+`--refit` adds, per Matryoshka variant with a closed-form objective, whether the trainer or the
+objective holds max-cos down (`refit_check`).
 """
 
 from __future__ import annotations
@@ -128,37 +130,78 @@ def run_one(args: argparse.Namespace, variant: str, seed: int,
     with torch.no_grad():
         truth.update(encode(x), activity)
     summary = truth.summary()
+    cdf = objective_cdfs(args).get(variant) if args.refit else None
     holes = summary["absorption_holes"]
     worst = max(holes, key=holes.get)
     return {"absorption": summary["mean_absorption_holes"], "worst": holes[worst], "worst_parent": worst,
             "mean_cos": summary["mean_max_cosine"], "min_cos": min(summary["max_cosine"]),
             "unrecovered": summary["n_true_features"] - summary["recovered_above_0.9"],
-            "diagnosis": _diagnose(tree, w_dec, worst, summary["matched_latent"])}
+            "diagnosis": _diagnose(tree, w_dec, worst, summary["matched_latent"])
+            + (f"; {refit_check(args, tree, x, activity.numpy(), encode(x).detach(), cdf)}" if cdf is not None else "")}
+
+
+def objective_cdfs(args: argparse.Namespace) -> dict[str, Any]:
+    """C(l) of each objective with a closed form (None: least squares, the full width only)."""
+    equal = [1 / len(args.levels)] * len(args.levels)
+    return {"least squares": None, "levels": cumulative_weight(args.levels, equal, args.width),
+            "levels-spread": spread_cumulative_weight(args.levels, equal, args.width),
+            "all": all_prefix_cdf(args.width, args.n_prefixes)}
+
+
+def optimal_decoder(codes: torch.Tensor, x: torch.Tensor, cdf: torch.Tensor | None) -> torch.Tensor:
+    """The decoder minimising Σ_l w_l‖x − Σ_{i<l} a_i D_i‖² given the codes (centred: the decoder bias
+    takes the means). Latent i is in every prefix longer than i, so the normal equations are
+    Σ_j (AᵀA)_ij T(max(i, j)) D_j = T(i)(AᵀX)_i with T(i) = C(F) − C(i), the tail mass."""
+    a, x = codes.double(), x.double()
+    a, x = a - a.mean(0), x - x.mean(0)
+    n = a.shape[1]
+    tail = torch.ones(n, dtype=torch.float64) if cdf is None else (cdf[-1] - cdf[:n])
+    at = torch.arange(n)
+    weight = tail[torch.maximum(at[:, None], at[None, :])]
+    return torch.linalg.solve((a.T @ a) * weight + 1e-9 * torch.eye(n, dtype=torch.float64), tail[:, None] * (a.T @ x))
+
+
+def objective(codes: torch.Tensor, x: torch.Tensor, decoder: torch.Tensor, cdf: torch.Tensor) -> float:
+    """Σ_l w_l‖x − Σ_{i<l} a_i D_i‖² per row (centred, as `optimal_decoder`)."""
+    a, x = codes.double(), x.double()
+    a, x = a - a.mean(0), x - x.mean(0)
+    partial, total = torch.zeros_like(x), 0.0
+    for length, w in enumerate((cdf[1:] - cdf[:-1]).tolist(), start=1):
+        partial += a[:, length - 1:length] * decoder[length - 1]
+        total += w * float((x - partial).pow(2).sum(1).mean())
+    return total
+
+
+def true_codes(tree: ToyTree, activity: np.ndarray, width: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The true codes with parents first, padded with unused latents to the width; and that order."""
+    order = np.argsort(tree.parent >= 0, kind="stable")
+    a = torch.zeros(activity.shape[0], width, dtype=torch.float64)
+    a[:, :len(order)] = torch.from_numpy(activity[:, order]).double()
+    return a, order
 
 
 def max_cos_ceilings(args: argparse.Namespace, tree: ToyTree, rows: np.ndarray, activity: np.ndarray) -> str:
-    """What bounds max-cos, from the true codes (parents placed first): the least-squares decoder
-    (noise and sampling only), and the decoder minimising each Matryoshka objective
-    Σ_l w_l‖x − Σ_{i<l} a_i D_i‖². Latent i is in every prefix longer than i, so the normal equations
-    are Σ_j (AᵀA)_ij T(max(i, j)) D_j = T(i)(AᵀX)_i with T(i) = C(F) − C(i), the tail mass."""
-    order = np.argsort(tree.parent >= 0, kind="stable")
-    a = torch.from_numpy(activity[:, order]).double()
-    x = torch.from_numpy(rows).double()
-    a, x = a - a.mean(0), x - x.mean(0)  # the decoder bias takes the means
+    """What bounds max-cos, from the true codes (parents first): the least-squares decoder (noise and
+    sampling only), and the decoder minimising each Matryoshka objective (`optimal_decoder`)."""
+    a, order = true_codes(tree, activity, args.width)
     truth = torch.from_numpy(tree.directions[order]).double()
-    n, width = a.shape[1], args.width
-    equal = [1 / len(args.levels)] * len(args.levels)
-    cdfs = {"least squares": None, "levels": cumulative_weight(args.levels, equal, width),
-            "levels-spread": spread_cumulative_weight(args.levels, equal, width),
-            "all": all_prefix_cdf(width, args.n_prefixes)}
     out = []
-    for name, cdf in cdfs.items():
-        tail = torch.ones(n) if cdf is None else (cdf[-1] - cdf[:n])
-        at = torch.arange(n)
-        weight = tail[torch.maximum(at[:, None], at[None, :])]
-        d = torch.linalg.solve((a.T @ a) * weight, tail[:, None] * (a.T @ x))
+    for name, cdf in objective_cdfs(args).items():
+        d = optimal_decoder(a, torch.from_numpy(rows), cdf)[:len(order)]
         out.append(f"{name} {float(torch.nn.functional.cosine_similarity(d, truth).mean()):.4f}")
     return "max-cos ceiling from the true codes: " + ", ".join(out)
+
+
+def refit_check(args: argparse.Namespace, tree: ToyTree, x: torch.Tensor, activity: np.ndarray,
+                codes: torch.Tensor, cdf: torch.Tensor) -> str:
+    """Whether the trainer or the objective limits max-cos: the max-cos of the decoder refit to the
+    learned codes, and the objective at the learned codes against the true codes (each with its
+    optimal decoder). Learned below true: the objective itself prefers the non-true dictionary."""
+    refit = optimal_decoder(codes, x, cdf)
+    cos = ToyTruth(tree.directions, tree.parent, refit.float()).best_cosine.mean()
+    a, _ = true_codes(tree, activity, args.width)
+    return (f"refit max-cos {float(cos):.4f}, objective learned {objective(codes, x, refit, cdf):.4f} "
+            f"vs true {objective(a, x, optimal_decoder(a, x, cdf), cdf):.4f}")
 
 
 def _diagnose(tree: ToyTree, w_dec: torch.Tensor, parent: int, matched: list[int]) -> str:
@@ -187,6 +230,9 @@ def main() -> None:
     parser.add_argument("--n-prefixes", type=int, default=9)
     parser.add_argument("--snap", type=float, default=None, help="snap loss from this fraction of training")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--refit", action="store_true",
+                        help="also print the decoder refit to the learned codes and the objective "
+                             "(levels, levels-spread, all)")
     parser.add_argument("--pool", type=int, default=131072, help="training rows generated per seed")
     parser.add_argument("--eval-rows", type=int, default=32768)
     args = parser.parse_args()

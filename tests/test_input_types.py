@@ -18,7 +18,7 @@ from kukla.pipeline.demo import DemoConfig
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.train.config import TrainConfig
-from kukla.pipeline.harvest.text import iter_texts
+from kukla.pipeline.text import iter_texts
 
 
 def test_a_toml_boolean_is_not_taken_as_a_number(tmp_path: Path) -> None:

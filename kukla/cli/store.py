@@ -81,6 +81,10 @@ class ImportConfig:
     """Seed of the global shuffle."""
     overwrite: bool = False
     """Replace a store of another run at OUT."""
+    tokens: str | None = None
+    """A .npy of token ids [sequences, context_size] for hook files [sequences, context_size, width]: rows get their token, sequence and position, and the store keeps each sequence as a window, so evaluate shows contexts."""
+    model: str | None = None
+    """Model (or tokenizer) the rows come from, recorded so evaluate can decode --tokens and run downstream metrics."""
 
     RENAMED: ClassVar[dict[str, str]] = {"dtype": "store_dtype"}
     """Old keys under their new names: one name per dtype concept in every stage."""
@@ -149,7 +153,7 @@ def _import(config: ImportConfig) -> None:
     rows, dropped = import_arrays(config.out, hooks, dtype=config.store_dtype, codec=config.codec,
                                   drop_nonfinite=config.drop_nonfinite, seed=config.seed,
                                   memory_budget_bytes=config.memory_budget,
-                                  overwrite=config.overwrite)
+                                  overwrite=config.overwrite, tokens=config.tokens, model=config.model)
     note = f", dropped {dropped:,} rows with NaN/inf" if config.drop_nonfinite else ""
     typer.echo(f"imported {rows:,} rows into {config.out}{note}")
 

@@ -16,8 +16,6 @@ import math
 import re
 from typing import TYPE_CHECKING
 
-import torch
-
 from kukla.errors import KuklaError
 
 if TYPE_CHECKING:  # hook names are parsed without loading transformer_lens (the CLI stays fast)
@@ -125,6 +123,8 @@ def resolve_hooks(model: HookedTransformer, specs: list[str]) -> dict[str, int]:
             raise KuklaError(f"hook {spec!r} is given twice")
         names.append(name)
     enable_hooks(model, names)
+    import torch  # here, not at the top: configs expand hook names without torch
+
     stand_ins = {name: _BLOCK.sub("blocks.0.", name) for name in names}
     probe = torch.zeros((1, 3), dtype=torch.long, device=model.cfg.device)
     with torch.inference_mode():

@@ -12,7 +12,7 @@ Paths that join the stages are filled in where a section leaves them out:
     harvest.output        = <run.out>/store.zarr
     train.store           = harvest.output
     train.hook            = the harvest's hook, when it harvested exactly one
-    train.out             = <run.out>/dictionaries/<train.arch>
+    train.out             = <run.out>/dictionaries/<train.arch, or its activation × prefixes label>
     evaluate.store        = harvest.output (else the first train.store)
     evaluate.dictionaries = every dictionary the train runs wrote
     evaluate.out          = <run.out>/report
@@ -30,6 +30,7 @@ journal (a finished store is kept), train resumes from its latest checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any, Literal
 
 from kukla.config import from_dict, read_toml, to_dict
 from kukla.errors import ConfigError, KuklaError
+from kukla.pipeline.dictionary.config import DictionarySettings
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.toy import TOY_HOOK
@@ -133,12 +135,21 @@ def _train_configs(tables: Any, run: RunConfig, harvest: HarvestConfig | None, s
             section.setdefault("store", str(harvest.output))
         if len(hooks) == 1 and not {"hook", "input_hook", "target_hook"} & set(section):
             section["hook"] = hooks[0]
-        section.setdefault("out", str(run.out / "dictionaries" / section.get("arch", TrainConfig.arch)))
+        if "out" not in section:
+            section["out"] = str(run.out / "dictionaries" / _dictionary_kind(section, where))
         configs.append(from_dict(TrainConfig, section, source=where))
     outs = [config.out for config in configs]
     if len(set(outs)) != len(outs):
         raise ConfigError("out", f"{source}: two [[train]] runs write to the same folder; give each its own `out`")
     return configs
+
+
+def _dictionary_kind(section: dict[str, Any], where: str) -> str:
+    """The folder a [train] table's dictionaries go to by default: its arch, or its activation × prefixes."""
+    names = {f.name for f in dataclasses.fields(DictionarySettings)}
+    settings = from_dict(DictionarySettings, {k: v for k, v in section.items() if k.replace("-", "_") in names},
+                         source=where)
+    return settings.arch or settings.label
 
 
 def _evaluate_config(table: Any, run: RunConfig, harvest: HarvestConfig | None, train: list[TrainConfig],
@@ -211,7 +222,7 @@ def store_is_finished(config: HarvestConfig) -> bool:
     A finalized store of *another* harvest is refused rather than silently trained on: the
     settings that decide which rows exist must match what the store records.
     """
-    from kukla.pipeline.harvest.text import dataset_spec
+    from kukla.pipeline.text import dataset_spec
     from kukla.storage import open_store
 
     try:
@@ -220,7 +231,7 @@ def store_is_finished(config: HarvestConfig) -> bool:
         return False
     meta = store.meta
     recorded = (meta.get("source"), meta.get("planned_tokens"), meta.get("segment_windows"),
-                meta.get("harvest", {}).get("context_size"), set(store.hooks))
+                store.context_size, set(store.hooks))
     wanted = (config.source, config.tokens, config.segment_windows, config.context_size,
               set(harvested_hooks(config)))
     if config.source == "model":

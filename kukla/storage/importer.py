@@ -19,7 +19,7 @@ from kukla.config import StoreDtype, coerce
 from kukla.storage.codecs import DEFAULT_CODEC, check_codec
 from kukla.storage.format import Attributes, meta_fingerprint
 from kukla.storage.location import Location
-from kukla.storage.shuffle import check_memory_budget, finalize_store
+from kukla.storage.finalize import check_memory_budget, finalize_store
 from kukla.storage.store import open_store
 from kukla.storage.writer import StoreWriter
 
@@ -97,10 +97,31 @@ def open_source(spec: str, hook: str) -> Source:
     return Source(path, key, tuple(shape), array)
 
 
+def open_tokens(path: str | Path, leading: tuple[int, ...]) -> np.ndarray:
+    """The token ids of every row, as [sequences, context_size] matching the activations' leading dims."""
+    path = Path(path)
+    if path.suffix != ".npy" or not path.exists():
+        raise KuklaError(f"--tokens {path}: give an existing .npy file of token ids [sequences, context_size]")
+    try:
+        ids = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise KuklaError(f"{path} is not a readable .npy file ({exc}): it may be truncated; write it again") from None
+    if not np.issubdtype(ids.dtype, np.integer) or ids.shape != leading or len(leading) != 2:
+        raise KuklaError(f"--tokens {path}: {ids.dtype} {tuple(ids.shape)} does not fit the activations: give "
+                         f"integer ids shaped like their leading dims [sequences, context_size], here {leading}, "
+                         "with activation files [sequences, context_size, width]")
+    return ids
+
+
 def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloat16", codec: str = DEFAULT_CODEC,
                   drop_nonfinite: bool = False, seed: int = 0, memory_budget_bytes: int = 2 << 30,
-                  overwrite: bool = False, rows_per_segment: int = 1 << 16) -> tuple[int, int]:
+                  overwrite: bool = False, rows_per_segment: int = 1 << 16, tokens: str | Path | None = None,
+                  model: str | None = None) -> tuple[int, int]:
     """Import, shuffle and finalize; returns (rows stored, rows dropped for NaN/inf).
+
+    `tokens` (.npy [sequences, context_size], for activations [sequences, context_size, width])
+    gives every row its token id, sequence and position, and the store keeps each sequence as a
+    window, so evaluate shows contexts; `model` names the model (or tokenizer) they come from.
 
     Rerunning the same import after a kill or a full disk resumes it (writing or
     finalizing). With `overwrite`, an existing store at `out` is left alone until the new
@@ -118,10 +139,16 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
         listed = ", ".join(f"{h}={rows[h]} ({sources[h].path.name})" for h in hooks)
         raise KuklaError(f"hooks have different row counts: {listed}: every hook needs one row per token, in order")
     first = next(iter(sources.values()))
+    ids = None if tokens is None else open_tokens(tokens, first.shape[:-1])
+    files = {h: (s.path, s.key) for h, s in sources.items()} | ({} if tokens is None else {"tokens": (Path(tokens), None)})
     meta = {"source": "import", "hooks": {h: s.width for h, s in sources.items()},
-            "files": {h: {"path": str(s.path.absolute()), "key": s.key, "bytes": s.path.stat().st_size,
-                          "mtime": s.path.stat().st_mtime} for h, s in sources.items()},
+            "files": {h: {"path": str(path.absolute()), "key": key, "bytes": path.stat().st_size,
+                          "mtime": path.stat().st_mtime} for h, (path, key) in files.items()},
             "drop_nonfinite": drop_nonfinite}
+    if ids is not None:
+        meta["context_size"] = int(ids.shape[1])
+    if model is not None:
+        meta["model"] = {"name": model}
     dtype = coerce("dtype", StoreDtype, dtype)
     same = {"fingerprint": meta_fingerprint(meta), "dtype": dtype, "codec": codec}
     target = Location(out)
@@ -132,7 +159,7 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
     state = _state(build, same)
     with stop_on_sigterm():
         if state != "finalizing" and not (staged and state == "finalized"):
-            _write(build.url, sources, meta, dtype=dtype, codec=codec, drop_nonfinite=drop_nonfinite,
+            _write(build.url, sources, ids, meta, dtype=dtype, codec=codec, drop_nonfinite=drop_nonfinite,
                    overwrite=overwrite, rows_per_segment=rows_per_segment)
         finalize_store(build.url, memory_budget_bytes=memory_budget_bytes, seed=seed)
         if staged:
@@ -153,8 +180,8 @@ def _state(location: Location, same: dict[str, str]) -> str | None:
     return attrs["state"] if all(attrs.get(key) == value for key, value in same.items()) else None
 
 
-def _write(out: str, sources: dict[str, Source], meta: dict[str, Any], *, dtype: str, codec: str,
-           drop_nonfinite: bool, overwrite: bool, rows_per_segment: int) -> None:
+def _write(out: str, sources: dict[str, Source], ids: np.ndarray | None, meta: dict[str, Any], *, dtype: str,
+           codec: str, drop_nonfinite: bool, overwrite: bool, rows_per_segment: int) -> None:
     """The write phase: every source's rows in segments (resumed from the journal)."""
     first = next(iter(sources.values()))
     step = max(1, rows_per_segment // max(1, first.per_index))
@@ -165,6 +192,7 @@ def _write(out: str, sources: dict[str, Source], meta: dict[str, Any], *, dtype:
                 if segment not in writer.committed:
                     block = {f"acts/{h}": s.read(lo, hi) for h, s in sources.items()}
                     keep = np.logical_and.reduce([np.isfinite(x).all(axis=1) for x in block.values()])
+                    block |= {} if ids is None else _token_rows(ids, lo, hi)
                     if not keep.all():
                         if not drop_nonfinite:
                             writer.close()
@@ -172,7 +200,16 @@ def _write(out: str, sources: dict[str, Source], meta: dict[str, Any], *, dtype:
                             bad = lo * first.per_index + int(np.argmin(keep))
                             raise KuklaError(f"row {bad} holds NaN or inf: fix the input, or pass --drop-nonfinite to "
                                              "drop such rows (the count is reported)")
-                        block = {name: x[keep] for name, x in block.items()}
+                        block = {name: x if name.startswith("windows/") else x[keep] for name, x in block.items()}
                     writer.write_segment(segment, block)
                 bar.update((hi - lo) * first.per_index)
         writer.finish()
+
+
+def _token_rows(ids: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Sequences [lo, hi) as rows' tokens/* (sequence = leading index) and as whole windows."""
+    window = np.asarray(ids[lo:hi], dtype=np.int64)
+    n, width = window.shape
+    return {"tokens/token_id": window.reshape(-1), "tokens/sequence": np.repeat(np.arange(lo, hi), width),
+            "tokens/position": np.tile(np.arange(width), n),
+            "windows/sequence": np.arange(lo, hi), "windows/token_id": window}

@@ -20,9 +20,9 @@ import zarr
 from kukla.errors import KuklaError
 from kukla.config import torch_dtype
 from kukla.storage.codecs import from_stored
-from kukla.storage.format import ArraySpec, Attributes, HookStats, array_specs, data_crc32, open_array
+from kukla.storage.format import (ArraySpec, Attributes, HookStats, SegmentTable, array_specs, data_crc32, open_array,
+                                  read_journal, window_specs)
 from kukla.storage.location import Location
-from kukla.storage.parts import SegmentTable, read_journal
 from kukla.storage.shards import Layout, ShardReader
 
 
@@ -34,6 +34,9 @@ class Store:
         self.meta: dict[str, Any] = attrs
         self.finalized = attrs["state"] == "finalized"
         self.specs: dict[str, ArraySpec] = {spec.name: spec for spec in array_specs(attrs)}
+        self.window_specs: dict[str, ArraySpec] = {spec.name: spec for spec in window_specs(attrs)}
+        """windows/token_id and windows/row ([n_windows, context_size]) where the writer gave windows."""
+        self.n_windows: int = int(attrs.get("n_windows") or 0)
         self._readers: dict[str, ShardReader] = {}
         if self.finalized:
             self._group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
@@ -64,6 +67,18 @@ class Store:
         return int(self.meta["chunk_rows"])
 
     @property
+    def context_size(self) -> int | None:
+        """Tokens per window (`context_size`; stores before format 1's windows kept it under
+        `harvest`), None for rows not from windows (imports without tokens)."""
+        value = self.meta.get("context_size", (self.meta.get("harvest") or {}).get("context_size"))
+        return None if value is None else int(value)
+
+    @cached_property
+    def window_chunk_rows(self) -> int:
+        """Windows per chunk of windows/* (what reading one window costs)."""
+        return Layout.from_metadata(self.location, self.window_specs["windows/row"]).chunk_rows
+
+    @property
     def fingerprint(self) -> str:
         return str(self.meta["fingerprint"])
 
@@ -87,7 +102,7 @@ class Store:
 
     def array_name(self, name: str) -> str:
         """Full array name for `name`: a bare hook name means acts/<hook>."""
-        if name in self.specs or name.startswith("static/"):
+        if name in self.specs or name in self.window_specs or name.startswith("static/"):
             return name
         if name in self.meta["hooks"]:
             return f"acts/{name}"
@@ -110,15 +125,16 @@ class Store:
                 raise KuklaError(f"{self.url}/{name} is damaged (checksum mismatch): restore it from a copy, "
                                  "or rebuild the store; `kukla store verify` lists every damaged part")
             return data if stop is None and start == 0 else data[start:stop]
-        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        length = self.n_windows if name in self.window_specs else self.n_rows
+        stop = length if stop is None else min(stop, length)
         start = max(0, min(start, stop))
-        spec = self.specs[name]
+        spec = self.window_specs.get(name) or self.specs[name]
         out = np.empty((stop - start, *spec.row_shape), spec.dtype)
         self.read_into(name, start, stop, out)
         return out
 
     def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
-        """Rows [start, stop) of a row-aligned array (full name) into `out`, as stored on disk."""
+        """Rows [start, stop) of a row-aligned or window-aligned array (full name) into `out`, as stored."""
         if start == stop:
             return
         if self.segments is not None:
@@ -127,8 +143,13 @@ class Store:
         reader = self._readers.get(name)
         if reader is None:
             # refuses this array's metadata where it disagrees with the store's attributes
-            open_array(self._group, self.specs[name], self.n_rows, self.chunk_rows, self.url)
-            reader = ShardReader(self.location, Layout.from_metadata(self.location, self.specs[name]))
+            spec = self.window_specs.get(name) or self.specs[name]
+            layout = Layout.from_metadata(self.location, spec)
+            if name in self.window_specs:  # their own geometry: n_windows rows, chunks of whole windows
+                open_array(self._group, spec, self.n_windows, layout.chunk_rows, self.url)
+            else:
+                open_array(self._group, spec, self.n_rows, self.chunk_rows, self.url)
+            reader = ShardReader(self.location, layout)
             self._readers[name] = reader
         reader.read_into(start, stop, out)
 

@@ -81,14 +81,19 @@ def rank_share(pieces: list[tuple[int, int]], batch_size: int, rank: int, world:
 
 
 class ActivationStream:
-    """Iterable of `Batch`es over one or two hooks ((x,) for an SAE, (x, y) for a transcoder)."""
+    """Iterable of `Batch`es over one or two hooks ((x,) for an SAE, (x, y) for a transcoder), and
+    any row-aligned `truth/<name>` array beside them (a toy source's ground truth), read alike."""
 
     def __init__(self, store: Store, hooks: Sequence[str], batch_size: int, *, split: Split = "train",
                  rank: int = 0, world: int = 1, epochs: int = 1, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prefetch: int = 4,
                  with_rows: bool = False, drop_last: bool = True, threads: int | None = None) -> None:
         hooks = [h.removeprefix("acts/") for h in ([hooks] if isinstance(hooks, str) else hooks)]
-        store.check_hooks(hooks)
+        store.check_hooks([h for h in hooks if not h.startswith("truth/")])
+        for name in (h for h in hooks if h.startswith("truth/") and h not in store.specs):
+            raise KuklaError(f"store {store.url} has no {name}; its truth arrays: "
+                             f"{', '.join(n for n in store.specs if n.startswith('truth/')) or 'none'}")
+        self.arrays = [h if h.startswith("truth/") else f"acts/{h}" for h in hooks]
         if batch_size <= 0 or epochs <= 0 or prefetch <= 0 or (threads is not None and threads <= 0):
             raise KuklaError("batch_size, epochs, prefetch and threads must be positive")
         self.store, self.hooks, self.batch_size = store, hooks, batch_size
@@ -214,9 +219,9 @@ class ActivationStream:
         device and converted there: bf16 crosses the bus at half the bytes of float32."""
         n = sum(hi - lo for lo, hi in pieces)
         acts = []
-        for name in self.hooks:
-            spec = self.store.specs[f"acts/{name}"]
-            buf = self._buffer(spec.name, n, spec.row_shape)
+        for name in self.arrays:
+            spec = self.store.specs[name]
+            buf = self._buffer(spec.name, n, spec.row_shape, self._stored_dtype(name))
             view = buf.view(torch.uint8).numpy().view(spec.dtype)
             at = 0
             for lo, hi in pieces:
@@ -230,17 +235,22 @@ class ActivationStream:
         rows = torch.cat([torch.arange(lo, hi) for lo, hi in pieces]) if self.with_rows else None
         return Batch(tuple(acts), rows)
 
-    def _buffer(self, name: str, n: int, row_shape: tuple[int, ...]) -> torch.Tensor:
+    def _stored_dtype(self, name: str) -> torch.dtype:
+        """The torch dtype of an array as stored: the store's for activations, a truth array's own."""
+        return self.store.dtype if name.startswith("acts/") else torch.from_numpy(
+            np.empty(0, self.store.specs[name].dtype)).dtype
+
+    def _buffer(self, name: str, n: int, row_shape: tuple[int, ...], stored: torch.dtype) -> torch.Tensor:
         """Where a batch's stored rows land. A CPU batch converted to another dtype leaves its
         buffer free, so each reader thread keeps one per hook (no page faults per batch); pinned
         buffers come from torch's caching host allocator, which waits for their copy to finish."""
         if self.device.type != "cpu":
-            return torch.empty((n, *row_shape), dtype=self.store.dtype, pin_memory=self.pin)
-        if self.dtype == self.store.dtype:
-            return host_empty((n, *row_shape), self.store.dtype)
+            return torch.empty((n, *row_shape), dtype=stored, pin_memory=self.pin)
+        if self.dtype == stored:
+            return host_empty((n, *row_shape), stored)
         buffers = self._staging.__dict__
         if name not in buffers:
-            buffers[name] = host_empty((self.batch_size, *row_shape), self.store.dtype)
+            buffers[name] = host_empty((self.batch_size, *row_shape), stored)
         return buffers[name][:n]
 
 

@@ -11,8 +11,7 @@ import zarr
 
 from kukla.errors import KuklaError
 from kukla.progress import progress
-from kukla.storage.format import open_array
-from kukla.storage.parts import read_blob, segment_dir
+from kukla.storage.format import open_array, read_blob, segment_dir
 from kukla.storage.store import Store, open_store
 
 READ_BYTES = 64 << 20  # verify decodes this much at a time, then narrows a failure down to chunks
@@ -30,6 +29,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "compression_ratio": raw / on_disk if on_disk else None, "world": store.meta["world"],
         "shuffle_seed": store.meta.get("shuffle_seed"), "model": store.meta.get("model"),
         "source": store.meta.get("source"), "kukla_version": store.meta["kukla_version"],
+        "windows": store.n_windows if store.finalized else None, "context_size": store.context_size,
         "mean_norm": {hook: store.hook_stats(hook)["mean_norm"] for hook in store.hooks},
     }
 
@@ -54,6 +54,14 @@ def verify_store(path: str | Path) -> list[str]:
             for start in range(0, store.n_rows, step):
                 problems += _decode(store, name, start, min(store.n_rows, start + step))
                 bar.update(min(store.n_rows, start + step) - start)
+    for name, spec in store.window_specs.items():  # windows/*: every chunk decodes, as a reader reads it
+        step = max(1, READ_BYTES // spec.row_bytes)
+        for start in range(0, store.n_windows, step):
+            try:
+                store.read_stored(name, start, start + step)
+            except KuklaError as exc:
+                problems.append(str(exc))
+                break
     for name in _static_names(store):
         try:
             store.read_stored(name)

@@ -20,10 +20,11 @@ from kukla.errors import KuklaError
 from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec,
                                   to_stored)
 from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta,
-                                  chunk_rows_for, data_crc32, new_attributes, write_manifest)
+                                  chunk_rows_for, data_crc32, finished_key, journal_key, new_attributes, part_dir,
+                                  read_journal, segment_dir, write_blob, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.lease import Lease
-from kukla.storage.parts import finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
+from kukla.storage.windows import segment_windows
 
 Rows = Mapping[str, "np.ndarray | torch.Tensor"]
 
@@ -86,19 +87,33 @@ class StoreWriter:
         self.lock.release()
 
     def write_segment(self, segment: int, rows: Rows) -> None:
-        """Write one segment and commit it in the journal once its data is durable."""
+        """Write one segment and commit it in the journal once its data is durable. Besides the
+        row-aligned arrays, `rows` may hold the whole windows its rows come from
+        (`windows/sequence` [m], `windows/token_id` [m, context_size]; in every segment or in none),
+        which finalize turns into windows/*."""
         if not self.lock.held:
             raise KuklaError(f"writer for {self.location.url} is closed: open a new StoreWriter to resume")
         self.lock.check()
         if segment in self.committed:
             raise KuklaError(f"segment {segment} of rank {self.rank} is already committed: skip the ids in "
                              "writer.committed when resuming")
-        arrays, truth, floats = self._stored_arrays(segment, rows)
+        windows = {k: v for k, v in rows.items() if k.startswith("windows/")}
+        arrays, truth, floats = self._stored_arrays(segment, {k: v for k, v in rows.items() if k not in windows})
         n = next(iter(arrays.values())).shape[0]
+        given = segment_windows(windows, self.attrs.get("context_size"), segment) if windows else None
+        previous = next(iter(self.journal.values()), None)
+        if previous is not None and (previous.get("windows") is None) != (given is None):
+            raise KuklaError(f"segment {segment}: windows given in {'this' if given else 'earlier'} segment(s) "
+                             "only: give them with every segment or with none")
         key = segment_dir(self.rank, segment)
         with _disk_full(self.location, f"writing segment {segment}"):
             infos = {name: write_blob(self.location, f"{key}/{name}.bin", data, self.codec)
                      for name, data in arrays.items()}
+            window_infos = None if given is None else {
+                "first": int(given["windows/sequence"].min(initial=0)),
+                "last": int(given["windows/sequence"].max(initial=-1)),
+                "arrays": {name: write_blob(self.location, f"{key}/{name}.bin", data, self.codec)
+                           for name, data in given.items()}}
         seg_stats = {}
         for hook in self.hooks:
             stats = HookStats()
@@ -106,6 +121,7 @@ class StoreWriter:
             seg_stats[hook] = stats.summary(self.hooks[hook])
         sequences = arrays["tokens/sequence"]
         entry = {"segment": segment, "rank": self.rank, "rows": n, "stats": seg_stats, "truth": truth, "arrays": infos,
+                 "windows": window_infos,
                  "first_sequence": int(sequences.min()) if n else -1,
                  "last_sequence": int(sequences.max()) if n else -1, "time": time.time()}
         with _disk_full(self.location, f"committing segment {segment}"):
@@ -122,7 +138,8 @@ class StoreWriter:
                                            or k in OPTIONAL_TOKEN_ARRAYS)]
         if unknown:
             raise KuklaError(f"segment {segment}: unknown key {unknown[0]!r}: use acts/<hook>, "
-                             f"{', '.join([*TOKEN_ARRAYS, *OPTIONAL_TOKEN_ARRAYS])} or truth/<name>")
+                             f"{', '.join([*TOKEN_ARRAYS, *OPTIONAL_TOKEN_ARRAYS])}, truth/<name> or windows/sequence + "
+                             "windows/token_id")
         for key in rows:
             if key.startswith("acts/") and key[5:] not in self.hooks:
                 raise KuklaError(f"segment {segment}: hook {key[5:]!r} is not in this store; its hooks: "

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from kukla.pipeline.dictionary import Dictionary
+from kukla.pipeline.dictionary import Dictionary, training_loss
 from kukla.pipeline.dictionary.loss import TrainOutput
 
 
 def adam_step(d: Dictionary, optimizer: torch.optim.Adam, x: torch.Tensor) -> TrainOutput:
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     optimizer.zero_grad()
     out.loss.backward()
     d.project_decoder_grads()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kukla.pipeline.dictionary.activations import select_batch_topk, select_topk
+from kukla.pipeline.dictionary.rules.batchtopk import select_batch_topk
+from kukla.pipeline.dictionary.rules.topk import select_topk
 
 
 def _naive_batch_topk(pre: torch.Tensor, n: int) -> set[tuple[int, int]]:

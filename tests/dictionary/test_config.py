@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kukla.config import from_dict
+from kukla.config import from_dict, to_dict
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary import DictionaryConfig, default_lr
 
@@ -38,15 +38,36 @@ def test_levels_given_as_fractions_become_widths():
 
 def test_fractional_k_is_accepted_for_batchtopk_and_configs_round_trip_through_from_dict():
     cfg = from_dict(DictionaryConfig, {"d_in": 16, "width": 64, "k": "2.5", "arch": "batchtopk"})
-    assert cfg.k == 2.5 and cfg.prefix_scheme == "none" and cfg.activation_rule == "batchtopk"
+    assert cfg.k == 2.5 and cfg.prefixes == "none" and cfg.activation == "batchtopk"
     assert cfg.aux_k == 8 and cfg.d_out == 16
 
 
 def test_arch_is_a_composition_of_activation_rule_and_prefix_scheme():
     prefix = DictionaryConfig(d_in=8, width=64, k=4, arch="matryoshka-prefix", activation="relu")
-    assert (prefix.activation_rule, prefix.prefix_scheme) == ("relu", "sampled")
+    assert (prefix.activation, prefix.prefixes) == ("relu", "sampled")
     topk_levels = DictionaryConfig(d_in=8, width=64, k=4, arch="topk", levels=[16, 64])
-    assert (topk_levels.activation_rule, topk_levels.prefix_scheme) == ("topk", "levels")
+    assert (topk_levels.activation, topk_levels.prefixes) == ("topk", "levels")
+
+
+@pytest.mark.parametrize("settings, activation, prefixes, label", [
+    ({"activation": "topk", "prefixes": "sampled"}, "topk", "sampled", "matryoshka-sampled-topk"),
+    ({"activation": "jumprelu", "prefixes": "levels"}, "jumprelu", "levels", "matryoshka-jumprelu"),
+    ({"activation": "relu", "prefixes": "all"}, "relu", "all", "matryoshka-all-relu"),
+    ({}, "batchtopk", "levels", "matryoshka-batchtopk"),
+    ({"arch": "matryoshka-batchtopk"}, "batchtopk", "levels", "matryoshka-batchtopk"),
+    ({"arch": "jumprelu"}, "jumprelu", "none", "jumprelu"),
+    ({"arch": "matryoshka-prefix", "activation": "topk", "prefixes": "all"}, "topk", "all", "matryoshka-all-topk"),
+])
+def test_activation_and_prefixes_combine_freely_and_arch_names_fill_them(settings, activation, prefixes, label):
+    cfg = from_dict(DictionaryConfig, {"d_in": 8, "width": 64, "k": "4", **settings})
+    assert (cfg.activation, cfg.prefixes, cfg.label) == (activation, prefixes, label)
+    assert (cfg.levels is not None) == (prefixes == "levels")
+    assert from_dict(DictionaryConfig, to_dict(cfg)) == cfg  # kukla.json's config reloads as itself
+
+
+def test_levels_need_the_levels_scheme():
+    with pytest.raises(ConfigError, match="levels"):
+        DictionaryConfig(d_in=8, width=64, k=4, prefixes="sampled", levels=[16, 64])
 
 
 def test_default_learning_rate_scales_as_inverse_sqrt_width():

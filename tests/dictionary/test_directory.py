@@ -35,8 +35,11 @@ def _trained_like(arch: str, transcoder: bool, seed: int = 0) -> tuple[Dictionar
         for p in d.parameters():
             p.add_(0.2 * torch.randn_like(p))
     d.normalize_decoder()
-    if cfg.activation_rule == "batchtopk":
+    if cfg.activation == "batchtopk":
         calibrate_threshold(d, [x[:200], x[200:]])
+    if cfg.activation == "jumprelu":  # learned thresholds that silence some positive pre-activations
+        with torch.no_grad():
+            d.log_threshold.copy_(torch.empty(40).uniform_(-1.5, 1.0))
     return d, torch.randn(64, 12) * 4 + 1
 
 
@@ -52,6 +55,8 @@ def _metadata(transcoder: bool) -> dict:
     ("relu", False, "StandardSAE"),
     ("matryoshka-prefix", True, "JumpReLUTranscoder"),
     ("relu", True, "Transcoder"),
+    ("jumprelu", False, "JumpReLUSAE"),
+    ("jumprelu", True, "JumpReLUTranscoder"),
 ])
 def test_saelens_loads_our_directory_and_reproduces_encode_and_decode(tmp_path, arch, transcoder, saelens_class):
     d, x = _trained_like(arch, transcoder)
@@ -72,7 +77,8 @@ def test_saelens_loads_our_directory_and_reproduces_encode_and_decode(tmp_path, 
         assert meta.hook_name_out == HOOKS_TC["target"]
 
 
-@pytest.mark.parametrize("arch,transcoder", [("matryoshka-batchtopk", False), ("topk", True), ("relu", False)])
+@pytest.mark.parametrize("arch,transcoder", [("matryoshka-batchtopk", False), ("topk", True), ("relu", False),
+                                             ("jumprelu", False)])
 def test_saved_dictionary_loads_back_with_the_same_outputs_and_metadata(tmp_path, arch, transcoder):
     d, x = _trained_like(arch, transcoder)
     path = save_dictionary(d, tmp_path / "dict", _metadata(transcoder))
@@ -87,9 +93,11 @@ def test_saved_dictionary_loads_back_with_the_same_outputs_and_metadata(tmp_path
     assert info["levels"] == d.levels and info["arch"] == arch
     assert info["metadata"]["store_fingerprint"] == "abc123"
     assert loaded.metadata["hooks"] == info["hooks"]
-    if d.cfg.activation_rule == "batchtopk":
+    if d.cfg.activation == "batchtopk":
         assert info["inference_l0"] == pytest.approx(float(d.inference_l0))
         assert torch.equal(loaded.threshold, d.threshold)
+    if d.cfg.activation == "jumprelu":
+        torch.testing.assert_close(loaded.log_threshold, d.log_threshold)
 
 
 def test_topk_transcoder_is_marked_as_having_no_saelens_class(tmp_path):
@@ -154,3 +162,19 @@ def test_a_directory_that_is_no_dictionary_is_refused_with_what_was_expected(tmp
         load_dictionary(tmp_path)
     with pytest.raises(KuklaError, match="not a dictionary directory"):
         load_dictionary(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("arch,activation,prefixes", [("matryoshka-batchtopk", "batchtopk", "levels"),
+                                                      ("batchtopk", "batchtopk", "none"),
+                                                      ("relu", "relu", "none")])
+def test_kukla_json_of_earlier_versions_loads_as_the_same_dictionary(tmp_path, arch, activation, prefixes):
+    d, x = _trained_like(arch, False)
+    path = save_dictionary(d, tmp_path / "dict", _metadata(False))
+    info = json.loads((path / "kukla.json").read_text())
+    old = {k: v for k, v in info["config"].items() if k not in ("l0_coefficient", "bandwidth", "threshold_init")}
+    old.update(arch=arch, activation="batchtopk", prefixes="sampled")  # how versions before `prefixes` wrote it
+    (path / "kukla.json").write_text(json.dumps({**info, "config": old}))
+    loaded = load_dictionary(path)
+    assert (loaded.cfg.activation, loaded.cfg.prefixes, loaded.levels) == (activation, prefixes, d.levels)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), d.encode(x), rtol=1e-5, atol=1e-5)

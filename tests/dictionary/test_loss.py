@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
 from kukla.pipeline.dictionary.prefixes import sample_prefix_lengths
 
 
@@ -54,7 +54,7 @@ def _grads(d: Dictionary, loss: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("sparse_path", [False, True])
 def test_cumulative_matryoshka_loss_and_gradients_equal_per_prefix_computation(sparse_path):
     d, x = _dictionary(sparse_path=sparse_path, level_weights=[0.5, 1.0, 2.0, 0.25])
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     naive = _naive_prefix_loss(d, x, [4, 12, 28, 48], [0.5, 1.0, 2.0, 0.25])
     torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(_grads(d, out.loss), _grads(d, naive)):
@@ -71,7 +71,7 @@ def test_matryoshka_transcoder_loss_and_gradients_equal_per_prefix_computation(s
     d.initialize(x, y)
     with torch.no_grad():
         d.W_dec.copy_(0.3 * torch.randn_like(d.W_dec))  # trained-like: a transcoder's decoder starts at zero
-    out = d.training_loss(x, y)
+    out = training_loss(d, x, y)
     naive = _naive_prefix_loss(d, x, [4, 12, 28, 48], [0.25] * 4, y)
     torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(_grads(d, out.loss), _grads(d, naive)):
@@ -81,13 +81,13 @@ def test_matryoshka_transcoder_loss_and_gradients_equal_per_prefix_computation(s
 def test_default_level_weights_are_the_mean_over_levels():
     d, x = _dictionary()
     naive = _naive_prefix_loss(d, x, [4, 12, 28, 48], [0.25] * 4)
-    torch.testing.assert_close(d.training_loss(x).loss, naive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(training_loss(d, x).loss, naive, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("sparse_path", [False, True])
 def test_sampled_prefix_loss_averages_every_draw_including_full_width(sparse_path):
     d, x = _dictionary(arch="matryoshka-prefix", levels=None, n_prefixes=6, sparse_path=sparse_path)
-    out = d.training_loss(x, generator=torch.Generator().manual_seed(5))
+    out = training_loss(d, x, generator=torch.Generator().manual_seed(5))
     draws = sample_prefix_lengths(48, 6, torch.Generator().manual_seed(5))
     assert draws[-1] == 48 and len(draws) == 7
     naive = _naive_prefix_loss(d, x, draws, [1 / 7] * 7)
@@ -118,7 +118,7 @@ def test_sparse_path_matches_dense_reference_in_values_and_gradients(arch, trans
             d.W_dec.add_(0.1 * torch.randn_like(d.W_dec))  # a transcoder's decoder starts at zero
             d.W_enc.add_(0.1 * torch.randn_like(d.W_enc))
         _with_dead_latents(d, slice(20, 40))
-        out = d.training_loss(x, y, generator=torch.Generator().manual_seed(3))
+        out = training_loss(d, x, y, generator=torch.Generator().manual_seed(3))
         assert float(out.metrics["aux"]) > 0
         results.append((out.loss.detach(), out.metrics, out.fired, _grads(d, out.loss)))
     (loss_r, metrics_r, fired_r, grads_r), (loss_s, metrics_s, fired_s, grads_s) = results
@@ -132,7 +132,7 @@ def test_sparse_path_matches_dense_reference_in_values_and_gradients(arch, trans
 
 def test_batch_topk_keeps_k_times_batch_entries_once_for_all_prefixes():
     d, x = _dictionary(k=2.5)  # fractional: 2.5 · 40 = 100 entries over the batch
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     assert float(out.metrics["l0"]) * x.shape[0] == pytest.approx(100)
     # every level's FVU is that of the full-dictionary codes cut to the level, not a per-level selection
     with torch.no_grad():
@@ -167,11 +167,11 @@ def test_aux_k_reconstructs_the_residual_with_dead_latents_and_trains_their_enco
 
     d.tokens_since_fired[dead] = d.cfg.dead_tokens
     assert d.count_dead() == 16
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     naive_aux = _naive_aux(d, x, dead, 4)
     assert float(out.metrics["aux"]) == pytest.approx(float(naive_aux.detach()), rel=1e-5)
     d.cfg.aux_coefficient = 0.0
-    without_aux = d.training_loss(x).loss
+    without_aux = training_loss(d, x).loss
     torch.testing.assert_close(out.loss, without_aux + 0.5 * naive_aux, rtol=1e-5, atol=1e-6)
     # the aux term's gradient reaches the encoder columns of dead latents (sparsify's fused kernel drops it)
     aux_grad_enc, aux_grad_dec = torch.autograd.grad(out.loss - without_aux, [d.W_enc, d.W_dec])
@@ -186,17 +186,17 @@ def test_aux_k_reconstructs_the_residual_with_dead_latents_and_trains_their_enco
     d.count_dead()
     few = torch.zeros(48, dtype=torch.bool)
     few[[5, 30]] = True
-    assert float(d.training_loss(x).metrics["aux"]) == pytest.approx(float(_naive_aux(d, x, few, 2).detach()), rel=1e-5)
+    assert float(training_loss(d, x).metrics["aux"]) == pytest.approx(float(_naive_aux(d, x, few, 2).detach()), rel=1e-5)
 
 
 def test_no_aux_loss_while_no_latent_is_dead():
     d, x = _dictionary()
-    assert float(d.training_loss(x).metrics["aux"]) == 0.0
+    assert float(training_loss(d, x).metrics["aux"]) == 0.0
 
 
 def test_relu_loss_is_fvu_plus_scale_free_l1():
     d, x = _dictionary(arch="relu", levels=None, k=None, l1_coefficient=0.3)
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     x_s = x * d.input_scale
     z = ((x_s - d.b_dec) @ d.W_enc + d.b_enc).relu()
     var = ((x_s - x_s.mean(0)) ** 2).sum()
@@ -209,7 +209,7 @@ def test_relu_loss_is_fvu_plus_scale_free_l1():
 
 def test_mse_metric_is_in_raw_units():
     d, x = _dictionary(arch="batchtopk", levels=None)
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     with torch.no_grad():
         z = _naive_batch_topk_codes(d.pre_activations(x), 3.0)
         recon = d.decode(z)
@@ -220,9 +220,9 @@ def test_sparse_path_runs_under_bf16_autocast_with_fp32_gradients():
     d, x = _dictionary(arch="batchtopk", levels=None, aux_k=4)
     d.tokens_since_fired[::4] = d.cfg.dead_tokens
     d.count_dead()
-    exact = d.training_loss(x).loss
+    exact = training_loss(d, x).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = d.training_loss(x)
+        out = training_loss(d, x)
     grads = _grads(d, out.loss)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert float(out.loss.detach()) == pytest.approx(float(exact.detach()), rel=0.05)
@@ -242,7 +242,7 @@ def test_training_pass_and_dead_update_never_read_the_device(arch, sparse_path, 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
-    out = d.training_loss(x, generator=generator)
+    out = training_loss(d, x, generator=generator)
     out.loss.backward()
     d.update_dead(out.fired, x.shape[0])
     monkeypatch.undo()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kukla.errors import ConfigError
-from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
-from kukla.pipeline.dictionary.all_prefix import all_prefix_errors
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
+from kukla.pipeline.dictionary.loss import all_prefix_errors
 from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, sample_prefix_lengths
 
 WIDTH = 24
@@ -34,7 +34,7 @@ def _dictionary(seed: int = 0, **overrides) -> tuple[Dictionary, torch.Tensor, t
 
 def _naive_codes(d: Dictionary, pre: torch.Tensor) -> torch.Tensor:
     """Dense codes by full sorts: TopK per row, BatchTopK over the batch, or ReLU."""
-    rule, acts = d.cfg.activation_rule, pre.relu()
+    rule, acts = d.cfg.activation, pre.relu()
     if rule == "relu":
         return acts
     if rule == "topk":
@@ -57,7 +57,7 @@ def _naive_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor | None, prefixes
     for p, w in zip(prefixes, weights):
         err = ((target - z[:, :p] @ d.W_dec[:p] - d.b_dec) ** 2).sum(1)
         term = err.sqrt().sum() / dev.sqrt().sum() if l2 else err.sum() / dev.sum()
-        if d.cfg.activation_rule == "relu":
+        if d.cfg.activation == "relu":
             a = z[:, :p] * d.W_dec[:p].norm(dim=1) / sigma
             cost = a if d.cfg.penalty == "l1" else torch.log(a + d.cfg.log_epsilon) - math.log(d.cfg.log_epsilon)
             term = term + d.cfg.l1_coefficient * cost.sum(1).mean()
@@ -89,7 +89,7 @@ def _assert_matches(d, x, y, ours, naive):
 def test_all_prefix_loss_and_gradients_equal_a_loop_over_every_prefix(activation, sparse_path, transcoder, l2):
     d, x, y = _dictionary(activation=activation, sparse_path=sparse_path, transcoder=transcoder,
                           k=None if activation == "relu" else 3.0)
-    out = d.training_loss(x, y, l2=l2)
+    out = training_loss(d, x, y, l2=l2)
     naive = _naive_loss(d, x, y, list(range(1, WIDTH + 1)), _all_weights(WIDTH, 5), l2)
     _assert_matches(d, x, y, out.loss, naive)
 
@@ -118,14 +118,14 @@ def test_all_prefix_errors_of_uneven_and_empty_rows_equal_a_loop_over_every_pref
 
 def test_all_prefix_with_the_log_penalty_charges_each_latent_its_tail_mass():
     d, x, y = _dictionary(activation="relu", k=None, penalty="log", log_epsilon=0.05, l1_coefficient=0.2)
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, list(range(1, WIDTH + 1)), _all_weights(WIDTH, 5)))
 
 
 @pytest.mark.parametrize("penalty", ["l1", "log"])
 def test_sampled_prefixes_sum_the_penalty_per_prefix(penalty):
     d, x, y = _dictionary(activation="relu", k=None, prefixes="sampled", n_prefixes=4, penalty=penalty)
-    out = d.training_loss(x, generator=torch.Generator().manual_seed(2))
+    out = training_loss(d, x, generator=torch.Generator().manual_seed(2))
     draws = sample_prefix_lengths(WIDTH, 4, torch.Generator().manual_seed(2)).tolist()
     _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, draws, [1 / 5] * 5))
 
@@ -135,12 +135,12 @@ def test_sampled_prefixes_sum_the_penalty_per_prefix(penalty):
                                        dict(prefixes="sampled", n_prefixes=3)])
 def test_snap_loss_uses_the_unsquared_error_for_every_prefix_scheme(overrides):
     d, x, y = _dictionary(**overrides)
-    out = d.training_loss(x, generator=torch.Generator().manual_seed(4), l2=True)
+    out = training_loss(d, x, generator=torch.Generator().manual_seed(4), l2=True)
     prefixes, weights = {"none": ([WIDTH], [1.0]), "levels": ([4, 12, 24], [1 / 3] * 3),
                          "sampled": (sample_prefix_lengths(WIDTH, 3, torch.Generator().manual_seed(4)).tolist(), [1 / 4] * 4)
-                         }[d.cfg.prefix_scheme]
+                         }[d.cfg.prefixes]
     _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, prefixes, weights, l2=True))
-    assert float(d.training_loss(x, generator=torch.Generator().manual_seed(4)).loss) != pytest.approx(float(out.loss))
+    assert float(training_loss(d, x, generator=torch.Generator().manual_seed(4)).loss) != pytest.approx(float(out.loss))
 
 
 def test_all_prefix_loss_is_the_expectation_of_the_sampled_loss_with_replacement():
@@ -149,7 +149,7 @@ def test_all_prefix_loss_is_the_expectation_of_the_sampled_loss_with_replacement
     d, x, y = _dictionary(n_prefixes=3)
     with torch.no_grad():
         per_prefix = torch.stack([_naive_loss(d, x, y, [p], [1.0]) for p in range(1, WIDTH + 1)])
-        exact = float(d.training_loss(x).loss)
+        exact = float(training_loss(d, x).loss)
         probs = torch.tensor([math.sqrt(p) - math.sqrt(p - 1) for p in range(1, WIDTH + 1)]) / math.sqrt(WIDTH)
         draws = torch.multinomial(probs, 3 * 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
         sampled = (per_prefix[draws].reshape(20_000, 3).sum(1) + per_prefix[-1]) / 4
@@ -176,7 +176,7 @@ def test_spread_levels_weight_every_length_of_a_level_equally_in_loss_and_gradie
     d, x, y = _dictionary(arch=arch, prefixes="sampled", levels=[4, 12, WIDTH], level_weights=[0.5, 0.3, 0.2],
                           spread_levels=True, sparse_path=sparse_path, k=None if activation == "relu" else 3.0)
     weights = [0.5 / 4] * 4 + [0.3 / 8] * 8 + [0.2 / 12] * 12
-    out = d.training_loss(x, y)
+    out = training_loss(d, x, y)
     _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, list(range(1, WIDTH + 1)), weights))
 
 

@@ -8,8 +8,8 @@ import torch
 from scipy.optimize import minimize
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
-from kukla.pipeline.dictionary.geometric_median import geometric_median
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
+from kukla.pipeline.dictionary.model import geometric_median
 
 
 def test_geometric_median_matches_an_independent_solver():
@@ -49,7 +49,7 @@ def test_transcoder_decoder_starts_at_zero_and_is_not_norm_constrained():
     d.normalize_decoder()
     assert torch.all(d.W_dec == 0.5)
     with pytest.raises(KuklaError, match="target"):
-        d.training_loss(x)
+        training_loss(d, x)
 
 
 def test_projected_decoder_gradient_keeps_rows_unit_norm_to_first_order():
@@ -57,7 +57,7 @@ def test_projected_decoder_gradient_keeps_rows_unit_norm_to_first_order():
     d = Dictionary(DictionaryConfig(d_in=8, width=32, k=2, arch="topk"))
     x = torch.randn(64, 8)
     d.initialize(x)
-    d.training_loss(x).loss.backward()
+    training_loss(d, x).loss.backward()
     raw = d.W_dec.grad.clone()
     d.project_decoder_grads()
     assert (d.W_dec.grad * d.W_dec).sum(1).abs().max() < 1e-6
@@ -85,7 +85,7 @@ def test_training_reports_which_latents_fired():
     torch.manual_seed(0)
     d = Dictionary(DictionaryConfig(d_in=8, width=32, k=2, arch="topk"))
     x = torch.randn(16, 8)
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     codes = d.encode(x)
     assert torch.equal(out.fired, (codes > 0).any(0))
 
@@ -105,7 +105,7 @@ def test_inference_rules_topk_per_token_and_uncalibrated_batchtopk_refuses():
 
 
 def test_measured_path_choice_leaves_weights_gradients_and_rng_as_they_were():
-    from kukla.pipeline.dictionary.fast_path import choose_sparse_path
+    from kukla.pipeline.train.sweep import choose_sparse_path
 
     torch.manual_seed(0)
     d = Dictionary(DictionaryConfig(d_in=16, width=128, k=4, arch="matryoshka-batchtopk", levels=[32, 128]))

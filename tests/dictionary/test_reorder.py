@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
-from kukla.pipeline.dictionary.reorder import CONTRIBUTION_DECAY, reorder_latents
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, training_loss
+from kukla.pipeline.dictionary.model import CONTRIBUTION_DECAY, reorder_latents
 from steps import adam_step
 
 
@@ -50,6 +50,6 @@ def test_the_batch_contribution_is_the_mean_squared_code_times_decoder_norm():
     d.set_scales(float(x.norm(dim=1).mean()))
     with torch.no_grad():
         d.W_dec.mul_(torch.rand(16, 1) + 0.5)
-    out = d.training_loss(x)
+    out = training_loss(d, x)
     z = d.pre_activations(x).relu().detach()
     torch.testing.assert_close(out.contribution, (z ** 2).mean(0) * d.W_dec.detach().norm(dim=1) ** 2)

@@ -11,11 +11,9 @@ import torch
 
 from kukla.pipeline.dictionary import load_dictionary
 from kukla.pipeline.evaluate.geometry import nearest_latents
-from kukla.pipeline.evaluate.latents import HISTOGRAM_EDGES, ActivationHistogram
-from kukla.pipeline.evaluate.lens import lens_path, logit_lens
-from kukla.pipeline.evaluate.matching import max_correlation, mean_max_correlation
-from kukla.pipeline.evaluate.shading import context_activations
-from kukla.pipeline.evaluate.tree import CoFiring
+from kukla.pipeline.evaluate.browser import context_activations, lens_path, logit_lens
+from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, ActivationHistogram, CoFiring, max_correlation,
+                                             mean_max_correlation)
 from kukla.storage import open_store
 from tests.evaluate.helpers import D, HOOK, make_dictionary
 

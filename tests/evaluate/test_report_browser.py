@@ -20,7 +20,7 @@ from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, Evaluate
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
-from kukla.pipeline.train.api import train
+from kukla.pipeline.train import train
 from kukla.pipeline.train.config import TrainConfig
 from tests.harvest.conftest import build_tiny_model_dir, write_texts
 
@@ -149,7 +149,7 @@ def test_matching_is_the_mean_max_correlation_on_the_scored_rows(demo_report: Pa
     from kukla.pipeline.dictionary import load_dictionary
     from kukla.pipeline.dictionary.calibrate import evaluation_rows
     from kukla.pipeline.evaluate.browser import MATCH_ROWS
-    from kukla.pipeline.evaluate.matching import max_correlation, mean_max_correlation
+    from kukla.pipeline.evaluate.latents import max_correlation, mean_max_correlation
     from kukla.storage import open_store
 
     metrics = json.loads((demo_report / "metrics.json").read_text())

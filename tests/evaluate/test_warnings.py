@@ -10,7 +10,7 @@ import torch
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, calibrate_threshold, save_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
-from kukla.pipeline.evaluate.caveats import caveats
+from kukla.pipeline.evaluate.report import caveats
 from kukla.storage import open_store
 from tests.evaluate.helpers import D, HOOK
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kukla.pipeline.evaluate.words import prompt_activations
+from kukla.pipeline.evaluate.absorption import prompt_activations
 from kukla.pipeline.models import load_model
 from tests.harvest.conftest import build_tiny_model_dir
 

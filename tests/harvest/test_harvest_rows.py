@@ -77,7 +77,7 @@ def test_rows_cross_to_the_host_in_the_store_dtype_with_their_norms(config_model
 
     from kukla.pipeline.harvest.forward import SegmentForward
     from kukla.pipeline.harvest.plan import Segment
-    from kukla.pipeline.harvest.text import iter_texts, iter_windows
+    from kukla.pipeline.text import iter_texts, iter_windows
 
     texts_in = iter_texts(str(texts), None, "train", None, "text")
     windows = tuple(itertools.islice(iter_windows(texts_in, config_model.tokenizer, 24), 5))
@@ -101,7 +101,7 @@ def test_jsonl_texts_are_the_texts_datasets_reads(tmp_path: Path) -> None:
     unicode, escapes, blank lines skipped, empty and missing texts left out."""
     import datasets
 
-    from kukla.pipeline.harvest.text import iter_texts
+    from kukla.pipeline.text import iter_texts
 
     rows = [{"text": "Tom saw a cat.", "id": 0}, {"text": "", "id": 1}, {"text": "naïve café ✓ \"quoted\"\nnew line"},
             {"id": 3}, {"text": "Last one.", "id": 4}]

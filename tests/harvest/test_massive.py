@@ -10,7 +10,7 @@ import pytest
 
 from kukla.errors import ConfigError
 from kukla.pipeline.harvest import HarvestConfig, harvest
-from kukla.pipeline.harvest.massive import MASSIVE_RULE
+from kukla.pipeline.massive import MASSIVE_RULE
 from kukla.storage import open_store
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]

@@ -28,16 +28,18 @@ def id_rows(ids: np.ndarray, sequence: np.ndarray, position: np.ndarray) -> dict
 
 def write_sequences(path: Path | str, n_seq: int, ctx: int, *, per_segment: int = 4, dtype: str = "float32",
                     rank: int = 0, world: int = 1, finish: bool = True, codec: str = DEFAULT_CODEC) -> int:
-    """Write sequences [rank::world] of length ctx, `per_segment` sequences per segment."""
+    """Write sequences [rank::world] of length ctx, `per_segment` sequences per segment, each
+    also given as its window (token ids = row ids)."""
     mine = list(range(rank, n_seq, world))
-    with StoreWriter.open(path, {"model": "toy", "hooks": HOOKS}, rank=rank, world=world, dtype=dtype,
-                          chunk_rows=16, codec=codec) as writer:
+    with StoreWriter.open(path, {"model": "toy", "hooks": HOOKS, "context_size": ctx}, rank=rank, world=world,
+                          dtype=dtype, chunk_rows=16, codec=codec) as writer:
         for segment, start in enumerate(range(0, len(mine), per_segment)):
             seqs = np.array(mine[start:start + per_segment])
             sequence = np.repeat(seqs, ctx)
             position = np.tile(np.arange(ctx), len(seqs))
+            windows = {"windows/sequence": seqs, "windows/token_id": seqs[:, None] * ctx + np.arange(ctx)}
             if segment not in writer.committed:
-                writer.write_segment(segment, id_rows(sequence * ctx + position, sequence, position))
+                writer.write_segment(segment, id_rows(sequence * ctx + position, sequence, position) | windows)
         if finish:
             writer.finish()
     return len(mine) * ctx

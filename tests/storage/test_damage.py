@@ -53,7 +53,7 @@ def test_a_truncated_array_zarr_json_is_named_by_verify_in_one_line(tmp_path: Pa
 def test_a_static_array_changed_on_disk_fails_its_checksum(tmp_path: Path) -> None:
     path = tmp_path / "s"
     write_sequences(path, 8, 16, finish=False)
-    with StoreWriter.open(path, {"model": "toy", "hooks": HOOKS}, dtype="float32", chunk_rows=16) as writer:
+    with StoreWriter.open(path, {"model": "toy", "hooks": HOOKS, "context_size": 16}, dtype="float32", chunk_rows=16) as writer:
         writer.put_static("static/directions", np.arange(12, dtype=np.float32).reshape(3, 4))
         writer.finish()
     finalize_store(path, memory_budget_bytes=64 << 10)

@@ -116,8 +116,9 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
     assert not (stopped / "_parts" / "rank-00000" / "lock.json").exists()
     assert len(os.listdir(journal)) < 4096 // 32, "the harvest finished before SIGTERM"
 
-    settings = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
-    for out in (stopped, whole):  # the same command, run in this process
+    settings = {"source": "toy-tree", "toy": {"dim": 16, "tree": "8,2"}, "tokens": 4096, "context_size": 16,
+                "segment_windows": 2, "memory_budget": "1MB"}
+    for out in (stopped, whole):  # the same settings, run in this process
         harvest(from_dict(HarvestConfig, {**settings, "output": str(out)}))
     _assert_same_store(stopped, whole)
 
@@ -142,7 +143,7 @@ def test_a_holder_whose_lease_was_taken_over_stops_at_its_next_check(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUKLA_LEASE_SECONDS", "0.4")
     write_sequences(tmp_path / "s", 4, 16, finish=False)
-    writer = StoreWriter.open(tmp_path / "s", {"model": "toy", "hooks": HOOKS}, dtype="float32", chunk_rows=16)
+    writer = StoreWriter.open(tmp_path / "s", {"model": "toy", "hooks": HOOKS, "context_size": 16}, dtype="float32", chunk_rows=16)
     lock = tmp_path / "s" / "_parts" / "rank-00000" / "lock.json"
     taken = {**json.loads(lock.read_text()), "token": "another", "host": "node-c", "time": time.time() + 60}
     lock.write_text(json.dumps(taken))  # what a taker writes once it judged this lease expired

@@ -121,6 +121,7 @@ def test_finalize_split_across_worker_processes_is_byte_identical(tmp_path: Path
     assert _state(split) == "finalizing" and len(shards) >= 3
     finalize_store(split, memory_budget_bytes=64 << 10, seed=7)  # the commit step: nothing left but to commit
     assert _tree(split) == _tree(single)
+    assert {"windows/token_id/zarr.json", "windows/row/zarr.json"} <= set(_tree(single))  # the windows too
     assert sorted(_ids(split).tolist()) == list(range(24 * 16))
 
 

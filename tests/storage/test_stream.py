@@ -30,6 +30,17 @@ def test_batches_hold_the_store_rows_they_name(make_store) -> None:
         assert torch.equal(y[:, 0], -x[:, 0])  # input and target rows stay aligned
 
 
+def test_truth_arrays_stream_beside_the_hooks_row_for_row(make_store) -> None:
+    """A toy source's ground truth is read like any hook: same rows, same order, requested dtype."""
+    store = open_store(make_store())
+    for batch in ActivationStream(store, [HOOK, "truth/row"], 24, with_rows=True, split="all", drop_last=False):
+        x, truth = batch.acts
+        assert truth.dtype == torch.float32 and torch.equal(truth, x[:, 0])  # the row id, from both arrays
+        assert torch.equal(truth.long(), store.read("truth/row")[batch.rows])
+    with pytest.raises(KuklaError, match="no truth/missing; its truth arrays: truth/row"):
+        ActivationStream(store, [HOOK, "truth/missing"], 8)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_rank_shares_split_every_global_batch_of_one_process(make_store, world: int) -> None:
     store = open_store(make_store(n_seq=10, ctx=16))

@@ -10,7 +10,7 @@ from conftest import HOOK
 from stores import write_store
 from typer.testing import CliRunner
 
-from kukla.cli.train import command
+from kukla.cli.app import train_command as command
 from kukla.pipeline.train import checkpoint
 
 runner = CliRunner()

@@ -29,7 +29,7 @@ def _torchrun(store: Path, out: Path, *extra: str) -> subprocess.Popen:
              "--dead-tokens", "512", "--log-every", "4", "--threads", "1", "--device", "cpu", *extra]
     return subprocess.Popen(
         [sys.executable, "-m", "kukla.cli.torchrun", "--standalone", "--nproc_per_node", "2",
-         "-m", "kukla.cli.train", str(store), *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "-m", "kukla", "train", str(store), *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
 

@@ -24,7 +24,7 @@ def _train(store: Path, out: Path, arch: str, nproc: int) -> dict[str, torch.Ten
              "--batch-size", str(BATCH), "--tokens", str(BATCH * STEPS), "--checkpoint-every", "0",
              "--dead-tokens", "512", "--log-every", "4", "--threads", "1", "--device", "cpu"]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    run = subprocess.run([sys.executable, *launcher, "-m", "kukla.cli.train", str(store), *flags], cwd=REPO,
+    run = subprocess.run([sys.executable, *launcher, "-m", "kukla", "train", str(store), *flags], cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -38,7 +38,7 @@ def _train(*args: str) -> None:
 def test_sigterm_checkpoints_and_exits_143_and_the_resumed_run_equals_an_uninterrupted_one(
         store: Path, tmp_path: Path) -> None:
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
-    proc = subprocess.Popen([sys.executable, "-m", "kukla.cli.train", *_flags(store, stopped)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "kukla", "train", *_flags(store, stopped)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

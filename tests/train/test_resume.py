@@ -17,7 +17,7 @@ from conftest import HOOK
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from kukla.cli.train import command
+from kukla.cli.app import train_command as command
 from kukla.config import from_dict
 from kukla.pipeline.train import TrainConfig, checkpoint, train
 
@@ -41,7 +41,7 @@ def _config(store: Path, out: Path, **changes: object) -> TrainConfig:
 @pytest.mark.slow
 def test_run_killed_mid_way_and_resumed_matches_uninterrupted_run(store: Path, tmp_path: Path) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "kukla.cli.train", *_flags(store, killed)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "kukla", "train", *_flags(store, killed)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

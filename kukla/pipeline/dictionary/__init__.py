@@ -1,16 +1,21 @@
 """Sparse dictionaries (Matryoshka SAEs and transcoders): model, loss, calibration, directory format.
 
 The trainer builds on this API: `Dictionary(cfg)`, `set_scales`, `initialize`, then per batch
-`training_loss` → backward → `project_decoder_grads` → step → `normalize_decoder` →
+`training_loss(dictionary, …)` → backward → `project_decoder_grads` → step → `normalize_decoder` →
 `update_dead` (all without reading the device); at logging intervals `count_dead` (sizes aux-k's
 candidates); after training `calibrate_threshold`, then `save_dictionary`.
 """
 
-from kukla.pipeline.dictionary.calibrate import calibrate_threshold
-from kukla.pipeline.dictionary.config import DictionaryConfig, DictionarySettings, default_lr
-from kukla.pipeline.dictionary.directory import load_dictionary, save_dictionary
-from kukla.pipeline.dictionary.loss import TrainOutput
-from kukla.pipeline.dictionary.model import Dictionary
+from kukla import lazy_exports
 
-__all__ = ["Dictionary", "DictionaryConfig", "DictionarySettings", "TrainOutput", "calibrate_threshold", "default_lr",
-           "load_dictionary", "save_dictionary"]
+_EXPORTS = {
+    "calibrate_threshold": "kukla.pipeline.dictionary.calibrate",
+    "DictionaryConfig": "kukla.pipeline.dictionary.config", "DictionarySettings": "kukla.pipeline.dictionary.config",
+    "default_lr": "kukla.pipeline.dictionary.config",
+    "load_dictionary": "kukla.pipeline.dictionary.directory", "save_dictionary": "kukla.pipeline.dictionary.directory",
+    "TrainOutput": "kukla.pipeline.dictionary.loss", "training_loss": "kukla.pipeline.dictionary.loss",
+    "Dictionary": "kukla.pipeline.dictionary.model",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)  # configs import without torch (the CLI's --help)

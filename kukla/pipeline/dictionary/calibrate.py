@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary.activations import batch_topk_count
+from kukla.pipeline.dictionary.rules.batchtopk import batch_topk_count
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.model import Dictionary
@@ -60,8 +60,8 @@ def calibrate_threshold(dictionary: Dictionary, batches: Iterable[Tensor | tuple
     token's L0. The measured L0 (cap included) is stored in `dictionary.inference_l0`.
     """
     cfg = dictionary.cfg
-    if cfg.activation_rule != "batchtopk":
-        raise KuklaError(f"only BatchTopK dictionaries have an inference threshold (this one is {cfg.arch})")
+    if not dictionary.rule.calibrated:
+        raise KuklaError(f"only BatchTopK dictionaries have a calibrated inference threshold (this one is {cfg.activation})")
     width = dictionary.width
     values, latents, rows = [], [], []
     selected = torch.zeros(width, dtype=torch.long)

@@ -1,20 +1,23 @@
 """One dictionary's configuration: activation rule × prefix scheme × input/target pairing.
 
-`arch` is the user-facing name; the code only looks at the three independent choices
-it implies (`activation_rule`, `prefix_scheme`, `transcoder`), so a new combination is a
-config value, not a new class.
+Three independent choices: `activation` (a rule in `rules/`), `prefixes` (the Matryoshka
+scheme) and the pairing (`transcoder`, implied by the hooks), so a new combination is a config
+value, not a new class. `arch` names are shorthands that fill `activation` and `prefixes`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kukla.errors import ConfigError
 
-Arch = Literal["topk", "batchtopk", "relu", "matryoshka-batchtopk", "matryoshka-prefix", "jumprelu"]
-ActivationRule = Literal["topk", "batchtopk", "relu", "jumprelu"]
+if TYPE_CHECKING:
+    from kukla.pipeline.dictionary.rules import Rule
+
+Arch = Literal["topk", "batchtopk", "relu", "jumprelu", "matryoshka-batchtopk", "matryoshka-prefix"]
+ActivationRule = Literal["batchtopk", "topk", "relu", "jumprelu"]
 PrefixScheme = Literal["none", "levels", "sampled", "all"]
 
 
@@ -38,23 +41,24 @@ class DictionarySettings:
     every dictionary's config is these plus its own size: one definition, one validation.
     """
 
-    arch: Arch = "matryoshka-batchtopk"
-    """topk (k per token), batchtopk (k·B per batch), relu (L1 penalty), matryoshka-batchtopk
-    (batchtopk + fixed nested `levels`), matryoshka-prefix (random prefixes each batch, Nabeshima),
-    jumprelu (inference only: what a loaded SAELens JumpReLU directory becomes)."""
-    activation: Literal["batchtopk", "topk", "relu"] = "batchtopk"
-    """Activation rule of matryoshka-prefix (the other archs fix their own)."""
-    prefixes: Literal["sampled", "all"] = "sampled"
-    """matryoshka-prefix: `sampled` draws n_prefixes lengths per batch (Nabeshima); `all` trains
-    every prefix at once (block size 1), each weighted by its expected share of those draws, so the
-    loss is the sampled loss's expectation (with replacement) without its noise."""
+    activation: ActivationRule = "batchtopk"
+    """How codes are chosen: batchtopk (k·B per batch; JumpReLU at a calibrated threshold at
+    inference), topk (k per token), relu (L1 or log penalty), jumprelu (a learned threshold per
+    latent and an L0 penalty, Gemma Scope's recipe)."""
+    prefixes: PrefixScheme = "levels"
+    """Matryoshka prefix scheme: none (one reconstruction), levels (fixed nested `levels`),
+    sampled (n_prefixes lengths drawn per batch, Nabeshima), all (every prefix at once, block size
+    1, each weighted by its expected share of those draws: the sampled loss's expectation)."""
+    arch: Arch | None = None
+    """Shorthand that sets activation and prefixes: topk, batchtopk, relu, jumprelu (prefixes
+    none, or levels when levels are given), matryoshka-batchtopk (batchtopk + levels),
+    matryoshka-prefix (keeps activation; prefixes sampled unless all)."""
     levels: list[float] | None = None
     """Cumulative Matryoshka level widths ending at the width (e.g. 128,512,2048,8192,32768), or
-    the same as fractions of the width (0.03125,0.125,…,1; fractions suit a width sweep). Default
-    for matryoshka-batchtopk: F·{1/32, 3/32, 7/32, 15/32, 1}; with topk/batchtopk/relu, levels make
-    them Matryoshka too. Stored as integer widths."""
+    the same as fractions of the width (0.03125,0.125,…,1; fractions suit a width sweep), for
+    prefixes = levels. Default: F·{1/32, 3/32, 7/32, 15/32, 1}. Stored as integer widths."""
     n_prefixes: int = 9
-    """matryoshka-prefix: distinct prefix lengths drawn per batch with P(l) ∝ √l − √(l−1) from
+    """prefixes sampled (and all): distinct prefix lengths drawn per batch with P(l) ∝ √l − √(l−1) from
     1..F−1 (without replacement), plus the full width, which is always included."""
     level_weights: list[float] | None = None
     """Weight of each level's reconstruction term (fixed levels only), in level order. Default:
@@ -77,9 +81,16 @@ class DictionarySettings:
     prefixes, each latent's penalty is weighted by the prefix weight that includes it (tail mass)."""
     log_epsilon: float = 0.1
     """ε of the log penalty, in the same σ units."""
+    l0_coefficient: float = 1e-3
+    """jumprelu: weight λ of the L0 penalty Σᵢ H(preᵢ − θᵢ) (latents per token) beside the FVU."""
+    bandwidth: float = 1e-3
+    """jumprelu: width ε of the rectangle kernel of the threshold's straight-through gradient,
+    on the normalised scale of the pre-activations (E‖x‖ = √d)."""
+    threshold_init: float = 1e-3
+    """jumprelu: every latent's threshold θ at the start (θ = exp(log_threshold) is learned)."""
     target_l0: float | None = None
-    """relu: adjust the penalty's weight after every step so the training L0 approaches this
-    (starting from l1_coefficient); None keeps l1_coefficient fixed."""
+    """relu, jumprelu: adjust the penalty's weight after every step so the training L0 approaches
+    this (starting from l1_coefficient, or l0_coefficient); None keeps the weight fixed."""
     l0_control_rate: float = 0.02
     """Step of the target-L0 controller: λ ← λ·exp(rate·(L0 − target)/max(L0, target)) per step."""
     reorder_latents: bool = False
@@ -110,27 +121,56 @@ class DictionarySettings:
         if self.aux_coefficient < 0 or self.l1_coefficient < 0:
             raise ConfigError("aux_coefficient" if self.aux_coefficient < 0 else "l1_coefficient",
                               "must not be negative")
-        penalised = self.arch == "relu" or self.arch == "matryoshka-prefix" and self.activation == "relu"
-        if self.target_l0 is not None and not penalised:
-            raise ConfigError("target_l0", "steers the sparsity penalty of relu dictionaries; topk/batchtopk set L0 by k")
+        self._expand_arch()
+        if self.target_l0 is not None and self.rule.penalty_metric is None:
+            raise ConfigError("target_l0", f"steers a sparsity penalty (relu, jumprelu); {self.activation} sets L0 by k")
         if self.target_l0 is not None and self.target_l0 <= 0:
             raise ConfigError("target_l0", f"must be above 0, got {self.target_l0}")
+        for name in ("bandwidth", "threshold_init"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be above 0, got {getattr(self, name)}")
+        if self.l0_coefficient < 0:
+            raise ConfigError("l0_coefficient", "must not be negative")
         if self.l0_control_rate <= 0:
             raise ConfigError("l0_control_rate", f"must be above 0, got {self.l0_control_rate}")
         if self.log_epsilon <= 0:
             raise ConfigError("log_epsilon", f"must be above 0, got {self.log_epsilon}")
         if self.snap_fraction is not None and not 0 <= self.snap_fraction <= 1:
             raise ConfigError("snap_fraction", f"is a fraction of training, in [0, 1]; got {self.snap_fraction}")
-        if self.prefixes == "all" and self.arch != "matryoshka-prefix":
-            raise ConfigError("prefixes", "applies to matryoshka-prefix only (fixed levels are set by levels)")
-        if self.arch == "matryoshka-prefix" and self.levels:
-            raise ConfigError("levels", "matryoshka-prefix draws its prefixes; give n_prefixes, not levels")
-        if self.level_weights is not None and (self.arch == "matryoshka-prefix" or not self.levels
-                                               and self.arch != "matryoshka-batchtopk"):
-            raise ConfigError("level_weights", "applies to fixed levels only")
-        if self.spread_levels and (self.arch == "matryoshka-prefix" or not self.levels
-                                   and self.arch != "matryoshka-batchtopk"):
-            raise ConfigError("spread_levels", "applies to fixed levels only (matryoshka-batchtopk, or levels set)")
+        if self.levels and self.prefixes != "levels":
+            raise ConfigError("levels", f"are the widths of prefixes = levels (prefixes is {self.prefixes})")
+        if self.level_weights is not None and self.prefixes != "levels":
+            raise ConfigError("level_weights", "applies to fixed levels only (prefixes = levels)")
+        if self.spread_levels and self.prefixes != "levels":
+            raise ConfigError("spread_levels", "applies to fixed levels only (prefixes = levels)")
+
+    def _expand_arch(self) -> None:
+        """Fill activation and prefixes from the `arch` shorthand (kukla.json of every version has one)."""
+        if self.arch is None:
+            return
+        if self.arch == "matryoshka-prefix":
+            if self.prefixes not in ("sampled", "all"):
+                self.prefixes = "sampled"
+            return
+        if self.prefixes == "all":
+            raise ConfigError("prefixes", f"arch {self.arch} sets the prefix scheme; give activation and prefixes instead")
+        self.activation = "batchtopk" if self.arch == "matryoshka-batchtopk" else self.arch  # type: ignore[assignment]
+        self.prefixes = "levels" if self.arch == "matryoshka-batchtopk" or self.levels else "none"
+
+    @property
+    def rule(self) -> Rule:
+        """The activation rule (`rules/`): everything the code asks about `activation`."""
+        from kukla.pipeline.dictionary.rules import rule_named  # torch loads with the rules, not the config
+
+        return rule_named(self.activation)
+
+    @property
+    def label(self) -> str:
+        """Short name of the combination (sweep members' directories): batchtopk, matryoshka-batchtopk,
+        matryoshka-relu (fixed levels), matryoshka-sampled-topk, …"""
+        if self.prefixes == "none":
+            return self.activation
+        return f"matryoshka-{self.activation}" if self.prefixes == "levels" else f"matryoshka-{self.prefixes}-{self.activation}"
 
 
 @dataclass(kw_only=True)
@@ -143,7 +183,7 @@ class DictionaryConfig(DictionarySettings):
     """Number of latents F."""
     k: float | None = None
     """Active latents per token; for BatchTopK an average over the batch, so it may be fractional.
-    Required for topk/batchtopk/matryoshka-*, unused by relu."""
+    Required by topk and batchtopk, unused by relu and jumprelu."""
     d_out: int | None = None
     """Width of the target activations; defaults to d_in. Differs from d_in only for transcoders."""
     transcoder: bool = False
@@ -166,25 +206,14 @@ class DictionaryConfig(DictionarySettings):
                                        "(set transcoder to map one hook to another)")
         if self.aux_k is None:
             self.aux_k = max(1, self.d_in // 2)
-        if self.prefix_scheme == "sampled" and self.n_prefixes >= self.width:
+        if self.prefixes == "sampled" and self.n_prefixes >= self.width:
             raise ConfigError("n_prefixes", f"draws distinct lengths below width {self.width}; "
                                             f"got {self.n_prefixes} (use prefixes = all for every prefix)")
-        self._check_k()
+        self.rule.validate(self)
         self._check_levels()
 
-    def _check_k(self) -> None:
-        if self.activation_rule in ("relu", "jumprelu"):
-            return
-        if self.k is None:
-            raise ConfigError("k", f"arch {self.arch} needs k (active latents per token)")
-        if not (0 < self.k < self.width):
-            raise ConfigError("k", f"must be above 0 and below width {self.width}, got {self.k}")
-        if self.activation_rule == "topk" and not float(self.k).is_integer():
-            raise ConfigError("k", f"topk keeps a whole number of latents per token, got {self.k} "
-                                   "(fractional k needs batchtopk)")
-
     def _check_levels(self) -> None:
-        if self.arch == "matryoshka-batchtopk" and not self.levels:
+        if self.prefixes == "levels" and not self.levels:
             self.levels = sorted({max(1, round(f * self.width)) for f in DEFAULT_LEVEL_FRACTIONS})
         if not self.levels:
             self.levels = None
@@ -206,20 +235,3 @@ class DictionaryConfig(DictionarySettings):
                                                    f"got {len(self.level_weights)}")
             if any(w < 0 for w in self.level_weights) or sum(self.level_weights) <= 0:
                 raise ConfigError("level_weights", "must be non-negative with a positive sum")
-
-    @property
-    def activation_rule(self) -> ActivationRule:
-        """How codes are chosen from pre-activations during training."""
-        if self.arch == "matryoshka-prefix":
-            return self.activation
-        if self.arch == "matryoshka-batchtopk":
-            return "batchtopk"
-        return self.arch  # type: ignore[return-value]
-
-    @property
-    def prefix_scheme(self) -> PrefixScheme:
-        """none: one reconstruction; levels: fixed nested widths; sampled: Nabeshima prefixes;
-        all: every prefix (block size 1)."""
-        if self.arch == "matryoshka-prefix":
-            return self.prefixes
-        return "levels" if self.levels else "none"

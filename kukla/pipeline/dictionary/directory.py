@@ -25,17 +25,12 @@ from kukla.config import from_dict, to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.config import DictionaryConfig
 from kukla.pipeline.dictionary.model import Dictionary
+from kukla.pipeline.dictionary.rules import RULES, rule_loading
 
 CFG_FILE, WEIGHTS_FILE, KUKLA_FILE = "cfg.json", "sae_weights.safetensors", "kukla.json"
 FORMAT, FORMAT_VERSION = "kukla-dictionary", 1
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write (SAELens ≥ 6 reads it as-is)
 
-# (activation rule, transcoder) → SAELens architecture; None: SAELens has no such class.
-_SAELENS_ARCH = {
-    ("relu", False): "standard", ("topk", False): "topk", ("batchtopk", False): "jumprelu",
-    ("jumprelu", False): "jumprelu", ("relu", True): "transcoder", ("topk", True): None,
-    ("batchtopk", True): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_transcoder",
-}
 # SAELens metadata fields (Neuronpedia reads them) taken from the trainer's metadata when present.
 _SAELENS_METADATA_KEYS = ("model_name", "context_size", "dataset_path", "prepend_bos",
                           "exclude_special_tokens", "model_class_name")
@@ -52,7 +47,7 @@ def _finite_or_none(value: torch.Tensor) -> float | None:
 
 def saelens_architecture(dictionary: Dictionary) -> str | None:
     """The SAELens class a saved dictionary loads as; None where SAELens has none (TopK transcoders)."""
-    return _SAELENS_ARCH[(dictionary.cfg.activation_rule, dictionary.cfg.transcoder)]
+    return dictionary.rule.saelens[dictionary.cfg.transcoder]
 
 
 def _hooks(dictionary: Dictionary, metadata: dict[str, Any]) -> dict[str, str | None]:
@@ -70,7 +65,7 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
     kukla.json under "metadata" (training config, store fingerprint, summary, ...).
     """
     cfg = dictionary.cfg
-    if cfg.activation_rule == "batchtopk" and not dictionary.calibrated:
+    if dictionary.rule.calibrated and not dictionary.calibrated:
         raise KuklaError("a BatchTopK dictionary is saved with its inference threshold: "
                          "run calibrate_threshold on held-out rows before save_dictionary")
     directory = Path(directory)
@@ -85,8 +80,9 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
         "b_dec": dictionary.b_dec.float() / s_out,
     }
     arch = saelens_architecture(dictionary)
-    if cfg.activation_rule in ("batchtopk", "jumprelu"):
-        weights["threshold"] = dictionary.threshold.float().expand(cfg.width)
+    threshold = dictionary.rule.threshold(dictionary)
+    if threshold is not None:
+        weights["threshold"] = threshold.float().expand(cfg.width)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
     weights_sha256 = _sha256(directory / WEIGHTS_FILE)
@@ -98,23 +94,23 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
     if cfg.transcoder:
         saelens_metadata["hook_name_out"] = hooks["target"]
     saelens_cfg: dict[str, Any] = {
-        "architecture": arch or f"kukla_{cfg.activation_rule}_transcoder",
+        "architecture": arch or f"kukla_{cfg.activation}_transcoder",
         "d_in": cfg.d_in, "d_sae": cfg.width, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": not cfg.transcoder, "normalize_activations": "none",
         "reshape_activations": "none", "metadata": saelens_metadata,
     }
     if cfg.transcoder:
         saelens_cfg["d_out"] = dictionary.d_out
-    if cfg.activation_rule == "topk":
-        saelens_cfg.update(k=int(cfg.k or 0), rescale_acts_by_decoder_norm=False)
+    saelens_cfg.update(dictionary.rule.saelens_fields(cfg))
     _write_json(directory / CFG_FILE, saelens_cfg)
 
     _write_json(directory / KUKLA_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "arch": cfg.arch, "transcoder": cfg.transcoder, "levels": dictionary.levels,
+        "arch": cfg.arch or cfg.label, "activation": cfg.activation, "prefixes": cfg.prefixes,
+        "transcoder": cfg.transcoder, "levels": dictionary.levels,
         "hooks": hooks, "d_in": cfg.d_in, "d_out": dictionary.d_out, "width": cfg.width,
-        "k": cfg.k, "threshold": _finite_or_none(dictionary.threshold.max()),
-        "per_latent_thresholds": bool(dictionary.threshold.unique().numel() > 1),
+        "k": cfg.k, "threshold": None if threshold is None else _finite_or_none(threshold.max()),
+        "per_latent_thresholds": threshold is not None and bool(threshold.unique().numel() > 1),
         "inference_l0": _finite_or_none(dictionary.inference_l0), **_cap_note(dictionary),
         "scales": {"input": s_in, "target": s_out}, "saelens_architecture": arch,
         "config": to_dict(cfg), "metadata": metadata, "weights_sha256": weights_sha256,
@@ -191,7 +187,7 @@ def _load_ours(directory: Path) -> Dictionary:
     dictionary.input_scale.fill_(s_in)
     dictionary.target_scale.fill_(s_out)
     if "threshold" in weights:
-        dictionary.threshold.copy_(weights["threshold"])
+        dictionary.rule.load_threshold(dictionary, weights["threshold"])
     dictionary.l0_cap.fill_(int(info.get("l0_cap") or 0))
     if info.get("inference_l0") is not None:
         dictionary.inference_l0.fill_(info["inference_l0"])
@@ -203,20 +199,20 @@ def _load_saelens(directory: Path) -> Dictionary:
     cfg = _read_json(directory / CFG_FILE)
     arch = cfg.get("architecture", "standard")
     meta = cfg.get("metadata") or {}
-    rules = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
-             "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
-    if arch not in rules:
+    rule = rule_loading(arch)
+    if rule is None:
+        supported = [name for r in RULES.values() for name in r.loads_from]
         raise KuklaError(f"{directory}: SAELens architecture {arch!r} is not supported "
-                         f"(expected one of {', '.join(rules)})")
+                         f"(expected one of {', '.join(supported)})")
     if cfg.get("normalize_activations", "none") != "none":
         raise KuklaError(f"{directory}: normalize_activations={cfg['normalize_activations']!r}; fold the "
                          "normalisation into the weights first (SAELens: fold_activation_norm_scaling_factor)")
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise KuklaError(f"{directory}: rescale_acts_by_decoder_norm is not supported; save it with "
                          "normalised decoder rows first (SAELens: fold_W_dec_norm)")
-    transcoder = arch in ("transcoder", "jumprelu_transcoder")
+    transcoder = arch == rule.saelens[True]
     dictionary = Dictionary(DictionaryConfig(
-        d_in=cfg["d_in"], width=cfg["d_sae"], arch=rules[arch], k=cfg.get("k"),  # type: ignore[arg-type]
+        d_in=cfg["d_in"], width=cfg["d_sae"], activation=rule.name, prefixes="none", k=cfg.get("k"),  # type: ignore[arg-type]
         d_out=cfg.get("d_out") if transcoder else None, transcoder=transcoder))
     weights = _read_weights(directory)
     dictionary.W_enc.copy_(weights["W_enc"])
@@ -228,7 +224,7 @@ def _load_saelens(directory: Path) -> Dictionary:
     dictionary.b_enc.copy_(b_enc)
     threshold = weights.get("threshold", weights.get("topk_threshold"))
     if threshold is not None:
-        dictionary.threshold.copy_(threshold.float().expand(cfg["d_sae"]))
+        dictionary.rule.load_threshold(dictionary, threshold)
     input_hook = meta.get("hook_name") or cfg.get("hook_name")
     dictionary.metadata = {"hooks": {"input": input_hook, "target": meta.get("hook_name_out") or input_hook},
                            "saelens": cfg}

@@ -1,8 +1,12 @@
-"""The dictionary: parameters, inference (encode/decode on raw activations) and constraints.
+"""The dictionary: parameters, inference on raw activations, constraints, and the updates between steps.
 
 Notation (docs/ARCHITECTURE.md): x_s = x·input_scale, pre = (x_s − b_dec)·W_enc + b_enc for an SAE
 (x_s·W_enc + b_enc for a transcoder), ŷ_s = z·W_dec + b_dec, output ŷ = ŷ_s / target_scale.
 The scales (SAELens-style √d / E‖x‖) are buffers, so every public method takes raw activations.
+The codes come from the activation rule (`rules/`); training is `loss.training_loss(dictionary, …)`,
+which reads the dictionary (the model never calls into the loss). Between steps the trainer
+renormalises (`normalize_decoder`), counts dead latents, reorders latents (`reorder_latents`)
+and steers a penalty's λ (`adjust_penalty`); all of these live here, beside the state they change.
 """
 
 from __future__ import annotations
@@ -14,11 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary.activations import jumprelu, topk_codes
 from kukla.pipeline.dictionary.config import DictionaryConfig
-from kukla.pipeline.dictionary.geometric_median import geometric_median
-from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
-from kukla.pipeline.dictionary.loss import TrainOutput, training_loss
 
 
 _AUX_COLUMN_STEP = 128  # aux-k candidates come in multiples of this
@@ -30,6 +30,7 @@ class Dictionary(nn.Module):
     def __init__(self, cfg: DictionaryConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.rule = cfg.rule
         d_in, d_out, width = cfg.d_in, self.d_out, cfg.width
         self.W_enc = nn.Parameter(torch.empty(d_in, width))
         self.b_enc = nn.Parameter(torch.zeros(width))
@@ -41,15 +42,16 @@ class Dictionary(nn.Module):
         self.register_buffer("inference_l0", torch.tensor(math.nan))
         self.register_buffer("l0_cap", torch.tensor(0, dtype=torch.long))  # BatchTopK inference; 0: none
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
-        if cfg.target_l0 is not None:  # the penalty weight λ that the L0 controller moves (l0_control.py)
-            self.register_buffer("penalty_coefficient", torch.tensor(float(cfg.l1_coefficient)))
-        if cfg.reorder_latents:  # running mean of zᵢ²‖W_dec,i‖² that orders the latents (reorder.py)
+        if cfg.target_l0 is not None:  # the penalty weight λ that the L0 controller moves (`adjust_penalty`)
+            self.register_buffer("penalty_coefficient", torch.tensor(float(self.rule.penalty_weight(cfg))))
+        if cfg.reorder_latents:  # running mean of zᵢ²‖W_dec,i‖² that orders the latents (`reorder_latents`)
             self.register_buffer("contribution", torch.zeros(width))
         self.use_sparse_path = cfg.sparse_path
-        """The path `training_loss` takes; `fast_path.choose_sparse_path` may pick dense where it is faster."""
+        """The path `training_loss` takes; `train.sweep.choose_sparse_path` may pick dense where it is faster."""
         self.aux_columns = 0
         """How many longest-unfired latents aux-k searches for dead ones (set by `count_dead`)."""
         self.metadata: dict[str, Any] = {}  # what load_dictionary read beside the weights (kukla.json)
+        self.rule.add_state(self)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -86,7 +88,7 @@ class Dictionary(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        """Whether the inference threshold has been set (BatchTopK needs it to encode)."""
+        """Whether the calibrated inference threshold has been set (BatchTopK needs it to encode)."""
         return not bool(torch.isnan(self.threshold).any())
 
     # --- scaling ---------------------------------------------------------------------------
@@ -131,24 +133,8 @@ class Dictionary(nn.Module):
 
     # --- inference -------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
-        """Inference codes [B, F]: TopK per token; BatchTopK → JumpReLU at the calibrated threshold(s),
-        keeping at most `l0_cap` codes per token when set; ReLU."""
-        pre = self.pre_activations(x)
-        rule = self.cfg.activation_rule
-        if rule == "topk":
-            return topk_codes(pre, int(self.cfg.k or 0))
-        if rule == "relu":
-            return pre.relu()
-        if not self.calibrated:
-            raise KuklaError("this BatchTopK dictionary has no inference threshold yet: "
-                             "run calibrate_threshold on held-out rows first")
-        codes = jumprelu(pre, self.threshold)
-        cap = int(self.l0_cap)
-        if cap:
-            over = (codes > 0).sum(1) > cap
-            if over.any():
-                codes[over] = topk_codes(codes[over], cap)
-        return codes
+        """Inference codes [B, F], by the activation rule (`rules/`)."""
+        return self.rule.encode(self, self.pre_activations(x))
 
     def decode(self, z: Tensor) -> Tensor:
         """Output in raw units of the target: (z·W_dec + b_dec) / target_scale."""
@@ -168,14 +154,6 @@ class Dictionary(nn.Module):
         """Reconstruction (SAE) or prediction of the target (transcoder), in raw units."""
         return self.decode(self.encode(x))
 
-    def training_loss(self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
-                      batch: GlobalBatch = ONE_PROCESS, l2: bool = False) -> TrainOutput:
-        """One training pass on raw activations (y: a transcoder's targets); `generator` draws
-        matryoshka-prefix's prefixes; `batch` reduces over data-parallel shares of the batch;
-        l2: the snap loss. See `kukla.pipeline.dictionary.loss`."""
-        return training_loss(self, x, y, generator, batch, l2)
-
-    # --- initialisation and constraints ----------------------------------------------------
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor | None = None) -> None:
         """b_dec = geometric median of a sample (of the target, in training units); call after set_scales.
@@ -235,3 +213,90 @@ class Dictionary(nn.Module):
         if self.aux_columns == 0:
             return None
         return self.tokens_since_fired.topk(self.aux_columns, sorted=False).indices.sort().values
+
+
+# --- initialisation ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
+    """argmin_m Σᵢ‖pointsᵢ − m‖ for points [N, d], by Weiszfeld's reweighted means (float64): the
+    decoder bias an SAE starts from. Unlike the mean it is robust to the few huge-norm tokens
+    (BOS, attention sinks) that drag the mean away from where most activations live."""
+    pts = points.double()
+    median = pts.mean(dim=0)
+    for _ in range(max_iter):
+        dist = (pts - median).norm(dim=1).clamp_min(1e-12)  # a point at the median gets a huge, finite weight
+        weights = 1.0 / dist
+        new = (weights[:, None] * pts).sum(dim=0) / weights.sum()
+        step = (new - median).norm()
+        median = new
+        if step <= tol * (1.0 + median.norm()):
+            break
+    return median.to(points.dtype)
+
+
+# --- latent reordering (Nabeshima) ---------------------------------------------------------------
+# A prefix scheme makes position matter: the first latents are in every prefix. Sorting by a
+# running mean of each latent's contribution zᵢ²‖W_dec,i‖² after every step lets a latent that
+# turns out general move forward into the short prefixes, instead of staying where init put it.
+#
+# A permutation of the latents changes no function of the dictionary, so everything indexed by
+# latent moves together: encoder columns, encoder bias, decoder rows, their Adam moments, and the
+# per-latent buffers (dead counters, threshold, the running contribution itself). All of them are
+# in the dictionary's and the optimiser's state dicts, so a checkpoint resumes exactly.
+
+CONTRIBUTION_DECAY = 0.99
+"""Weight of the past in the running mean of each latent's contribution (≈ the last 100 batches)."""
+
+
+def batch_contribution(cols: Tensor, values: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+    """[F] mean over the batch's rows of zᵢ²‖W_dec,i‖², from the active entries (cols, values)."""
+    squared = torch.zeros(W_dec.shape[0], dtype=torch.float32, device=W_dec.device)
+    squared.index_add_(0, cols, values.detach().float().pow(2))
+    return squared * W_dec.detach().float().pow(2).sum(dim=1) / max(n_rows, 1)
+
+
+#: Per-latent parameters and the dimension that indexes latents.
+_LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
+#: Per-latent buffers (indexed by latent along dim 0).
+_LATENT_BUFFERS = ("threshold", "tokens_since_fired", "contribution")
+
+
+@torch.no_grad()
+def reorder_latents(dictionary: nn.Module, optimizer: torch.optim.Optimizer, contribution: Tensor) -> Tensor:
+    """Fold this batch's contribution into the running mean, then sort the latents by it
+    (descending; stable, so ties keep their order). Returns the permutation applied."""
+    running = dictionary.contribution
+    running.mul_(CONTRIBUTION_DECAY).add_(contribution.to(running), alpha=1 - CONTRIBUTION_DECAY)
+    order = torch.argsort(running, descending=True, stable=True)
+    for name, dim in _LATENT_DIM.items():
+        param = getattr(dictionary, name, None)
+        if param is None:  # a rule's own parameter (JumpReLU's threshold) that this one lacks
+            continue
+        tensors = [param] + [v for v in optimizer.state.get(param, {}).values()
+                             if torch.is_tensor(v) and v.shape == param.shape]
+        for tensor in tensors:
+            tensor.copy_(tensor.index_select(dim, order.to(tensor.device)))
+    for name in _LATENT_BUFFERS:
+        buffer = getattr(dictionary, name)
+        buffer.copy_(buffer.index_select(0, order.to(buffer.device)))
+    return order
+
+
+# --- target-L0 control (ReLU, JumpReLU) ----------------------------------------------------------
+# With an L1, log or L0 penalty the L0 is whatever λ gives, and that drifts as training goes; a sweep
+# that must compare dictionaries at equal L0 wants λ set by the L0 instead. After every step
+#
+#     λ ← λ · exp(rate · (L0 − target) / max(L0, target))
+#
+# raises λ while the batch fires too many latents and lowers it while it fires too few: a
+# multiplicative (log-space) integral controller, so λ stays positive, and its error term is
+# bounded in (−1, 1) both ways, so a far-off start cannot overshoot into an all-dead dictionary.
+# λ lives in a buffer, so checkpoints carry it and a resumed run continues exactly.
+
+@torch.no_grad()
+def adjust_penalty(dictionary: nn.Module, l0: Tensor | float, target: float, rate: float) -> None:
+    """One controller step from this batch's L0 (under DDP: the mean over ranks)."""
+    coefficient = dictionary.penalty_coefficient
+    l0 = torch.as_tensor(l0, dtype=coefficient.dtype, device=coefficient.device)
+    coefficient.mul_(torch.exp(rate * (l0 - target) / l0.clamp_min(target)))

@@ -57,14 +57,14 @@ def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = No
     Sampled: n_prefixes distinct lengths plus F, each weighing 1/(n+1), the lengths a tensor on
     the generator's device. All prefixes: every length 1..F with its expected weight.
     """
-    if cfg.prefix_scheme == "none":
+    if cfg.prefixes == "none":
         return [cfg.width], [1.0]
-    if cfg.prefix_scheme == "levels":
+    if cfg.prefixes == "levels":
         assert cfg.levels is not None
         widths = [int(w) for w in cfg.levels]
         raw = cfg.level_weights or [1.0] * len(widths)
         return widths, [float(w) / (1 if cfg.level_weights else len(widths)) for w in raw]
-    if cfg.prefix_scheme == "all":
+    if cfg.prefixes == "all":
         return list(range(1, cfg.width + 1)), all_prefix_cdf(cfg.width, cfg.n_prefixes).diff().tolist()
     draws = sample_prefix_lengths(cfg.width, cfg.n_prefixes, generator)
     return draws, [1 / len(draws)] * len(draws)
@@ -109,7 +109,7 @@ def _spread_cumulative_weight(widths: tuple[int, ...], weights: tuple[float, ...
 def prefix_cdf(cfg: DictionaryConfig, widths: list[int] | Tensor, weights: list[float],
                device: torch.device = torch.device("cpu")) -> Tensor:
     """[F+1] float64 C(l) of the config's scheme on the device, given this batch's `prefix_weights`."""
-    if cfg.prefix_scheme == "all":
+    if cfg.prefixes == "all":
         return all_prefix_cdf(cfg.width, cfg.n_prefixes, device)
     if cfg.spread_levels:
         assert isinstance(widths, list)  # fixed levels

@@ -4,7 +4,7 @@ absorption, toy ground truth; writes metrics.json, report.md, report.html and pe
 `EvaluateConfig` is light to import (the CLI builds its flags from it); `evaluate` loads on first use.
 """
 
-from kukla.lazy import lazy_exports
+from kukla import lazy_exports
 from kukla.pipeline.evaluate.config import AbsorptionConfig, DownstreamConfig, EvaluateConfig
 
 __all__ = ["AbsorptionConfig", "DownstreamConfig", "EvaluateConfig", "evaluate"]

@@ -6,6 +6,19 @@ page searches and filters, so it is plain JSON of a few numbers per latent. The 
 matches) is cut into pages of `PAGE_LATENTS` latents, each gzip-compressed and base64'd into
 its own script element: the browser decodes a page only when one of its latents is opened,
 so a 65k-latent report opens as fast as its index parses.
+
+Shading: each context token's activation of the latent whose top context it is. The tokens around a top-activating row sit anywhere in the shuffled store, so their
+activations are re-encoded from their stored rows. Rows are read a whole store chunk at a
+time (each chunk once), fullest chunks first, up to `MAX_READ_ROWS` rows: on a 1e8-row
+store a 65k-latent dictionary's contexts touch nearly every chunk, and reading the whole
+store for shading would cost more than the evaluation. Tokens left unread get no value
+(NaN), and the caller says how many.
+
+Logit lens: which tokens a latent's output pushes up or down. A direction d in the residual stream changes the logits by d · W_U (no final LayerNorm: the
+lens reads the direction, not one token's scale). SAEs on the residual stream are read this
+way directly; a transcoder (or SAE) whose target writes into the residual stream
+(`hook_mlp_out`, `hook_attn_out`) is read through that direct path. Other hooks are not in
+the residual basis, so they get no lens.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import base64
 import gzip
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,12 +35,94 @@ from torch import Tensor
 
 from kukla.pipeline.evaluate.contexts import RowContexts
 from kukla.pipeline.evaluate.geometry import nearest_latents
-from kukla.pipeline.evaluate.latents import HISTOGRAM_EDGES, ActivationHistogram, latent_levels
-from kukla.pipeline.evaluate.lens import lens_path, logit_lens
-from kukla.pipeline.evaluate.matching import max_correlation, mean_max_correlation
-from kukla.pipeline.evaluate.shading import MAX_READ_ROWS, context_activations
-from kukla.pipeline.evaluate.tree import CoFiring
+from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, ActivationHistogram, CoFiring, latent_levels,
+                                             max_correlation, mean_max_correlation)
 from kukla.storage import Store
+
+
+MAX_READ_ROWS = 1 << 22
+ENCODE_ROWS = 1024
+
+
+def _batches(rows: np.ndarray, lo: int, hi: int, size: int = ENCODE_ROWS) -> list[tuple[int, int]]:
+    """Split the sorted rows[lo:hi] into spans of at most `size` distinct rows."""
+    starts = lo + np.flatnonzero(np.r_[True, rows[lo + 1:hi] != rows[lo:hi - 1]])  # first pair of each row
+    bounds = [*starts[::size].tolist(), hi]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def chunks_to_read(store: Store, rows: np.ndarray, max_rows: int = MAX_READ_ROWS) -> list[int]:
+    """Store chunks holding `rows`, fullest first, within the budget of rows read (sorted)."""
+    chunk = rows // store.chunk_rows
+    ids, counts = np.unique(chunk, return_counts=True)
+    chosen, budget = [], max_rows
+    for c in ids[np.argsort(-counts, kind="stable")].tolist():
+        size = min(store.chunk_rows, store.n_rows - c * store.chunk_rows)
+        if size > budget:
+            break
+        chosen.append(c)
+        budget -= size
+    return sorted(chosen)
+
+
+@torch.no_grad()
+def context_activations(store: Store, hook: str, encode: Callable[[torch.Tensor], torch.Tensor],
+                        source_rows: np.ndarray, latents: np.ndarray, device: str,
+                        max_rows: int = MAX_READ_ROWS) -> np.ndarray:
+    """z[source_rows[i], latents[i]] for every pair (NaN where the row is −1 or was not read)."""
+    out = np.full(len(source_rows), np.nan, dtype=np.float32)
+    valid = np.flatnonzero(source_rows >= 0)
+    if len(valid) == 0:
+        return out
+    rows, lat = source_rows[valid], latents[valid]
+    order = np.argsort(rows, kind="stable")
+    rows, lat, valid = rows[order], lat[order], valid[order]
+    for c in chunks_to_read(store, np.unique(rows), max_rows):
+        start = c * store.chunk_rows
+        lo, hi = np.searchsorted(rows, [start, start + store.chunk_rows])
+        if lo == hi:
+            continue
+        acts = store.read(hook, start, start + store.chunk_rows)
+        for a, b in _batches(rows, lo, hi):  # encode ENCODE_ROWS distinct rows at a time: z is [rows, F]
+            wanted, inverse = np.unique(rows[a:b] - start, return_inverse=True)
+            z = encode(acts[torch.from_numpy(wanted)].to(device))
+            values = z[torch.from_numpy(inverse).to(device), torch.from_numpy(lat[a:b]).to(device)]
+            out[valid[a:b]] = values.float().cpu().numpy()
+    return out
+
+
+RESIDUAL_SPACE = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+WRITES_TO_RESIDUAL = ("hook_mlp_out", "hook_attn_out")
+
+
+def lens_path(hook: str, width: int, d_model: int) -> str | None:
+    """How a decoder writing to `hook` reaches the logits, in words; None when it does not directly."""
+    if width != d_model:
+        return None
+    if hook.endswith(RESIDUAL_SPACE):
+        return f"logit lens: decoder direction (at {hook}) · W_U, no final LayerNorm"
+    if hook.endswith(WRITES_TO_RESIDUAL):
+        return f"direct path: decoder direction (written to {hook}, added to the residual stream) · W_U"
+    return None
+
+
+@torch.no_grad()
+def logit_lens(w_dec: Tensor, w_u: Tensor, k: int, chunk_elements: int = 1 << 26) -> dict[str, Tensor]:
+    """Top and bottom `k` tokens of each decoder row through the unembedding W_U [d, vocab]:
+    ids and logit changes, [F, k] each, largest (resp. smallest) first."""
+    w_u = w_u.detach().float()
+    w_dec = w_dec.detach().float().to(w_u.device)
+    k = min(k, w_u.shape[1])
+    rows = max(1, chunk_elements // w_u.shape[1])
+    parts: dict[str, list[Tensor]] = {"top_ids": [], "top_values": [], "bottom_ids": [], "bottom_values": []}
+    for start in range(0, w_dec.shape[0], rows):
+        logits = w_dec[start:start + rows] @ w_u
+        for side, largest in (("top", True), ("bottom", False)):
+            best = logits.topk(k, dim=1, largest=largest)
+            parts[f"{side}_ids"].append(best.indices.cpu())
+            parts[f"{side}_values"].append(best.values.cpu())
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
 
 PAGE_LATENTS = 256
 NEAREST = 8
@@ -105,7 +200,7 @@ def _shaded_contexts(item: BrowserInput, store: Store, contexts: RowContexts, de
     sources = contexts.source_rows[at].reshape(-1)
     acts = context_activations(store, item.input_hook, item.dictionary.encode, sources, np.repeat(latent, width),
                                device).reshape(len(pairs), width)
-    unread = int(np.isnan(acts[contexts.token_ids[at] >= 0]).sum())
+    unread = int(np.isnan(acts[contexts.source_rows[at] >= 0]).sum())  # tokens with a row left unread
     if unread:
         item.extra["unshaded_tokens"] = unread
     out: list[list[dict[str, Any]]] = [[] for _ in item.top_rows]

@@ -19,7 +19,8 @@ class DownstreamConfig:
     """Fail instead of skipping with a note when the model or its text cannot be loaded."""
     contexts: int = 64
     """Context windows for the downstream metrics, re-tokenized from the store's dataset exactly
-    as the harvest did (after the harvested windows where the dataset has more text)."""
+    as the harvest did (after the harvested windows where the dataset has more text); without the
+    dataset, the store's own windows (harvested text, said in a note)."""
     batch_size: int = 8
     """Context windows per forward pass."""
     mean_ablation: bool = True

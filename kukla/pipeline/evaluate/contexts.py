@@ -1,12 +1,16 @@
-"""Token contexts: the text around a store row, and fresh windows of the store's dataset.
+"""Token contexts: the text around a store row, and whole windows for the downstream metrics.
 
-Rows are shuffled, so the tokens before a row live anywhere in the store: one chunked scan
-of `tokens/sequence` and `tokens/position` collects them for all requested rows at once
-(memory: the requested rows × context length, never the whole store).
+A store with windows (`windows/token_id`, `windows/row`: every harvest since they exist, and
+imports given token ids) answers both from itself: a row's window is its `tokens/sequence`,
+its context the window's ids before its `tokens/position`, and the row of each context token
+`windows/row` at the same place. Older stores have rows only, shuffled, so the tokens before
+a row live anywhere in the store: one chunked scan of `tokens/sequence` and `tokens/position`
+collects them for all requested rows at once (memory: the requested rows × context length).
 
-Downstream metrics need whole windows. They are re-made from the store's dataset spec
-exactly as the harvest made them (same tokenizer, packing, BOS policy), taking the windows
-*after* the harvested ones, so the model is scored on text no dictionary trained on.
+Downstream metrics need whole windows. They are re-made from the store's dataset spec exactly
+as the harvest made them (`kukla.pipeline.text`: same tokenizer, packing, BOS policy), taking
+the windows *after* the harvested ones, so the model is scored on text no dictionary trained
+on; without the dataset, the store's own windows serve (harvested text, said in a note).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kukla.errors import KuklaError
 from kukla.progress import progress
 from kukla.storage import Store
 
@@ -42,6 +47,8 @@ def read_rows(store: Store, name: str, rows: np.ndarray) -> torch.Tensor:
 
 def has_token_ids(store: Store) -> bool:
     """Whether the store's rows come from text (toy and imported rows carry −1)."""
+    if store.n_windows:
+        return True
     if store.n_rows == 0 or "tokens/token_id" not in store.specs:
         return False
     return bool((store.read("tokens/token_id", store.n_rows - 1, store.n_rows) >= 0).all())
@@ -63,11 +70,14 @@ class RowContexts:
 
 
 def row_contexts(store: Store, rows: list[int], context_tokens: int) -> RowContexts:
-    """For each row, its window from `context_tokens` before it up to itself (one scan of the store)."""
+    """For each row, its window from `context_tokens` before it up to itself: from the store's
+    windows where it has them, else from one scan of the store."""
     wanted = np.unique(np.asarray(rows, dtype=np.int64))
     seq = read_rows(store, "tokens/sequence", wanted).numpy().astype(np.int64)
     pos = read_rows(store, "tokens/position", wanted).numpy().astype(np.int64)
     offsets = np.arange(-context_tokens, 1)
+    if store.n_windows:
+        return _window_contexts(store, wanted, seq, pos[:, None] + offsets)
     span = POSITION_SPAN
     keys = seq[:, None] * span + (pos[:, None] + offsets)  # [rows, context + 1] (seq, position) keys
     needed = np.unique(keys)
@@ -89,6 +99,35 @@ def row_contexts(store: Store, rows: list[int], context_tokens: int) -> RowConte
     found, source = tokens[at], sources[at]
     found[outside], source[outside] = -1, -1
     return RowContexts(wanted, found, source)
+
+
+def _window_contexts(store: Store, rows: np.ndarray, seq: np.ndarray, positions: np.ndarray) -> RowContexts:
+    """Contexts looked up in windows/token_id and windows/row (−1 before a window's start)."""
+    outside = positions < 0
+    at = np.where(outside, 0, positions)
+    picked = {name: _read_windows(store, name, seq) for name in ("windows/token_id", "windows/row")}
+    tokens, sources = (np.take_along_axis(picked[name], at, axis=1).astype(np.int64)
+                       for name in ("windows/token_id", "windows/row"))
+    tokens[outside], sources[outside] = -1, -1
+    return RowContexts(rows, tokens, sources)
+
+
+def _read_windows(store: Store, name: str, windows: np.ndarray) -> np.ndarray:
+    """Windows at `windows` (in that order), each chunk of the array read once."""
+    size = store.window_chunk_rows
+    unique, inverse = np.unique(windows, return_inverse=True)
+    blocks = np.unique(unique // size)
+    data = np.concatenate([store.read_stored(name, b * size, (b + 1) * size) for b in blocks.tolist()])
+    starts = np.searchsorted(blocks, unique // size) * size  # where each block landed in `data`
+    return data[(starts + unique % size)[inverse]]
+
+
+def stored_windows(store: Store, n_windows: int) -> torch.Tensor:
+    """The store's first `n_windows` windows whose every position holds a token (harvested text)."""
+    if not store.n_windows:
+        return torch.empty(0, 0, dtype=torch.long)
+    ids = store.read("windows/token_id", 0, min(store.n_windows, 4 * n_windows)).long()
+    return ids[(ids >= 0).all(dim=1)][:n_windows]
 
 
 def load_tokenizer(store: Store, model: str | None = None) -> tuple[Any | None, str | None]:
@@ -126,9 +165,11 @@ def render_context(ids: list[int], tokenizer: Any | None) -> str:
 def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.Tensor, bool]:
     """`n_windows` full windows of the store's dataset, re-tokenized as the harvest did; the
     second value says whether they all come after the harvested text (unseen by training)."""
-    from kukla.pipeline.harvest.text import iter_texts, iter_windows
+    from kukla.pipeline.text import iter_texts, iter_windows
 
     meta = store.meta
+    if not isinstance(meta.get("dataset"), dict) or store.context_size is None:
+        raise KuklaError(f"store {store.url} records no dataset to re-read")
     spec = meta["dataset"]
     keep_special = bool(meta.get("harvest", {}).get("keep_special_tokens", False))
     texts = iter_texts(spec["name"], spec.get("subset"), spec.get("split", "train"), spec.get("revision"),
@@ -138,7 +179,7 @@ def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.T
     seen: list[np.ndarray] = []
     unseen: list[np.ndarray] = []
     pad = meta.get("special_tokens", {}).get("pad_token_id")
-    for window in iter_windows(texts, tokenizer, int(meta["context_size"]), keep_special_tokens=keep_special):
+    for window in iter_windows(texts, tokenizer, store.context_size, keep_special_tokens=keep_special):
         full = not (pad is not None and window.tokens[-1] == pad and not window.keep[-1] and window.tokens[-2] == pad)
         if kept >= harvested:
             if full:

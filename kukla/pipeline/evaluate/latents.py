@@ -1,7 +1,20 @@
-"""The per-latent table: level, density, activation statistics, top-activating rows.
+"""What every latent does on the eval rows: top rows, activation histogram, parent, best match, table.
 
-The top rows are tracked with a running top-k over the stream ([F, k] values and row
+The per-latent table holds level, density, activation statistics and top-activating rows. The top rows are tracked with a running top-k over the stream ([F, k] values and row
 ids), so memory is F·k whatever the number of eval tokens.
+
+The Matryoshka tree: which later-level latents fire mostly when an earlier one fires. A Matryoshka dictionary's early levels hold general features and later levels their
+specialisations. A later latent j is a child of the earlier latent i that fires on the
+largest fraction of j's firings, P(i fires | j fires), when that fraction is at least
+`min_fraction`. Co-firing is counted on eval rows with one [P, F] matmul of fire masks per
+batch; parents are the first `max_parents` latents of the levels before the last, so memory
+is P·F counts whatever the number of tokens.
+
+Cross-dictionary matching: for each latent of A, its best activation correlation with a latent
+of B, summarised as the mean over A's live latents (mean max correlation): near 1 when B holds
+every feature of A, lower where B splits (fragments) or lacks them. Correlations are
+Pearson over the same eval rows for both dictionaries, computed in chunks of A's latents
+so the [Fa, Fb] matrix never exists.
 """
 
 from __future__ import annotations
@@ -88,3 +101,84 @@ def write_latent_table(path: Path, *, levels: list[int], columns: dict[str, Tens
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(data), tmp)
     return path
+
+
+MAX_PARENTS = 1024
+MIN_FRACTION = 0.5
+
+
+class CoFiring:
+    """Counts of tokens on which parent candidate i and latent j both fire ([P, F]) and of j's firings."""
+
+    def __init__(self, levels: list[int], max_parents: int = MAX_PARENTS) -> None:
+        self.levels = levels
+        self.parents = min(levels[-2], max_parents) if len(levels) > 1 else 0
+        self.both: Tensor | None = None
+        self.fired: Tensor | None = None
+
+    def update(self, z: Tensor) -> None:
+        """Add a batch of codes [B, F]."""
+        if self.parents == 0:
+            return
+        fired = (z > 0).float()
+        both = (fired[:, :self.parents].T @ fired).round().int()
+        count = fired.sum(0).round().int()
+        if self.both is None or self.fired is None:
+            self.both, self.fired = both, count
+        else:
+            self.both += both
+            self.fired += count
+
+    def tree(self, min_fraction: float = MIN_FRACTION) -> tuple[Tensor, Tensor]:
+        """Per latent: its parent (−1 for none) and P(parent fires | it fires) (NaN for none), [F] each.
+
+        A latent's parent comes from a strictly earlier level; latents of the first level have none."""
+        width = self.levels[-1]
+        parent = torch.full((width,), -1, dtype=torch.long)
+        fraction = torch.full((width,), float("nan"))
+        if self.both is None or self.fired is None:
+            return parent, fraction
+        share = self.both.double().cpu() / self.fired.double().cpu().clamp(min=1)  # [P, F]
+        level_start = torch.tensor([0, *self.levels[:-1]])
+        start_of = level_start[torch.searchsorted(torch.tensor(self.levels), torch.arange(width), right=True)]
+        allowed = torch.arange(self.parents)[:, None] < start_of[None, :]
+        share = torch.where(allowed, share, torch.full_like(share, -1.0))
+        best, index = share.max(dim=0)
+        keep = (best >= min_fraction) & (self.fired.cpu() > 0)
+        parent[keep] = index[keep]
+        fraction[keep] = best[keep].float()
+        return parent, fraction
+
+
+def _standardised(z: Tensor) -> Tensor:
+    """Columns centred and scaled to unit norm (zero columns stay zero): float32 values with sums
+    accumulated in float64, so a [4096, 65k] code matrix costs 1 GB, not 2."""
+    centred = z.float() - (z.float().sum(0, dtype=torch.float64) / max(z.shape[0], 1)).float()
+    norm = centred.pow(2).sum(0, dtype=torch.float64).sqrt().clamp(min=1e-30)
+    return centred / norm.float()
+
+
+@torch.no_grad()
+def max_correlation(z_a: Tensor, z_b: Tensor, chunk_elements: int = 1 << 24) -> tuple[Tensor, Tensor]:
+    """For each latent of A (codes z_a [N, Fa]), its largest Pearson correlation with any latent of B
+    (z_b [N, Fb]) and that latent; NaN / −1 for latents of A that never vary (dead ones)."""
+    a, b = _standardised(z_a), _standardised(z_b)
+    live_a, live_b = z_a.float().std(0) > 0, z_b.float().std(0) > 0
+    rows = max(1, chunk_elements // max(b.shape[1], 1))
+    best = torch.full((a.shape[1],), float("nan"))
+    index = torch.full((a.shape[1],), -1, dtype=torch.long)
+    if not bool(live_b.any()):
+        return best, index
+    for start in range(0, a.shape[1], rows):
+        corr = a[:, start:start + rows].T @ b
+        corr[:, ~live_b] = float("-inf")
+        value, idx = corr.max(dim=1)
+        best[start:start + rows], index[start:start + rows] = value.cpu(), idx.cpu()
+    best[~live_a.cpu()] = float("nan")
+    index[~live_a.cpu()] = -1
+    return best, index
+
+
+def mean_max_correlation(best: Tensor) -> float:
+    """The summary over A's live latents (NaN when none is live)."""
+    return float(best[~best.isnan()].mean()) if bool((~best.isnan()).any()) else float("nan")

@@ -25,14 +25,12 @@ from kukla.pipeline.dictionary import Dictionary, load_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
 from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
-from kukla.pipeline.evaluate.caveats import calibration_overlap, caveats
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.geometry import max_cosine_to_others
 from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
-from kukla.pipeline.evaluate.report import write_html, write_markdown
+from kukla.pipeline.evaluate.report import calibration_overlap, caveats, training_curves, write_html, write_markdown
 from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
-from kukla.pipeline.evaluate.trainlog import training_curves
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.progress import progress
 from kukla.storage import Store, open_store
@@ -114,7 +112,7 @@ def _attach_toy_truth(store: Store, entries: list[Entry]) -> bool:
 
 def eval_batches(store: Store, hooks: list[str], rows: range, batch_size: int,
                  device: str) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """The store's rows `rows`, in order, as ({hook: activations}, store row indices) batches."""
+    """The store's rows `rows`, in order, as ({hook or truth/<name>: rows}, store row indices) batches."""
     for lo in range(rows.start, rows.stop, batch_size):
         hi = min(lo + batch_size, rows.stop)
         yield {h: store.read(h, lo, hi).to(device) for h in hooks}, torch.arange(lo, hi)
@@ -127,10 +125,10 @@ def stream_heldout(config: EvaluateConfig, store: Store, entries: list[Entry], d
     hooks = sorted({h for e in entries for h in (e.input_hook, e.target_hook)})
     split = evaluation_rows(store)
     scored = split if config.max_tokens is None else split[:config.max_tokens]
-    toy = _attach_toy_truth(store, entries)
+    names = hooks + ([TOY_ACTIVITY] if _attach_toy_truth(store, entries) else [])  # truth rows beside the acts
     with progress(len(scored), "evaluate (held-out rows)") as bar:
-        for acts, rows in eval_batches(store, hooks, scored, config.batch_size, device):
-            activity = store.read(TOY_ACTIVITY, int(rows[0]), int(rows[-1]) + 1) if toy else None  # rows are one run
+        for acts, rows in eval_batches(store, names, scored, config.batch_size, device):
+            activity = acts.get(TOY_ACTIVITY)
             for e in entries:
                 z = e.dictionary.encode(acts[e.input_hook])
                 levels = e.dictionary.decode_prefixes(z, e.dictionary.levels)  # the last is the full width
@@ -190,11 +188,16 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
 
     try:
         windows, unseen = ctx.fresh_windows(store, model.tokenizer, config.downstream.contexts)
-    except (KuklaError, KeyError) as exc:
-        if config.downstream.require:
-            raise KuklaError(f"cannot re-read the store's text for downstream metrics: {exc}") from None
-        notes.append(f"downstream metrics skipped: cannot re-read the store's text ({exc})")
-        return
+    except KuklaError as exc:
+        windows, unseen = ctx.stored_windows(store, config.downstream.contexts), True
+        if not len(windows):
+            if config.downstream.require:
+                raise KuklaError(f"cannot re-read the store's text for downstream metrics: {exc}") from None
+            notes.append(f"downstream metrics skipped: cannot re-read the store's text ({exc}) and the store "
+                         "keeps no windows")
+            return
+        notes.append(f"downstream contexts are the store's own windows, harvested text (cannot re-read the "
+                     f"store's text: {exc})")
     if not unseen:
         notes.append("downstream contexts include harvested text (the dataset has no more windows after it)")
     keep_special = bool(store.meta.get("harvest", {}).get("keep_special_tokens", False))
@@ -216,8 +219,7 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
 def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTransformer,
                    notes: list[str]) -> None:
     """First-letter absorption for residual-stream SAEs (skipped with a note for the rest)."""
-    from kukla.pipeline.evaluate.absorption import first_letter_absorption
-    from kukla.pipeline.evaluate.words import word_activations
+    from kukla.pipeline.evaluate.absorption import first_letter_absorption, word_activations
 
     targets = [e for e in entries if not e.transcoder and "resid" in e.input_hook]
     if not targets:
@@ -242,7 +244,7 @@ def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str
     max_cos = max_cosine_to_others(e.dictionary.W_dec.detach())
     calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, scored)
     out: dict[str, Any] = {
-        "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch,
+        "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch or e.dictionary.cfg.label,
         "hooks": {"input": e.input_hook, "target": e.target_hook}, "d_in": e.dictionary.d_in,
         "d_out": e.dictionary.d_out, "width": e.dictionary.width, "levels": e.dictionary.levels,
         "calibration_rows": calibrated, "l0_cap": int(e.dictionary.l0_cap) or None,

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from kukla.config import DEFAULT_DEVICE, DEFAULT_MEMORY_BUDGET, Bytes, ModelDtype, StoreDtype, resolve_device
 from kukla.errors import ConfigError
-from kukla.pipeline.harvest.massive import MASSIVE_RATIO
+from kukla.pipeline.massive import MASSIVE_RATIO
 
 
 @dataclass

@@ -4,7 +4,7 @@ What crosses to the host is only what the store keeps: each batch's kept positio
 gathered, cast to the store dtype and reduced to per-hook row norms *on the device*, then
 copied into one host buffer per segment. On CUDA the buffer is pinned and the copies run on
 a side stream, so batch i's copy overlaps batch i+1's forward; nothing waits for them until
-the writer thread calls `SegmentRows.rows` (see `commit.py`).
+the writer thread calls `SegmentRows.rows` (`run.SegmentCommitter`).
 
 Outliers: a token is dropped from *every* hook when its norm at *any* hook exceeds
 `outlier_factor` × that hook's median norm over the segment's kept tokens. Dropping it
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from kukla.pipeline.harvest.massive import massive_flags, reference_median
+from kukla.pipeline.massive import massive_flags, reference_median
 from kukla.pipeline.harvest.plan import Segment
 from kukla.pipeline.hooks import stop_at_layer
 from kukla.config import torch_dtype
@@ -65,7 +65,8 @@ class SegmentRows:
     def rows(self, *, outlier_factor: float | None, massive_median: np.ndarray | None,
              massive_ratio: float | None) -> dict[str, np.ndarray | torch.Tensor]:
         """The rows for `StoreWriter.write_segment`, outliers dropped (their count is planned −
-        written), with `tokens/massive` when a massive reference is given."""
+        written), with `tokens/massive` when a massive reference is given, and the segment's
+        whole windows (`windows/*`), so the store alone shows any row in its context."""
         self.wait()
         windows = self.segment.windows
         rows: dict[str, np.ndarray | torch.Tensor] = {
@@ -74,6 +75,8 @@ class SegmentRows:
                                                for w in windows]),
             "tokens/position": np.concatenate([np.flatnonzero(w.keep) for w in windows]).astype(np.int64),
         }
+        whole = {"windows/sequence": np.array([w.index for w in windows], dtype=np.int64),
+                   "windows/token_id": np.stack([w.tokens for w in windows])}
         columns = torch.split(self.acts, list(self.widths.values()), dim=1)
         rows.update({f"acts/{hook}": column for hook, column in zip(self.widths, columns)})
         norms = self.norms.numpy()
@@ -85,7 +88,7 @@ class SegmentRows:
                 keep = np.flatnonzero(~drop)
                 rows = {k: v[torch.from_numpy(keep)] if isinstance(v, torch.Tensor) else v[keep]
                         for k, v in rows.items()}
-        return rows
+        return rows | whole  # every window whole, the dropped rows' positions too (windows/row: −1)
 
 
 class SegmentForward:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kukla.pipeline.harvest.text import Window
+from kukla.pipeline.text import Window
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@
 trainer on first use.
 """
 
-from kukla.lazy import lazy_exports
+from kukla import lazy_exports
 from kukla.pipeline.train.config import TrainConfig, WandbConfig
 
 __all__ = ["TrainConfig", "WandbConfig", "train"]
-__getattr__ = lazy_exports(__name__, {"train": "kukla.pipeline.train.api"})
+__getattr__ = lazy_exports(__name__, {"train": "kukla.pipeline.train.loop"})

@@ -64,7 +64,7 @@ class TrainConfig(DictionarySettings):
     width: list[int] = field(default_factory=lambda: [16384])
     """Number of latents; several values (4096,8192) sweep them."""
     k: list[float] = field(default_factory=lambda: [64.0])
-    """Active latents per token (a per-token average for BatchTopK, so it may be fractional); several values sweep them. Ignored by relu."""
+    """Active latents per token (a per-token average for BatchTopK, so it may be fractional); several values sweep them. Ignored by relu and jumprelu."""
     seed: list[int] = field(default_factory=lambda: [0])
     """Initialisation seeds; several values sweep them. The first also seeds the data order."""
     tokens: int = 100_000_000
@@ -131,10 +131,9 @@ class TrainConfig(DictionarySettings):
                 raise ConfigError(name, "needs at least one value")
             if len(set(values)) != len(values):
                 raise ConfigError(name, f"lists a value twice: {values}")
-        if self.arch == "relu" and len(self.k) > 1:
-            raise ConfigError("k", "relu dictionaries have no k (their sparsity comes from l1_coefficient): give one value")
-        if self.arch == "jumprelu":
-            raise ConfigError("arch", "jumprelu is an inference rule; train batchtopk (it is saved as JumpReLU)")
+        if not self.rule.needs_k and len(self.k) > 1:
+            raise ConfigError("k", f"{self.activation} dictionaries have no k (their sparsity comes from their "
+                                   "penalty): give one value")
         self.members(d_in=1, d_out=1)  # each member's DictionaryConfig checks k, levels, widths now
         positive = {"tokens": self.tokens, "batch_size": self.batch_size, "init_tokens": self.init_tokens,
                     "calibration_tokens": self.calibration_tokens, "log_every": self.log_every,
@@ -168,8 +167,8 @@ class TrainConfig(DictionarySettings):
         out = []
         for width, k, seed in itertools.product(self.width, self.k, self.seed):
             cfg = DictionaryConfig(**shared, d_in=d_in, d_out=d_out, width=width,
-                                   k=None if self.arch == "relu" else k, transcoder=self.hook is None)
-            name = f"{self.arch}-w{width}" + ("" if self.arch == "relu" else f"-k{k:g}") + f"-s{seed}"
+                                   k=k if self.rule.needs_k else None, transcoder=self.hook is None)
+            name = f"{self.arch or self.label}-w{width}" + (f"-k{k:g}" if self.rule.needs_k else "") + f"-s{seed}"
             out.append(Member(name=name, seed=seed, config=cfg))
         return out
 

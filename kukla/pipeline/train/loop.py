@@ -1,5 +1,7 @@
 """The training run: store → sweep of dictionaries, with checkpoints, resume and calibration.
 
+`train(config) -> list[Path]` is the Python entry point, and what `kukla train` calls.
+
 Exact resume: a checkpoint holds everything the next step depends on (weights and
 buffers, Adam moments, every random generator, each rank's stream cursor, the step), so
 a run killed after checkpoint N and resumed computes the same steps N+1… as a run that
@@ -21,13 +23,15 @@ from kukla.config import to_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows
-from kukla.pipeline.dictionary.snap import snap_step
+from kukla.pipeline.dictionary.loss import snap_step
 from kukla.pipeline.massive import massive_rows
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig
-from kukla.pipeline.train.distributed import Ranks, agree, barrier, gather_objects, sum_over_ranks
+from kukla.pipeline.train.distributed import (Ranks, agree, barrier, close_ranks, gather_objects, init_ranks,
+                                              sum_over_ranks)
 from kukla.pipeline.train.log import TrainLog, start_wandb
-from kukla.pipeline.train.sweep import FiniteCheck, NonFiniteLoss, Trainee, build_trainees, step_metrics, train_step
+from kukla.pipeline.train.sweep import (FiniteCheck, NonFiniteLoss, Trainee, build_trainees, oom_hint, step_metrics,
+                                        train_step)
 from kukla.preempt import Preempted, checkpoint_on_sigterm, sigterm_requested
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
 from kukla.storage.lease import Lease
@@ -67,6 +71,27 @@ def mean_norms(store: Store, config: TrainConfig) -> tuple[float, float | None]:
     """E‖x‖ of the input hook (and of the target hook, for a transcoder): the dictionaries' scales."""
     target = store.hook_stats(config.hooks[-1])["mean_norm"] if len(config.hooks) > 1 else None
     return store.hook_stats(config.hooks[0])["mean_norm"], target
+
+
+def train(config: TrainConfig) -> list[Path]:
+    """Train every dictionary of `config`'s sweep; returns their directories under `config.out`.
+
+    Under torchrun, every rank calls this; rank 0 writes the outputs, and every rank
+    returns the same paths.
+    """
+    ranks = init_ranks(config.device)
+    if ranks.device.type == "cpu" or config.threads is not None:
+        torch.set_num_threads(config.threads_default())
+    try:
+        return run(config, ranks)
+    except torch.cuda.OutOfMemoryError:
+        raise KuklaError(oom_hint(config, len(config.width) * len(config.k) * len(config.seed))) from None
+    except RuntimeError as exc:  # the CPU allocator reports running out this way
+        if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+            raise KuklaError(oom_hint(config, len(config.width) * len(config.k) * len(config.seed))) from None
+        raise
+    finally:
+        close_ranks(ranks)
 
 
 def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
@@ -254,10 +279,10 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
     cuda = gather_objects(torch.cuda.get_rng_state(ranks.device), ranks) if ranks.device.type == "cuda" else None
     path = None
     if ranks.is_main:
-        if any(t.member.config.activation_rule == "batchtopk" for t in trainees):
+        if any(t.dictionary.rule.calibrated for t in trainees):
             held_out = _held_out_inputs(store, config, calibration_rows, ranks)
             for trainee in trainees:
-                if trainee.member.config.activation_rule == "batchtopk":
+                if trainee.dictionary.rule.calibrated:
                     calibrate_threshold(trainee.dictionary, held_out, per_latent=config.per_latent_thresholds,
                                         l0_cap=config.l0_cap_for(trainee.member.config))
         state = {
@@ -307,7 +332,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, wo
     model, dataset = store.meta.get("model"), store.meta.get("dataset")
     provenance = {
         "model_name": model.get("name") if isinstance(model, dict) else model,
-        "context_size": (store.meta.get("harvest") or {}).get("context_size"),
+        "context_size": store.context_size,
         "dataset_path": dataset.get("name") if isinstance(dataset, dict) else None,
     }
     return {
@@ -323,7 +348,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, wo
         **({"calibration": {"rows": [calibrated.start, calibrated.stop], "store_fingerprint": store.fingerprint,
                             "per_latent_thresholds": config.per_latent_thresholds,
                             "l0_cap": int(trainee.dictionary.l0_cap)}}
-           if trainee.member.config.activation_rule == "batchtopk" else {}),
+           if trainee.dictionary.rule.calibrated else {}),
         "dead_window": {"tokens": trainee.member.config.dead_tokens,
                         "engaged": trainee.member.config.dead_tokens < config.tokens},
         "snap_step": snap_step(config.snap_fraction, config.total_steps(world)),

@@ -3,11 +3,19 @@
 Every batch is read from the store once and fed to every member in turn; each member's
 graph is freed by its backward before the next member runs, so memory grows with the
 members' weights and optimiser state, not with their activations.
+
+Each member's training path is chosen once, when it is built (`choose_sparse_path`): on CPU the
+sparse path (gathered encoder backward, `embedding_bag` decode) beats the dense reference 2–2.7×
+at every size measured (benchmarks/RESULTS.md), so CPUs take it unmeasured. On a GPU the dense
+path's matmuls run on tensor cores and the gathers do not, so either can win depending on d, F,
+k and the batch: there both are timed before the first step, once per (device, shapes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,16 +23,16 @@ import torch
 from torch import Tensor
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary import Dictionary, default_lr
-from kukla.pipeline.dictionary.fast_path import choose_sparse_path
-from kukla.pipeline.dictionary.l0_control import adjust_penalty
-from kukla.pipeline.dictionary.reorder import reorder_latents
-from kukla.pipeline.dictionary.snap import snap_step
+from kukla.pipeline.dictionary import Dictionary, default_lr, training_loss
+from kukla.pipeline.dictionary.loss import snap_step
+from kukla.pipeline.dictionary.model import adjust_penalty, reorder_latents
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
 from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
                                               global_batch)
 
 ADAM_BETAS = (0.9, 0.999)
+_MEASURED: dict[tuple[Any, ...], bool] = {}  # (device, shapes) → the sparse path was faster
+_REPEATS = 3
 
 
 @dataclass
@@ -61,7 +69,8 @@ def build_trainees(config: TrainConfig, members: list[Member], ranks: Ranks,
         base_lr = config.lr or default_lr(member.config.width)
         optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=ADAM_BETAS)
         generator = torch.Generator(device=ranks.device).manual_seed(member.seed)
-        loss_fn = torch.compile(dictionary.training_loss) if config.compile else dictionary.training_loss
+        loss_fn = functools.partial(training_loss, dictionary)
+        loss_fn = torch.compile(loss_fn) if config.compile else loss_fn
         trainees.append(Trainee(member, dictionary, optimizer, generator, base_lr, loss_fn))
     return trainees
 
@@ -187,3 +196,52 @@ def oom_hint(config: TrainConfig, n_members: int) -> str:
     """What to reduce when a step runs out of memory."""
     return (f"out of memory: reduce --batch-size (now {config.batch_size}), --width (largest "
             f"{max(config.width)}), or the sweep size (now {n_members} dictionaries)")
+
+
+# --- the training path ----------------------------------------------------------------------------
+
+def choose_sparse_path(dictionary: Dictionary, x: Tensor, y: Tensor | None = None, *, measure: bool | None = None,
+                       precision: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> bool:
+    """Set and return `dictionary.use_sparse_path`: the faster path on x's device at x's batch size.
+
+    Only a dictionary configured with `sparse_path` is measured (False always runs the dense
+    reference). `measure` defaults to: on CUDA. `precision` is the step's autocast context.
+    The weights, gradients and random state are left as they were.
+    """
+    cfg = dictionary.cfg
+    if not cfg.sparse_path or not dictionary.rule.selects:
+        dictionary.use_sparse_path = cfg.sparse_path
+        return dictionary.use_sparse_path
+    if not (x.device.type == "cuda" if measure is None else measure):
+        dictionary.use_sparse_path = True
+        return True
+    device = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device.type
+    key = (device, cfg.activation, cfg.prefixes, cfg.d_in, dictionary.d_out, cfg.width, cfg.k, cfg.aux_k, tuple(cfg.levels or ()),
+           x.shape[0], x.dtype)
+    if key not in _MEASURED:
+        _MEASURED[key] = _seconds(dictionary, x, y, True, precision) <= _seconds(dictionary, x, y, False, precision)
+    dictionary.use_sparse_path = _MEASURED[key]
+    return dictionary.use_sparse_path
+
+
+def _seconds(dictionary: Dictionary, x: Tensor, y: Tensor | None, sparse: bool,
+             precision: Callable[[], contextlib.AbstractContextManager[Any]]) -> float:
+    """Median seconds of one forward + backward on this path (after one warm-up)."""
+    dictionary.use_sparse_path = sparse
+    generator = torch.Generator(device=x.device).manual_seed(0)  # sampled prefixes: leave the global RNG alone
+    times = []
+    for _ in range(_REPEATS + 1):
+        _wait(x)
+        start = time.perf_counter()
+        with precision():
+            loss = training_loss(dictionary, x, y, generator).loss
+        loss.backward()
+        _wait(x)
+        times.append(time.perf_counter() - start)
+        dictionary.zero_grad(set_to_none=True)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def _wait(x: Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)

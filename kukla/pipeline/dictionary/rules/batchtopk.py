@@ -1,27 +1,30 @@
-"""Activation rules: which latents are active for a batch of pre-activations.
+"""BatchTopK: the k·B largest pre-activations of the whole batch; at inference, JumpReLU.
 
-Training rules return the selected entries as (rows, cols), row-major with ascending columns,
-so the sparse path can gather and scatter there; the values are relu(pre) at those entries.
-Inference rules return dense codes.
+Training selects entries as (rows, cols), row-major with ascending columns, so the sparse path
+can gather and scatter there; the values are relu(pre) at those entries. After training a
+threshold is calibrated on held-out rows (`calibrate.py`), so inference needs no batch: codes
+are JumpReLU at that threshold, capped at `l0_cap` per token, and SAELens loads it as JumpReLU.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
+from kukla.pipeline.dictionary.rules.jumprelu import jumprelu_codes
+from kukla.pipeline.dictionary.rules.rule import Rule
+from kukla.pipeline.dictionary.rules.topk import topk_codes
+
+if TYPE_CHECKING:
+    from kukla.pipeline.dictionary.config import DictionaryConfig
+    from kukla.pipeline.dictionary.model import Dictionary
 
 _SAMPLE = 1 << 16  # entries sampled to estimate BatchTopK's cutoff
-
-
-def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest pre-activations of every row (TopK, per token)."""
-    cols = pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
-    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-    return rows, cols.reshape(-1)
 
 
 def batch_topk_count(k: float, n_rows: int) -> int:
@@ -70,12 +73,30 @@ def _largest(flat: Tensor, n: int, width: int) -> Tensor:
     return candidates[flat[candidates].topk(n, sorted=False).indices]
 
 
-def jumprelu(pre: Tensor, threshold: Tensor) -> Tensor:
-    """relu(pre) where pre > threshold, else 0: BatchTopK at inference (SAELens' JumpReLU)."""
-    return pre.relu() * (pre > threshold).to(pre.dtype)
+class BatchTopK(Rule):
+    name = "batchtopk"
+    calibrated = True
+    saelens = ("jumprelu", "jumprelu_transcoder")
+    loads_from = ("batchtopk",)
 
+    def select(self, pre: Tensor, cfg: DictionaryConfig, batch: GlobalBatch = ONE_PROCESS) -> tuple[Tensor, Tensor]:
+        return select_batch_topk(pre, float(cfg.k or 0), batch)
 
-def topk_codes(pre: Tensor, k: int) -> Tensor:
-    """Dense TopK codes: relu of each row's k largest pre-activations (SAELens' TopK)."""
-    top = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    def encode(self, dictionary: Dictionary, pre: Tensor) -> Tensor:
+        """JumpReLU at the calibrated threshold(s), keeping at most `l0_cap` codes per token when set."""
+        if not dictionary.calibrated:
+            raise KuklaError("this BatchTopK dictionary has no inference threshold yet: "
+                             "run calibrate_threshold on held-out rows first")
+        codes = jumprelu_codes(pre, dictionary.threshold)
+        cap = int(dictionary.l0_cap)
+        if cap:
+            over = (codes > 0).sum(1) > cap
+            if over.any():
+                codes[over] = topk_codes(codes[over], cap)
+        return codes
+
+    def threshold(self, dictionary: Dictionary) -> Tensor | None:
+        return dictionary.threshold
+
+    def load_threshold(self, dictionary: Dictionary, threshold: Tensor) -> None:
+        dictionary.threshold.copy_(threshold.float().expand(dictionary.width))

@@ -1,4 +1,5 @@
-"""Text in, context windows out: the deterministic token order every rank agrees on.
+"""Text in, context windows out: the deterministic token order every harvest rank agrees on, and
+that evaluate re-makes for its downstream windows (after the harvested ones).
 
 Documents are **packed**: their tokens are concatenated in dataset order, each document
 followed by a separator (EOS, else BOS), and cut into windows of `context_size`, each
