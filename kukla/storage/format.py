@@ -201,7 +201,7 @@ class HookStats:
         self.rows += x.shape[0]
         self.sum_norm += float(np.sqrt(sq).sum())
         self.sum_sq_norm += float(sq.sum())
-        self.max_abs = max(self.max_abs, float(np.abs(x).max(initial=0.0)))
+        self.max_abs = max(self.max_abs, float(x.max(initial=0.0)), -float(x.min(initial=0.0)))  # no |x| copy
 
     def merge(self, other: "HookStats") -> None:
         self.rows += other.rows
@@ -288,7 +288,10 @@ def read_journal(location: Location, rank: int) -> dict[int, dict[str, Any]]:
 def write_blob(location: Location, key: str, data: np.ndarray, codec: Any) -> dict[str, Any]:
     """One array of a segment as one compressed object; its size and CRC go in the journal."""
     raw = np.ascontiguousarray(data)
-    blob = codec.encode(raw) if codec is not None and raw.size else raw.tobytes()
+    if codec is not None and raw.size:
+        blob = codec.encode(raw)
+    else:  # the array's own bytes, not a copy of them
+        blob = memoryview(raw.reshape(-1).view(np.uint8))
     location.put_bytes(key, blob)
     return {"shape": list(raw.shape), "dtype": raw.dtype.str, "bytes": len(blob), "crc32": zlib.crc32(blob)}
 

@@ -98,13 +98,17 @@ def test_mismatched_segment_rows_and_unknown_hooks_are_refused(tmp_path: Path) -
             writer.write_segment(0, {"acts/h": np.ones((3, 16)), "acts/g": np.ones((3, 16))})
 
 
-def test_hook_stats_match_an_independent_mean_norm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extreme", [-50.0, 50.0])
+def test_hook_stats_match_an_independent_computation(tmp_path: Path, extreme: float) -> None:
     x = torch.randn(200, 16) * torch.linspace(0.5, 4, 200)[:, None]
+    x[7, 3] = extreme  # the largest magnitude, negative or positive
     _write(tmp_path / "s", x, "float32")
     stats = open_store(tmp_path / "s").hook_stats("h")
-    mean_norm = x.double().norm(dim=1).mean().item()
-    assert stats["mean_norm"] == pytest.approx(mean_norm, rel=1e-6)
-    assert stats["scale"] == pytest.approx(4.0 / mean_norm, rel=1e-6)
+    norms = x.double().norm(dim=1)
+    assert stats["mean_norm"] == pytest.approx(norms.mean().item(), rel=1e-6)
+    assert stats["rms_norm"] == pytest.approx(norms.square().mean().sqrt().item(), rel=1e-6)
+    assert stats["max_abs"] == 50.0
+    assert stats["scale"] == pytest.approx(4.0 / norms.mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
