@@ -2,14 +2,15 @@
 and how fast headless Chromium opens it and one latent.
 
 The store is real (StoreWriter + finalize) with real TinyStories text tokenized by the
-embedded Gemma tokenizer (262k vocabulary, so token strings are realistic), and random
-d=16 activations; the dictionary is a real 65,536-latent ReLU SAE with Matryoshka levels
+embedded Gemma tokenizer (262k vocabulary, so token strings are realistic) and cut into
+windows of 128 tokens kept whole in `windows/*` as harvest does, and random d=16 activations; the dictionary is a real 65,536-latent ReLU SAE with Matryoshka levels
 whose bias makes it fire on ≈ 0.6% of tokens. The activations carry no meaning: what is
 measured is the report's size and load time, which depend on the latent count, the top
 examples and the context length, not on d.
 
 Prints kukla's figures beside the floor: Chromium opening a blank page, and the report's
-raw payload (JSON before compression).
+raw payload (JSON before compression); and the contexts of 10,000 rows looked up in the
+store's windows beside the scan an older store (no `windows/*`) needs, on the same rows.
 
 Usage: python benchmarks/report_bench.py [--width 65536] [--rows 40000] [--keep DIR]
 """
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, save_dictionary
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.models import EMBEDDED_MODEL, convert_embedded_gemma
-from kukla.storage import StoreWriter, finalize_store
+from kukla.pipeline.evaluate.contexts import row_contexts
+from kukla.storage import StoreWriter, finalize_store, open_store
 
 HOOK = "blocks.6.hook_resid_post"
 TEXT = Path("/work/shared/data/tinystories/train.jsonl")
@@ -41,7 +43,9 @@ D = 16
 SEQ = 128
 
 
-def build_store(path: Path, rows: int) -> Path:
+def build_store(path: Path, rows: int, windows: bool = True) -> Path:
+    """`rows` rows of TinyStories windows; with `windows`, the whole windows too (the last one's
+    unstored tail has windows/row −1, as a harvest's dropped tokens do)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(convert_embedded_gemma())
@@ -49,16 +53,21 @@ def build_store(path: Path, rows: int) -> Path:
     with TEXT.open() as f:
         for line in f:
             ids += tokenizer(json.loads(line)["text"])["input_ids"]
-            if len(ids) >= rows:
+            if len(ids) >= rows + SEQ:
                 break
-    token_id = np.asarray(ids[:rows], dtype=np.int32)
+    n_windows = -(-rows // SEQ)
+    window_ids = np.asarray(ids[:n_windows * SEQ], dtype=np.int32).reshape(n_windows, SEQ)
+    token_id = window_ids.reshape(-1)[:rows]
     g = np.random.default_rng(0)
     acts = g.standard_normal((rows, D)).astype(np.float32)
-    meta = {"hooks": {HOOK: D}, "source": "bench", "model": {"name": EMBEDDED_MODEL}}
+    meta = {"hooks": {HOOK: D}, "source": "bench", "model": {"name": EMBEDDED_MODEL}, "context_size": SEQ}
+    segment = {f"acts/{HOOK}": acts, "tokens/token_id": token_id,
+               "tokens/sequence": (np.arange(rows) // SEQ).astype(np.int64),
+               "tokens/position": (np.arange(rows) % SEQ).astype(np.int32)}
+    if windows:
+        segment |= {"windows/sequence": np.arange(n_windows, dtype=np.int64), "windows/token_id": window_ids}
     writer = StoreWriter.open(path, meta, dtype="float32")
-    writer.write_segment(0, {f"acts/{HOOK}": acts, "tokens/token_id": token_id,
-                             "tokens/sequence": (np.arange(rows) // SEQ).astype(np.int64),
-                             "tokens/position": (np.arange(rows) % SEQ).astype(np.int32)})
+    writer.write_segment(0, segment)
     writer.finish()
     writer.close()
     finalize_store(path, holdout_rows=rows // 4)
@@ -75,6 +84,15 @@ def build_dictionary(path: Path, width: int) -> Path:
         d.W_dec.copy_(torch.nn.functional.normalize(torch.randn(width, D, generator=g), dim=1))
         d.b_dec.zero_()
     return save_dictionary(d, path, {"hooks": {"input": HOOK}})
+
+
+def time_contexts(store_path: Path, context_tokens: int) -> float:
+    """Seconds (CPU) to look up the contexts of 10,000 rows spread over the store."""
+    store = open_store(store_path)
+    rows = np.linspace(0, store.n_rows - 1, 10_000).astype(np.int64).tolist()
+    start = time.process_time()
+    row_contexts(store, rows, context_tokens)
+    return time.process_time() - start
 
 
 def open_in_chromium(html: Path, latent: int) -> dict[str, float]:
@@ -114,11 +132,14 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     store = build_store(root / "store.zarr", args.rows)
     dictionary = build_dictionary(root / "sae", args.width)
+    config = EvaluateConfig(dictionaries=[dictionary], store=store, out=root / "report",
+                            downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False),
+                            batch_size=2048)
     cpu = time.process_time()
-    out = evaluate(EvaluateConfig(dictionaries=[dictionary], store=store, out=root / "report",
-                                  downstream=DownstreamConfig(enabled=False),
-                                  absorption=AbsorptionConfig(enabled=False), batch_size=2048))
+    out = evaluate(config)
     cpu = time.process_time() - cpu
+    windowed = time_contexts(store, config.context_tokens)
+    scanned = time_contexts(build_store(root / "no-windows.zarr", args.rows, windows=False), config.context_tokens)
     html = out / "report.html"
     page = html.read_text()
     start = page.index('id="kukla-data">') + len('id="kukla-data">')
@@ -135,6 +156,8 @@ def main() -> None:
     print(f"chromium: report ready in {timing['report_load_s']:.2f} s (blank page {timing['blank_load_s']:.2f} s: "
           f"{timing['report_load_s'] / timing['blank_load_s']:.1f}× the floor); "
           f"opening latent {args.width - 1} (decodes its page) {timing['open_latent_s']:.2f} s")
+    print(f"contexts of 10,000 rows ({config.context_tokens + 1} tokens each): from windows/* {windowed:.3f} CPU-s, "
+          f"by a scan of the store (no windows/*) {scanned:.3f} CPU-s ({scanned / windowed:.1f}x)")
     if args.keep is None:
         shutil.rmtree(root)
 

@@ -38,6 +38,39 @@ def test_python_dash_m_kukla_prints_the_version() -> None:
     assert out.returncode == 0 and out.stdout.strip() == f"kukla {kukla.__version__}", out.stderr
 
 
+
+_ROOT = Path(kukla.__file__).parents[1]  # the checkout under test: `python -c`/`-m` put the cwd first on sys.path
+
+_HELP_RUNNER = """
+import sys
+from kukla.cli.app import app
+if "torch" in sys.modules:
+    sys.exit("torch loaded by: import kukla.cli.app")
+for command in {commands!r}:
+    try:
+        app([*command, "--help"], prog_name="kukla")
+    except SystemExit as exit:
+        assert exit.code == 0, command
+    if "torch" in sys.modules:
+        sys.exit("torch loaded by: kukla " + " ".join(command))
+"""
+
+
+def test_python_dash_m_kukla_help_does_not_import_torch() -> None:
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "kukla", "--help"],
+                         capture_output=True, text=True, cwd=_ROOT)
+    assert out.returncode == 0 and "Usage" in out.stdout, out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "kukla.cli.app" in imported and "torch" not in imported
+
+
+def test_every_commands_help_answers_without_importing_torch() -> None:
+    """`--help` answers at once: torch (seconds to import) loads only when a stage runs."""
+    code = _HELP_RUNNER.format(commands=_commands(app))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @dataclass
 class _Demo:
     width: int = 16

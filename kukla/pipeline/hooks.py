@@ -13,8 +13,6 @@ import math
 import re
 from typing import TYPE_CHECKING
 
-import torch
-
 from kukla.errors import KuklaError
 
 if TYPE_CHECKING:  # hook names are parsed without loading transformer_lens (the CLI stays fast)
@@ -122,6 +120,8 @@ def resolve_hooks(model: HookedTransformer, specs: list[str]) -> dict[str, int]:
             raise KuklaError(f"hook {spec!r} is given twice")
         names.append(name)
     enable_hooks(model, names)
+    import torch  # here, not at the top: configs expand hook names without torch
+
     probe = torch.zeros((1, 3), dtype=torch.long, device=model.cfg.device)
     with torch.no_grad():
         _, cache = model.run_with_cache(probe, names_filter=names,

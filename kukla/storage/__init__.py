@@ -1,13 +1,21 @@
 """The Zarr activation store: writer, global shuffle, reader and streaming batches.
 
-See docs/FORMATS.md §1 for the on-disk contract.
+See docs/FORMATS.md §1 for the on-disk contract. Names load on first use (`lazy_exports`), so
+the CLI imports `kukla.storage.codecs` without torch.
 """
 
-from kukla.storage.codecs import DEFAULT_CODEC
-from kukla.storage.shuffle import finalize_store, finalize_worker, unfinished_ranks
-from kukla.storage.store import Store, open_store
-from kukla.storage.stream import ActivationStream, Batch, batches_per_epoch, rank_share, split_range
-from kukla.storage.writer import StoreWriter
+from kukla import lazy_exports
 
-__all__ = ["DEFAULT_CODEC", "ActivationStream", "Batch", "Store", "StoreWriter", "batches_per_epoch",
-           "finalize_store", "finalize_worker", "open_store", "rank_share", "split_range", "unfinished_ranks"]
+_EXPORTS = {
+    "DEFAULT_CODEC": "kukla.storage.codecs",
+    "finalize_store": "kukla.storage.finalize", "finalize_worker": "kukla.storage.finalize",
+    "unfinished_ranks": "kukla.storage.finalize",
+    "Store": "kukla.storage.store", "open_store": "kukla.storage.store",
+    "ActivationStream": "kukla.storage.stream", "Batch": "kukla.storage.stream",
+    "batches_per_epoch": "kukla.storage.stream", "rank_share": "kukla.storage.stream",
+    "split_range": "kukla.storage.stream",
+    "StoreWriter": "kukla.storage.writer",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

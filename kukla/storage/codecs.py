@@ -11,14 +11,16 @@ Codec names (see `benchmarks/RESULTS.md` for the measurement behind the default)
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numcodecs
 import numpy as np
-import torch
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from kukla.errors import KuklaError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Chosen by `benchmarks/store_bench.py` (docs/FORMATS.md states the rule): bf16 activations
 #: compress 1.26x at best with fast codecs (their 7 mantissa bits are noise), while decoding zstd-1
@@ -77,6 +79,8 @@ def numcodecs_codec(name: str) -> Any:
 
 def as_numpy(array: Any) -> np.ndarray:
     """A numpy view of a numpy array or torch tensor (bf16 tensors become float32)."""
+    import torch  # here, not at the top: the CLI reads codec names without torch
+
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu()
         if array.dtype == torch.bfloat16:
@@ -94,6 +98,8 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def to_stored(array: Any, dtype: str, what: str) -> np.ndarray:
     """Convert activations to their on-disk form, refusing NaN/inf and fp16 overflow."""
+    import torch
+
     if isinstance(array, torch.Tensor) and array.dtype == torch.bfloat16 and dtype == "bfloat16":
         bits = array.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
         if np.any((bits & 0x7F80) == 0x7F80):
@@ -123,6 +129,8 @@ def to_stored(array: Any, dtype: str, what: str) -> np.ndarray:
 
 def from_stored(array: np.ndarray, dtype: str) -> torch.Tensor:
     """The torch tensor (bf16 when stored as bits) for an on-disk array, without copying."""
+    import torch
+
     array = np.ascontiguousarray(array)
     tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     if dtype == "bfloat16" and array.dtype == np.uint16:

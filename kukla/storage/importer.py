@@ -19,7 +19,7 @@ from kukla.config import StoreDtype, coerce
 from kukla.storage.codecs import DEFAULT_CODEC, check_codec
 from kukla.storage.format import Attributes, meta_fingerprint
 from kukla.storage.location import Location
-from kukla.storage.shuffle import check_memory_budget, finalize_store
+from kukla.storage.finalize import check_memory_budget, finalize_store
 from kukla.storage.store import open_store
 from kukla.storage.writer import StoreWriter
 

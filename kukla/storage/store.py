@@ -20,9 +20,9 @@ import zarr
 from kukla.errors import KuklaError
 from kukla.config import torch_dtype
 from kukla.storage.codecs import from_stored
-from kukla.storage.format import ArraySpec, Attributes, HookStats, array_specs, data_crc32, open_array, window_specs
+from kukla.storage.format import (ArraySpec, Attributes, HookStats, SegmentTable, array_specs, data_crc32, open_array,
+                                  read_journal, window_specs)
 from kukla.storage.location import Location
-from kukla.storage.parts import SegmentTable, read_journal
 from kukla.storage.shards import Layout, ShardReader
 
 

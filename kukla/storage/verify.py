@@ -11,8 +11,7 @@ import zarr
 
 from kukla.errors import KuklaError
 from kukla.progress import progress
-from kukla.storage.format import open_array
-from kukla.storage.parts import read_blob, segment_dir
+from kukla.storage.format import open_array, read_blob, segment_dir
 from kukla.storage.store import Store, open_store
 
 READ_BYTES = 64 << 20  # verify decodes this much at a time, then narrows a failure down to chunks

@@ -22,9 +22,9 @@ import zarr
 
 from kukla.errors import KuklaError
 from kukla.storage.codecs import as_numpy, numcodecs_codec
-from kukla.storage.format import TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, create_array, shard_key
+from kukla.storage.format import (TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, SegmentTable, create_array, read_blob,
+                                  segment_dir, shard_key)
 from kukla.storage.location import Location
-from kukla.storage.parts import SegmentTable, read_blob, segment_dir
 from kukla.storage.shards import Layout, ShardReader, encode_shard
 
 TOKENS_DONE = "_finalize/windows.json"

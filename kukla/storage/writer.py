@@ -20,10 +20,10 @@ from kukla.errors import KuklaError
 from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec,
                                   to_stored)
 from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta,
-                                  chunk_rows_for, data_crc32, new_attributes, write_manifest)
+                                  chunk_rows_for, data_crc32, finished_key, journal_key, new_attributes, part_dir,
+                                  read_journal, segment_dir, write_blob, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.lease import Lease
-from kukla.storage.parts import finished_key, journal_key, part_dir, read_journal, segment_dir, write_blob
 from kukla.storage.windows import segment_windows
 
 Rows = Mapping[str, "np.ndarray | torch.Tensor"]

@@ -6,11 +6,16 @@ The trainer builds on this API: `Dictionary(cfg)`, `set_scales`, `initialize`, t
 candidates); after training `calibrate_threshold`, then `save_dictionary`.
 """
 
-from kukla.pipeline.dictionary.calibrate import calibrate_threshold
-from kukla.pipeline.dictionary.config import DictionaryConfig, DictionarySettings, default_lr
-from kukla.pipeline.dictionary.directory import load_dictionary, save_dictionary
-from kukla.pipeline.dictionary.loss import TrainOutput, training_loss
-from kukla.pipeline.dictionary.model import Dictionary
+from kukla import lazy_exports
 
-__all__ = ["Dictionary", "DictionaryConfig", "DictionarySettings", "TrainOutput", "calibrate_threshold", "default_lr",
-           "load_dictionary", "save_dictionary", "training_loss"]
+_EXPORTS = {
+    "calibrate_threshold": "kukla.pipeline.dictionary.calibrate",
+    "DictionaryConfig": "kukla.pipeline.dictionary.config", "DictionarySettings": "kukla.pipeline.dictionary.config",
+    "default_lr": "kukla.pipeline.dictionary.config",
+    "load_dictionary": "kukla.pipeline.dictionary.directory", "save_dictionary": "kukla.pipeline.dictionary.directory",
+    "TrainOutput": "kukla.pipeline.dictionary.loss", "training_loss": "kukla.pipeline.dictionary.loss",
+    "Dictionary": "kukla.pipeline.dictionary.model",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)  # configs import without torch (the CLI's --help)

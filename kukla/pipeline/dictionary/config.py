@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kukla.errors import ConfigError
-from kukla.pipeline.dictionary.rules import Rule, rule_named
+
+if TYPE_CHECKING:
+    from kukla.pipeline.dictionary.rules import Rule
 
 Arch = Literal["topk", "batchtopk", "relu", "jumprelu", "matryoshka-batchtopk", "matryoshka-prefix"]
 ActivationRule = Literal["batchtopk", "topk", "relu", "jumprelu"]
@@ -158,6 +160,8 @@ class DictionarySettings:
     @property
     def rule(self) -> Rule:
         """The activation rule (`rules/`): everything the code asks about `activation`."""
+        from kukla.pipeline.dictionary.rules import rule_named  # torch loads with the rules, not the config
+
         return rule_named(self.activation)
 
     @property

@@ -4,7 +4,7 @@ What crosses to the host is only what the store keeps: each batch's kept positio
 gathered, cast to the store dtype and reduced to per-hook row norms *on the device*, then
 copied into one host buffer per segment. On CUDA the buffer is pinned and the copies run on
 a side stream, so batch i's copy overlaps batch i+1's forward; nothing waits for them until
-the writer thread calls `SegmentRows.rows` (see `commit.py`).
+the writer thread calls `SegmentRows.rows` (`run.SegmentCommitter`).
 
 Outliers: a token is dropped from *every* hook when its norm at *any* hook exceeds
 `outlier_factor` × that hook's median norm over the segment's kept tokens. Dropping it

@@ -3,8 +3,14 @@
 Every rank walks the whole plan in the same order (tokenizing is cheap next to the
 forward pass) and runs the model only on the segments it owns and has not committed yet,
 so a rerun after a crash continues where the journal says, and the union of all ranks'
-segments is exactly the planned set of rows. A background thread (`commit.py`) encodes and
-commits segment i while the model runs segment i+1.
+segments is exactly the planned set of rows. A background thread (`SegmentCommitter`) encodes
+and commits segment i while the model runs segment i+1.
+
+Its queue is bounded (`depth` segments waiting, one being written, one being filled by the
+forward), so host memory stays a few segments whatever the store's size. The writer thread's
+first error (a full disk is already a one-line `KuklaError` from the store) stops it; the main
+thread raises that same error at its next `submit` or at `close`. Segments committed before it
+stay committed, so a rerun resumes after them.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import dataclasses
 import functools
 import itertools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +30,6 @@ from transformer_lens import HookedTransformer
 
 from kukla.errors import KuklaError
 from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.harvest.commit import SegmentCommitter
 from kukla.pipeline.harvest.forward import SegmentForward
 from kukla.pipeline.massive import MASSIVE_RULE, reference_median
 from kukla.pipeline.harvest.plan import Segment, cut_budget, owned, plan_segments
@@ -33,7 +40,8 @@ from kukla.pipeline.models import load_model, model_summary
 from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
-from kukla.storage.shuffle import check_memory_budget
+from kukla.storage.finalize import check_memory_budget
+from kukla.storage.writer import Rows
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +212,56 @@ def _finalize_when_ready(config: HarvestConfig) -> None:
         waiting = unfinished_ranks(config.output)
     finalize_store(config.output, memory_budget_bytes=config.memory_budget, seed=config.seed,
                    holdout_rows=config.holdout_rows)
+
+
+class SegmentCommitter:
+    """`submit(segment, rows)`: `rows()` runs in the writer thread, then `write_segment` commits it."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 1) -> None:
+        self.writer = writer
+        self.stored_bytes = 0
+        """Uncompressed bytes committed so far, as the store holds them."""
+        self._queue: queue.Queue[tuple[int, Callable[[], Rows]] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kukla-segment-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining, so a blocked submit wakes up and sees the error
+            segment, rows = item
+            try:
+                self.writer.write_segment(segment, rows())
+                arrays = self.writer.journal[segment]["arrays"].values()
+                self.stored_bytes += sum(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, segment: int, rows: Callable[[], Rows]) -> None:
+        """Queue a segment for commit (blocks while the queue is full)."""
+        self._raise()
+        self._queue.put((segment, rows))
+
+    def close(self) -> None:
+        """Commit what is queued, stop the thread, and raise its error if it had one."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> "SegmentCommitter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: commit the finished segments, but keep the first error
+            self.close()
+        except BaseException:  # noqa: BLE001
+            pass

@@ -1,0 +1,172 @@
+"""finalize_store: merge every rank's part with a two-pass global shuffle under a memory budget.
+
+Two passes (`kukla.storage.shuffle`): scatter the written rows into random buckets, then
+permute each bucket into the final shards; the plan fixes both, so the same seed gives the
+same store, byte for byte.
+
+A killed finalize resumes from the units already committed, and N workers (`finalize_worker`)
+can share the work: each does its own runs and shards first, then whatever nobody has
+committed yet; a last `finalize_store` commits the store.
+One finalize commits at a time (a lease), each worker index runs once at a time (its own
+lease), and SIGTERM stops either like a kill would, minus the lease.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from kukla.errors import KuklaError
+from kukla.preempt import stop_on_sigterm
+from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, SegmentTable, array_specs, create_array,
+                                  finished_key, holdout_default, read_journal, write_manifest)
+from kukla.storage.lease import Lease
+from kukla.storage.location import Location, disk_full_error
+from kukla.storage import windows
+from kukla.storage.shards import Layout
+from kukla.storage.shuffle import array_layouts, permute, scatter
+
+
+PLAN = "_finalize/plan.json"
+FINALIZE_LOCK = "_finalize.lock.json"  # beside _finalize/, which the commit removes
+
+
+def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed: int = 0,
+                   holdout_rows: int | None = None) -> None:
+    """Shuffle all ranks' rows into the final arrays and mark the store finalized (resumable)."""
+    location = Location(path)
+    attrs = Attributes.read(location)
+    if attrs.value["state"] == "finalized":
+        location.remove("_finalize")
+        return
+    check_memory_budget(memory_budget_bytes)
+    try:
+        with Lease(location, FINALIZE_LOCK, f"finalize of {location.url}") as lease, stop_on_sigterm():
+            attrs = Attributes.read(location)  # another finalize may have finished just before our lease
+            if attrs.value["state"] != "finalized":
+                _finalize(location, attrs, memory_budget_bytes, seed, holdout_rows, lease)
+    except OSError as exc:
+        raise disk_full_error(exc, location, "finalizing") or exc
+
+
+def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budget_bytes: int = 2 << 30,
+                    seed: int = 0, holdout_rows: int | None = None) -> None:
+    """Worker `worker` of `workers`: its share of both passes, then any work still uncommitted.
+    Run all workers at once with the same settings, then `finalize_store` to commit the store
+    (it does whatever is left itself, so a lost worker costs time, never rows)."""
+    if not 0 <= worker < workers:
+        raise KuklaError(f"worker {worker} is outside 0..{workers - 1}: give --worker between 0 and --workers - 1")
+    location = Location(path)
+    if Attributes.read(location).value["state"] == "finalized":
+        return
+    check_memory_budget(memory_budget_bytes)
+    try:
+        lease = Lease(location, f"_finalize.worker-{worker}.lock.json", f"finalize worker {worker} of {location.url}")
+        with lease, stop_on_sigterm():
+            attrs = Attributes.read(location)
+            if attrs.value["state"] != "finalized":
+                plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+                scatter(location, plan, worker, workers)
+                permute(location, plan, worker, workers)
+    except OSError as exc:
+        raise disk_full_error(exc, location, "finalizing") or exc
+
+
+def check_memory_budget(memory_budget_bytes: int) -> None:
+    """Refuse a budget the shuffle cannot work in, before anything is written."""
+    if memory_budget_bytes < 1 << 16:
+        raise KuklaError(f"memory budget {int(memory_budget_bytes)} bytes is too small: give at least 64 KiB")
+
+
+def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int,
+              holdout_rows: int | None, lease: Lease) -> None:
+    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+    scatter(location, plan, 0, 1)
+    windows.write_token_ids(location, attrs.value, plan, memory_budget_bytes)  # needs _parts/
+    location.remove("_parts")
+    permute(location, plan, 0, 1)
+    windows.write_rows(location, attrs.value, plan, memory_budget_bytes)
+    lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
+    attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
+                       shuffle_buckets=plan["n_buckets"],
+                       holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
+                       hook_stats=plan["hook_stats"], truth=plan["truth"],
+                       **({"n_windows": plan["n_windows"]} if plan["n_windows"] else {}))
+    attrs.write()
+    location.remove("_finalize")
+
+
+def unfinished_ranks(path: str | Path | Location) -> list[int]:
+    """Ranks of a store being written that have not called `finish()` yet (empty once finalized)."""
+    location = path if isinstance(path, Location) else Location(path)
+    attrs = Attributes.read(location).value
+    if attrs["state"] != "writing":
+        return []
+    return [r for r in range(attrs["world"]) if not location.exists(finished_key(r))]
+
+
+def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout_rows: int | None) -> dict[str, Any]:
+    """The shuffle's fixed parameters: made once, read back on resume."""
+    value = attrs.value
+    if value["state"] == "finalizing":
+        plan = location.read_json(PLAN)
+        if plan["seed"] != seed:
+            raise KuklaError(f"finalize of {location.url} was started with seed {plan['seed']}: rerun with that seed")
+        return plan
+    world = value["world"]
+    unfinished = unfinished_ranks(location)
+    if unfinished:
+        raise KuklaError(f"rank {unfinished[0]} of {world} has not finished writing {location.url}: rerun that "
+                         "rank's job (it resumes from its journal) before finalizing")
+    table = SegmentTable.read(location, world, value["codec"])
+    journals = [read_journal(location, rank) for rank in range(world)]
+    entries = [e for journal in journals for _, e in sorted(journal.items())]
+    truth = entries[0]["truth"] if entries else []
+    if any(e["truth"] != truth for e in entries):
+        raise KuklaError(f"{location.url}: ranks wrote different truth arrays: rewrite the store")
+    stats = {hook: HookStats() for hook in value["hooks"]}
+    for entry in entries:
+        for hook, summary in entry["stats"].items():
+            stats[hook].merge(HookStats.from_json(summary))
+    write_manifest(location, "manifest.parquet", entries)
+    specs = array_specs({**value, "truth": truth})
+    row_bytes = sum(spec.row_bytes for spec in specs)
+    n_rows = table.n_rows
+    if holdout_rows is not None and not 0 <= holdout_rows < n_rows:
+        raise KuklaError(f"holdout_rows {holdout_rows} must leave training rows: the store has {n_rows} rows; "
+                         "give fewer held-out rows")
+    unit = max(1, budget // (8 * row_bytes))  # bucket ≈ shard ≈ 1/8: bucket + its permutation + carry + encode
+    chunk_rows = value["chunk_rows"]
+    widest = max(spec.row_bytes for spec in specs)
+    shard_rows = max(chunk_rows, min(unit, TARGET_SHARD_BYTES // widest) // chunk_rows * chunk_rows)
+    plan = {
+        "seed": seed, "n_rows": n_rows, "truth": truth, "n_windows": windows.planned_windows(entries, location.url),
+        # a run and its sorted copy (plus decoded segments) stay within the budget
+        "run_rows": max(1, budget // (4 * row_bytes)), "n_buckets": max(1, math.ceil(n_rows / unit)),
+        "shard_rows": shard_rows, "holdout_rows": holdout_default(n_rows) if holdout_rows is None else holdout_rows,
+        "hook_stats": {hook: s.summary(value["hooks"][hook]) for hook, s in stats.items()},
+    }
+    plan["id"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    location.put_json(PLAN, plan)  # concurrent workers write the same plan; older plans' work is ignored by id
+    _create_arrays(location, {**value, "truth": truth}, plan)
+    value.update(state="finalizing", truth=truth)
+    attrs.write()  # also restores our root zarr.json, which zarr rewrote
+    return json.loads(json.dumps(plan, sort_keys=True))  # as a resumed finalize reads it back: same store bytes
+
+
+def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, Any]) -> None:
+    """The final arrays' metadata (zarr.json), made once: an array already laid out as planned is
+    kept, so a worker arriving late never wipes shards another one wrote."""
+    group = zarr.open_group(location.zarr_store(), mode="a")
+    for layout in array_layouts(attrs, plan):
+        try:
+            if Layout.from_metadata(location, layout.spec) == layout:
+                continue
+        except KuklaError:
+            pass
+        create_array(group, layout.spec, layout.n_rows, layout.chunk_rows, layout.shard_rows, attrs["codec"])
