@@ -30,19 +30,20 @@ POSITION_SPAN = 1 << 24
 """Positions in a window stay below this (keys are sequence · span + position)."""
 
 
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique rows → contiguous [start, stop) runs."""
-    if len(rows) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks)]
-
-
-def read_rows(store: Store, name: str, rows: np.ndarray) -> torch.Tensor:
-    """Any row-aligned array at arbitrary rows, read as contiguous runs, in the order given."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    parts = [store.read(name, start, stop) for start, stop in _runs(unique)]
-    return torch.cat(parts)[torch.from_numpy(inverse)]
+def read_rows(store: Store, name: str, rows: np.ndarray, chunk_rows: int | None = None) -> torch.Tensor:
+    """Rows of any row- or window-aligned array (chunks of `chunk_rows`, the store's by default),
+    in the order given. A chunk is what reading one of its rows costs, so each chunk holding
+    some of them is read once: the cost follows the chunks touched, not the rows asked."""
+    size = chunk_rows or store.chunk_rows
+    unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+    chunks, first = np.unique(unique // size, return_index=True)
+    bounds = np.append(first, len(unique)).tolist()
+    empty = store.read(name, 0, 0)
+    out = empty.new_empty((len(unique), *empty.shape[1:]))
+    for i, chunk in enumerate(chunks.tolist()):
+        a, b = bounds[i], bounds[i + 1]
+        out[a:b] = store.read(name, chunk * size, (chunk + 1) * size)[torch.from_numpy(unique[a:b] - chunk * size)]
+    return out[torch.from_numpy(inverse.reshape(-1))]
 
 
 def has_token_ids(store: Store) -> bool:
@@ -105,21 +106,10 @@ def _window_contexts(store: Store, rows: np.ndarray, seq: np.ndarray, positions:
     """Contexts looked up in windows/token_id and windows/row (−1 before a window's start)."""
     outside = positions < 0
     at = np.where(outside, 0, positions)
-    picked = {name: _read_windows(store, name, seq) for name in ("windows/token_id", "windows/row")}
-    tokens, sources = (np.take_along_axis(picked[name], at, axis=1).astype(np.int64)
-                       for name in ("windows/token_id", "windows/row"))
+    tokens, sources = (np.take_along_axis(read_rows(store, name, seq, store.window_chunk_rows).numpy(), at,
+                                          axis=1).astype(np.int64) for name in ("windows/token_id", "windows/row"))
     tokens[outside], sources[outside] = -1, -1
     return RowContexts(rows, tokens, sources)
-
-
-def _read_windows(store: Store, name: str, windows: np.ndarray) -> np.ndarray:
-    """Windows at `windows` (in that order), each chunk of the array read once."""
-    size = store.window_chunk_rows
-    unique, inverse = np.unique(windows, return_inverse=True)
-    blocks = np.unique(unique // size)
-    data = np.concatenate([store.read_stored(name, b * size, (b + 1) * size) for b in blocks.tolist()])
-    starts = np.searchsorted(blocks, unique // size) * size  # where each block landed in `data`
-    return data[(starts + unique % size)[inverse]]
 
 
 def stored_windows(store: Store, n_windows: int) -> torch.Tensor:
