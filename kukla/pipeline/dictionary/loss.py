@@ -82,7 +82,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     W_enc, b_enc, W_dec, b_dec = dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec
     n_rows, width = x.shape[0], cfg.width
     all_prefixes = cfg.prefixes == "all" or cfg.spread_levels  # every prefix, by the closed form
-    bounds, weights = prefix_weights(cfg, generator) if cfg.prefixes != "all" else ([width], [1.0])
+    bounds, weights = prefix_weights(cfg, generator)
     cdf = prefix_cdf(cfg, bounds, weights, x.device)
     x_c = dictionary.centered_input(x)
     target = dictionary.scaled_target(x, y)

@@ -55,17 +55,16 @@ def prefix_weights(cfg: DictionaryConfig, generator: torch.Generator | None = No
     """Distinct prefix widths (increasing, ending at F) and the weight of each one's FVU.
 
     Sampled: n_prefixes distinct lengths plus F, each weighing 1/(n+1), the lengths a tensor on
-    the generator's device. All prefixes: every length 1..F with its expected weight.
+    the generator's device. All prefixes: the full width alone, since the closed form takes every
+    length's weight from `prefix_cdf` (an F-long list per step would be work for nothing).
     """
-    if cfg.prefixes == "none":
+    if cfg.prefixes in ("none", "all"):
         return [cfg.width], [1.0]
     if cfg.prefixes == "levels":
         assert cfg.levels is not None
         widths = [int(w) for w in cfg.levels]
         raw = cfg.level_weights or [1.0] * len(widths)
         return widths, [float(w) / (1 if cfg.level_weights else len(widths)) for w in raw]
-    if cfg.prefixes == "all":
-        return list(range(1, cfg.width + 1)), all_prefix_cdf(cfg.width, cfg.n_prefixes).diff().tolist()
     draws = sample_prefix_lengths(cfg.width, cfg.n_prefixes, generator)
     return draws, [1 / len(draws)] * len(draws)
 
