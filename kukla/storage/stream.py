@@ -94,6 +94,9 @@ class ActivationStream:
             raise KuklaError(f"store {store.url} has no {name}; its truth arrays: "
                              f"{', '.join(n for n in store.specs if n.startswith('truth/')) or 'none'}")
         self.arrays = [h if h.startswith("truth/") else f"acts/{h}" for h in hooks]
+        # the torch dtype each array is stored in: the store's for activations, a truth array's own
+        self.stored = {name: store.dtype if name.startswith("acts/") else
+                       torch.from_numpy(np.empty(0, store.specs[name].dtype)).dtype for name in self.arrays}
         if batch_size <= 0 or epochs <= 0 or prefetch <= 0 or (threads is not None and threads <= 0):
             raise KuklaError("batch_size, epochs, prefetch and threads must be positive")
         self.store, self.hooks, self.batch_size = store, hooks, batch_size
@@ -221,7 +224,7 @@ class ActivationStream:
         acts = []
         for name in self.arrays:
             spec = self.store.specs[name]
-            buf = self._buffer(spec.name, n, spec.row_shape, self._stored_dtype(name))
+            buf = self._buffer(spec.name, n, spec.row_shape, self.stored[name])
             view = buf.view(torch.uint8).numpy().view(spec.dtype)
             at = 0
             for lo, hi in pieces:
@@ -234,11 +237,6 @@ class ActivationStream:
                 acts.append(buf if buf.dtype == self.dtype else host_empty(buf.shape, self.dtype).copy_(buf))
         rows = torch.cat([torch.arange(lo, hi) for lo, hi in pieces]) if self.with_rows else None
         return Batch(tuple(acts), rows)
-
-    def _stored_dtype(self, name: str) -> torch.dtype:
-        """The torch dtype of an array as stored: the store's for activations, a truth array's own."""
-        return self.store.dtype if name.startswith("acts/") else torch.from_numpy(
-            np.empty(0, self.store.specs[name].dtype)).dtype
 
     def _buffer(self, name: str, n: int, row_shape: tuple[int, ...], stored: torch.dtype) -> torch.Tensor:
         """Where a batch's stored rows land. A CPU batch converted to another dtype leaves its
