@@ -19,7 +19,6 @@ import torch
 
 from kukla.pipeline.dictionary import calibrate_threshold, load_dictionary
 from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
-from kukla.pipeline.evaluate import contexts as ctx
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 from kukla.pipeline.evaluate.run import eval_batches
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
@@ -38,7 +37,7 @@ def score(dictionary, store, hook: str, batch: int) -> dict:
     rows, norm_sq, _, l0 = stats.per_row()
     massive = (massive_rows(store, scored.start, scored.stop) if has_flags(store)
                else rows[massive_by_norm(norm_sq.sqrt(), massive_ratio(store))])
-    total = ctx.read_rows(store, hook, massive.numpy()).double().sum(0) if massive.numel() else torch.zeros(1)
+    total = store.read_rows(hook, massive.numpy()).double().sum(0) if massive.numel() else torch.zeros(1)
     tails = stats.tails(massive, total)
     summary = stats.summary()
     flagged = torch.isin(rows, massive)

@@ -158,6 +158,21 @@ class Store:
         data = self.read_stored(name, start, stop)
         return from_stored(data, self.meta["dtype"] if self.array_name(name).startswith("acts/") else "")
 
+    def read_rows(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows of a row- or window-aligned array in the order given (repeats allowed), as `read`
+        gives them. A chunk is what reading one of its rows costs, so each chunk holding some of
+        them is read once: the cost follows the chunks touched, not the rows asked."""
+        size = self.window_chunk_rows if self.array_name(name) in self.window_specs else self.chunk_rows
+        unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        chunks, first = np.unique(unique // size, return_index=True)
+        bounds = np.append(first, len(unique)).tolist()
+        empty = self.read(name, 0, 0)
+        out = empty.new_empty((len(unique), *empty.shape[1:]))
+        for i, chunk in enumerate(chunks.tolist()):
+            a, b = bounds[i], bounds[i + 1]
+            out[a:b] = self.read(name, chunk * size, (chunk + 1) * size)[torch.from_numpy(unique[a:b] - chunk * size)]
+        return out[torch.from_numpy(inverse.reshape(-1))]
+
     @cached_property
     def arrays(self) -> dict[str, Any]:
         """The open zarr arrays of a finalized store (opened once: each open reads metadata)."""

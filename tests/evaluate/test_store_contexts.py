@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from kukla.pipeline.dictionary import load_dictionary
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
-from kukla.pipeline.evaluate.contexts import read_rows, row_contexts
+from kukla.pipeline.evaluate.contexts import row_contexts
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
@@ -106,9 +106,9 @@ def test_rows_read_in_any_order_across_chunks_are_the_rows_read_one_by_one(tmp_p
     asked = np.concatenate([rng.integers(0, n, 300), [n - 1, 0, n - 1], np.arange(60, 70)])  # repeats, chunk edges
     for name in (HOOK, "tokens/token_id", "tokens/position"):
         one_by_one = torch.cat([store.read(name, int(r), int(r) + 1) for r in asked])
-        got = read_rows(store, name, asked)
+        got = store.read_rows(name, asked)
         assert got.dtype == one_by_one.dtype and torch.equal(got, one_by_one)
-    assert read_rows(store, HOOK, np.empty(0, np.int64)).shape == (0, 4)
+    assert store.read_rows(HOOK, np.empty(0, np.int64)).shape == (0, 4)
 
 
 def _pages(html: str) -> list[dict]:

@@ -30,22 +30,6 @@ POSITION_SPAN = 1 << 24
 """Positions in a window stay below this (keys are sequence · span + position)."""
 
 
-def read_rows(store: Store, name: str, rows: np.ndarray, chunk_rows: int | None = None) -> torch.Tensor:
-    """Rows of any row- or window-aligned array (chunks of `chunk_rows`, the store's by default),
-    in the order given. A chunk is what reading one of its rows costs, so each chunk holding
-    some of them is read once: the cost follows the chunks touched, not the rows asked."""
-    size = chunk_rows or store.chunk_rows
-    unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-    chunks, first = np.unique(unique // size, return_index=True)
-    bounds = np.append(first, len(unique)).tolist()
-    empty = store.read(name, 0, 0)
-    out = empty.new_empty((len(unique), *empty.shape[1:]))
-    for i, chunk in enumerate(chunks.tolist()):
-        a, b = bounds[i], bounds[i + 1]
-        out[a:b] = store.read(name, chunk * size, (chunk + 1) * size)[torch.from_numpy(unique[a:b] - chunk * size)]
-    return out[torch.from_numpy(inverse.reshape(-1))]
-
-
 def has_token_ids(store: Store) -> bool:
     """Whether the store's rows come from text (toy and imported rows carry −1)."""
     if store.n_windows:
@@ -74,8 +58,8 @@ def row_contexts(store: Store, rows: list[int], context_tokens: int) -> RowConte
     """For each row, its window from `context_tokens` before it up to itself: from the store's
     windows where it has them, else from one scan of the store."""
     wanted = np.unique(np.asarray(rows, dtype=np.int64))
-    seq = read_rows(store, "tokens/sequence", wanted).numpy().astype(np.int64)
-    pos = read_rows(store, "tokens/position", wanted).numpy().astype(np.int64)
+    seq = store.read_rows("tokens/sequence", wanted).numpy().astype(np.int64)
+    pos = store.read_rows("tokens/position", wanted).numpy().astype(np.int64)
     offsets = np.arange(-context_tokens, 1)
     if store.n_windows:
         return _window_contexts(store, wanted, seq, pos[:, None] + offsets)
@@ -106,7 +90,7 @@ def _window_contexts(store: Store, rows: np.ndarray, seq: np.ndarray, positions:
     """Contexts looked up in windows/token_id and windows/row (−1 before a window's start)."""
     outside = positions < 0
     at = np.where(outside, 0, positions)
-    tokens, sources = (np.take_along_axis(read_rows(store, name, seq, store.window_chunk_rows).numpy(), at,
+    tokens, sources = (np.take_along_axis(store.read_rows(name, seq).numpy(), at,
                                           axis=1).astype(np.int64) for name in ("windows/token_id", "windows/row"))
     tokens[outside], sources[outside] = -1, -1
     return RowContexts(rows, tokens, sources)

@@ -151,7 +151,7 @@ def score_massive(store: Store, entries: list[Entry], scored: range) -> dict[str
         mine = [e for e in entries if e.target_hook == hook]
         rows, norm_sq, _, _ = mine[0].stats.per_row()
         excluded = flags if flags is not None else rows[massive_by_norm(norm_sq.sqrt(), ratio)]
-        total = ctx.read_rows(store, hook, excluded.numpy()).double().sum(0) if excluded.numel() else torch.zeros(1)
+        total = store.read_rows(hook, excluded.numpy()).double().sum(0) if excluded.numel() else torch.zeros(1)
         for e in mine:
             e.tails = e.stats.tails(excluded, total)
         found[hook] = int(excluded.numel())
