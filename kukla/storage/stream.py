@@ -90,8 +90,9 @@ class ActivationStream:
                  with_rows: bool = False, drop_last: bool = True, threads: int | None = None) -> None:
         hooks = [h.removeprefix("acts/") for h in ([hooks] if isinstance(hooks, str) else hooks)]
         store.check_hooks([h for h in hooks if not h.startswith("truth/")])
-        for name in (h for h in hooks if h.startswith("truth/") and h not in store.specs):
-            raise KuklaError(f"store {store.url} has no {name}; its truth arrays: "
+        missing = [h for h in hooks if h.startswith("truth/") and h not in store.specs]
+        if missing:
+            raise KuklaError(f"store {store.url} has no {missing[0]}; its truth arrays: "
                              f"{', '.join(n for n in store.specs if n.startswith('truth/')) or 'none'}")
         self.arrays = [h if h.startswith("truth/") else f"acts/{h}" for h in hooks]
         # the torch dtype each array is stored in: the store's for activations, a truth array's own
