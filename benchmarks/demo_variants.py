@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from kukla.config import read_toml  # noqa: E402
 from kukla.pipeline.demo import DEMO_TOML, TRAIN_TABLE, write_demo_text  # noqa: E402
-from kukla.pipeline.dictionary.calibrate import evaluation_rows  # noqa: E402
+from kukla.pipeline.dictionary import evaluation_rows  # noqa: E402
 from kukla.pipeline.dictionary.directory import load_dictionary  # noqa: E402
 from kukla.pipeline.run import build_pipeline, run_pipeline  # noqa: E402
 from kukla.storage import open_store  # noqa: E402

@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from kukla.pipeline.dictionary import calibrate_threshold, load_dictionary
-from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
+from kukla.pipeline.dictionary import calibrate_threshold, calibration_rows, evaluation_rows, load_dictionary
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 from kukla.pipeline.evaluate.run import eval_batches
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows

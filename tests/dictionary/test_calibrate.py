@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, calibrate_threshold
-from kukla.pipeline.dictionary.calibrate import CALIBRATION_ROWS_MAX, calibration_rows, evaluation_rows
+from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, calibrate_threshold, calibration_rows, evaluation_rows
+from kukla.pipeline.dictionary.rules.batchtopk import CALIBRATION_ROWS_MAX
 
 
 def _rows(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import load_file
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary.calibrate import evaluation_rows
+from kukla.pipeline.dictionary import evaluation_rows
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.storage import open_store
 from tests.cli import kukla, one_line_error

@@ -146,8 +146,7 @@ def test_contexts_are_text_without_a_model(demo_report: Path, tmp_path: Path) ->
 @pytest.mark.slow
 def test_matching_is_the_mean_max_correlation_on_the_scored_rows(demo_report: Path) -> None:
     """Cross-dictionary matching reads the scored rows, not the calibration split that tuned the thresholds."""
-    from kukla.pipeline.dictionary import load_dictionary
-    from kukla.pipeline.dictionary.calibrate import evaluation_rows
+    from kukla.pipeline.dictionary import evaluation_rows, load_dictionary
     from kukla.pipeline.evaluate.browser import MATCH_ROWS
     from kukla.pipeline.evaluate.latents import max_correlation, mean_max_correlation
     from kukla.storage import open_store

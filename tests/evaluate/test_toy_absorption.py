@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kukla.pipeline.dictionary import load_dictionary
-from kukla.pipeline.dictionary.calibrate import evaluation_rows
+from kukla.pipeline.dictionary import evaluation_rows, load_dictionary
 from kukla.pipeline.evaluate import EvaluateConfig, evaluate
 from kukla.pipeline.harvest.config import HarvestConfig, ToyConfig
 from kukla.pipeline.harvest.run import harvest

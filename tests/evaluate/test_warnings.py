@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, calibrate_threshold, save_dictionary
-from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
+from kukla.pipeline.dictionary import (Dictionary, DictionaryConfig, calibrate_threshold, calibration_rows, evaluation_rows,
+                                      save_dictionary)
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.evaluate.report import caveats
 from kukla.storage import open_store

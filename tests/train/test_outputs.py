@@ -61,7 +61,7 @@ def test_trained_transcoder_loads_in_saelens(store: Path, tmp_path: Path) -> Non
 
 
 def test_threshold_is_calibrated_on_rows_evaluate_never_scores(store: Path, tmp_path: Path) -> None:
-    from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
+    from kukla.pipeline.dictionary import calibration_rows, evaluation_rows
     from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
     from kukla.storage import open_store
 

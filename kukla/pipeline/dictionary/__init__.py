@@ -9,7 +9,9 @@ candidates); after training `calibrate_threshold`, then `save_dictionary`.
 from kukla import lazy_exports
 
 _EXPORTS = {
-    "calibrate_threshold": "kukla.pipeline.dictionary.calibrate",
+    "calibrate_threshold": "kukla.pipeline.dictionary.rules.batchtopk",
+    "calibration_rows": "kukla.pipeline.dictionary.rules.batchtopk",
+    "evaluation_rows": "kukla.pipeline.dictionary.rules.batchtopk",
     "DictionaryConfig": "kukla.pipeline.dictionary.config", "DictionarySettings": "kukla.pipeline.dictionary.config",
     "default_lr": "kukla.pipeline.dictionary.config",
     "load_dictionary": "kukla.pipeline.dictionary.directory", "save_dictionary": "kukla.pipeline.dictionary.directory",

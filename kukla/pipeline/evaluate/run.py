@@ -21,8 +21,7 @@ from transformer_lens import HookedTransformer
 from kukla.atomic import write_atomic
 from kukla.config import to_dict
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary import Dictionary, load_dictionary
-from kukla.pipeline.dictionary.calibrate import calibration_rows, evaluation_rows
+from kukla.pipeline.dictionary import Dictionary, calibration_rows, evaluation_rows, load_dictionary
 from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
 from kukla.pipeline.evaluate.config import EvaluateConfig

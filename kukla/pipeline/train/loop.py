@@ -21,8 +21,7 @@ import torch
 
 from kukla.config import to_dict
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary import calibrate_threshold, save_dictionary
-from kukla.pipeline.dictionary.calibrate import calibration_rows
+from kukla.pipeline.dictionary import calibrate_threshold, calibration_rows, save_dictionary
 from kukla.pipeline.dictionary.loss import snap_step
 from kukla.pipeline.massive import massive_rows
 from kukla.pipeline.train import checkpoint

@@ -1,15 +1,26 @@
-"""BatchTopK: the k·B largest pre-activations of the whole batch; at inference, JumpReLU.
+"""BatchTopK: the k·B largest pre-activations of the whole batch; at inference, JumpReLU, calibrated.
 
 Training selects entries as (rows, cols), row-major with ascending columns, so the sparse path
 can gather and scatter there; the values are relu(pre) at those entries. After training a
-threshold is calibrated on held-out rows (`calibrate.py`), so inference needs no batch: codes
-are JumpReLU at that threshold, capped at `l0_cap` per token, and SAELens loads it as JumpReLU.
+threshold is calibrated on held-out rows (`calibrate_threshold`), so inference needs no batch:
+codes are JumpReLU at that threshold, capped at `l0_cap` per token, and SAELens loads it as JumpReLU.
+
+Calibration: the anchors track an EMA of the smallest selected activation during training, which
+drifts (SAELens' saved SAE fired 136 latents per token instead of 16). Here the threshold is the
+value that keeps exactly k·N of the N calibration tokens' pre-activations: the (k·N)-th largest.
+Optionally each latent gets its own threshold (it fires as often as BatchTopK selected it on
+the same rows), and a per-token cap keeps the l0_cap largest codes of a token: one threshold
+for every token fires >1,000 latents on a massive-activation token (Gemma: ~9× the median norm).
+
+Rows that tune anything must not be scored: the store's held-out tail is split once, the
+same way for every store, old or new (`calibration_rows`, then `evaluation_rows`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -25,6 +36,11 @@ if TYPE_CHECKING:
     from kukla.pipeline.dictionary.model import Dictionary
 
 _SAMPLE = 1 << 16  # entries sampled to estimate BatchTopK's cutoff
+# Each batch keeps its `_SLACK`·k·B largest positive pre-activations as candidates. The
+# answer is exact unless some batch has more than that above the final threshold (checked).
+_SLACK = 4
+CALIBRATION_ROWS_MAX = 1 << 18
+"""The calibration split: the first half of the held-out rows, at most 2¹⁸ (262,144) of them."""
 
 
 def batch_topk_count(k: float, n_rows: int) -> int:
@@ -100,3 +116,91 @@ class BatchTopK(Rule):
 
     def load_threshold(self, dictionary: Dictionary, threshold: Tensor) -> None:
         dictionary.threshold.copy_(threshold.float().expand(dictionary.width))
+
+
+class _Rows(Protocol):
+    n_rows: int
+    holdout_rows: int
+
+
+def calibration_rows(store: _Rows) -> range:
+    """Held-out rows that tune a dictionary (its inference threshold); evaluation never scores them."""
+    start = store.n_rows - store.holdout_rows
+    return range(start, start + min(store.holdout_rows // 2, CALIBRATION_ROWS_MAX))
+
+
+def evaluation_rows(store: _Rows) -> range:
+    """Held-out rows that evaluation scores: every held-out row after the calibration split."""
+    return range(calibration_rows(store).stop, store.n_rows)
+
+
+@torch.no_grad()
+def calibrate_threshold(dictionary: Dictionary, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
+                        per_latent: bool = False, l0_cap: int = 0) -> float:
+    """Set the inference rule so it keeps k latents per token on these rows; return the L0 it gives.
+
+    `batches` yields raw input activations (or tuples whose first item is the input, as the
+    store's stream does for transcoders), batched as in training: BatchTopK's per-latent
+    selection counts depend on the batch. `per_latent`: one threshold per latent, matching how
+    often BatchTopK selected it; else one threshold for all. `l0_cap` (0: none) then caps each
+    token's L0. The measured L0 (cap included) is stored in `dictionary.inference_l0`.
+    """
+    cfg = dictionary.cfg
+    if not dictionary.rule.calibrated:
+        raise KuklaError(f"only BatchTopK dictionaries have a calibrated inference threshold (this one is {cfg.activation})")
+    width = dictionary.width
+    values, latents, rows = [], [], []
+    selected = torch.zeros(width, dtype=torch.long)
+    saturated_floor = 0.0  # all candidates above the largest floor of a batch that kept all it could
+    n_tokens = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        flat = dictionary.pre_activations(x).float().reshape(-1)
+        keep = min(flat.numel(), int(_SLACK * cfg.k * x.shape[0]) + 1)
+        top = flat.topk(keep)  # sorted: the first round(k·B) positive ones are BatchTopK's selection
+        positive = top.values > 0
+        if keep < flat.numel() and positive.all():
+            saturated_floor = max(saturated_floor, float(top.values[-1]))
+        value, index = top.values[positive].cpu(), top.indices[positive].cpu()
+        selected += torch.bincount(index[:batch_topk_count(cfg.k, x.shape[0])] % width, minlength=width)
+        values.append(value)
+        latents.append(index % width)
+        rows.append(index // width + n_tokens)
+        n_tokens += x.shape[0]
+    if n_tokens == 0:
+        raise KuklaError("calibrate_threshold got no rows: pass held-out activation batches")
+    value, latent, row = torch.cat(values), torch.cat(latents), torch.cat(rows)
+    threshold = (_per_latent_thresholds(value, latent, selected, saturated_floor) if per_latent
+                 else torch.full((width,), _global_threshold(value, round(float(cfg.k) * n_tokens))))
+    if float(threshold.min()) < saturated_floor:
+        raise KuklaError("threshold calibration saw a batch with far more active latents than k·B: "
+                         "calibrate on larger, shuffled batches")
+    l0_per_row = torch.bincount(row[value > threshold[latent]], minlength=n_tokens)
+    if l0_cap:
+        l0_per_row = l0_per_row.clamp(max=l0_cap)
+    l0 = float(l0_per_row.sum()) / n_tokens
+    dictionary.threshold.copy_(threshold)
+    dictionary.l0_cap.fill_(l0_cap)
+    dictionary.inference_l0.fill_(l0)
+    return l0
+
+
+def _global_threshold(values: Tensor, n_keep: int) -> float:
+    """The (n_keep+1)-th largest value (inference fires at pre > t), or 0 if fewer are positive."""
+    if values.numel() <= n_keep:
+        return 0.0
+    return float(values.topk(n_keep + 1).values[-1])
+
+
+def _per_latent_thresholds(values: Tensor, latents: Tensor, selected: Tensor, floor: float) -> Tensor:
+    """For latent i selected c_i times: its (c_i+1)-th largest candidate value, so it fires c_i times
+    (a latent with no further candidate takes the floor below which candidates are incomplete)."""
+    width = selected.numel()
+    order = values.argsort(descending=True)
+    order = order[latents[order].argsort(stable=True)]  # grouped by latent, each group descending
+    size = torch.bincount(latents, minlength=width)
+    start = torch.cumsum(size, 0) - size
+    threshold = torch.full((width,), floor)
+    has = selected < size
+    threshold[has] = values[order][start[has] + selected[has]].clamp(min=floor)
+    return threshold
