@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kukla.cli.app import app
-from kukla.storage.verify import verify_store
+from kukla.storage.store import verify_store
 from tests.stores import write_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -100,7 +100,7 @@ class ImportConfig:
 
 def _info(config: InfoConfig) -> None:
     """Tokens, hooks and widths, dtype, bytes on disk, compression ratio, and whether it is finalized."""
-    from kukla.storage.verify import store_info
+    from kukla.storage.store import store_info
 
     info = store_info(config.path)
     if config.json:
@@ -119,7 +119,7 @@ def _info(config: InfoConfig) -> None:
 
 def _verify(config: VerifyConfig) -> None:
     """Decode every chunk and check the row counts against the manifest; each damaged chunk is named (exit 2)."""
-    from kukla.storage.verify import verify_store
+    from kukla.storage.store import verify_store
 
     problems = verify_store(config.path)
     for problem in problems:

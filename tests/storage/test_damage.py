@@ -14,7 +14,7 @@ import zarr
 
 from kukla.errors import KuklaError
 from kukla.storage import StoreWriter, finalize_store, open_store
-from kukla.storage.verify import verify_store
+from kukla.storage.store import verify_store
 from tests.cli import kukla, one_line_error
 
 from .conftest import HOOKS, write_sequences  # noqa: TID252

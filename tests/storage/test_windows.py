@@ -130,7 +130,7 @@ def test_the_shared_test_stores_carry_whole_windows(tmp_path: Path) -> None:
 
 
 def test_a_damaged_window_shard_fails_verify_and_reads(tmp_path: Path) -> None:
-    from kukla.storage.verify import verify_store
+    from kukla.storage.store import verify_store
 
     _gappy_store(tmp_path / "s", 10)
     shard = tmp_path / "s" / "windows" / "row" / "c" / "0" / "0"

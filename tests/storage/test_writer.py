@@ -126,7 +126,7 @@ def test_fsspec_url_store_round_trips(tmp_path: Path, scheme: str) -> None:
     finalize_store(url, holdout_rows=4)
     back = open_store(url).read("h").numpy()
     assert sorted(back[:, 0].tolist()) == x[:, 0].tolist()
-    from kukla.storage.verify import verify_store
+    from kukla.storage.store import verify_store
 
     assert verify_store(url) == []
 
