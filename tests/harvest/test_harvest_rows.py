@@ -76,7 +76,7 @@ def test_rows_cross_to_the_host_in_the_store_dtype_with_their_norms(config_model
     import itertools
 
     from kukla.pipeline.harvest.forward import SegmentForward
-    from kukla.pipeline.harvest.plan import Segment
+    from kukla.pipeline.harvest.run import Segment
     from kukla.pipeline.text import iter_texts, iter_windows
 
     texts_in = iter_texts(str(texts), None, "train", None, "text")

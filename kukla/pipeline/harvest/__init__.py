@@ -4,10 +4,10 @@
     harvest(HarvestConfig(output="run.zarr", dataset="train.jsonl", hook=["resid_post:6", "mlp_out:6"]))
 
 The pieces, in the order a harvest uses them: `kukla.pipeline.text` (dataset → packed BOS-led
-windows; evaluate re-makes its downstream windows with it too), `plan` (windows → budget cut →
-segments → ranks), `forward` (one segment through the model, all hooks at once, rows to the host
-in the store dtype), `kukla.pipeline.massive` (the massive-activation flags), `toy` (the synthetic
-source), `run` (the resumable loop and its background writer thread).
+windows; evaluate re-makes its downstream windows with it too), `forward` (one segment through
+the model, all hooks at once, rows to the host in the store dtype), `kukla.pipeline.massive` (the
+massive-activation flags), `toy` (the synthetic source), `run` (the plan: windows → budget cut →
+segments → ranks; the resumable loop and its background writer thread).
 """
 
 from kukla import lazy_exports

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
 from kukla.pipeline.massive import massive_flags, reference_median
-from kukla.pipeline.harvest.plan import Segment
 from kukla.pipeline.hooks import stop_at_layer
 from kukla.config import torch_dtype
+
+if TYPE_CHECKING:
+    from kukla.pipeline.harvest.run import Segment
 
 
 def moved_dtype(store_dtype: str) -> torch.dtype:

@@ -1,10 +1,18 @@
-"""The harvest loop: plan → (skip committed) → forward → write segment → finish → finalize.
+"""The harvest run: the plan (which rows each rank stores) and the resumable loop that fills it.
 
-Every rank walks the whole plan in the same order (tokenizing is cheap next to the
-forward pass) and runs the model only on the segments it owns and has not committed yet,
-so a rerun after a crash continues where the journal says, and the union of all ranks'
-segments is exactly the planned set of rows. A background thread (`SegmentCommitter`) encodes
-and commits segment i while the model runs segment i+1.
+The plan is fixed before any forward pass. Windows come in dataset order; consecutive runs of
+`segment_windows` windows form segment 0, 1, 2, …; rank r of world w owns the segments s with
+s mod w = r. The token budget is cut on the *planned* rows (kept positions, known from
+tokenization alone), in window order, trimming the last window, so the cut is the same on every
+rank, on every resume, and on every device. Rows dropped later as norm outliers are counted,
+not replaced, so the plan never depends on floating-point results.
+
+The loop: plan → (skip committed) → forward → write segment → finish → finalize. Every rank
+walks the whole plan in the same order (tokenizing is cheap next to the forward pass) and runs
+the model only on the segments it owns and has not committed yet, so a rerun after a crash
+continues where the journal says, and the union of all ranks' segments is exactly the planned
+set of rows. A background thread (`SegmentCommitter`) encodes and commits segment i while the
+model runs segment i+1.
 
 Its queue is bounded (`depth` segments waiting, one being written, one being filled by the
 forward), so host memory stays a few segments whatever the store's size. The writer thread's
@@ -22,7 +30,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,8 +41,7 @@ from kukla.errors import KuklaError
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.forward import SegmentForward
 from kukla.pipeline.massive import MASSIVE_RULE, reference_median
-from kukla.pipeline.harvest.plan import Segment, cut_budget, owned, plan_segments
-from kukla.pipeline.text import dataset_spec, iter_texts, iter_windows, special_token_policy
+from kukla.pipeline.text import Window, dataset_spec, iter_texts, iter_windows, special_token_policy
 from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
@@ -44,6 +52,54 @@ from kukla.storage.finalize import check_memory_budget
 from kukla.storage.writer import Rows
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A committed unit of work: consecutive windows, owned by one rank."""
+
+    id: int
+    """Position in the plan; rank r of world w owns the ids with id mod w = r."""
+    planned_rows: int
+    """Rows the plan puts in this segment (before any outlier drop)."""
+    windows: tuple[Window, ...] = ()
+    """The context windows it covers (none for generated sources such as the toy tree)."""
+
+
+def cut_budget(windows: Iterable[Window], tokens: int) -> Iterator[Window]:
+    """Windows until `tokens` kept positions are covered; the last window's mask is trimmed."""
+    left = tokens
+    for window in windows:
+        kept = int(window.keep.sum())
+        if kept >= left:
+            keep = window.keep.copy()
+            keep[np.flatnonzero(keep)[left:]] = False
+            yield Window(window.index, window.tokens, keep)
+            return
+        left -= kept
+        yield window
+
+
+def plan_segments(windows: Iterable[Window], segment_windows: int) -> Iterator[Segment]:
+    """Group windows into segments in order (the last may be short)."""
+    batch: list[Window] = []
+    segment_id = 0
+    for window in windows:
+        batch.append(window)
+        if len(batch) == segment_windows:
+            yield _segment(segment_id, batch)
+            segment_id, batch = segment_id + 1, []
+    if batch:
+        yield _segment(segment_id, batch)
+
+
+def _segment(segment_id: int, windows: list[Window]) -> Segment:
+    return Segment(segment_id, int(sum(w.keep.sum() for w in windows)), tuple(windows))
+
+
+def owned(segment_id: int, rank: int, world: int) -> bool:
+    """Whether rank `rank` of `world` harvests this segment (round-robin keeps ranks balanced)."""
+    return segment_id % world == rank
 
 
 def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) -> str:
