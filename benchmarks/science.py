@@ -3,7 +3,7 @@
     python benchmarks/science.py [--seeds 10 --steps 2000 --variants batchtopk,levels,levels-spread,sampled,all,saelens]
 
 Each seed draws its own tree directions, data and initialisation. Rows come straight from the
-toy-tree generator in memory (`kukla.pipeline.harvest.toy.ToyTree.sample`, the same generator
+toy-tree generator in memory (`kukla.pipeline.toy.ToyTree.sample`, the same generator
 `kukla harvest --source toy-tree` writes to a store; skipping the store keeps a run to seconds).
 Training is the trainer's own step (`kukla.pipeline.train.sweep.train_step`: lr schedule, clip,
 decoder projection, dead latents, reordering, snap loss); scores are evaluate's toy truth
@@ -33,8 +33,7 @@ from dictionary_flags import dictionary_parser  # noqa: E402
 
 from kukla.pipeline.dictionary import calibrate_threshold  # noqa: E402
 from kukla.pipeline.dictionary.prefixes import all_prefix_cdf, cumulative_weight, spread_cumulative_weight  # noqa: E402
-from kukla.pipeline.evaluate.toy import ToyTruth  # noqa: E402
-from kukla.pipeline.harvest.toy import ToyTree  # noqa: E402
+from kukla.pipeline.toy import ToyTree, ToyTruth  # noqa: E402
 from kukla.pipeline.train.config import TrainConfig  # noqa: E402
 from kukla.pipeline.train.distributed import Ranks  # noqa: E402
 from kukla.pipeline.train.sweep import build_trainees, train_step  # noqa: E402

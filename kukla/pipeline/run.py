@@ -41,7 +41,6 @@ from kukla.errors import ConfigError, KuklaError
 from kukla.pipeline.dictionary.config import DictionarySettings
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.harvest.toy import TOY_HOOK
 from kukla.pipeline.hooks import expand_hook
 from kukla.pipeline.train.config import TrainConfig
 
@@ -169,6 +168,8 @@ def harvested_hooks(harvest: HarvestConfig | None) -> list[str]:
     if harvest is None:
         return []
     if harvest.source == "toy-tree":
+        from kukla.pipeline.toy import TOY_HOOK  # torch loads only when a run starts, not at --help
+
         return [TOY_HOOK]
     return [expand_hook(spec) for spec in harvest.hook]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kukla.pipeline.dictionary import load_dictionary
-from kukla.pipeline.evaluate.geometry import nearest_latents
+from kukla.pipeline.evaluate.latents import nearest_latents
 from kukla.pipeline.evaluate.browser import context_activations, lens_path, logit_lens
 from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, ActivationHistogram, CoFiring, max_correlation,
                                              mean_max_correlation)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kukla.pipeline.evaluate.geometry import best_match, max_cosine_to_others
+from kukla.pipeline.evaluate.latents import max_cosine_to_others
+from kukla.pipeline.toy import best_match
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 

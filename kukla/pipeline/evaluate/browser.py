@@ -34,9 +34,8 @@ import torch
 from torch import Tensor
 
 from kukla.pipeline.evaluate.contexts import RowContexts
-from kukla.pipeline.evaluate.geometry import nearest_latents
 from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, ActivationHistogram, CoFiring, latent_levels,
-                                             max_correlation, mean_max_correlation)
+                                             max_correlation, mean_max_correlation, nearest_latents)
 from kukla.storage import Store
 
 

@@ -15,6 +15,10 @@ of B, summarised as the mean over A's live latents (mean max correlation): near 
 every feature of A, lower where B splits (fragments) or lacks them. Correlations are
 Pearson over the same eval rows for both dictionaries, computed in chunks of A's latents
 so the [Fa, Fb] matrix never exists.
+
+Decoder neighbours: each latent's nearest other latents by decoder cosine, in row chunks so
+F = 65k latents never needs the full F×F cosine matrix: peak memory is `chunk_elements` floats
+beside the normalised decoder.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kukla.atomic import atomic_path
@@ -182,3 +187,29 @@ def max_correlation(z_a: Tensor, z_b: Tensor, chunk_elements: int = 1 << 24) -> 
 def mean_max_correlation(best: Tensor) -> float:
     """The summary over A's live latents (NaN when none is live)."""
     return float(best[~best.isnan()].mean()) if bool((~best.isnan()).any()) else float("nan")
+
+
+def nearest_latents(w_dec: Tensor, k: int, chunk_elements: int = 1 << 24) -> tuple[Tensor, Tensor]:
+    """For each decoder row, the `k` *other* rows of largest cosine: (cosines [F, k], indices [F, k]),
+    closest first (NaN / −1 where there are fewer than k others)."""
+    unit = F.normalize(w_dec.detach().float(), dim=1)
+    n = unit.shape[0]
+    take = min(k, n - 1)
+    values = torch.full((n, k), float("nan"))
+    index = torch.full((n, k), -1, dtype=torch.long)
+    if take < 1:
+        return values, index
+    rows = max(1, chunk_elements // n)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        sims = unit[start:stop] @ unit.T
+        sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
+        top = sims.topk(take, dim=1)
+        values[start:stop, :take] = top.values.cpu()
+        index[start:stop, :take] = top.indices.cpu()
+    return values, index
+
+
+def max_cosine_to_others(w_dec: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """For each decoder row, the largest cosine similarity to any *other* row ([F])."""
+    return nearest_latents(w_dec, 1, chunk_elements)[0][:, 0]

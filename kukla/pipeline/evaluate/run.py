@@ -25,12 +25,11 @@ from kukla.pipeline.dictionary import Dictionary, calibration_rows, evaluation_r
 from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
 from kukla.pipeline.evaluate.config import EvaluateConfig
-from kukla.pipeline.evaluate.geometry import max_cosine_to_others
-from kukla.pipeline.evaluate.latents import TopActivations, write_latent_table
+from kukla.pipeline.evaluate.latents import TopActivations, max_cosine_to_others, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 from kukla.pipeline.evaluate.report import calibration_overlap, caveats, training_curves, write_html, write_markdown
-from kukla.pipeline.evaluate.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
+from kukla.pipeline.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
 from kukla.progress import progress
 from kukla.storage import Store, open_store
 from kukla.storage.location import check_output_dir

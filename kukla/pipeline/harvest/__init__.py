@@ -6,7 +6,7 @@
 The pieces, in the order a harvest uses them: `kukla.pipeline.text` (dataset → packed BOS-led
 windows; evaluate re-makes its downstream windows with it too), `forward` (one segment through
 the model, all hooks at once, rows to the host in the store dtype), `kukla.pipeline.massive` (the
-massive-activation flags), `toy` (the synthetic source), `run` (the plan: windows → budget cut →
+massive-activation flags), `kukla.pipeline.toy` (the synthetic source), `run` (the plan: windows → budget cut →
 segments → ranks; the resumable loop and its background writer thread).
 """
 
@@ -14,5 +14,5 @@ from kukla import lazy_exports
 from kukla.pipeline.harvest.config import DatasetConfig, HarvestConfig, ToyConfig
 
 __all__ = ["HarvestConfig", "DatasetConfig", "ToyConfig", "harvest", "ToyTree", "TOY_HOOK"]
-__getattr__ = lazy_exports(__name__, {"harvest": "kukla.pipeline.harvest.run", "ToyTree": "kukla.pipeline.harvest.toy",
-                                      "TOY_HOOK": "kukla.pipeline.harvest.toy"})
+__getattr__ = lazy_exports(__name__, {"harvest": "kukla.pipeline.harvest.run", "ToyTree": "kukla.pipeline.toy",
+                                      "TOY_HOOK": "kukla.pipeline.toy"})

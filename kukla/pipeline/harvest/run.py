@@ -42,9 +42,9 @@ from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.forward import SegmentForward
 from kukla.pipeline.massive import MASSIVE_RULE, reference_median
 from kukla.pipeline.text import Window, dataset_spec, iter_texts, iter_windows, special_token_policy
-from kukla.pipeline.harvest.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
+from kukla.pipeline.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
