@@ -1,4 +1,5 @@
-"""The training objective: Matryoshka reconstruction + aux-k (+ the rule's sparsity penalty), in one pass.
+"""The training objective: Matryoshka reconstruction + aux-k (+ the rule's sparsity penalty), in one pass,
+with its statistics over the global batch.
 
     loss = Σⱼ wⱼ · FVUⱼ + aux_coefficient · FVU_aux (+ λ · penalty: ReLU's L1, JumpReLU's L0)
     FVUⱼ = Σ_b ‖y_b − ŷ_b^(pⱼ)‖² / Σ_b ‖y_b − ȳ‖²,   ŷ^(p) = b_dec + Σ_{i<p} zᵢ W_dec,i
@@ -22,6 +23,17 @@ The squared error lets a latent trade a little error on many rows for a lot on a
 unsquared norm weighs every row's error linearly, which snaps latents onto cleaner features.
 Both are normalised by the same quantity at zero codes (Σ‖y − ȳ‖² or Σ‖y − ȳ‖), so the
 weights of the other terms keep their meaning.
+
+The global batch (`GlobalBatch`), so the number of processes cannot change the loss: under data
+parallelism each rank holds an equal share of every global batch. The statistics
+that define the loss are taken over the whole global batch, never over one share: the target's
+variance (FVU's and aux-k's denominators) and BatchTopK's cutoff. A rank's loss is then its
+rows' squared errors over the global variance per row, and the mean of the ranks' losses (what
+averaged gradients descend) is exactly the loss one process computes on the global batch.
+
+`GlobalBatch()` is one process holding the whole batch (every reduction is the identity);
+`kukla.pipeline.train.distributed.RankShare` reduces over torch.distributed ranks. Reductions
+only ever see detached tensors: they shape the loss, gradients never flow through them.
 """
 
 from __future__ import annotations
@@ -34,9 +46,37 @@ import torch
 from torch import Tensor
 
 from kukla.pipeline.dictionary import sparse
-from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.model import Dictionary, batch_contribution
 from kukla.pipeline.dictionary.prefixes import prefix_cdf, prefix_weights, tail_mass
+
+
+class GlobalBatch:
+    """One process holding the whole batch."""
+
+    world: int = 1
+    """How many equal shares the global batch is cut into."""
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Elementwise sum of `t` over every share."""
+        return t
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every share's `t` concatenated along dim 0 (same shape on every share)."""
+        return t
+
+    def deviations(self, t: Tensor) -> tuple[Tensor, int]:
+        """This share's t − t̄ (t̄ the global batch's mean; detached, float32) and N, the global batch's rows."""
+        t = t.detach().float()
+        n = t.shape[0] * self.world
+        return t - self.sum(t.sum(dim=0)) / n, n
+
+    def variance_per_row(self, t: Tensor) -> Tensor:
+        """Σ_b ‖t_b − t̄‖² / N over the global batch: FVU's denominator per row."""
+        deviation, n = self.deviations(t)
+        return self.sum(deviation.pow(2).sum()) / n
+
+
+ONE_PROCESS = GlobalBatch()
 
 
 @dataclass
@@ -74,7 +114,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
     l2: the snap loss's unsquared reconstruction error (see the module docstring).
 
     Under data parallelism x is this rank's share of the global batch and `batch` reduces over
-    the shares (see `global_batch`). Nothing here reads a device value back to the host, except
+    the shares (see `GlobalBatch`). Nothing here reads a device value back to the host, except
     where a shape depends on the codes: BatchTopK all-prefix's count histogram (it sizes the slot
     walk), drawn prefixes on the dense path (its slices) and ReLU's active entries.
     """

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from kukla.config import resolve_device
-from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
+from kukla.pipeline.dictionary.loss import ONE_PROCESS, GlobalBatch
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from kukla.errors import KuklaError
-from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
+from kukla.pipeline.dictionary.loss import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.rules.jumprelu import jumprelu_codes
 from kukla.pipeline.dictionary.rules.rule import Rule
 from kukla.pipeline.dictionary.rules.topk import topk_codes

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 from kukla.errors import ConfigError
-from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
+from kukla.pipeline.dictionary.loss import ONE_PROCESS, GlobalBatch
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.config import DictionaryConfig

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from kukla.errors import ConfigError
-from kukla.pipeline.dictionary.global_batch import ONE_PROCESS, GlobalBatch
+from kukla.pipeline.dictionary.loss import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.rules.rule import Rule
 
 if TYPE_CHECKING:
