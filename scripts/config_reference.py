@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kukla.cli.store import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
+from kukla.cli.app import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
 from kukla.cli.options import _default_text  # noqa: E402
 from kukla.config import Setting, _strip_optional, field_types, settings  # noqa: E402
 from kukla.pipeline.demo import DemoConfig  # noqa: E402

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from kukla.cli.app import app
 from kukla.cli.options import config_command
-from kukla.cli.store import ImportConfig
+from kukla.cli.app import ImportConfig
 from kukla.config import ModelDtype, StoreDtype, from_dict, read_toml, settings, to_dict, torch_dtype
 from kukla.errors import ConfigError, KuklaError
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig

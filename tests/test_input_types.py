@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from kukla.cli.app import app
-from kukla.cli.store import FinalizeConfig, ImportConfig
+from kukla.cli.app import FinalizeConfig, ImportConfig
 from kukla.config import DEFAULT_DEVICE, Bytes, from_dict, resolve_device
 from kukla.errors import ConfigError, KuklaError
 from kukla.pipeline.demo import DemoConfig
