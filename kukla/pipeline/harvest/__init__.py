@@ -6,8 +6,8 @@
 The pieces, in the order a harvest uses them: `kukla.pipeline.text` (dataset → packed BOS-led
 windows; evaluate re-makes its downstream windows with it too), `forward` (one segment through
 the model, all hooks at once, rows to the host in the store dtype), `kukla.pipeline.massive` (the
-massive-activation flags), `kukla.pipeline.toy` (the synthetic source), `run` (the plan: windows → budget cut →
-segments → ranks; the resumable loop and its background writer thread).
+massive-activation flags), `kukla.pipeline.toy` (the synthetic source), `run` (the plan: windows →
+budget cut → segments → ranks; the resumable loop and its background writer thread).
 """
 
 from kukla import lazy_exports
