@@ -12,7 +12,8 @@ Matryoshka BatchTopK on the same batches. Prints, per seed, what bounds max-cos 
 (`max_cos_ceilings`), one line per (variant, seed) and a summary: mean ± sd of absorption holes,
 the worst parent, mean and min max-cosine, and the features unrecovered (max cosine < 0.9).
 `--refit` adds, per Matryoshka variant with a closed-form objective, whether the trainer or the
-objective holds max-cos down (`refit_check`).
+objective holds max-cos down (`refit_check`). `--rotation` prints, per seed, what each objective
+charges for a parent+child rotated pair against the true codes (`rotation_check`).
 """
 
 from __future__ import annotations
@@ -203,6 +204,30 @@ def refit_check(args: argparse.Namespace, tree: ToyTree, x: torch.Tensor, activi
             f"vs true {objective(a, x, optimal_decoder(a, x, cdf), cdf):.4f}")
 
 
+def rotation_check(args: argparse.Namespace, tree: ToyTree, rows: np.ndarray, activity: np.ndarray) -> str:
+    """The objective's change when the last parent and its last child (the latest in the true order)
+    become a rotated pair: latents u = (p + c)/√2 in the parent's slot and v = (p − c)/√2 (its code
+    clipped at 0) in the first child slot, each objective at its optimal decoder for the codes. Near
+    zero: nothing in the loss pushes a trained dictionary out of such a pair (the pair costs L0,
+    which BatchTopK's budget does not charge while the codes' L0 is below k)."""
+    a, order = true_codes(tree, activity, args.width)
+    x = torch.from_numpy(rows)
+    n_parents = int((tree.parent < 0).sum())
+    parent, child = n_parents - 1, len(order) - 1
+    u, v = (a[:, parent] + a[:, child]) / 2 ** 0.5, ((a[:, parent] - a[:, child]) / 2 ** 0.5).clamp_min(0)
+    kept = [i for i in range(args.width) if i != child]
+    rotated = a[:, kept].clone()
+    rotated[:, parent] = u
+    rotated = torch.cat([rotated[:, :n_parents], v[:, None], rotated[:, n_parents:]], dim=1)
+    out = []
+    for name, cdf in objective_cdfs(args).items():
+        if cdf is not None:
+            change = [objective(c, x, optimal_decoder(c, x, cdf), cdf) for c in (a, rotated)]
+            out.append(f"{name} {change[1] - change[0]:+.4f} of {change[0]:.4f}")
+    l0 = [float((c > 0).sum(1).double().mean()) for c in (a, rotated)]
+    return f"rotated pair f{order[parent]}+f{order[child]} (L0 {l0[0]:.3f} -> {l0[1]:.3f}): " + ", ".join(out)
+
+
 def _diagnose(tree: ToyTree, w_dec: torch.Tensor, parent: int, matched: list[int]) -> str:
     """Where the worst parent's latent sits and whether it is a parent+child mixture."""
     rows = w_dec / w_dec.norm(dim=1, keepdim=True)
@@ -232,6 +257,8 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true",
                         help="also print the decoder refit to the learned codes and the objective "
                              "(levels, levels-spread, all)")
+    parser.add_argument("--rotation", action="store_true",
+                        help="also print what each objective charges for a parent+child rotated pair")
     parser.add_argument("--pool", type=int, default=131072, help="training rows generated per seed")
     parser.add_argument("--eval-rows", type=int, default=32768)
     args = parser.parse_args()
@@ -244,6 +271,8 @@ def main() -> None:
     for seed in seeds:
         data = toy_data(args, seed)
         print(f"seed {seed:2d}: {max_cos_ceilings(args, data[0], *data[2])}", flush=True)
+        if args.rotation:
+            print(f"seed {seed:2d}: {rotation_check(args, data[0], *data[2])}", flush=True)
         for variant in variants:
             start = time.process_time()
             r = run_one(args, variant, seed, data)
