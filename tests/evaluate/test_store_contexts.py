@@ -25,7 +25,7 @@ from kukla.pipeline.evaluate.contexts import row_contexts
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
-from kukla.storage import StoreWriter, finalize_store, open_store
+from kukla.storage import open_store
 from kukla.storage.importer import import_arrays
 from tests.evaluate.helpers import make_dictionary
 from tests.harvest.conftest import build_tiny_model_dir, write_texts
@@ -89,26 +89,6 @@ def test_an_imported_store_with_token_ids_shows_each_rows_context(tmp_path: Path
         first = max(0, pos[row] - 3)
         assert contexts.token_ids[row, 3 - (pos[row] - first):].tolist() == ids[seq[row], first:pos[row] + 1].tolist()
         assert contexts.source_rows[row, -1] == row
-
-
-def test_rows_read_in_any_order_across_chunks_are_the_rows_read_one_by_one(tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
-    n = 1000  # chunks of 64 rows: 16 chunks, the last one partial
-    writer = StoreWriter.open(tmp_path / "s.zarr", {"hooks": {HOOK: 4}, "source": "test"}, dtype="bfloat16",
-                              chunk_rows=64)
-    writer.write_segment(0, {f"acts/{HOOK}": rng.standard_normal((n, 4)).astype(np.float32),
-                             "tokens/token_id": rng.integers(0, 99, n), "tokens/sequence": np.arange(n) // 10,
-                             "tokens/position": np.arange(n) % 10})
-    writer.finish()
-    writer.close()
-    finalize_store(tmp_path / "s.zarr", holdout_rows=0)
-    store = open_store(tmp_path / "s.zarr")
-    asked = np.concatenate([rng.integers(0, n, 300), [n - 1, 0, n - 1], np.arange(60, 70)])  # repeats, chunk edges
-    for name in (HOOK, "tokens/token_id", "tokens/position"):
-        one_by_one = torch.cat([store.read(name, int(r), int(r) + 1) for r in asked])
-        got = store.read_rows(name, asked)
-        assert got.dtype == one_by_one.dtype and torch.equal(got, one_by_one)
-    assert store.read_rows(HOOK, np.empty(0, np.int64)).shape == (0, 4)
 
 
 def _pages(html: str) -> list[dict]:

@@ -161,3 +161,23 @@ def test_static_arrays_survive_finalize_and_read_back(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store.read_stored("static/directions", 1, 3), directions[1:3])
     with pytest.raises(KuklaError, match="no array 'static/missing'"):
         store.read("static/missing")
+
+
+def test_rows_read_in_any_order_across_chunks_are_the_rows_read_one_by_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    n = 1000  # chunks of 64 rows: 16 chunks, the last one partial
+    writer = StoreWriter.open(tmp_path / "s.zarr", {"hooks": {"h": 4}, "source": "test"}, dtype="bfloat16",
+                              chunk_rows=64)
+    writer.write_segment(0, {"acts/h": rng.standard_normal((n, 4)).astype(np.float32),
+                             "tokens/token_id": rng.integers(0, 99, n), "tokens/sequence": np.arange(n) // 10,
+                             "tokens/position": np.arange(n) % 10})
+    writer.finish()
+    writer.close()
+    finalize_store(tmp_path / "s.zarr", holdout_rows=0)
+    store = open_store(tmp_path / "s.zarr")
+    asked = np.concatenate([rng.integers(0, n, 300), [n - 1, 0, n - 1], np.arange(60, 70)])  # repeats, chunk edges
+    for name in ("h", "tokens/token_id", "tokens/position"):
+        one_by_one = torch.cat([store.read(name, int(r), int(r) + 1) for r in asked])
+        got = store.read_rows(name, asked)
+        assert got.dtype == one_by_one.dtype and torch.equal(got, one_by_one)
+    assert store.read_rows("h", np.empty(0, np.int64)).shape == (0, 4)
