@@ -18,6 +18,8 @@ WIDTH = 24
 def _dictionary(seed: int = 0, **overrides) -> tuple[Dictionary, torch.Tensor, torch.Tensor | None]:
     torch.manual_seed(seed)
     settings = dict(d_in=10, width=WIDTH, k=3.0, arch="matryoshka-prefix", prefixes="all", n_prefixes=5)
+    if "arch" in overrides and "prefixes" not in overrides:
+        del settings["prefixes"]  # the arch shorthand sets it
     settings.update(overrides)
     transcoder = settings.get("transcoder", False)
     d = Dictionary(DictionaryConfig(**settings, d_out=7 if transcoder else None))
@@ -130,8 +132,8 @@ def test_sampled_prefixes_sum_the_penalty_per_prefix(penalty):
     _assert_matches(d, x, y, out.loss, _naive_loss(d, x, y, draws, [1 / 5] * 5))
 
 
-@pytest.mark.parametrize("overrides", [dict(arch="batchtopk", prefixes="sampled"),
-                                       dict(arch="matryoshka-batchtopk", prefixes="sampled", levels=[4, 12, 24]),
+@pytest.mark.parametrize("overrides", [dict(arch="batchtopk"),
+                                       dict(arch="matryoshka-batchtopk", levels=[4, 12, 24]),
                                        dict(prefixes="sampled", n_prefixes=3)])
 def test_snap_loss_uses_the_unsquared_error_for_every_prefix_scheme(overrides):
     d, x, y = _dictionary(**overrides)
@@ -160,6 +162,10 @@ def test_all_prefix_loss_is_the_expectation_of_the_sampled_loss_with_replacement
 def test_matryoshka_method_settings_are_validated():
     with pytest.raises(ConfigError, match="prefixes"):
         DictionaryConfig(d_in=8, width=32, k=2, arch="batchtopk", prefixes="all")
+    with pytest.raises(ConfigError, match="arch topk sets the prefix scheme"):  # not silently plain TopK
+        DictionaryConfig(d_in=8, width=32, k=2, arch="topk", prefixes="sampled")
+    with pytest.raises(ConfigError, match="not none"):
+        DictionaryConfig(d_in=8, width=32, k=2, arch="matryoshka-prefix", prefixes="none")
     with pytest.raises(ConfigError, match="n_prefixes"):
         DictionaryConfig(d_in=8, width=8, k=2, arch="matryoshka-prefix", n_prefixes=8)
     with pytest.raises(ConfigError, match="snap_fraction"):
@@ -173,7 +179,7 @@ def test_matryoshka_method_settings_are_validated():
 def test_spread_levels_weight_every_length_of_a_level_equally_in_loss_and_gradients(activation, sparse_path):
     """Levels 4/12/24 with weights 0.5/0.3/0.2 spread: each length l of level j weighs w_j/(p_j − p_{j−1})."""
     arch = "relu" if activation == "relu" else "matryoshka-batchtopk"
-    d, x, y = _dictionary(arch=arch, prefixes="sampled", levels=[4, 12, WIDTH], level_weights=[0.5, 0.3, 0.2],
+    d, x, y = _dictionary(arch=arch, levels=[4, 12, WIDTH], level_weights=[0.5, 0.3, 0.2],
                           spread_levels=True, sparse_path=sparse_path, k=None if activation == "relu" else 3.0)
     weights = [0.5 / 4] * 4 + [0.3 / 8] * 8 + [0.2 / 12] * 12
     out = training_loss(d, x, y)

@@ -149,10 +149,12 @@ class DictionarySettings:
         if self.arch is None:
             return
         if self.arch == "matryoshka-prefix":
-            if self.prefixes not in ("sampled", "all"):
+            if self.prefixes == "none":
+                raise ConfigError("prefixes", "arch matryoshka-prefix trains sampled or all prefixes, not none")
+            if self.prefixes == "levels":  # the default: not chosen
                 self.prefixes = "sampled"
             return
-        if self.prefixes == "all":
+        if self.prefixes in ("sampled", "all"):
             raise ConfigError("prefixes", f"arch {self.arch} sets the prefix scheme; give activation and prefixes instead")
         self.activation = "batchtopk" if self.arch == "matryoshka-batchtopk" else self.arch  # type: ignore[assignment]
         self.prefixes = "levels" if self.arch == "matryoshka-batchtopk" or self.levels else "none"

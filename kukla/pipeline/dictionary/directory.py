@@ -172,12 +172,22 @@ def load_dictionary(directory: str | Path) -> Dictionary:
     return _load_saelens(directory)
 
 
+def _current_config(config: dict) -> dict:
+    """A saved config as this version reads it: kukla before the `prefixes` setting wrote
+    prefixes = "sampled" for every arch (then the sampling mode of matryoshka-prefix only), which
+    the arch shorthand now sets itself."""
+    if config.get("arch") not in (None, "matryoshka-prefix"):
+        return {key: value for key, value in config.items() if key != "prefixes"}
+    return config
+
+
 def _load_ours(directory: Path) -> Dictionary:
     info = _read_json(directory / KUKLA_FILE)
     if info.get("format") != FORMAT or info.get("format_version", 0) > FORMAT_VERSION:
         raise KuklaError(f"{directory / KUKLA_FILE} is not a kukla dictionary this version can read "
                          f"(format {info.get('format')!r} v{info.get('format_version')})")
-    dictionary = Dictionary(from_dict(DictionaryConfig, info["config"], source=str(directory / KUKLA_FILE)))
+    dictionary = Dictionary(from_dict(DictionaryConfig, _current_config(info["config"]),
+                                      source=str(directory / KUKLA_FILE)))
     weights = _read_weights(directory, info.get("weights_sha256"))
     s_in, s_out = info["scales"]["input"], info["scales"]["target"]
     dictionary.W_enc.copy_(weights["W_enc"] / s_in)
