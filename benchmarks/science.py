@@ -107,7 +107,7 @@ def train_kukla(args: argparse.Namespace, variant: str, seed: int, pool: torch.T
     config = TrainConfig(store=Path("in-memory"), out=Path("unused"), hook="toy", width=[args.width], k=[args.k],
                          seed=[seed], batch_size=args.batch, tokens=args.batch * args.steps, lr=args.lr,
                          dead_tokens=args.batch * 200, n_prefixes=args.n_prefixes,
-                         snap_fraction=args.snap, **settings)
+                         snap_fraction=args.snap, resample_at=args.resample, **settings)
     ranks = Ranks(rank=0, world=1, device=torch.device("cpu"))
     init = pool[:4096]
     members = config.members(args.d, args.d)
@@ -253,6 +253,8 @@ def main() -> None:
     parser.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[4, 16, 48])
     parser.add_argument("--n-prefixes", type=int, default=9)
     parser.add_argument("--snap", type=float, default=None, help="snap loss from this fraction of training")
+    parser.add_argument("--resample", type=lambda s: [float(v) for v in s.split(",")], default=None,
+                        help="restart latents at these fractions of training (resample_at), e.g. 0.25,0.5")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--refit", action="store_true",
                         help="also print the decoder refit to the learned codes and the objective "
@@ -266,7 +268,7 @@ def main() -> None:
     variants = args.variants.split(",")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"tree {args.tree}, dim {args.d}, width {args.width}, k {args.k}, levels {args.levels}, "
-          f"{args.steps} steps x {args.batch} rows, lr {args.lr}, snap {args.snap}")
+          f"{args.steps} steps x {args.batch} rows, lr {args.lr}, snap {args.snap}, resample {args.resample}")
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for seed in seeds:
         data = toy_data(args, seed)

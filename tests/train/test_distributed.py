@@ -18,11 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 20, 256
 
 
-def _train(store: Path, out: Path, arch: str, nproc: int) -> dict[str, torch.Tensor]:
+def _train(store: Path, out: Path, arch: str, nproc: int, extra: list[str]) -> dict[str, torch.Tensor]:
     """A real `kukla train` run (under torchrun when nproc > 1); the final checkpoint's dictionary."""
     flags = ["--hook", HOOK, "--out", str(out), "--arch", arch, "--width", "512", "--k", "4",
              "--batch-size", str(BATCH), "--tokens", str(BATCH * STEPS), "--checkpoint-every", "0",
-             "--dead-tokens", "512", "--log-every", "4", "--threads", "1", "--device", "cpu"]
+             "--dead-tokens", "512", "--log-every", "4", "--threads", "1", "--device", "cpu", *extra]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     run = subprocess.run([sys.executable, *launcher, "-m", "kukla", "train", str(store), *flags], cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
@@ -35,10 +35,13 @@ def _train(store: Path, out: Path, arch: str, nproc: int) -> dict[str, torch.Ten
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka-batchtopk", "matryoshka-prefix"])
-def test_two_gloo_ranks_train_the_same_dictionary_as_one_process(store: Path, tmp_path: Path, arch: str) -> None:
-    one = _train(store, tmp_path / "one", arch, 1)
-    two = _train(store, tmp_path / "two", arch, 2)
+@pytest.mark.parametrize("arch,extra", [("batchtopk", []), ("matryoshka-batchtopk", []), ("matryoshka-prefix", []),
+                                        ("matryoshka-prefix", ["--resample-at", "0.5", "--reorder-latents"])])
+def test_two_gloo_ranks_train_the_same_dictionary_as_one_process(store: Path, tmp_path: Path, arch: str,
+                                                                 extra: list[str]) -> None:
+    """With --resample-at every rank restarts the same latents at step 10, from the whole global batch."""
+    one = _train(store, tmp_path / "one", arch, 1, extra)
+    two = _train(store, tmp_path / "two", arch, 2, extra)
     # the same global batches, BatchTopK's cutoff, the variances over the global batch and (sampled
     # prefixes) the same draws on every rank: the same steps
     assert torch.equal(two["tokens_since_fired"], one["tokens_since_fired"])

@@ -1,8 +1,10 @@
-"""Latent reordering and the snap loss in real training runs: resume stays exact, the switch is recorded."""
+"""Latent reordering, restarts and the snap loss in real training runs: resume stays exact, the
+switch and the restart are recorded."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,13 +21,18 @@ NAME = "matryoshka-prefix-w48-k3-s0"
 def _config(store: Path, out: Path, **changes: object) -> TrainConfig:
     settings = dict(store=store, out=out, hook=HOOK, arch="matryoshka-prefix", width=[48], k=[3.0], n_prefixes=4,
                     batch_size=128, tokens=128 * 60, checkpoint_every=20, keep_checkpoints=5, log_every=10,
-                    dead_tokens=1000, threads=1, reorder_latents=True, snap_fraction=0.5)
+                    dead_tokens=1000, threads=1, reorder_latents=True, snap_fraction=0.5, resample_at=[0.6])
     return from_dict(TrainConfig, {**settings, **changes})
 
 
-def test_reordered_snap_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(store: Path, tmp_path: Path):
+def test_reordered_snap_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(store: Path, tmp_path: Path,
+                                                                                  caplog) -> None:
+    """Resumed at step 20, the run passes the restart at step 36 again and ends where it would have."""
     resumed, whole = tmp_path / "run", tmp_path / "whole"
-    train(_config(store, resumed))
+    with caplog.at_level(logging.INFO, logger="kukla"):
+        train(_config(store, resumed))
+    [restart] = [r.getMessage() for r in caplog.records if "latents restarted" in r.getMessage()]
+    assert restart.startswith(f"{NAME}, step 36:") and not restart.endswith(" 0 latents restarted"), restart
     shutil.copytree(resumed, whole)
     # rewind to a run killed right after its step-20 checkpoint: nothing later survives
     early = checkpoint.checkpoints_dir(resumed) / "step-00000020"

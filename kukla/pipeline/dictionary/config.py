@@ -99,6 +99,16 @@ class DictionarySettings:
     snap_fraction: float | None = None
     """Snap loss (Chanin et al.): from this fraction of training on, the reconstruction term is the
     L2 norm ‖y − ŷ‖ (normalised by Σ‖y − ȳ‖) instead of the squared error. None: never."""
+    resample_at: list[float] | None = None
+    """topk, batchtopk: fractions of training (in (0, 1)) at which latents restart on that step's
+    batch: each pair that fires together on more than cofire_ratio of the more frequent one's rows
+    becomes one latent, and every dead latent, with those the merges free, restarts at the
+    residual of a row drawn ∝ its squared error (Anthropic's resampling). Such a pair is a parent
+    and one child in a rotated basis, which the Matryoshka losses leave in place; e.g. 0.25,0.5.
+    None: never."""
+    cofire_ratio: float = 0.5
+    """resample_at: the share of the more frequent latent's rows a pair must share to be merged (a
+    child shares all of its own rows with its parent but few of the parent's)."""
     aux_k: int | None = None
     """Dead latents used by the aux-k loss per token; default d_in // 2 (OpenAI's k_aux = d/2)."""
     aux_coefficient: float = 1 / 32
@@ -137,6 +147,13 @@ class DictionarySettings:
             raise ConfigError("log_epsilon", f"must be above 0, got {self.log_epsilon}")
         if self.snap_fraction is not None and not 0 <= self.snap_fraction <= 1:
             raise ConfigError("snap_fraction", f"is a fraction of training, in [0, 1]; got {self.snap_fraction}")
+        if self.resample_at is not None:
+            if not self.rule.selects:
+                raise ConfigError("resample_at", f"restarts latents of topk and batchtopk, not {self.activation}")
+            if not all(0 < f < 1 for f in self.resample_at):
+                raise ConfigError("resample_at", f"are fractions of training, each in (0, 1); got {self.resample_at}")
+        if not 0 < self.cofire_ratio <= 1:
+            raise ConfigError("cofire_ratio", f"is a share of rows, in (0, 1]; got {self.cofire_ratio}")
         if self.levels and self.prefixes != "levels":
             raise ConfigError("levels", f"are the widths of prefixes = levels (prefixes is {self.prefixes})")
         if self.level_weights is not None and self.prefixes != "levels":

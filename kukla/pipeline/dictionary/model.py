@@ -283,6 +283,102 @@ def reorder_latents(dictionary: nn.Module, optimizer: torch.optim.Optimizer, con
     return order
 
 
+# --- resampling (TopK, BatchTopK) ----------------------------------------------------------------
+# Two latents can share a parent p and one child c as a rotated pair, u ≈ (p + c)/√2 and
+# v ≈ (p − c)/√2: both fire on parent rows, the full width is exact and BatchTopK does not charge
+# the extra code while L0 is below k, so no loss term undoes it (issue 11; benchmarks/RESULTS.md,
+# science round 6). At `resample_at` the trainer makes each pair that fires together on more than
+# `cofire_ratio` of the more frequent one's rows one latent (its mean contribution on their shared
+# rows), then restarts every dead latent, and those the merges freed, at the residual of a batch
+# row drawn ∝ its squared error (Anthropic's 2023 resampling), with fresh Adam moments.
+
+RESAMPLE_ENCODER_SCALE = 0.2
+"""A restarted encoder column's norm, as a fraction of the mean live column's (Anthropic's 0.2)."""
+
+
+def _selected_codes(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The training rule's active entries on x: (rows, cols, values > 0), row-major."""
+    pre = dictionary.pre_activations(x)
+    rows, cols = dictionary.rule.select(pre, dictionary.cfg)
+    values = pre[rows, cols].relu()
+    active = values > 0
+    return rows[active], cols[active], values[active]
+
+
+def cofiring_pairs(rows: Tensor, cols: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(i, j, n) for every pair i < j of latents active on the same rows, n the rows they share.
+    The entries are row-major (as `Rule.select` gives them); a row with m entries adds m² pairs."""
+    per_row = torch.bincount(rows, minlength=int(rows.max()) + 1 if rows.numel() else 1)
+    start = torch.cumsum(per_row, 0) - per_row
+    repeat = per_row[rows]
+    first = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), repeat)
+    before = torch.repeat_interleave(torch.cumsum(repeat, 0) - repeat, repeat)
+    offset = torch.arange(first.numel(), device=rows.device) - before  # each entry's partner within its row
+    i, j = cols[first], cols[start[rows[first]] + offset]
+    keys, shared = torch.unique(i[i < j] * width + j[i < j], return_counts=True)
+    return keys // width, keys % width, shared
+
+
+@torch.no_grad()
+def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor | None,
+                     generator: torch.Generator) -> tuple[int, int]:
+    """Merge co-firing pairs, then restart dead and freed latents, on one (global) batch; returns
+    (pairs merged, latents restarted). Deterministic in its inputs, so every rank, given the whole
+    global batch, makes the same change."""
+    cfg, width = dictionary.cfg, dictionary.width
+    rows, cols, values = _selected_codes(dictionary, x)
+    fires = torch.bincount(cols, minlength=width)
+    i, j, shared = cofiring_pairs(rows, cols, width)
+    ratio = shared / torch.maximum(fires[i], fires[j]).clamp_min(1)
+    merged, taken = 0, torch.zeros(width, dtype=torch.bool, device=x.device)
+    order = torch.argsort(ratio, descending=True, stable=True)
+    for index in order[ratio[order] > cfg.cofire_ratio].tolist():
+        keep, free = int(i[index]), int(j[index])
+        if taken[keep] or taken[free]:
+            continue
+        if fires[free] > fires[keep]:
+            keep, free = free, keep
+        both = torch.zeros(x.shape[0], 2, dtype=values.dtype, device=x.device)
+        for slot, latent in enumerate((keep, free)):
+            both[rows[cols == latent], slot] = values[cols == latent]
+        both = both[(both > 0).all(dim=1)].mean(dim=0)
+        for param in (dictionary.W_dec, dictionary.W_enc.T):  # rows are latents in both views
+            merged_row = both[0] * param[keep] + both[1] * param[free]
+            param[keep] = merged_row * (param[keep].norm() / merged_row.norm().clamp_min(1e-12))
+        dictionary.tokens_since_fired[free] = cfg.dead_tokens
+        taken[keep] = taken[free] = True
+        merged += 1
+    restart = torch.nonzero(dictionary.dead_mask()).flatten()
+    if restart.numel():
+        live = ~dictionary.dead_mask()
+        rows, cols, values = _selected_codes(dictionary, x)  # after the merges, without the latents restarting
+        prediction = torch.zeros(x.shape[0], dictionary.d_out, device=x.device).index_add_(
+            0, rows, (values * live[cols]).float()[:, None] * dictionary.W_dec[cols].float())
+        residual = dictionary.scaled_target(x, y).float() - prediction - dictionary.b_dec.float()
+        weight = residual.pow(2).sum(dim=1).double().cpu()
+        weight = weight if weight.sum() > 0 else torch.ones_like(weight)
+        picked = torch.multinomial(weight, restart.numel(), replacement=restart.numel() > x.shape[0],
+                                   generator=generator).to(x.device)
+        decoder = torch.nn.functional.normalize(residual[picked], dim=1)
+        encoder = (torch.nn.functional.normalize(dictionary.centered_input(x)[picked].float(), dim=1)
+                   if cfg.transcoder else decoder)
+        scale = RESAMPLE_ENCODER_SCALE * dictionary.W_enc[:, live].norm(dim=0).mean() if live.any() else 1.0
+        decoder_norm = dictionary.W_dec[live].norm(dim=1).mean() if cfg.transcoder and live.any() else 1.0
+        dictionary.W_dec[restart] = (decoder * decoder_norm).to(dictionary.W_dec.dtype)
+        dictionary.W_enc[:, restart] = (encoder * scale).T.to(dictionary.W_enc.dtype)
+        dictionary.b_enc[restart] = 0
+        dictionary.tokens_since_fired[restart] = 0
+        if cfg.reorder_latents:  # a restarted latent has contributed nothing yet
+            dictionary.contribution[restart] = 0
+    touched = torch.cat([torch.nonzero(taken).flatten(), restart]).unique().to(x.device)
+    for name, dim in _LATENT_DIM.items():
+        param = getattr(dictionary, name, None)
+        for moment in ([] if param is None else optimizer.state.get(param, {}).values()):
+            if torch.is_tensor(moment) and moment.shape == param.shape:
+                moment.index_fill_(dim, touched.to(moment.device), 0)
+    return merged, int(restart.numel())
+
+
 # --- target-L0 control (ReLU, JumpReLU) ----------------------------------------------------------
 # With an L1, log or L0 penalty the L0 is whatever λ gives, and that drifts as training goes; a sweep
 # that must compare dictionaries at equal L0 wants λ set by the L0 instead. After every step

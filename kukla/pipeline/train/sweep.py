@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from torch import Tensor
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, default_lr, training_loss
 from kukla.pipeline.dictionary.loss import snap_step
-from kukla.pipeline.dictionary.model import adjust_penalty, reorder_latents
+from kukla.pipeline.dictionary.model import adjust_penalty, reorder_latents, resample_latents
 from kukla.pipeline.train.config import Member, TrainConfig, learning_rate
 from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gradients, broadcast_parameters,
                                               global_batch)
@@ -33,6 +34,8 @@ from kukla.pipeline.train.distributed import (Ranks, agree, any_rank, average_gr
 ADAM_BETAS = (0.9, 0.999)
 _MEASURED: dict[tuple[Any, ...], bool] = {}  # (device, shapes) → the sparse path was faster
 _REPEATS = 3
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,11 @@ class FiniteCheck:
                          "or check the store for bad rows")
 
 
+def resample_steps(fractions: list[float] | None, total_steps: int) -> frozenset[int]:
+    """The steps after which latents restart (`resample_at`), each fraction's nearest step."""
+    return frozenset(round(f * total_steps) for f in fractions or ())
+
+
 def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, total_steps: int,
                config: TrainConfig, ranks: Ranks, rows: Tensor | None = None) -> FiniteCheck:
     """One optimiser step of every member on one batch (this rank's share of the global batch).
@@ -138,6 +146,9 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
     average_gradients([p for t in trainees for p in t.dictionary.parameters()], ranks)
     fired = any_rank(fired, ranks)
     n_tokens = x.shape[0] * ranks.world
+    restart = step in resample_steps(config.resample_at, total_steps)
+    if restart:  # every rank restarts latents from the whole global batch, so all make the same change
+        whole = (share.gather(x), None if y is None else share.gather(y))
     for trainee, fired_mask, contribution in zip(trainees, fired, contributions):
         dictionary = trainee.dictionary
         dictionary.project_decoder_grads()
@@ -156,6 +167,12 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
                            cfg.l0_control_rate)
         if contribution is not None:  # the same order on every rank: sort by the global mean
             reorder_latents(dictionary, trainee.optimizer, share.sum(contribution) / share.world)
+        if restart:
+            merged, restarted = resample_latents(dictionary, trainee.optimizer, *whole,
+                                                 torch.Generator().manual_seed(trainee.member.seed * 1_000_003 + step))
+            if ranks.is_main:
+                logger.info("%s, step %d: %d co-firing pairs merged, %d latents restarted",
+                            trainee.name, step, merged, restarted)
     return FiniteCheck(step, acts, rows, torch.stack(bad))
 
 
