@@ -1,7 +1,7 @@
 """The Matryoshka variants on a real store: EV, EV per prefix and CE against mean ablation.
 
     python benchmarks/demo_variants.py [--out /tmp/demo-variants --tokens 40000 --epochs 3 --store STORE --snap 0.8
-                                        --seeds 3 --ce-contexts 16]
+                                        --resample 0.25,0.5 --seeds 3 --ce-contexts 16]
 
 The demo's run file (`kukla demo`: Gemma-3-270m, `resid_post:9`, Wikipedia lead paragraphs,
 width 2048, k 32, the same tokens for every run) with five [[train]] runs instead of two:
@@ -44,10 +44,12 @@ VARIANTS = {  # name: (arch, extra TOML lines)
 PREFIXES = [64, 192, 448, 960]
 
 
-def write_run_file(out: Path, tokens: int, epochs: int, device: str, snap: float | None, seeds: int) -> Path:
+def write_run_file(out: Path, tokens: int, epochs: int, device: str, snap: float | None, seeds: int,
+                   resample: list[float] | None) -> Path:
     """The demo's run file with one [[train]] table per variant, each writing to its own folder."""
     text = write_demo_text(out / "text" / "wikipedia-en.jsonl")
-    shared = f"seed = {list(range(1, seeds + 1))}\n" + ("" if snap is None else f"snap_fraction = {snap}\n")
+    shared = (f"seed = {list(range(1, seeds + 1))}\n" + ("" if snap is None else f"snap_fraction = {snap}\n")
+              + ("" if resample is None else f"resample_at = {resample}\n"))
     tables = "\n".join(TRAIN_TABLE.format(arch=arch, train_tokens=tokens * epochs)
                        + f'out = "{(out / "dictionaries" / name).as_posix()}"\n' + extra + shared
                        for name, (arch, extra) in VARIANTS.items())
@@ -78,11 +80,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--store", type=Path, help="train and evaluate on this store instead of harvesting one")
     parser.add_argument("--snap", type=float, help="every variant trains with the snap loss from this fraction")
+    parser.add_argument("--resample", type=lambda s: [float(v) for v in s.split(",")],
+                        help="every variant restarts latents at these fractions of training (resample_at)")
     parser.add_argument("--seeds", type=int, default=1, help="initialisation seeds per variant (1..N)")
     parser.add_argument("--ce-contexts", type=int, help="downstream CE windows (the demo's 4 by default)")
     args = parser.parse_args()
     start = time.time()
-    path = write_run_file(args.out.absolute(), args.tokens, args.epochs, args.device, args.snap, args.seeds)
+    path = write_run_file(args.out.absolute(), args.tokens, args.epochs, args.device, args.snap, args.seeds,
+                          args.resample)
     data = read_toml(path)
     data["evaluate"]["absorption"] = {"enabled": False}  # first-letter absorption: not in this table
     if args.ce_contexts is not None:
