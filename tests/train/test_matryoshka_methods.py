@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 from kukla.config import from_dict
 from kukla.pipeline.train import TrainConfig, checkpoint, train
 
-NAME = "matryoshka-prefix-w48-k3-s0"
+NAME = "matryoshka-prefix-w512-k3-s0"
 
 
 def _config(store: Path, out: Path, **changes: object) -> TrainConfig:
-    settings = dict(store=store, out=out, hook=HOOK, arch="matryoshka-prefix", width=[48], k=[3.0], n_prefixes=4,
+    settings = dict(store=store, out=out, hook=HOOK, arch="matryoshka-prefix", width=[512], k=[3.0], n_prefixes=4,
                     batch_size=128, tokens=128 * 60, checkpoint_every=20, keep_checkpoints=5, log_every=10,
-                    dead_tokens=1000, threads=1, reorder_latents=True, snap_fraction=0.5, resample_at=[0.6])
+                    dead_tokens=256, threads=1, reorder_latents=True, snap_fraction=0.5, resample_at=[0.6])
     return from_dict(TrainConfig, {**settings, **changes})
 
 

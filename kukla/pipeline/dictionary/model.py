@@ -292,6 +292,9 @@ def reorder_latents(dictionary: nn.Module, optimizer: torch.optim.Optimizer, con
 # rows), then restarts every dead latent, and those the merges freed, at the residual of a batch
 # row drawn ∝ its squared error (Anthropic's 2023 resampling), with fresh Adam moments.
 
+RESAMPLE_MIN_SHARED = 16
+"""Rows a pair must share in the batch before its co-firing counts: below that a ratio is noise
+(two rare latents meeting on 3 of 4 rows), and merging a good latent loses its feature."""
 RESAMPLE_ENCODER_SCALE = 0.2
 """A restarted encoder column's norm, as a fraction of the mean live column's (Anthropic's 0.2)."""
 
@@ -329,7 +332,7 @@ def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x
     rows, cols, values = _selected_codes(dictionary, x)
     fires = torch.bincount(cols, minlength=width)
     i, j, shared = cofiring_pairs(rows, cols, width)
-    ratio = shared / torch.maximum(fires[i], fires[j]).clamp_min(1)
+    ratio = (shared / torch.maximum(fires[i], fires[j]).clamp_min(1)) * (shared >= RESAMPLE_MIN_SHARED)
     merged, taken = 0, torch.zeros(width, dtype=torch.bool, device=x.device)
     order = torch.argsort(ratio, descending=True, stable=True)
     for index in order[ratio[order] > cfg.cofire_ratio].tolist():
