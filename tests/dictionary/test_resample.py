@@ -114,3 +114,17 @@ def test_restarting_is_refused_where_it_has_no_meaning() -> None:
         DictionaryConfig(d_in=D, width=WIDTH, k=2, resample_at=[1.0])
     with pytest.raises(ConfigError, match="cofire_ratio"):
         DictionaryConfig(d_in=D, width=WIDTH, k=2, cofire_ratio=0)
+
+
+def test_a_pair_seen_together_on_a_few_rows_only_is_not_merged() -> None:
+    """Two rare latents that meet on all of their 5 rows: a ratio of 1 on too few rows to mean anything."""
+    d, optimizer, x, _ = _rotated_pair()
+    x[:5, 3] = x[:5, 4] = 1.0
+    with torch.no_grad():
+        for latent, feature in ((3, 3), (4, 4)):
+            d.W_dec[latent] = torch.eye(D)[feature]
+            d.W_enc[:, latent] = torch.eye(D)[feature] * 0.9
+        d.tokens_since_fired[3:5] = 0
+    merged, _ = resample_latents(d, optimizer, x, None, torch.Generator().manual_seed(1))
+    assert merged == 1  # the rotated pair only
+    torch.testing.assert_close(d.W_dec[3:5], torch.eye(D)[3:5])
