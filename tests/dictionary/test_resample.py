@@ -128,3 +128,29 @@ def test_a_pair_seen_together_on_a_few_rows_only_is_not_merged() -> None:
     merged, _ = resample_latents(d, optimizer, x, None, torch.Generator().manual_seed(1))
     assert merged == 1  # the rotated pair only
     torch.testing.assert_close(d.W_dec[3:5], torch.eye(D)[3:5])
+
+
+def test_a_transcoders_dead_latents_restart_at_one_rows_input_and_residual() -> None:
+    """Transcoder: the restarted decoder row is a row's residual (at the live rows' mean norm), its
+    encoder column that same row's centred input; checked against a naive dense computation."""
+    torch.manual_seed(0)
+    d = Dictionary(DictionaryConfig(d_in=D, d_out=5, width=WIDTH, k=2.0, arch="batchtopk", transcoder=True,
+                                    resample_at=[0.5], cofire_ratio=1.0, dead_tokens=100))  # no merges
+    x, y = torch.randn(64, D), torch.randn(64, 5)
+    d.set_scales(float(x.norm(dim=1).mean()), float(y.norm(dim=1).mean()))
+    with torch.no_grad():
+        d.W_dec.copy_(torch.randn(WIDTH, 5))
+        d.tokens_since_fired[4:] = 1000
+    live = torch.arange(WIDTH) < 4
+    pre = d.pre_activations(x)
+    cutoff = pre.flatten().topk(2 * 64).values[-1]
+    z = torch.where(pre >= cutoff, pre, torch.zeros_like(pre)).relu() * live
+    residual = (d.scaled_target(x, y) - z @ d.W_dec - d.b_dec).detach()
+    inputs = torch.nn.functional.normalize(d.centered_input(x), dim=1).detach()
+    live_dec, live_enc = d.W_dec[:4].norm(dim=1).mean().detach(), d.W_enc[:, :4].norm(dim=0).mean().detach()
+    optimizer = torch.optim.Adam(d.parameters())
+    assert resample_latents(d, optimizer, x, y, torch.Generator().manual_seed(1)) == (0, 2)
+    for latent in (4, 5):
+        row = int((torch.nn.functional.normalize(residual, dim=1) @ d.W_dec[latent].detach()).argmax())
+        torch.testing.assert_close(d.W_dec[latent], torch.nn.functional.normalize(residual[row], dim=0) * live_dec)
+        torch.testing.assert_close(d.W_enc[:, latent], inputs[row] * RESAMPLE_ENCODER_SCALE * live_enc)
