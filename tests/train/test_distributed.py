@@ -36,7 +36,7 @@ def _train(store: Path, out: Path, arch: str, nproc: int, extra: list[str]) -> d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,extra", [("batchtopk", []), ("matryoshka-batchtopk", []), ("matryoshka-prefix", []),
-                                        ("matryoshka-prefix", ["--resample-at", "0.5", "--reorder-latents"])])
+                                        ("matryoshka-prefix", ["--resample-at", "0.5"])])
 def test_two_gloo_ranks_train_the_same_dictionary_as_one_process(store: Path, tmp_path: Path, arch: str,
                                                                  extra: list[str]) -> None:
     """With --resample-at every rank restarts the same latents at step 10, from the whole global batch."""

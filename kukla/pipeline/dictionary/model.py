@@ -326,8 +326,9 @@ def cofiring_pairs(rows: Tensor, cols: Tensor, width: int) -> tuple[Tensor, Tens
 def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor | None,
                      generator: torch.Generator) -> tuple[int, int]:
     """Merge co-firing pairs, then restart dead and freed latents, on one (global) batch; returns
-    (pairs merged, latents restarted). Deterministic in its inputs, so every rank, given the whole
-    global batch, makes the same change."""
+    (pairs merged, latents restarted). Which latents change rests on integer counts only, so every
+    rank given the whole global batch changes the same ones (the trainer then broadcasts rank 0's
+    weights, whose restarted rows rest on float residuals)."""
     cfg, width = dictionary.cfg, dictionary.width
     rows, cols, values = _selected_codes(dictionary, x)
     fires = torch.bincount(cols, minlength=width)

@@ -170,6 +170,9 @@ def train_step(trainees: list[Trainee], acts: tuple[Tensor, ...], step: int, tot
         if restart:
             merged, restarted = resample_latents(dictionary, trainee.optimizer, *whole,
                                                  torch.Generator().manual_seed(trainee.member.seed * 1_000_003 + step))
+            # the pairs and dead latents are the same on every rank (integer counts); the rows a
+            # restart draws rest on a float residual that a GPU's atomic adds may round differently
+            broadcast_parameters(dictionary, ranks)
             if ranks.is_main:
                 logger.info("%s, step %d: %d co-firing pairs merged, %d latents restarted",
                             trainee.name, step, merged, restarted)
