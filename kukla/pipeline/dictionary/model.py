@@ -262,6 +262,18 @@ _LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
 _LATENT_BUFFERS = ("threshold", "tokens_since_fired", "contribution")
 
 
+def _latent_tensors(dictionary: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[Tensor, int]]:
+    """Every per-latent parameter with its Adam moments, and the dimension that indexes latents."""
+    out = []
+    for name, dim in _LATENT_DIM.items():
+        param = getattr(dictionary, name, None)
+        if param is None:  # a rule's own parameter (JumpReLU's threshold) that this one lacks
+            continue
+        out += [(param, dim)] + [(v, dim) for v in optimizer.state.get(param, {}).values()
+                                 if torch.is_tensor(v) and v.shape == param.shape]
+    return out
+
+
 @torch.no_grad()
 def reorder_latents(dictionary: nn.Module, optimizer: torch.optim.Optimizer, contribution: Tensor) -> Tensor:
     """Fold this batch's contribution into the running mean, then sort the latents by it
@@ -269,14 +281,8 @@ def reorder_latents(dictionary: nn.Module, optimizer: torch.optim.Optimizer, con
     running = dictionary.contribution
     running.mul_(CONTRIBUTION_DECAY).add_(contribution.to(running), alpha=1 - CONTRIBUTION_DECAY)
     order = torch.argsort(running, descending=True, stable=True)
-    for name, dim in _LATENT_DIM.items():
-        param = getattr(dictionary, name, None)
-        if param is None:  # a rule's own parameter (JumpReLU's threshold) that this one lacks
-            continue
-        tensors = [param] + [v for v in optimizer.state.get(param, {}).values()
-                             if torch.is_tensor(v) and v.shape == param.shape]
-        for tensor in tensors:
-            tensor.copy_(tensor.index_select(dim, order.to(tensor.device)))
+    for tensor, dim in _latent_tensors(dictionary, optimizer):
+        tensor.copy_(tensor.index_select(dim, order.to(tensor.device)))
     for name in _LATENT_BUFFERS:
         buffer = getattr(dictionary, name)
         buffer.copy_(buffer.index_select(0, order.to(buffer.device)))
@@ -311,7 +317,7 @@ def _selected_codes(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor, 
 def cofiring_pairs(rows: Tensor, cols: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """(i, j, n) for every pair i < j of latents active on the same rows, n the rows they share.
     The entries are row-major (as `Rule.select` gives them); a row with m entries adds m² pairs."""
-    per_row = torch.bincount(rows, minlength=int(rows.max()) + 1 if rows.numel() else 1)
+    per_row = torch.bincount(rows)
     start = torch.cumsum(per_row, 0) - per_row
     repeat = per_row[rows]
     first = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), repeat)
@@ -374,12 +380,10 @@ def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x
         dictionary.tokens_since_fired[restart] = 0
         if cfg.reorder_latents:  # a restarted latent has contributed nothing yet
             dictionary.contribution[restart] = 0
-    touched = torch.cat([torch.nonzero(taken).flatten(), restart]).unique().to(x.device)
-    for name, dim in _LATENT_DIM.items():
-        param = getattr(dictionary, name, None)
-        for moment in ([] if param is None else optimizer.state.get(param, {}).values()):
-            if torch.is_tensor(moment) and moment.shape == param.shape:
-                moment.index_fill_(dim, touched.to(moment.device), 0)
+    touched = torch.cat([torch.nonzero(taken).flatten(), restart]).unique()
+    for tensor, dim in _latent_tensors(dictionary, optimizer):
+        if not isinstance(tensor, nn.Parameter):  # an Adam moment: it starts afresh
+            tensor.index_fill_(dim, touched.to(tensor.device), 0)
     return merged, int(restart.numel())
 
 
