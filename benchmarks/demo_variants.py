@@ -59,14 +59,18 @@ def write_run_file(out: Path, tokens: int, epochs: int, device: str, snap: float
     return path
 
 
-@torch.no_grad()
-def prefix_ev(directory: Path, store_path: Path) -> list[float]:
-    """EV = 1 − Σ‖x − x̂_p‖² / Σ‖x − x̄‖² of the first p latents, p in PREFIXES, on the evaluation rows."""
-    d = load_dictionary(directory)
+def evaluation_activations(store_path: Path) -> torch.Tensor:
+    """The store's evaluation rows (the rows evaluate scores), read once for every dictionary."""
     store = open_store(store_path)
     [hook] = store.hooks
     rows = evaluation_rows(store)
-    x = store.read(hook, rows.start, rows.stop).float()
+    return store.read(hook, rows.start, rows.stop).float()
+
+
+@torch.no_grad()
+def prefix_ev(directory: Path, x: torch.Tensor) -> list[float]:
+    """EV = 1 − Σ‖x − x̂_p‖² / Σ‖x − x̄‖² of the first p latents, p in PREFIXES, on the evaluation rows x."""
+    d = load_dictionary(directory)
     total = (x - x.mean(0)).pow(2).sum()
     prefixes = d.decode_prefixes(d.encode(x), PREFIXES)
     return [float(1 - (x - x_hat).pow(2).sum() / total) for x_hat in prefixes]
@@ -102,13 +106,14 @@ def main() -> None:
     header = "| variant | seed | L0 | EV | " + " | ".join(f"EV@{p}" for p in PREFIXES) + " | CE recovered (mean abl.) |"
     print(header + "\n" + "| --- " * 2 + "| ---: " * (3 + len(PREFIXES)) + "|")
     summary = {}
+    x = evaluation_activations(pipeline.train[0].store)
     for config, name in zip(pipeline.train, VARIANTS):
         rows = []
         for member in config.members(d_in=1, d_out=1):
             directory = Path(config.out) / member.name
             m = next(v for v in metrics.values() if Path(v["path"]).resolve() == directory.resolve())
             r, down = m["reconstruction"], m.get("downstream") or {}
-            rows.append([r["l0"], r["explained_variance"], *prefix_ev(directory, config.store),
+            rows.append([r["l0"], r["explained_variance"], *prefix_ev(directory, x),
                          down.get("ce_loss_recovered_mean_ablation", float("nan"))])
             print(f"| {name} | {member.seed} | {rows[-1][0]:.1f} | " + " | ".join(f"{v:.3f}" for v in rows[-1][1:]) + " |")
         summary[name] = torch.tensor(rows, dtype=torch.float64)
