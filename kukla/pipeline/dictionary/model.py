@@ -340,11 +340,11 @@ def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x
     fires = torch.bincount(cols, minlength=width)
     i, j, shared = cofiring_pairs(rows, cols, width)
     ratio = (shared / torch.maximum(fires[i], fires[j]).clamp_min(1)) * (shared >= RESAMPLE_MIN_SHARED)
-    merged, taken = 0, torch.zeros(width, dtype=torch.bool, device=x.device)
     order = torch.argsort(ratio, descending=True, stable=True)
-    for index in order[ratio[order] > cfg.cofire_ratio].tolist():
-        keep, free = int(i[index]), int(j[index])
-        if taken[keep] or taken[free]:
+    order = order[ratio[order] > cfg.cofire_ratio]
+    taken: set[int] = set()  # host-side: a handful of pairs, read back once
+    for keep, free in zip(i[order].tolist(), j[order].tolist()):
+        if keep in taken or free in taken:
             continue
         if fires[free] > fires[keep]:
             keep, free = free, keep
@@ -356,8 +356,7 @@ def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x
             merged_row = both[0] * param[keep] + both[1] * param[free]
             param[keep] = merged_row * (param[keep].norm() / merged_row.norm().clamp_min(1e-12))
         dictionary.tokens_since_fired[free] = cfg.dead_tokens
-        taken[keep] = taken[free] = True
-        merged += 1
+        taken |= {keep, free}
     restart = torch.nonzero(dictionary.dead_mask()).flatten()
     if restart.numel():
         live = ~dictionary.dead_mask()
@@ -380,11 +379,11 @@ def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x
         dictionary.tokens_since_fired[restart] = 0
         if cfg.reorder_latents:  # a restarted latent has contributed nothing yet
             dictionary.contribution[restart] = 0
-    touched = torch.cat([torch.nonzero(taken).flatten(), restart]).unique()
+    touched = torch.cat([torch.tensor(sorted(taken), dtype=torch.long, device=restart.device), restart]).unique()
     for tensor, dim in _latent_tensors(dictionary, optimizer):
         if not isinstance(tensor, nn.Parameter):  # an Adam moment: it starts afresh
             tensor.index_fill_(dim, touched.to(tensor.device), 0)
-    return merged, int(restart.numel())
+    return len(taken) // 2, int(restart.numel())
 
 
 # --- target-L0 control (ReLU, JumpReLU) ----------------------------------------------------------
