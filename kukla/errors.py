@@ -1,8 +1,22 @@
-"""One exception type for every problem the user can fix.
+"""How a command ends early: a one-line error the user can fix, or a stop on SIGTERM.
 
 The CLI prints a `KuklaError` as one line (no traceback), so its message must say
 what went wrong and what to do about it.
+
+SIGTERM is the cluster's "you are being preempted": stop at a committed point, exit 143.
+Kubernetes and Slurm send SIGTERM, then SIGKILL after a grace period. Harvest, finalize
+and import commit every step with one atomic write, so for them SIGTERM acts at once
+(`stop_on_sigterm`): the work in flight is abandoned exactly as a SIGKILL would leave it,
+and the `with` blocks above release their leases on the way out. Training instead asks
+(`sigterm_requested`) after each step, so it can write a checkpoint first.
 """
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 
 class KuklaError(Exception):
@@ -15,3 +29,54 @@ class ConfigError(KuklaError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+
+#: The exit status of a process stopped by SIGTERM (128 + 15), what batch systems expect.
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+_requested = threading.Event()
+
+
+class Preempted(BaseException):
+    """Raised in the main thread by SIGTERM. Not an Exception, so that no broad `except
+    Exception` swallows it; the CLI prints it as one line and exits 143."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "stopped by SIGTERM: committed work is kept; rerun to resume"
+
+
+def sigterm_requested() -> bool:
+    """True once SIGTERM arrived inside `checkpoint_on_sigterm`."""
+    return _requested.is_set()
+
+
+@contextmanager
+def _handler(handle: Any) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only; its own handler applies
+        return
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise(signum: int, frame: Any) -> None:
+    raise Preempted()
+
+
+def stop_on_sigterm() -> Any:
+    """Inside the block, SIGTERM raises `Preempted` wherever the main thread is."""
+    return _handler(_raise)
+
+
+@contextmanager
+def checkpoint_on_sigterm() -> Iterator[None]:
+    """Inside the block, SIGTERM only sets `sigterm_requested()`; the loop decides when to stop."""
+    _requested.clear()
+    with _handler(lambda signum, frame: _requested.set()):
+        try:
+            yield
+        finally:
+            _requested.clear()

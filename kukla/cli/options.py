@@ -18,8 +18,7 @@ from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_orig
 import typer
 
 from kukla.config import Setting, _strip_optional, field_types, from_dict, read_toml, section_table, settings
-from kukla.errors import KuklaError
-from kukla.preempt import EXIT_SIGTERM, Preempted
+from kukla.errors import EXIT_SIGTERM, KuklaError, Preempted
 
 C = TypeVar("C")
 F = TypeVar("F", bound=Callable[..., Any])

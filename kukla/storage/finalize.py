@@ -21,8 +21,7 @@ from typing import Any
 
 import zarr
 
-from kukla.errors import KuklaError
-from kukla.preempt import stop_on_sigterm
+from kukla.errors import KuklaError, stop_on_sigterm
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, SegmentTable, array_specs, create_array,
                                   finished_key, holdout_default, read_journal, write_manifest)
 from kukla.storage.lease import Lease

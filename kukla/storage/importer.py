@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kukla.errors import KuklaError
-from kukla.preempt import stop_on_sigterm
+from kukla.errors import KuklaError, stop_on_sigterm
 from kukla.progress import progress
 from kukla.config import StoreDtype, coerce
 from kukla.storage.codecs import DEFAULT_CODEC, check_codec

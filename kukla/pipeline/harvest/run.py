@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from transformer_lens import HookedTransformer
 
-from kukla.errors import KuklaError
+from kukla.errors import KuklaError, stop_on_sigterm
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.forward import SegmentForward
 from kukla.pipeline.massive import MASSIVE_RULE, reference_median
@@ -45,7 +45,6 @@ from kukla.pipeline.text import Window, dataset_spec, iter_texts, iter_windows, 
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
 from kukla.pipeline.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
-from kukla.preempt import stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
 from kukla.storage.finalize import check_memory_budget

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kukla.config import to_dict
-from kukla.errors import KuklaError
+from kukla.errors import KuklaError, Preempted, checkpoint_on_sigterm, sigterm_requested
 from kukla.pipeline.dictionary import calibrate_threshold, calibration_rows, save_dictionary
 from kukla.pipeline.dictionary.loss import snap_step
 from kukla.pipeline.massive import massive_rows
@@ -31,7 +31,6 @@ from kukla.pipeline.train.distributed import (Ranks, agree, barrier, close_ranks
 from kukla.pipeline.train.log import TrainLog, start_wandb
 from kukla.pipeline.train.sweep import (FiniteCheck, NonFiniteLoss, Trainee, build_trainees, oom_hint, step_metrics,
                                         train_step)
-from kukla.preempt import Preempted, checkpoint_on_sigterm, sigterm_requested
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
 from kukla.storage.lease import Lease
 from kukla.storage.location import Location, check_output_dir
