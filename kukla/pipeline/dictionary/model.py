@@ -342,11 +342,12 @@ def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x
     ratio = (shared / torch.maximum(fires[i], fires[j]).clamp_min(1)) * (shared >= RESAMPLE_MIN_SHARED)
     order = torch.argsort(ratio, descending=True, stable=True)
     order = order[ratio[order] > cfg.cofire_ratio]
-    taken: set[int] = set()  # host-side: a handful of pairs, read back once
-    for keep, free in zip(i[order].tolist(), j[order].tolist()):
+    taken: set[int] = set()  # host-side: a handful of pairs and their counts, read back once
+    for keep, free, fires_keep, fires_free in zip(i[order].tolist(), j[order].tolist(),
+                                                  fires[i[order]].tolist(), fires[j[order]].tolist()):
         if keep in taken or free in taken:
             continue
-        if fires[free] > fires[keep]:
+        if fires_free > fires_keep:
             keep, free = free, keep
         both = torch.zeros(x.shape[0], 2, dtype=values.dtype, device=x.device)
         for slot, latent in enumerate((keep, free)):
