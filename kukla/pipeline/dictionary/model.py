@@ -358,9 +358,10 @@ def resample_latents(dictionary: Dictionary, optimizer: torch.optim.Optimizer, x
             param[keep] = merged_row * (param[keep].norm() / merged_row.norm().clamp_min(1e-12))
         dictionary.tokens_since_fired[free] = cfg.dead_tokens
         taken |= {keep, free}
-    restart = torch.nonzero(dictionary.dead_mask()).flatten()
+    dead = dictionary.dead_mask()
+    restart = torch.nonzero(dead).flatten()
     if restart.numel():
-        live = ~dictionary.dead_mask()
+        live = ~dead
         rows, cols, values = _selected_codes(dictionary, x)  # after the merges, without the latents restarting
         prediction = torch.zeros(x.shape[0], dictionary.d_out, device=x.device).index_add_(
             0, rows, (values * live[cols]).float()[:, None] * dictionary.W_dec[cols].float())
