@@ -58,8 +58,9 @@ def test_sigterm_to_torchrun_checkpoints_exits_143_and_the_resumed_run_equals_an
     assert proc.returncode == 143, err[-3000:]
     assert err.rstrip().splitlines()[-1].startswith("stopped: torchrun got SIGTERM"), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    # Both ranks, at the same step. The ranks share stderr, so a rank's line can land after rank 0's
-    # unfinished progress bar on the same terminal line: look for the words, not the line start.
+    # Both ranks, at the same step. The ranks and torchrun share stderr, so whatever one of them writes
+    # while rank 0's bar is drawn (torchrun's own warnings too) lands after the bar on the same line:
+    # look for the words, not the line start.
     stops = re.findall(r"stopped: stopped by SIGTERM after step (\d+) of \d+", err)
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]
     step = int(stops[0])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import HOOK
 
+from kukla.pipeline.dictionary.model import _LATENT_BUFFERS, _LATENT_DIM
 from kukla.pipeline.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +44,7 @@ def _in_order_of(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]) -> 
     assert match.unique().numel() == width, "not a permutation"
     moved = match != torch.arange(width)
     assert int(moved.sum()) <= width // 50 and int((match - torch.arange(width)).abs().max()) <= 2, match[moved]
-    per_latent = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "tokens_since_fired": 0, "contribution": 0}
+    per_latent = {**_LATENT_DIM, **dict.fromkeys(_LATENT_BUFFERS, 0)}  # what reordering permutes
     return {name: t.index_select(per_latent[name], match) if name in per_latent else t for name, t in one.items()}
 
 
