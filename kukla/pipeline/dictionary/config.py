@@ -149,7 +149,8 @@ class DictionarySettings:
             raise ConfigError("snap_fraction", f"is a fraction of training, in [0, 1]; got {self.snap_fraction}")
         if self.resample_at is not None:
             if not self.rule.selects:
-                raise ConfigError("resample_at", f"restarts latents of topk and batchtopk, not {self.activation}")
+                raise ConfigError("resample_at", f"restarts latents of topk and batchtopk, not {self.activation}: "
+                                  "leave it out, or train activation topk or batchtopk")
             if not all(0 < f < 1 for f in self.resample_at):
                 raise ConfigError("resample_at", f"are fractions of training, each in (0, 1); got {self.resample_at}")
         if not 0 < self.cofire_ratio <= 1:
@@ -167,7 +168,8 @@ class DictionarySettings:
             return
         if self.arch == "matryoshka-prefix":
             if self.prefixes == "none":
-                raise ConfigError("prefixes", "arch matryoshka-prefix trains sampled or all prefixes, not none")
+                raise ConfigError("prefixes", "arch matryoshka-prefix trains sampled or all prefixes, not none: "
+                                  "give prefixes sampled or all, or arch batchtopk for a plain dictionary")
             if self.prefixes == "levels":  # the default: not chosen
                 self.prefixes = "sampled"
             return
