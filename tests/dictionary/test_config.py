@@ -57,12 +57,27 @@ def test_arch_is_a_composition_of_activation_rule_and_prefix_scheme():
     ({"arch": "matryoshka-batchtopk"}, "batchtopk", "levels", "matryoshka-batchtopk"),
     ({"arch": "jumprelu"}, "jumprelu", "none", "jumprelu"),
     ({"arch": "matryoshka-prefix", "activation": "topk", "prefixes": "all"}, "topk", "all", "matryoshka-all-topk"),
+    ({"arch": "batchtopk", "activation": "batchtopk", "prefixes": "none"}, "batchtopk", "none", "batchtopk"),
 ])
 def test_activation_and_prefixes_combine_freely_and_arch_names_fill_them(settings, activation, prefixes, label):
     cfg = from_dict(DictionaryConfig, {"d_in": 8, "width": 64, "k": "4", **settings})
     assert (cfg.activation, cfg.prefixes, cfg.label) == (activation, prefixes, label)
     assert (cfg.levels is not None) == (prefixes == "levels")
     assert from_dict(DictionaryConfig, to_dict(cfg)) == cfg  # kukla.json's config reloads as itself
+
+
+@pytest.mark.parametrize("settings, refused", [
+    ({"arch": "topk", "prefixes": "sampled"}, "prefixes: arch topk trains prefixes none, not sampled"),
+    ({"arch": "batchtopk", "prefixes": "levels"}, "prefixes: arch batchtopk trains prefixes none, not levels"),
+    ({"arch": "matryoshka-prefix", "prefixes": "none"}, "prefixes sampled or all, not none"),
+    ({"arch": "matryoshka-prefix", "prefixes": "levels"}, "prefixes sampled or all, not levels"),
+    ({"arch": "matryoshka-batchtopk", "activation": "relu"}, "activation: arch matryoshka-batchtopk trains activation "
+                                                             "batchtopk, not relu"),
+])
+def test_a_setting_beside_arch_is_what_arch_sets_or_refused(settings, refused):
+    """Never overridden without a word: `--arch batchtopk --prefixes levels` is not a plain dictionary."""
+    with pytest.raises(ConfigError, match=refused):
+        from_dict(DictionaryConfig, {"d_in": 8, "width": 64, "k": "4", **settings})
 
 
 def test_levels_need_the_levels_scheme():

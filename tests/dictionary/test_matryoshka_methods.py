@@ -162,10 +162,6 @@ def test_all_prefix_loss_is_the_expectation_of_the_sampled_loss_with_replacement
 def test_matryoshka_method_settings_are_validated():
     with pytest.raises(ConfigError, match="prefixes"):
         DictionaryConfig(d_in=8, width=32, k=2, arch="batchtopk", prefixes="all")
-    with pytest.raises(ConfigError, match="arch topk sets the prefix scheme"):  # not silently plain TopK
-        DictionaryConfig(d_in=8, width=32, k=2, arch="topk", prefixes="sampled")
-    with pytest.raises(ConfigError, match="not none"):
-        DictionaryConfig(d_in=8, width=32, k=2, arch="matryoshka-prefix", prefixes="none")
     with pytest.raises(ConfigError, match="n_prefixes"):
         DictionaryConfig(d_in=8, width=8, k=2, arch="matryoshka-prefix", n_prefixes=8)
     with pytest.raises(ConfigError, match="snap_fraction"):

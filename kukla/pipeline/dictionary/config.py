@@ -41,14 +41,15 @@ class DictionarySettings:
     every dictionary's config is these plus its own size: one definition, one validation.
     """
 
-    activation: ActivationRule = "batchtopk"
+    activation: Literal["auto", ActivationRule] = "auto"
     """How codes are chosen: batchtopk (k·B per batch; JumpReLU at a calibrated threshold at
     inference), topk (k per token), relu (L1 or log penalty), jumprelu (a learned threshold per
-    latent and an L0 penalty, Gemma Scope's recipe)."""
-    prefixes: PrefixScheme = "levels"
+    latent and an L0 penalty, Gemma Scope's recipe). auto: the one `arch` names, else batchtopk."""
+    prefixes: Literal["auto", PrefixScheme] = "auto"
     """Matryoshka prefix scheme: none (one reconstruction), levels (fixed nested `levels`),
     sampled (n_prefixes lengths drawn per batch, Nabeshima), all (every prefix at once, block size
-    1, each weighted by its expected share of those draws: the sampled loss's expectation)."""
+    1, each weighted by its expected share of those draws: the sampled loss's expectation).
+    auto: the one `arch` sets, else levels."""
     arch: Arch | None = None
     """Shorthand that sets activation and prefixes: topk, batchtopk, relu, jumprelu (prefixes
     none, or levels when levels are given), matryoshka-batchtopk (batchtopk + levels),
@@ -163,20 +164,23 @@ class DictionarySettings:
             raise ConfigError("spread_levels", "applies to fixed levels only (prefixes = levels)")
 
     def _expand_arch(self) -> None:
-        """Fill activation and prefixes from the `arch` shorthand (kukla.json of every version has one)."""
+        """Fill activation and prefixes from the `arch` shorthand (kukla.json of every version has one);
+        one given beside it must be what the shorthand sets, so neither is overridden without a word."""
         if self.arch is None:
+            self.activation = "batchtopk" if self.activation == "auto" else self.activation
+            self.prefixes = "levels" if self.prefixes == "auto" else self.prefixes
             return
-        if self.arch == "matryoshka-prefix":
-            if self.prefixes == "none":
-                raise ConfigError("prefixes", "arch matryoshka-prefix trains sampled or all prefixes, not none: "
-                                  "give prefixes sampled or all, or arch batchtopk for a plain dictionary")
-            if self.prefixes == "levels":  # the default: not chosen
-                self.prefixes = "sampled"
-            return
-        if self.prefixes in ("sampled", "all"):
-            raise ConfigError("prefixes", f"arch {self.arch} sets the prefix scheme; give activation and prefixes instead")
-        self.activation = "batchtopk" if self.arch == "matryoshka-batchtopk" else self.arch  # type: ignore[assignment]
-        self.prefixes = "levels" if self.arch == "matryoshka-batchtopk" or self.levels else "none"
+        if self.arch == "matryoshka-prefix":  # keeps the activation
+            activations, schemes = ["batchtopk" if self.activation == "auto" else self.activation], ["sampled", "all"]
+        else:
+            activations = ["batchtopk" if self.arch == "matryoshka-batchtopk" else self.arch]
+            schemes = ["levels" if self.arch == "matryoshka-batchtopk" or self.levels else "none"]
+        for name, allowed in (("activation", activations), ("prefixes", schemes)):
+            given = getattr(self, name)
+            if given != "auto" and given not in allowed:
+                raise ConfigError(name, f"arch {self.arch} trains {name} {' or '.join(allowed)}, not {given}: leave "
+                                  f"{name} out (auto), or give activation and prefixes without arch")
+            setattr(self, name, allowed[0] if given == "auto" else given)
 
     @property
     def rule(self) -> Rule:

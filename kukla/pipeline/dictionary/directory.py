@@ -174,10 +174,10 @@ def load_dictionary(directory: str | Path) -> Dictionary:
 
 def _current_config(config: dict) -> dict:
     """A saved config as this version reads it: kukla before the `prefixes` setting wrote
-    prefixes = "sampled" for every arch (then the sampling mode of matryoshka-prefix only), which
-    the arch shorthand now sets itself."""
+    prefixes = "sampled" (then the sampling mode of matryoshka-prefix only) and an activation for
+    every arch; every arch but matryoshka-prefix sets both itself."""
     if config.get("arch") not in (None, "matryoshka-prefix"):
-        return {key: value for key, value in config.items() if key != "prefixes"}
+        return {key: value for key, value in config.items() if key not in ("activation", "prefixes")}
     return config
 
 
