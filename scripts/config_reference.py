@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from kukla.cli.app import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
 from kukla.cli.options import _default_text  # noqa: E402
-from kukla.config import Setting, _strip_optional, field_types, settings  # noqa: E402
+from kukla.config import Bytes, Setting, _strip_optional, field_types, settings  # noqa: E402
 from kukla.pipeline.demo import DemoConfig  # noqa: E402
 from kukla.pipeline.evaluate.config import EvaluateConfig  # noqa: E402
 from kukla.pipeline.harvest.config import HarvestConfig  # noqa: E402
@@ -58,7 +58,8 @@ def _type_name(tp: Any) -> str:
     elif origin is dict:
         text = "table"
     else:
-        text = {Path: "path", str: "text", int: "int", float: "float", bool: "bool"}.get(tp, str(tp))
+        text = {Path: "path", str: "text", int: "int", float: "float", bool: "bool", Bytes: "size"}.get(
+            tp, getattr(tp, "__name__", str(tp)))
     return text + (" or none" if optional else "")
 
 

@@ -62,3 +62,4 @@ def test_reference_documents_every_setting_of_every_stage() -> None:
     for key in ("toy.dim", "absorption.words", "downstream.contexts", "wandb.project"):  # sections are listed by their dotted keys
         assert f"(`{key}`)" in reference, key
     assert "TOML table `[harvest.toy]`" in reference and "TOML table `[evaluate.absorption]`" in reference
+    assert "<class" not in reference and "typing." not in reference  # every type has a reader's name
