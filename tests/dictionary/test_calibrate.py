@@ -89,6 +89,20 @@ def test_l0_cap_keeps_each_tokens_largest_codes_and_lowers_only_the_tail():
     assert l0 == pytest.approx(float(measured), abs=1e-9) and int(d.l0_cap) == 8
 
 
+def test_l0_cap_counts_per_token_on_batches_of_contexts():
+    """Downstream splices [batch, pos, d]: the cap must count each token's codes, not a column's."""
+    gen = torch.Generator().manual_seed(4)
+    d = _trained_like(gen)
+    contexts = _rows(4 * 64, gen)
+    contexts[::7] *= 12  # massive rows, so some tokens exceed the cap
+    calibrate_threshold(d, [_rows(256, gen)], l0_cap=8)
+    with torch.no_grad():
+        rows = d.encode(contexts)
+        batched = d.encode(contexts.reshape(4, 64, 24))
+    assert int((rows > 0).sum(1).max()) == 8
+    assert torch.equal(batched.reshape(-1, 128), rows)
+
+
 def test_calibration_and_evaluation_splits_part_the_holdout():
     class Rows:
         def __init__(self, n_rows: int, holdout_rows: int) -> None:

@@ -106,7 +106,7 @@ class BatchTopK(Rule):
         codes = jumprelu_codes(pre, dictionary.threshold)
         cap = int(dictionary.l0_cap)
         if cap:
-            over = (codes > 0).sum(1) > cap
+            over = (codes > 0).sum(-1) > cap  # per token: the model splices [batch, pos, d]
             if over.any():
                 codes[over] = topk_codes(codes[over], cap)
         return codes
