@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, save_dictionary
-from kukla.pipeline.evaluate import DownstreamConfig, EvaluateConfig, evaluate
+from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.run import harvest
 from kukla.storage import finalize_store
@@ -65,3 +70,33 @@ def test_ce_recovered_is_one_for_the_identity_and_zero_for_zero_ablation_through
     assert not any("include harvested text" in n for n in report["notes"])
     contexts = pq.read_table(out / "latents_identity.parquet").to_pydict()["top_contexts"]
     assert any("«" in c for latent in contexts for c in latent)
+
+
+def _browser_pages(report: Path) -> dict[tuple[int, int], list[dict]]:
+    html = (report / "report.html").read_text()
+    found = re.findall(r'<script type="application/octet-stream" id="page-(\d+)-(\d+)">(.*?)</script>', html, re.S)
+    return {(int(d), int(p)): json.loads(gzip.decompress(base64.b64decode(text))) for d, p, text in found}
+
+
+@pytest.mark.slow
+def test_logit_lens_is_the_saved_decoder_times_the_unembedding(tmp_path: Path, text_store: tuple[Path, Path]) -> None:
+    """A dictionary trained at scale s keeps W_dec in training units; the lens must read the saved
+    (raw) rows, the logit change one unit of the latent makes, not s times it."""
+    store, model_dir = text_store
+    g = torch.Generator().manual_seed(0)
+    sae = Dictionary(DictionaryConfig(d_in=32, width=16, arch="relu"))
+    sae.set_scales(0.25)  # input_scale = √32 / 0.25
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(16, 32, generator=g), dim=1))
+        sae.W_enc.copy_(sae.W_dec.T)
+    path = save_dictionary(sae, tmp_path / "scaled", {"hooks": {"input": RESID}})
+    out = evaluate(EvaluateConfig(dictionaries=[path], store=store, out=tmp_path / "report",
+                                  downstream=DownstreamConfig(contexts=4, batch_size=4, require=True),
+                                  absorption=AbsorptionConfig(enabled=False)))
+    saved = load_file(path / "sae_weights.safetensors")["W_dec"].double()
+    w_u = GPT2LMHeadModel.from_pretrained(model_dir).lm_head.weight.detach().double().T
+    logits = saved @ w_u
+    for latent, page in enumerate(_browser_pages(out)[(0, 0)]):
+        ids = [token for token, _ in page["lens_top"]]
+        assert ids == logits[latent].argsort(descending=True)[:len(ids)].tolist()
+        assert [v for _, v in page["lens_top"]] == pytest.approx(logits[latent, ids].tolist(), rel=5e-3)

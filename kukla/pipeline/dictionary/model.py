@@ -140,6 +140,12 @@ class Dictionary(nn.Module):
         """Output in raw units of the target: (z·W_dec + b_dec) / target_scale."""
         return (z @ self.W_dec + self.b_dec) / self.target_scale
 
+    @property
+    def output_directions(self) -> Tensor:
+        """Decoder rows in the target's raw units (W_dec / target_scale, the saved W_dec): what one
+        unit of each latent adds to the output. W_dec itself is in training units."""
+        return self.W_dec / self.target_scale
+
     def decode_prefixes(self, z: Tensor, widths: list[int]) -> list[Tensor]:
         """`decode` using only the first w latents, for each increasing w: a cumulative sum over
         the segments between widths, so all prefixes cost one decode, not one each."""

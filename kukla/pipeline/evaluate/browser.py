@@ -230,7 +230,7 @@ def _dictionary_payload(item: BrowserInput, store: Store, contexts: RowContexts 
                         device: str, notes: list[str]) -> tuple[dict[str, Any], set[int]]:
     d = item.dictionary
     width, levels = d.width, list(d.levels)
-    w_dec = d.W_dec.detach()
+    w_dec = d.output_directions.detach()  # raw units: the lens gives the logit change per unit of activation
     near_cos, near_idx = nearest_latents(w_dec, NEAREST)
     parent, fraction = item.stats.cofiring.tree()
     shaded = _shaded_contexts(item, store, contexts, device) if contexts is not None else [[] for _ in range(width)]
