@@ -7,8 +7,10 @@
    letter; k grows from 1 while each added latent raises the k-sparse probe's F1 by at
    least `f1_jump`. Those latents are the letter's *main latents*.
 3. For every held-out word the probe detects correctly, with p the unit probe direction:
-   act = x·p, main = Σ_main z_i cos(W_dec,i, p); absorbers = the 3 largest positive
-   z_i cos(W_dec,i, p) among other latents with cos ≥ 0.1. The absorption fraction is 0
+   act = x·p, main = Σ_main z_i (W_dec,i·p); absorbers = the 3 largest positive
+   z_i (W_dec,i·p) among other latents with cos(W_dec,i, p) ≥ 0.1. W_dec is the decoder in the
+   activations' units (a kukla SAE's rows have norm 1/scale there), so act and the latents'
+   projections are in the same units; SAEBench's z_i·cos is the same for unit-norm rows only. The absorption fraction is 0
    when main ≥ act or the absorbers carry < 40 % of act, 1 when main ≤ 0, else
    a/(a + main) with a = min(absorbers, act − main). Full absorption: every main latent
    silent, and the top projecting latent (cos ≥ 0.025) carries ≥ 40 % of act.
@@ -102,7 +104,7 @@ def main_latents(f1: Tensor, ranking: Tensor, f1_jump: float) -> tuple[list[int]
 
 
 def word_absorption(act_proj: Tensor, latent_proj: Tensor, main: list[int], cos: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """(absorption fraction, full absorption) per word, from x·p [N] and z_i·cos_i [N, F]."""
+    """(absorption fraction, full absorption) per word, from x·p [N] and z_i·(W_dec,i·p) [N, F]."""
     main_mask = torch.zeros(latent_proj.shape[1], dtype=torch.bool)
     main_mask[main] = True
     main_proj = latent_proj[:, main_mask].sum(1)
@@ -121,7 +123,8 @@ def word_absorption(act_proj: Tensor, latent_proj: Tensor, main: list[int], cos:
 
 def first_letter_absorption(acts: Tensor, letters: Tensor, encode: Callable[[Tensor], Tensor], w_dec: Tensor,
                             s: AbsorptionConfig) -> dict[str, Any]:
-    """Absorption scores from word activations [N, d] and their first letters [N] (0–25)."""
+    """Absorption scores from word activations [N, d] and their first letters [N] (0–25); `w_dec`
+    [F, d] holds the decoder rows in the activations' units (`Dictionary.output_directions`)."""
     g = torch.Generator().manual_seed(s.seed)
     order = torch.randperm(acts.shape[0], generator=g)
     n_train = int(0.8 * len(order))
@@ -132,8 +135,8 @@ def first_letter_absorption(acts: Tensor, letters: Tensor, encode: Callable[[Ten
         z = torch.cat([encode(chunk).float().cpu() for chunk in acts.split(1024)])
     probe_w, probe_b = train_probes(acts[train], onehot[train], epochs=s.epochs, seed=s.seed)
     code_w, _ = train_probes(z[train], onehot[train], l1=s.l1, epochs=s.epochs, seed=s.seed)
-    unit_dec = w_dec.detach().float().cpu()
-    unit_dec = unit_dec / unit_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    w_dec = w_dec.detach().float().cpu()
+    unit_dec = w_dec / w_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
     scores = acts[test] @ probe_w.T + probe_b
     ranking = code_w.argsort(dim=1, descending=True)[:, :s.max_k]
     sparse_f1 = k_sparse_f1(z[train], onehot[train], z[test], onehot[test], ranking, s)
@@ -148,7 +151,7 @@ def first_letter_absorption(acts: Tensor, letters: Tensor, encode: Callable[[Ten
         p = probe_w[i] / probe_w[i].norm()
         cos = unit_dec @ p
         words = test[detected]
-        fraction, full = word_absorption(acts[words] @ p, z[words] * cos, main, cos, z[words])
+        fraction, full = word_absorption(acts[words] @ p, z[words] * (w_dec @ p), main, cos, z[words])
         per_letter[letter] = {
             "mean_absorption_fraction": float(fraction.mean()),
             "full_absorption_rate": float(full.double().mean()),

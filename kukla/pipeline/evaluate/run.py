@@ -235,7 +235,8 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
             def encode(x: torch.Tensor, d: Dictionary = e.dictionary) -> torch.Tensor:
                 return d.encode(x.to(d.W_enc.device)).cpu()
 
-            e.absorption = first_letter_absorption(acts, letters, encode, e.dictionary.W_dec.cpu(), config.absorption)
+            e.absorption = first_letter_absorption(acts, letters, encode, e.dictionary.output_directions.cpu(),
+                                                   config.absorption)
 
 
 def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
