@@ -87,8 +87,9 @@ class TrainOutput:
     """Scalar to backpropagate."""
     metrics: dict[str, Tensor]
     """0-d tensors on the step's device, read only when logged (reading them waits for the device):
-    mse (raw units, per element), fvu, l0, aux, dead (fraction), the rule's penalty (relu: l1,
-    jumprelu: l0_penalty), fvu/level_<w> (fixed levels)."""
+    mse (raw units, per element), fvu, l0, aux, the rule's penalty (relu: l1, jumprelu: l0_penalty),
+    fvu/level_<w> (fixed levels). Dead latents are counted after the step's firing, where they are
+    logged (`dead_pct`), so a metrics line carries one dead figure, not two a step apart."""
     fired: Tensor
     """[F] bool: latents active on at least one token of this batch (for `update_dead`)."""
     contribution: Tensor | None = None
@@ -194,8 +195,7 @@ def training_loss(dictionary: Dictionary, x: Tensor, y: Tensor | None = None,
         loss = loss + coefficient * penalty
 
     metrics = {"mse": sq_err[-1].detach() / (n_rows * dictionary.d_out) / dictionary.target_scale.float() ** 2,
-               "fvu": fvu[-1].detach(), "l0": n_active / n_rows, "aux": aux.detach(),
-               "dead": dead_mask.float().mean()}
+               "fvu": fvu[-1].detach(), "l0": n_active / n_rows, "aux": aux.detach()}
     if rule.penalty_metric is not None:
         metrics[rule.penalty_metric] = penalty.detach()
     if cfg.prefixes == "levels" and not all_prefixes:
