@@ -76,7 +76,7 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
     weights = {
         "W_enc": dictionary.W_enc.float() * s_in,
         "b_enc": dictionary.b_enc.float(),
-        "W_dec": dictionary.W_dec.float() / s_out,
+        "W_dec": dictionary.output_directions.float(),
         "b_dec": dictionary.b_dec.float() / s_out,
     }
     arch = saelens_architecture(dictionary)
