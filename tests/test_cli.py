@@ -33,6 +33,14 @@ def test_every_command_has_help() -> None:
         assert "Usage" in result.output
 
 
+def test_help_shows_the_bracketed_parts_of_setting_docs() -> None:
+    """Choices ([model|toy-tree]) and shapes ([rows, width]) are text, not markup that --help drops."""
+    harvest = " ".join(runner.invoke(app, ["harvest", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "[model|toy-tree]" in harvest and "[bfloat16|float16|float32]" in harvest and "under [harvest]" in harvest
+    imported = " ".join(runner.invoke(app, ["store", "import", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "([rows, width] or [..., width])" in imported and "[sequences, context_size]" in imported
+
+
 def test_python_dash_m_kukla_prints_the_version() -> None:
     out = subprocess.run([sys.executable, "-m", "kukla", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"kukla {kukla.__version__}", out.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_origin
 
 import typer
+from rich.markup import escape
 
 from kukla.config import Setting, _strip_optional, field_types, from_dict, read_toml, section_table, settings
 from kukla.errors import EXIT_SIGTERM, KuklaError, Preempted
@@ -89,7 +90,7 @@ def config_command(
     for param, setting in by_param.items():
         tp, _ = _strip_optional(setting.type)
         choices = f" [{'|'.join(map(str, get_args(tp)))}]" if get_origin(tp) is Literal else ""
-        help_text = f"{setting.doc}{choices} ({_default_text(setting.field)})"
+        help_text = escape(f"{setting.doc}{choices} ({_default_text(setting.field)})")  # [a|b], [rows, width] are text
         if setting.key in arguments:
             default = typer.Argument(None, help=help_text, show_default=False)
         elif tp is bool:
@@ -101,7 +102,7 @@ def config_command(
     for old in getattr(cls, "RENAMED", {}):
         params.append(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                                         default=typer.Option(None, "--" + old.replace("_", "-"), hidden=True)))
-    where = f" under \\[{section}] (a `kukla run` file works)" if section else ""  # \\[ escapes rich markup
+    where = escape(f" under [{section}] (a `kukla run` file works)") if section else ""
     params.append(inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
         default=typer.Option(None, "--config", help=f"TOML file with these settings{where}; flags override it."),
