@@ -94,6 +94,26 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
+def usable_device(spec: str) -> str:
+    """`resolve_device(spec)`, refused in one line when torch cannot run on it here (a typo such as
+    gpu, cuda on a CPU-only build or GPU-less machine): checked as a stage starts, not when its config
+    is read, since a run file's stages may run on other machines."""
+    import torch
+
+    spec = resolve_device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError("device", f"{spec!r} is not a torch device: give auto, cpu, cuda, cuda:N or mps") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise ConfigError("device", f"{spec} asked for, but torch sees {gpus} GPU(s) here: give cpu or auto, or run "
+                                    "where a GPU is visible (with a CUDA build of torch)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", "mps asked for, but torch sees no Apple GPU here: give cpu or auto")
+    return spec
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass (base classes included)."""

@@ -19,7 +19,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from kukla.atomic import write_atomic
-from kukla.config import to_dict
+from kukla.config import to_dict, usable_device
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import Dictionary, calibration_rows, evaluation_rows, load_dictionary
 from kukla.pipeline.evaluate import browser
@@ -314,7 +314,7 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
 
     `model` skips loading the store's model (e.g. one built from a HookedTransformerConfig)."""
     check_output_dir(config.out, "--out")
-    device = config.device
+    device = usable_device(config.device)
     store = open_store(config.store)
     if not evaluation_rows(store):
         raise KuklaError(f"store {store.url} holds no held-out rows to evaluate on after its calibration split "

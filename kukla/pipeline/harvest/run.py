@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from transformer_lens import HookedTransformer
 
+from kukla.config import usable_device
 from kukla.errors import KuklaError, stop_on_sigterm
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.forward import SegmentForward
@@ -163,7 +164,8 @@ returns what the writer thread calls for the rows."""
 
 
 def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple[dict, dict, SegmentWork]:
-    model = model if model is not None else load_model(config.model, device=config.device, dtype=config.model_dtype)
+    model = model if model is not None else load_model(config.model, device=usable_device(config.device),
+                                                            dtype=config.model_dtype)
     if config.context_size > model.cfg.n_ctx:
         raise KuklaError(f"context_size {config.context_size} is above the model's n_ctx {model.cfg.n_ctx}; "
                          f"pass --context-size {model.cfg.n_ctx} or less")

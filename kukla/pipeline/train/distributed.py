@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from kukla.config import resolve_device
+from kukla.config import usable_device
 from kukla.pipeline.dictionary.loss import ONE_PROCESS, GlobalBatch
 
 
@@ -41,7 +41,7 @@ def init_ranks(device: str) -> Ranks:
     """Join torchrun's process group when launched under it (NCCL on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    dev = torch.device(resolve_device(device))
+    dev = torch.device(usable_device(device))
     if dev.type == "cuda" and dev.index is None:  # set_device needs an index
         dev = torch.device("cuda", 0)
     if dev.type == "cuda":
