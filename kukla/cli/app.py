@@ -262,7 +262,11 @@ def _import(config: ImportConfig) -> None:
     from kukla.pipeline.hooks import expand_hook
     from kukla.storage.importer import import_arrays
 
-    hooks = {expand_hook(name): file for name, file in (h.split("=", 1) for h in config.hook)}
+    hooks: dict[str, str] = {}
+    for name, file in ((expand_hook(n), f) for n, f in (h.split("=", 1) for h in config.hook)):
+        if name in hooks:  # else the last file would replace the first without a word
+            raise ConfigError("hook", f"{name} is given twice ({hooks[name]}, {file}): give each hook one file")
+        hooks[name] = file
     rows, dropped = import_arrays(config.out, hooks, dtype=config.store_dtype, codec=config.codec,
                                   drop_nonfinite=config.drop_nonfinite, seed=config.seed,
                                   memory_budget_bytes=config.memory_budget,

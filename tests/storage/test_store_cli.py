@@ -68,6 +68,16 @@ def test_import_errors_are_one_line(tmp_path: Path) -> None:
                           "--store-dtype", "int8"), "store_dtype: 'int8' is not one of bfloat16, float16, float32")
 
 
+def test_import_refuses_two_files_for_one_hook(tmp_path: Path) -> None:
+    """A second file for a hook (its full name or short form) is refused, not silently kept instead of the first."""
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((10, 4), np.float32))
+    one_line_error(*kukla("store", "import", tmp_path / "s", "--hook", f"resid_post:6={tmp_path / 'a.npy'}",
+                          "--hook", f"blocks.6.hook_resid_post={tmp_path / 'b.npy'}"),
+                   "hook: blocks.6.hook_resid_post is given twice", "a.npy", "b.npy")
+    assert not (tmp_path / "s").exists()
+
+
 def test_readers_give_one_line_errors_for_bad_paths(tmp_path: Path) -> None:
     one_line_error(*kukla("store", "info", tmp_path / "missing"), "does not exist")
     (tmp_path / "folder").mkdir()
