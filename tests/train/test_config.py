@@ -34,6 +34,7 @@ def test_default_levels_are_the_documented_fractions() -> None:
     ({"hook": None}, "hook"), ({"input_hook": "a"}, "hook"), ({"k": [64]}, "k"),
     ({"levels": [8, 4, 64]}, "levels"), ({"levels": [8, 16, 32]}, "levels"), ({"width": [64, 64]}, "width"),
     ({"warmup": 2.0}, "warmup"), ({"width": [64, 128], "k": [4, 80]}, "k"),  # one sweep member is invalid
+    ({"hook": None, "input_hook": "resid_post:3", "target_hook": "blocks.3.hook_resid_post"}, "target_hook"),
 ])
 def test_bad_settings_name_their_field(changes: dict, field: str) -> None:
     settings = dict(store=Path("s"), out=Path("o"), hook="h", width=[64], k=[4])

@@ -125,6 +125,9 @@ class TrainConfig(DictionarySettings):
             raise ConfigError("hook", "give --hook (an SAE) or --input-hook with --target-hook (a transcoder), not both")
         if self.hook is None and (self.input_hook is None or self.target_hook is None):
             raise ConfigError("hook", "is required (or --input-hook and --target-hook for a transcoder)")
+        if self.input_hook is not None and self.input_hook == self.target_hook:
+            raise ConfigError("target_hook", f"is the input hook {self.input_hook}: a dictionary that rebuilds its own "
+                                             "input is an SAE, so give --hook instead (or another --target-hook)")
         for name in ("width", "k", "seed"):
             values = getattr(self, name)
             if not values:
