@@ -107,6 +107,16 @@ def test_report_is_self_contained_and_the_latent_table_loads(report: Path, rows_
             assert table["max_activation"][latent] == pytest.approx(top_code, rel=1e-4)
 
 
+def test_a_rerun_into_the_same_out_leaves_only_its_own_latent_tables(tmp_path: Path, rows_store: Path,
+                                                                      dicts: dict[str, Path]) -> None:
+    """Evaluating other dictionaries into a used report folder does not leave the earlier ones' tables
+    beside a metrics.json that no longer names them."""
+    out = evaluate(_config([dicts["identity"], dicts["mean"]], rows_store, tmp_path / "out"))
+    evaluate(_config([dicts["identity"]], rows_store, out))
+    assert sorted(p.name for p in out.glob("latents_*.parquet")) == ["latents_identity.parquet"]
+    assert list(json.loads((out / "metrics.json").read_text())["dictionaries"]) == ["identity"]
+
+
 def test_a_dictionary_of_another_width_or_hook_is_refused(tmp_path: Path, rows_store: Path) -> None:
     wide = make_dictionary(tmp_path / "wide", torch.zeros(D + 1, 4), torch.zeros(4, D + 1))
     with pytest.raises(KuklaError, match=f"d_in {D + 1}.*{D} wide"):

@@ -322,7 +322,8 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     entries = load_entries(config, store, device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)
+    for previous in [out / "metrics.json", *out.glob("latents_*.parquet")]:  # a report folder holds one evaluation
+        previous.unlink(missing_ok=True)
     notes: list[str] = []
     scored = stream_heldout(config, store, entries, device)
     massive = score_massive(store, entries, scored)
