@@ -7,7 +7,9 @@ SIGTERM is the cluster's "you are being preempted": stop at a committed point, e
 Kubernetes and Slurm send SIGTERM, then SIGKILL after a grace period. Harvest, finalize
 and import commit every step with one atomic write, so for them SIGTERM acts at once
 (`stop_on_sigterm`): the work in flight is abandoned exactly as a SIGKILL would leave it,
-and the `with` blocks above release their leases on the way out. Training instead asks
+and the `with` blocks above release their leases on the way out. Python drops an exception
+raised while a `__del__` runs (it prints "Exception ignored in …" and goes on), so their loops
+also call `preemption_point()` between units, which raises it again. Training instead asks
 (`sigterm_requested`) after each step, so it can write a checkpoint first.
 """
 
@@ -34,7 +36,8 @@ class ConfigError(KuklaError):
 #: The exit status of a process stopped by SIGTERM (128 + 15), what batch systems expect.
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
-_requested = threading.Event()
+_requested = threading.Event()  # inside checkpoint_on_sigterm
+_stopping = threading.Event()  # inside stop_on_sigterm: a raise that Python may have dropped
 
 
 class Preempted(BaseException):
@@ -63,12 +66,30 @@ def _handler(handle: Any) -> Iterator[None]:
 
 
 def _raise(signum: int, frame: Any) -> None:
+    _stopping.set()
     raise Preempted()
 
 
-def stop_on_sigterm() -> Any:
-    """Inside the block, SIGTERM raises `Preempted` wherever the main thread is."""
-    return _handler(_raise)
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Inside the block, SIGTERM raises `Preempted` wherever the main thread is (and again at the
+    next `preemption_point`, should Python have dropped it)."""
+    outermost = signal.getsignal(signal.SIGTERM) is not _raise
+    if outermost:
+        _stopping.clear()
+    try:
+        with _handler(_raise):
+            yield
+    finally:
+        if outermost:
+            _stopping.clear()
+
+
+def preemption_point() -> None:
+    """Between two units of work inside `stop_on_sigterm`: raise `Preempted` if SIGTERM came
+    (its first raise may have landed in a `__del__`, where Python drops exceptions)."""
+    if _stopping.is_set():
+        raise Preempted()
 
 
 @contextmanager

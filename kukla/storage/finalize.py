@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from kukla.errors import KuklaError, stop_on_sigterm
+from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.progress import progress
 from kukla.storage import windows
 from kukla.storage.codecs import numcodecs_codec
@@ -229,6 +229,7 @@ def scatter(location: Location, plan: dict[str, Any], worker: int, workers: int)
     table, buffers = None, _Buffers()
     with progress(n_rows, f"shuffle 1/2 scatter{_label(worker, workers)}") as bar:
         for k in _share(n_runs, worker, workers):
+            preemption_point()
             lo, hi = k * run_rows, min(n_rows, (k + 1) * run_rows)
             if _committed(location, _run_key(k) + ".json", plan) is None:
                 table = table or SegmentTable.read(location, attrs["world"], attrs["codec"])
@@ -292,6 +293,7 @@ def permute(location: Location, plan: dict[str, Any], worker: int, workers: int)
     n_shards = layouts[0].n_shards if layouts else 0
     with progress(n_rows, f"shuffle 2/2 permute{_label(worker, workers)}") as bar:
         for s in _share(n_shards, worker, workers):
+            preemption_point()
             lo, hi = layouts[0].shard_range(s)
             done = f"_finalize/shards/shard-{s:09d}.json"
             if _committed(location, done, plan) is None:

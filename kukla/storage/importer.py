@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kukla.errors import KuklaError, stop_on_sigterm
+from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.progress import progress
 from kukla.config import StoreDtype, coerce
 from kukla.storage.codecs import DEFAULT_CODEC, check_codec
@@ -187,6 +187,7 @@ def _write(out: str, sources: dict[str, Source], ids: np.ndarray | None, meta: d
     with StoreWriter.open(out, meta, dtype=dtype, codec=codec, overwrite=overwrite) as writer:
         with progress(first.rows, "import") as bar:
             for segment, lo in enumerate(range(0, first.shape[0], step)):
+                preemption_point()
                 hi = min(first.shape[0], lo + step)
                 if segment not in writer.committed:
                     block = {f"acts/{h}": s.read(lo, hi) for h, s in sources.items()}

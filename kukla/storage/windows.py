@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 import zarr
 
-from kukla.errors import KuklaError
+from kukla.errors import KuklaError, preemption_point
 from kukla.storage.codecs import as_numpy, numcodecs_codec
 from kukla.storage.format import (TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, SegmentTable, create_array, read_blob,
                                   segment_dir, shard_key)
@@ -86,6 +86,7 @@ def write_token_ids(location: Location, attrs: dict[str, Any], plan: dict[str, A
     _create(location, attrs, layout)
     table = SegmentTable.read(location, attrs["world"], attrs["codec"])
     for s in range(layout.n_shards):
+        preemption_point()
         lo, hi = layout.shard_range(s)
         slab, seen = np.full((hi - lo, layout.spec.row_shape[0]), -1, np.int32), np.zeros(hi - lo, bool)
         for entry in table.entries:
@@ -116,6 +117,7 @@ def write_rows(location: Location, attrs: dict[str, Any], plan: dict[str, Any], 
                for name, dtype in (("tokens/sequence", np.int64), ("tokens/position", np.int32))}
     per = max(1, budget // 2 // (layout.shard_rows * layout.spec.row_bytes))  # shards per slab
     for first in range(0, layout.n_shards, per):
+        preemption_point()
         shards = range(first, min(layout.n_shards, first + per))
         lo, hi = layout.shard_range(shards[0])[0], layout.shard_range(shards[-1])[1]
         slab = np.full((hi - lo, width), -1, np.int64)

@@ -38,7 +38,7 @@ import numpy as np
 from transformer_lens import HookedTransformer
 
 from kukla.config import usable_device
-from kukla.errors import KuklaError, stop_on_sigterm
+from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.forward import SegmentForward
 from kukla.pipeline.massive import MASSIVE_RULE, reference_median
@@ -142,6 +142,7 @@ def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: Ha
     try:
         with SegmentCommitter(writer) as committer:
             for segment, make_rows in segments:
+                preemption_point()
                 every_rank += segment.planned_rows
                 if not owned(segment.id, config.rank, config.world):
                     continue
