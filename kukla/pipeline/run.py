@@ -201,8 +201,7 @@ def run_pipeline(pipeline: Pipeline) -> Path | None:
         from kukla.pipeline.harvest.run import harvest
 
         _banner("harvest", pipeline.harvest.output)
-        if pipeline.harvest.overwrite or not store_is_finished(pipeline.harvest):
-            harvest(pipeline.harvest)
+        harvest(pipeline.harvest)  # a finalized store of this harvest is kept, one of another refused
     for config in pipeline.train:
         from kukla.pipeline.train import train
 
@@ -215,36 +214,6 @@ def run_pipeline(pipeline: Pipeline) -> Path | None:
         evaluate(pipeline.evaluate)
         return Path(pipeline.evaluate.out)
     return None
-
-
-def store_is_finished(config: HarvestConfig) -> bool:
-    """Whether `config.output` already holds this harvest's finalized store (a rerun keeps it).
-
-    A finalized store of *another* harvest is refused rather than silently trained on: the
-    settings that decide which rows exist must match what the store records.
-    """
-    from kukla.pipeline.text import dataset_spec
-    from kukla.storage import open_store
-
-    try:
-        store = open_store(config.output)
-    except KuklaError:  # missing or unfinished: harvest creates it or resumes it
-        return False
-    meta = store.meta
-    recorded = (meta.get("source"), meta.get("planned_tokens"), meta.get("segment_windows"),
-                store.context_size, set(store.hooks))
-    wanted = (config.source, config.tokens, config.segment_windows, config.context_size,
-              set(harvested_hooks(config)))
-    if config.source == "model":
-        recorded += (meta.get("model", {}).get("name"), meta.get("dataset", {}).get("name"))
-        text = config.dataset
-        wanted += (config.model, dataset_spec(text.name or "", text.subset, text.split, text.revision,
-                                              text.text_column)["name"])
-    if recorded != wanted:
-        raise KuklaError(f"{config.output} is a finalized store of a different harvest; "
-                         "set overwrite = true under [harvest] to rebuild it, or choose another output")
-    logger.info("   %s is finalized: kept", config.output)
-    return True
 
 
 def _banner(stage: str, output: Any) -> None:

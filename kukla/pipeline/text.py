@@ -83,7 +83,7 @@ def iter_texts(dataset: str, subset: str | None, split: str, revision: str | Non
         if text:
             yield str(text)
     if not seen:
-        raise KuklaError(f"dataset {dataset!r} (split {split!r}) is empty")
+        raise KuklaError(f"dataset {dataset!r} (split {split!r}) is empty: give one that holds text")
 
 
 def _datasets() -> Any:

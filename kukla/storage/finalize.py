@@ -60,6 +60,7 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
     location = Location(path)
     attrs = Attributes.read(location)
     if attrs.value["state"] == "finalized":
+        check_finalized_as_asked(location, attrs.value, seed, holdout_rows)
         location.remove("_finalize")
         return
     check_memory_budget(memory_budget_bytes)
@@ -80,7 +81,9 @@ def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budge
     if not 0 <= worker < workers:
         raise KuklaError(f"worker {worker} is outside 0..{workers - 1}: give --worker between 0 and --workers - 1")
     location = Location(path)
-    if Attributes.read(location).value["state"] == "finalized":
+    attrs = Attributes.read(location).value
+    if attrs["state"] == "finalized":
+        check_finalized_as_asked(location, attrs, seed, holdout_rows)
         return
     check_memory_budget(memory_budget_bytes)
     try:
@@ -93,6 +96,16 @@ def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budge
                 permute(location, plan, worker, workers)
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
+
+
+def check_finalized_as_asked(location: Location, attrs: dict[str, Any], seed: int, holdout_rows: int | None) -> None:
+    """Refuse a rerun whose shuffle settings differ from the finished store's: it would otherwise
+    succeed as if they had been applied."""
+    held_out = attrs["holdout_rows"]
+    if attrs["shuffle_seed"] != seed or holdout_rows not in (None, held_out):
+        raise KuklaError(f"{location.url} is already finalized with shuffle seed {attrs['shuffle_seed']} and "
+                         f"{held_out} held-out rows: give those settings, or rebuild the store (--overwrite) "
+                         "to change them")
 
 
 def check_memory_budget(memory_budget_bytes: int) -> None:
@@ -157,7 +170,8 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     n_rows = table.n_rows
     if holdout_rows is not None and not 0 <= holdout_rows < n_rows:
         raise KuklaError(f"holdout_rows {holdout_rows} must leave training rows: the store has {n_rows} rows; "
-                         "give fewer held-out rows")
+                         f"its rows are kept: run kukla store finalize {location.url} --holdout-rows N with N "
+                         "below that")
     unit = max(1, budget // (8 * row_bytes))  # bucket ≈ shard ≈ 1/8: bucket + its permutation + carry + encode
     chunk_rows = value["chunk_rows"]
     widest = max(spec.row_bytes for spec in specs)

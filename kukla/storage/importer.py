@@ -16,11 +16,10 @@ from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.progress import progress
 from kukla.config import StoreDtype, coerce
 from kukla.storage.codecs import DEFAULT_CODEC, check_codec
-from kukla.storage.format import Attributes, meta_fingerprint
 from kukla.storage.location import Location
 from kukla.storage.finalize import check_memory_budget, finalize_store
 from kukla.storage.store import open_store
-from kukla.storage.writer import StoreWriter
+from kukla.storage.writer import StoreWriter, run_state
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
 
@@ -149,13 +148,12 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
     if model is not None:
         meta["model"] = {"name": model}
     dtype = coerce("dtype", StoreDtype, dtype)
-    same = {"fingerprint": meta_fingerprint(meta), "dtype": dtype, "codec": codec}
     target = Location(out)
     staging = Location(f"{target.url}.importing")
     staged = overwrite and (staging.exists() or (target.exists() and bool(target.listdir(""))
-                                                 and _state(target, same) is None))
+                                                 and run_state(target, meta, dtype=dtype, codec=codec) is None))
     build = staging if staged else target
-    state = _state(build, same)
+    state = run_state(build, meta, dtype=dtype, codec=codec)
     with stop_on_sigterm():
         if state != "finalizing" and not (staged and state == "finalized"):
             _write(build.url, sources, ids, meta, dtype=dtype, codec=codec, drop_nonfinite=drop_nonfinite,
@@ -166,17 +164,6 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
             target.fs.mv(staging.root, target.root, recursive=True)
     stored = open_store(out).n_rows
     return stored, first.rows - stored
-
-
-def _state(location: Location, same: dict[str, str]) -> str | None:
-    """The state of a store of this very import (same inputs, dtype, codec) at `location`, else None."""
-    if not location.exists("zarr.json"):
-        return None
-    try:
-        attrs = Attributes.read(location).value
-    except KuklaError:
-        return None
-    return attrs["state"] if all(attrs.get(key) == value for key, value in same.items()) else None
 
 
 def _write(out: str, sources: dict[str, Source], ids: np.ndarray | None, meta: dict[str, Any], *, dtype: str,

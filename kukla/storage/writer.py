@@ -20,8 +20,8 @@ from kukla.errors import KuklaError
 from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec,
                                   to_stored)
 from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta,
-                                  chunk_rows_for, data_crc32, finished_key, journal_key, new_attributes, part_dir,
-                                  read_journal, segment_dir, write_blob, write_manifest)
+                                  chunk_rows_for, data_crc32, finished_key, journal_key, meta_fingerprint,
+                                  new_attributes, part_dir, read_journal, segment_dir, write_blob, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.lease import Lease
 from kukla.storage.windows import segment_windows
@@ -59,13 +59,13 @@ class StoreWriter:
         wanted = new_attributes(meta, dtype=dtype, codec=codec, world=world, chunk_rows=chunk_rows)
         existing = _existing(location)
         if existing is not None:
-            same = all(existing.get(k) == wanted[k] for k in ("fingerprint", "dtype", "codec", "world"))
+            same = _same_run(existing, wanted)
             if not overwrite and not same:
                 raise KuklaError(f"{location.url} holds a store of a different run (or dtype/codec/world): "
-                                 "choose another path, or pass overwrite to replace it")
+                                 "choose another path, or pass --overwrite (overwrite = true in a file) to replace it")
             if not overwrite and existing.get("state") != "writing":
                 raise KuklaError(f"{location.url} is already a {existing.get('state')} store of this run: "
-                                 "nothing to write (pass overwrite to rebuild it)")
+                                 "nothing to write (pass --overwrite, or overwrite = true in a file, to rebuild it)")
             if same and existing.get("state") == "writing":
                 return cls(location, existing, rank)
         if location.exists() and (overwrite or existing is None) and location.listdir(""):
@@ -204,6 +204,20 @@ def _disk_full(location: Location, what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise disk_full_error(exc, location, what) or exc
+
+
+def run_state(location: Location, meta: dict[str, Any], *, dtype: str, codec: str = DEFAULT_CODEC,
+              world: int = 1) -> str | None:
+    """The state ("writing", "finalizing", "finalized") of the store at `location` when it holds
+    this very run (the same meta, dtype, codec and world), so a rerun does only what is left;
+    None when there is no store of this run there."""
+    existing = _existing(location)
+    wanted = {"fingerprint": meta_fingerprint(meta), "dtype": dtype, "codec": codec, "world": world}
+    return existing["state"] if existing is not None and _same_run(existing, wanted) else None
+
+
+def _same_run(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return all(existing.get(key) == wanted[key] for key in ("fingerprint", "dtype", "codec", "world"))
 
 
 def _existing(location: Location) -> dict[str, Any] | None:

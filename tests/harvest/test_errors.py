@@ -49,6 +49,19 @@ def test_empty_dataset_is_refused(config_model, tmp_path: Path) -> None:
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_the_dataset_and_the_output_path_are_checked_before_the_model_loads(texts: Path, tmp_path: Path) -> None:
+    nowhere = str(tmp_path / "no-model")  # loading it would fail with "unknown model"
+    with pytest.raises(KuklaError, match="missing.jsonl does not exist"):
+        harvest(_config(tmp_path / "s.zarr", tmp_path / "missing.jsonl", model=nowhere))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(KuklaError, match="is empty: give one that holds text"):
+        harvest(_config(tmp_path / "s.zarr", tmp_path / "empty.txt", model=nowhere))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(KuklaError, match="output .*a-file is a file"):
+        harvest(_config(tmp_path / "a-file", texts, model=nowhere))
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_context_size_above_n_ctx_is_refused(config_model, texts: Path, tmp_path: Path) -> None:
     with pytest.raises(KuklaError, match="above the model's n_ctx 32"):
         harvest(_config(tmp_path / "s.zarr", texts, context_size=33), model=config_model)
@@ -82,6 +95,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         HarvestConfig(output=str(tmp_path), source="toy-tree", rank=2, world=2)
     with pytest.raises(ConfigError, match=r"toy\.p_child: must be a probability"):
         from_dict(HarvestConfig, {"output": str(tmp_path), "source": "toy-tree", "toy": {"p_child": 1.5}})
+    with pytest.raises(ConfigError, match=r"holdout_rows: must be at least 0 and below tokens \(500\)"):
+        HarvestConfig(output=str(tmp_path), source="toy-tree", tokens=500, holdout_rows=500)  # before any forward
 
 
 def test_cli_prints_one_line_and_exits_2(texts: Path, tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def test_a_finalized_store_of_another_harvest_is_refused(tmp_path: Path) -> None
     config.write_text(config.read_text().replace("tokens = 6000", "tokens = 7000"))
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 2
-    assert "finalized store of a different harvest" in result.output and "Traceback" not in result.output
+    assert "holds a store of a different run" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)

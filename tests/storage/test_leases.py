@@ -124,6 +124,32 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
 
 
 @pytest.mark.slow
+def test_a_harvest_stopped_during_finalize_finishes_when_rerun_and_a_retry_after_that_keeps_the_store(
+        tmp_path: Path) -> None:
+    flags = ["--source", "toy-tree", "--toy-dim", "16", "--toy-tree", "8,2", "--tokens", "8192",
+             "--context-size", "16", "--segment-windows", "8", "--memory-budget", "64KiB", "--seed", "4"]
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    proc = _start(["-m", "kukla", "harvest", str(stopped), *flags])
+    _wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000002.json").exists())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    for out in (stopped, whole):  # a rescheduled job reruns the same command
+        result = CliRunner().invoke(app, ["harvest", str(out), *flags])
+        assert result.exit_code == 0, result.output
+    _assert_same_store(stopped, whole)
+
+    before = (whole / "zarr.json").read_bytes()
+    result = CliRunner().invoke(app, ["harvest", str(whole), *flags])  # a job retried after it succeeded
+    assert result.exit_code == 0, result.output
+    assert (whole / "zarr.json").read_bytes() == before
+    for changed, refusal in ((["--holdout-rows", "7"], "already finalized with shuffle seed 4 and 81 held-out rows"),
+                             (["--seed", "5"], "holds a store of a different run")):  # the toy's seed too
+        result = CliRunner().invoke(app, ["harvest", str(whole), *flags, *changed])
+        assert result.exit_code == 2 and refusal in result.output, result.output
+
+
+@pytest.mark.slow
 def test_an_import_stopped_during_finalize_finishes_when_the_same_command_is_rerun(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((6000, 32)).astype(np.float32))
     args = ["store", "import", "--hook", f"h={tmp_path / 'x.npy'}", "--memory-budget", "64KiB", "--seed", "2"]

@@ -147,5 +147,6 @@ class HarvestConfig:
             raise ConfigError("rank", f"must be in 0..{self.world - 1} (world is {self.world})")
         if self.memory_budget <= 0:
             raise ConfigError("memory_budget", "must be positive")
-        if self.holdout_rows is not None and self.holdout_rows < 0:
-            raise ConfigError("holdout_rows", "must not be negative")
+        if self.holdout_rows is not None and not 0 <= self.holdout_rows < self.tokens:
+            raise ConfigError("holdout_rows", f"must be at least 0 and below tokens ({self.tokens}), so rows are "
+                                              f"left to train on; got {self.holdout_rows}")

@@ -49,7 +49,8 @@ from kukla.pipeline.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
 from kukla.storage.finalize import check_memory_budget
-from kukla.storage.writer import Rows
+from kukla.storage.location import Location, check_output_dir
+from kukla.storage.writer import Rows, run_state
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def harvest(config: HarvestConfig, *, model: HookedTransformer | None = None) ->
     lease and raises `Preempted` (the CLI exits 143); a rerun resumes from the journal.
     """
     check_memory_budget(config.memory_budget)
+    check_output_dir(config.output, "output")  # before the model loads
     with stop_on_sigterm():
         return _harvest(config, model)
 
@@ -120,13 +122,18 @@ def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
         meta, statics, segments = _toy_plan(config)
     else:
         meta, statics, segments = _model_plan(config, model)
-    with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
-                          overwrite=config.overwrite, dtype=config.store_dtype) as writer:  # names a full disk itself
-        for name, array in statics.items():
-            writer.put_static(name, array)
-        planned, dropped = _write_owned_segments(writer, segments, config)
-        writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
-        writer.finish()
+    state = None if config.overwrite else run_state(Location(config.output), meta, dtype=config.store_dtype,
+                                                    world=config.world)
+    if state in (None, "writing"):
+        with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
+                              overwrite=config.overwrite, dtype=config.store_dtype) as writer:  # names a full disk
+            for name, array in statics.items():
+                writer.put_static(name, array)
+            planned, dropped = _write_owned_segments(writer, segments, config)
+            writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
+            writer.finish()
+    else:  # a rerun after every rank finished writing (a retried job): what is left is finalize's
+        logger.info("%s: this harvest's rows are all written (%s): kept", config.output, state)
     if config.finalize and config.rank == 0:
         _finalize_when_ready(config)
     return config.output
@@ -165,6 +172,9 @@ returns what the writer thread calls for the rows."""
 
 
 def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple[dict, dict, SegmentWork]:
+    text = config.dataset
+    texts = iter_texts(text.name, text.subset, text.split, text.revision, text.text_column)
+    first_text = next(texts, None)  # opens the dataset and checks its column before the model loads
     model = model if model is not None else load_model(config.model, device=usable_device(config.device),
                                                             dtype=config.model_dtype)
     if config.context_size > model.cfg.n_ctx:
@@ -175,11 +185,9 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
     widths = resolve_hooks(model, config.hook)
     hooks = list(widths)
     forward = SegmentForward(model, widths, batch_size=config.batch_size, store_dtype=config.store_dtype)
-    text = config.dataset
     spec = dataset_spec(text.name, text.subset, text.split, text.revision, text.text_column)
-    texts = iter_texts(text.name, text.subset, text.split, text.revision, text.text_column)
-    windows = iter_windows(texts, model.tokenizer, config.context_size,
-                           keep_special_tokens=config.keep_special_tokens)
+    windows = iter_windows(itertools.chain([] if first_text is None else [first_text], texts), model.tokenizer,
+                           config.context_size, keep_special_tokens=config.keep_special_tokens)
     first = next(windows, None)  # opens the dataset, checks its column, before any store exists
     if first is None:
         raise KuklaError(f"dataset {text.name!r} holds no text in column {text.text_column!r}")
