@@ -146,3 +146,14 @@ def test_a_directory_that_is_no_dictionary_is_one_error_line_and_nothing_is_writ
     one_line_error(code, output, "not a dictionary directory")
     assert len(output.splitlines()) == 1, output
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_file_or_a_dictionary_given_twice_is_refused_by_name(tmp_path: Path, rows_store: Path,
+                                                               dicts: dict[str, Path]) -> None:
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    code, output = kukla("evaluate", tmp_path / "weights.safetensors", "--store", rows_store, "--out", tmp_path / "a")
+    one_line_error(code, output, "weights.safetensors is a file: give a folder kukla train wrote")
+    again = Path(f"{dicts['identity']}/../{dicts['identity'].name}")  # the same folder, spelt another way
+    code, output = kukla("evaluate", dicts["identity"], again, "--store", rows_store, "--out", tmp_path / "b")
+    one_line_error(code, output, "dictionaries:", "is given twice: give each dictionary once")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

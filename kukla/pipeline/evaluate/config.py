@@ -104,6 +104,10 @@ class EvaluateConfig:
         self.device = resolve_device(self.device)
         if not self.dictionaries:
             raise ConfigError("dictionaries", "give at least one dictionary directory")
+        resolved = [Path(p).resolve() for p in self.dictionaries]
+        twice = next((p for i, p in enumerate(self.dictionaries) if resolved[i] in resolved[:i]), None)
+        if twice is not None:
+            raise ConfigError("dictionaries", f"{twice} is given twice: give each dictionary once")
         for name in ("batch_size", "top_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")

@@ -85,7 +85,8 @@ def load_entries(config: EvaluateConfig, store: Store, device: str) -> list[Entr
     names: set[str] = set()
     for path in config.dictionaries:
         if not Path(path).is_dir():
-            raise KuklaError(f"dictionary directory {path} does not exist")
+            what = "is a file" if Path(path).exists() else "does not exist"
+            raise KuklaError(f"dictionary directory {path} {what}: give a folder kukla train wrote (or a SAELens one)")
         dictionary = load_dictionary(path).to(device).eval()
         source, target = _hooks_of(dictionary, Path(path), store)
         name = Path(path).resolve().name
