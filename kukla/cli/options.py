@@ -63,8 +63,13 @@ def _default_text(field: dataclasses.Field) -> str:
     else:
         return "required"
     if isinstance(value, (list, tuple)):
-        value = ",".join(map(str, value)) or "none"
-    return f"default: {value}"
+        value = ",".join(map(_number, value)) or "none"
+    return f"default: {_number(value)}"
+
+
+def _number(value: Any) -> str:
+    """A float as written (64, 0.5), not as Python prints it (64.0)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _put(cls: type, data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

@@ -26,6 +26,7 @@ from kukla.progress import progress
 from kukla.storage.codecs import from_stored
 from kukla.storage.format import (ArraySpec, Attributes, HookStats, SegmentTable, array_specs, data_crc32, open_array,
                                   read_blob, read_journal, segment_dir, window_specs)
+from kukla.storage.finalize import unfinished_ranks
 from kukla.storage.location import Location
 from kukla.storage.shards import Layout, ShardReader
 
@@ -213,6 +214,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "source": store.meta.get("source"), "kukla_version": store.meta["kukla_version"],
         "windows": store.n_windows if store.finalized else None, "context_size": store.context_size,
         "mean_norm": {hook: store.hook_stats(hook)["mean_norm"] for hook in store.hooks},
+        "unfinished_ranks": unfinished_ranks(store.location),
     }
 
 
@@ -223,9 +225,9 @@ def verify_store(path: str | Path) -> list[str]:
     if not store.finalized:
         return _verify_segments(store)
     problems = _check_manifest(store)
-    total = store.n_rows * len(store.specs)
+    total = store.n_rows * sum(spec.row_bytes for spec in store.specs.values())
     group = zarr.open_group(store.location.zarr_store(read_only=True), mode="r")
-    with progress(total, "verify", unit="row") as bar:
+    with progress(total, "verify", unit="B") as bar:  # decoded bytes: each array's rows weigh what they hold
         for name, spec in store.specs.items():
             try:
                 open_array(group, spec, store.n_rows, store.chunk_rows, store.url)
@@ -235,7 +237,7 @@ def verify_store(path: str | Path) -> list[str]:
             step = max(store.chunk_rows, READ_BYTES // max(1, spec.row_bytes) // store.chunk_rows * store.chunk_rows)
             for start in range(0, store.n_rows, step):
                 problems += _decode(store, name, start, min(store.n_rows, start + step))
-                bar.update(min(store.n_rows, start + step) - start)
+                bar.update((min(store.n_rows, start + step) - start) * spec.row_bytes)
     for name, spec in store.window_specs.items():  # windows/*: every chunk decodes, as a reader reads it
         step = max(1, READ_BYTES // spec.row_bytes)
         for start in range(0, store.n_windows, step):

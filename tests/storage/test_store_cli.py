@@ -85,7 +85,7 @@ def test_readers_give_one_line_errors_for_bad_paths(tmp_path: Path) -> None:
     one_line_error(*kukla("store", "verify", tmp_path / "folder"), "not a kukla store")
     write_sequences(tmp_path / "w", 4, 16, finish=False)
     code, out = kukla("store", "info", tmp_path / "w")
-    assert code == 0 and "NOT finalized" in out
+    assert code == 0 and "NOT finalized: rank(s) 0 have not finished writing: rerun the same harvest" in out
     one_line_error(*kukla("store", "finalize", tmp_path / "w"), "rank 0 of 1 has not finished")
 
 
