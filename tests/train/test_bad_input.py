@@ -35,16 +35,19 @@ def _args(store: Path, out: Path, *extra: str) -> list[str]:
 
 def test_missing_store_is_refused(tmp_path: Path) -> None:
     assert "does not exist" in _fails(*_args(tmp_path / "nope.zarr", tmp_path / "o", "--hook", HOOK))
+    assert not (tmp_path / "o").exists()  # nothing made for a run that never starts
 
 
 def test_unfinalized_store_is_refused(tmp_path: Path) -> None:
     store = write_store(tmp_path / "s.zarr", 1024, finalize=False)
     assert "not finalized" in _fails(*_args(store, tmp_path / "o", "--hook", HOOK))
+    assert not (tmp_path / "o").exists()
 
 
 def test_hook_not_in_store_names_the_hooks_it_holds(store: Path, tmp_path: Path) -> None:
-    message = _fails(*_args(store, tmp_path, "--hook", "blocks.0.hook_resid_pre"))
+    message = _fails(*_args(store, tmp_path / "o", "--hook", "blocks.0.hook_resid_pre"))
     assert "'blocks.0.hook_resid_pre' is not in store" in message and HOOK in message
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_bad_dictionary_setting_is_one_line_naming_the_field_before_anything_is_written(

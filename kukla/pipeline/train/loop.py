@@ -100,19 +100,19 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     checkpoint is written and `Preempted` raised (the CLI exits 143); `--resume` continues exactly.
     """
     check_output_dir(config.out, "--out")
+    store = open_checked_store(config)  # before the lease makes --out: a bad store leaves nothing behind
     lease = Lease(Location(config.out), "lock.json", f"training run {config.out}") if ranks.is_main else None
     try:
         if lease is not None:
             lease.acquire()
         with checkpoint_on_sigterm():
-            return _train(config, ranks, lease)
+            return _train(config, ranks, lease, store)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None) -> list[Path]:
-    store = open_checked_store(config)
+def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store) -> list[Path]:
     hooks = config.hooks
     members = config.members(store.hooks[hooks[0]], store.hooks[hooks[-1]])
     total_steps = config.total_steps(ranks.world)
