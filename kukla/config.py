@@ -292,6 +292,10 @@ def _section(name: str, tp: type, value: Any, source: str) -> Any:
     return from_dict(tp, section_table(name, tp, value), source=source, path=f"{name}.")
 
 
+COMMAND_LINE = "command line"
+"""The `source` of settings given only as flags: errors about them need not name it."""
+
+
 def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", path: str = "") -> C:
     """Build and validate a config; unknown keys are refused with the key to use instead.
 
@@ -326,7 +330,8 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", pat
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
-            raise ConfigError(path + missing[0], f"is required ({source})") from None
+            where = "" if source == COMMAND_LINE else f" ({source})"
+            raise ConfigError(path + missing[0], f"is required{where}") from None
         raise KuklaError(f"{source}: {exc}") from None
 
 

@@ -18,7 +18,8 @@ from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_orig
 import typer
 from rich.markup import escape
 
-from kukla.config import Setting, _strip_optional, field_types, from_dict, read_toml, section_table, settings
+from kukla.config import (COMMAND_LINE, Setting, _strip_optional, field_types, from_dict, read_toml, section_table,
+                          settings)
 from kukla.errors import EXIT_SIGTERM, KuklaError, Preempted
 
 C = TypeVar("C")
@@ -119,7 +120,7 @@ def config_command(
         if config_path and section is not None:
             source = f"{config_path} [{section}]"
         else:
-            source = str(config_path or "command line")
+            source = str(config_path or COMMAND_LINE)
         for param, value in kwargs.items():
             if value is not None and value != [] and value != ():
                 _put(cls, data, by_param[param].path if param in by_param else (param,), value)
