@@ -14,16 +14,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-import typing
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kukla.cli.app import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
-from kukla.cli.options import _default_text  # noqa: E402
-from kukla.config import Bytes, Setting, _strip_optional, field_types, settings  # noqa: E402
+from kukla.cli.options import _default_text, type_name  # noqa: E402
+from kukla.config import Setting, field_types, settings  # noqa: E402
 from kukla.pipeline.demo import DemoConfig  # noqa: E402
 from kukla.pipeline.evaluate.config import EvaluateConfig  # noqa: E402
 from kukla.pipeline.harvest.config import HarvestConfig  # noqa: E402
@@ -47,22 +45,6 @@ COMMANDS: list[tuple[str, type, tuple[str, ...], str | None]] = [
 ]
 
 
-def _type_name(tp: Any) -> str:
-    tp, optional = _strip_optional(tp)
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        text = " \\| ".join(str(a) for a in typing.get_args(tp))
-    elif origin in (list, tuple):
-        (item,) = typing.get_args(tp)[:1] or (str,)
-        text = f"list of {_type_name(item)}"
-    elif origin is dict:
-        text = "table"
-    else:
-        text = {Path: "path", str: "text", int: "int", float: "float", bool: "bool", Bytes: "size"}.get(
-            tp, getattr(tp, "__name__", str(tp)))
-    return text + (" or none" if optional else "")
-
-
 def _default(field: dataclasses.Field) -> str:
     return _default_text(field).removeprefix("default: ")
 
@@ -79,7 +61,7 @@ def _row(setting: Setting, arguments: tuple[str, ...]) -> str:
         name = f"`{setting.key.upper()}` (argument; `{setting.key}`)"
     else:
         name = f"`{setting.flag}` (`{setting.key}`)"
-    return f"| {name} | {_type_name(setting.type)} | {_cell(_default(setting.field))} | {_cell(setting.doc)} |"
+    return f"| {name} | {_cell(type_name(setting.type))} | {_cell(_default(setting.field))} | {_cell(setting.doc)} |"
 
 
 def command_table(command: str, cls: type, arguments: tuple[str, ...], section: str | None) -> str:

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -39,6 +40,16 @@ def test_help_shows_the_bracketed_parts_of_setting_docs() -> None:
     assert "[model|toy-tree]" in harvest and "[bfloat16|float16|float32]" in harvest and "under [harvest]" in harvest
     imported = " ".join(runner.invoke(app, ["store", "import", "--help"], env={"COLUMNS": "400"}).output.split())
     assert "([rows, width] or [..., width])" in imported and "[sequences, context_size]" in imported
+
+
+@pytest.mark.parametrize("command, metavar", [(["harvest"], "size"), (["train"], "list of int"),
+                                              (["evaluate"], "int or none"), (["store", "import"], "list of text")])
+def test_help_names_each_settings_type_as_the_readme_does(command: list[str], metavar: str) -> None:
+    """Metavars read `list of int` or `size`, not Python's `<list[str]>`, or `<str>` for every flag."""
+    text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "400"}).output
+    text = text[text.index("─ Options "):]  # arguments show their name; typer types them itself
+    assert "<list[" not in text and "<str>" not in text and "<float>" not in text
+    assert f" {metavar} " in text
 
 
 def test_python_dash_m_kukla_prints_the_version() -> None:

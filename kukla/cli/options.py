@@ -18,8 +18,8 @@ from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_orig
 import typer
 from rich.markup import escape
 
-from kukla.config import (COMMAND_LINE, Setting, _strip_optional, field_types, from_dict, read_toml, section_table,
-                          settings)
+from kukla.config import (COMMAND_LINE, Bytes, Setting, _strip_optional, field_types, from_dict, read_toml,
+                          section_table, settings)
 from kukla.errors import EXIT_SIGTERM, KuklaError, Preempted
 
 C = TypeVar("C")
@@ -54,6 +54,23 @@ def _cli_type(tp: Any) -> Any:
     if origin is Literal or origin is dict:
         return str
     return tp if tp in (int, float, bool, str, Path) else str
+
+
+def type_name(tp: Any) -> str:
+    """A setting's type as a reader names it: the README reference's column and `--help`'s metavar."""
+    tp, optional = _strip_optional(tp)
+    origin = get_origin(tp)
+    if origin is Literal:
+        text = " | ".join(str(a) for a in get_args(tp))
+    elif origin in (list, tuple):
+        (item,) = get_args(tp)[:1] or (str,)
+        text = f"list of {type_name(item)}"
+    elif origin is dict:
+        text = "table"
+    else:
+        text = {Path: "path", str: "text", int: "int", float: "float", bool: "bool", Bytes: "size"}.get(
+            tp, getattr(tp, "__name__", str(tp)))
+    return text + (" or none" if optional else "")
 
 
 def _default_text(field: dataclasses.Field) -> str:
@@ -97,12 +114,13 @@ def config_command(
         tp, _ = _strip_optional(setting.type)
         choices = f" [{'|'.join(map(str, get_args(tp)))}]" if get_origin(tp) is Literal else ""
         help_text = escape(f"{setting.doc}{choices} ({_default_text(setting.field)})")  # [a|b], [rows, width] are text
+        metavar = "choice" if choices else type_name(setting.type)  # the choices follow the help text
         if setting.key in arguments:
-            default = typer.Argument(None, help=help_text, show_default=False)
+            default = typer.Argument(None, help=help_text, show_default=False, metavar=setting.key.upper())
         elif tp is bool:
             default = typer.Option(None, f"{setting.flag}/--no-{setting.flag[2:]}", help=help_text, show_default=False)
         else:
-            default = typer.Option(None, setting.flag, help=help_text, show_default=False)
+            default = typer.Option(None, setting.flag, help=help_text, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY,
                                         default=default, annotation=Optional[_cli_type(tp)]))
     for old in getattr(cls, "RENAMED", {}):
