@@ -87,6 +87,13 @@ class Store:
     def fingerprint(self) -> str:
         return str(self.meta["fingerprint"])
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What fixes row i's content: the run (fingerprint), its shuffle and split, and the data's
+        sums (two stores of one meta, e.g. imports, differ there). A moved copy keeps it."""
+        return {key: self.meta.get(key) for key in ("fingerprint", "dtype", "n_rows", "holdout_rows", "shuffle_seed",
+                                                     "shuffle_buckets", "hook_stats")}
+
     def check_hooks(self, hooks: list[str] | tuple[str, ...]) -> None:
         unknown = [h for h in hooks if h not in self.meta["hooks"]]
         if unknown:

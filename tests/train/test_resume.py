@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from conftest import HOOK
+from conftest import HOOK, TARGET
 from safetensors.torch import load_file
+from stores import write_store
 from typer.testing import CliRunner
 
 from kukla.cli.app import train_command as command
 from kukla.config import from_dict
+from kukla.errors import KuklaError
 from kukla.pipeline.train import TrainConfig, checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,3 +91,16 @@ def test_existing_run_needs_resume_and_the_same_settings(store: Path, tmp_path: 
     checkpoint.save_state(latest, {**state, "format": 1})  # as an older kukla wrote it
     older = runner.invoke(app, ["train", *_flags(store, tmp_path, *short, "--resume")])
     assert older.exit_code == 2 and "checkpoint format 1" in older.output and "Traceback" not in older.output
+
+
+def test_resume_on_a_store_of_other_rows_is_refused_and_on_a_moved_copy_continues(store: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The store path may change between a run and its resume (a moved copy), its rows may not:
+    the first steps on one store and the rest on another would be neither run."""
+    out, short = tmp_path / "run", {"tokens": 1280, "checkpoint_every": 5}
+    train(_config(store, out, **short))
+    other = write_store(tmp_path / "other.zarr", 4096, {HOOK: 16, TARGET: 12}, seed=1)  # same meta, other rows
+    with pytest.raises(KuklaError, match="holds other rows than the store the run"):
+        train(_config(other, out, resume=True, **short))
+    moved = Path(shutil.copytree(store, tmp_path / "moved.zarr"))
+    assert train(_config(moved, out, resume=True, **short)) == [out / NAME]

@@ -118,7 +118,7 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
     total_steps = config.total_steps(ranks.world)
     local_batch = config.local_batch(ranks.world)
     out = Path(config.out)
-    state = _resume_state(config, ranks)
+    state = _resume_state(config, ranks, store)
     if config.massive == "skip" and ranks.world > 1:  # the ranks' shares of a global batch must stay equal
         raise KuklaError("massive = 'skip' trains in one process only for now: under torchrun use 'keep'")
     skipped = massive_rows(store) if config.massive == "skip" else None
@@ -213,7 +213,7 @@ def _stop_requested(step: int, config: TrainConfig, ranks: Ranks) -> bool:
     return step % config.log_every == 0 and agree(sigterm_requested(), ranks)
 
 
-def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
+def _resume_state(config: TrainConfig, ranks: Ranks, store: Store) -> dict[str, Any] | None:
     latest = checkpoint.latest_checkpoint(config.out)
     if latest is None:
         return None
@@ -229,6 +229,9 @@ def _resume_state(config: TrainConfig, ranks: Ranks) -> dict[str, Any] | None:
     if changed:
         raise KuklaError(f"--resume: {changed[0]} differs from the run in {config.out} "
                          f"({saved.get(changed[0])!r} there, {now[changed[0]]!r} now); resume with the same settings")
+    if state.get("store", store.identity) != store.identity:  # "store" may change: the path, not the rows
+        raise KuklaError(f"--resume: {config.store} holds other rows than the store the run in {config.out} trained "
+                         "on (another harvest, shuffle or holdout); resume on that store, or train into a new --out")
     if state["world"] != ranks.world:
         raise KuklaError(f"--resume: the run used {state['world']} ranks, this launch has {ranks.world}; "
                          "resume with the same number of processes")
@@ -286,7 +289,7 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
         state = {
             "format": CHECKPOINT_FORMAT, "step": step, "world": ranks.world, "config": to_dict(config),
             "streams": streams, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
-            "wandb_id": getattr(wandb_run, "id", None),
+            "wandb_id": getattr(wandb_run, "id", None), "store": store.identity,
             "members": {t.name: {"dictionary": t.dictionary.state_dict(), "optimizer": t.optimizer.state_dict(),
                                  "generator": t.generator.get_state(),
                                  "sparse_path": t.dictionary.use_sparse_path} for t in trainees},
