@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 Buffer = bytes | bytearray | memoryview
+TEMPORARY = ".tmp-"
+"""What a temporary's name holds between its file's name and 16 random hex digits."""
 
 
 def fsync_file(path: str | Path) -> None:
@@ -51,6 +53,14 @@ def fsync_tree(path: str | Path) -> None:
         fsync_dir(folder)
 
 
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete what killed writers left under `folder`: their temporaries are never renamed, and
+    their random names mean no later write of the same file replaces them."""
+    for tmp in Path(folder).rglob(f"*{TEMPORARY}*"):
+        if tmp.is_file() and len(tmp.name.rpartition(TEMPORARY)[2]) == 16:
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path to write `path`'s new content to; on success it replaces `path`.
@@ -60,7 +70,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
+    tmp = path.with_name(f"{path.name}{TEMPORARY}{secrets.token_hex(8)}")
     try:
         yield tmp
         fsync_file(tmp)

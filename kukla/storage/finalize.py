@@ -122,6 +122,7 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
     location.remove("_parts")
     permute(location, plan, 0, 1)
     windows.write_rows(location, attrs.value, plan, memory_budget_bytes)
+    location.remove_temporaries()  # a shard write killed mid-way left one beside the shard: never read, never replaced
     lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
                        shuffle_buckets=plan["n_buckets"],

@@ -21,7 +21,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from kukla.atomic import atomic_path, fsync_tree, write_atomic
+from kukla.atomic import atomic_path, fsync_tree, remove_temporaries, write_atomic
 from kukla.errors import KuklaError
 
 #: OS errors that mean "no room left" (ENOSPC), a file size limit (EFBIG) or a quota (EDQUOT).
@@ -133,6 +133,14 @@ class Location:
         path = self.join(sub)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporaries of writes killed mid-way in the store's arrays (local only: an
+        object store's PUT leaves none); not beside the leases, which their holders still renew."""
+        if self.is_local:
+            for folder in Path(self.root).iterdir():
+                if folder.is_dir() and not folder.name.startswith("_"):
+                    remove_temporaries(folder)
 
     def make_durable(self, sub: str) -> None:
         """fsync every file under `sub` (local only: an object store's PUT is already durable)."""

@@ -110,3 +110,20 @@ def test_store_survives_disk_full_and_kills_during_write_and_finalize(tmp_path: 
     rerun = _run([FINALIZE, str(path)])
     assert rerun.wait(timeout=300) == 0, rerun.communicate()
     _assert_every_row_once(path, n_segments * rows)
+
+
+def test_finalize_removes_what_a_killed_shard_write_left_in_the_arrays(tmp_path: Path) -> None:
+    """A SIGKILL during a shard's write leaves its temporary beside the shard; the rerun writes
+    the shard under its own name, so the temporary (a whole shard's bytes) stayed in the store."""
+    path = tmp_path / "store"
+    proc = _run([WRITER, str(path), "4", "256", "-1"])
+    shard_folder = path / "acts" / HOOK / "c"
+    _kill_when(proc, lambda: (path / "_finalize" / "runs").exists())  # the arrays are laid out
+    shard_folder.mkdir(parents=True, exist_ok=True)
+    left = shard_folder / "0.tmp-0123456789abcdef"  # what a write killed inside `atomic_path` leaves
+    left.write_bytes(b"\0" * 4096)
+    rerun = _run([FINALIZE, str(path)])
+    assert rerun.wait(timeout=300) == 0, rerun.communicate()
+    _assert_every_row_once(path, 4 * 256)
+    assert not left.exists()
+    assert not [p for p in path.rglob("*") if ".tmp-" in p.name]
