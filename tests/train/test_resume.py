@@ -104,3 +104,16 @@ def test_resume_on_a_store_of_other_rows_is_refused_and_on_a_moved_copy_continue
         train(_config(other, out, resume=True, **short))
     moved = Path(shutil.copytree(store, tmp_path / "moved.zarr"))
     assert train(_config(moved, out, resume=True, **short)) == [out / NAME]
+
+
+def test_resume_after_a_torn_metrics_line_logs_every_step_once(store: Path, tmp_path: Path) -> None:
+    """A full disk or a power cut mid-append leaves half a line at the end of metrics.jsonl; the
+    resume crashed on it with a JSONDecodeError."""
+    short = {"tokens": 128 * 40, "checkpoint_every": 20, "log_every": 10}
+    train(_config(store, tmp_path, **short))
+    log = tmp_path / "metrics.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + '{"step": 40, "tok')
+    train(_config(store, tmp_path, resume=True, **short))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line.get("step") for line in lines] == [10, 20, 30, 40, None] and lines[-1]["final"]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kukla.atomic import write_atomic
 from kukla.errors import KuklaError
 from kukla.progress import progress
 
@@ -91,9 +92,17 @@ def start_wandb(out: Path, project: str, name: str | None, run_id: str | None,
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Drop lines logged after `step` by a run that was killed before its next checkpoint."""
+    """Drop lines logged after `step` by a run that was killed before its next checkpoint, and a
+    line torn by a full disk or a power cut mid-append (unreadable, and the last one written); the rewrite is
+    atomic, so a kill during it keeps the old log."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", -1) <= step and not json.loads(line).get("final")]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", -1) <= step and not record.get("final"):
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept).encode())
