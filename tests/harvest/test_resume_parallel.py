@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -98,3 +99,35 @@ def test_two_rank_harvest_equals_one_rank_harvest(tiny_model_dir: Path, tiny_mod
     one = read_rows(_in_process(config | {"output": str(tmp_path / "one.zarr")}, tiny_model))
     _assert_some_flagged(one)
     _assert_same_rows(read_rows(config["output"]), one)  # tokens/massive too: rank 1 never owned segment 0
+
+
+def _state(out: Path) -> str | None:
+    try:
+        return json.loads((out / "zarr.json").read_text())["attributes"]["kukla"]["state"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+@pytest.mark.slow
+def test_harvest_killed_in_its_finalize_finishes_when_rerun(tiny_model_dir: Path, tiny_model, texts: Path,
+                                                            tmp_path: Path, kukla_cli) -> None:
+    """A job preempted after its rows are written (state finalizing) is requeued with the same
+    command: it must finish the shuffle, and a rerun of a finished harvest must succeed too."""
+    out = tmp_path / "killed.zarr"
+    config = _config(tiny_model_dir, texts, out, tokens=300, segment_windows=2)
+    first = kukla_cli(*_cli_args(config))
+    deadline = time.monotonic() + 600
+    while _state(out) != "finalizing" and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    assert _state(out) == "finalizing", "the kill must land inside finalize"
+    for _ in range(2):  # the resumed finalize, then a rerun of the finished harvest
+        rerun = kukla_cli(*_cli_args(config))
+        _, err = rerun.communicate(timeout=900)
+        assert rerun.returncode == 0, err
+    reference = open_store(_in_process(config | {"output": str(tmp_path / "whole.zarr")}, tiny_model))
+    resumed = open_store(str(out))
+    assert resumed.specs.keys() == reference.specs.keys()
+    for name in reference.specs:
+        np.testing.assert_array_equal(resumed.read_stored(name), reference.read_stored(name), err_msg=name)
