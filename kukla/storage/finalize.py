@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 from functools import lru_cache
@@ -49,6 +50,8 @@ from kukla.storage.lease import Lease
 from kukla.storage.location import DIRECT_ALIGN, Location, aligned, aligned_buffer, disk_full_error
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
+
+logger = logging.getLogger(__name__)
 
 PLAN = "_finalize/plan.json"
 FINALIZE_LOCK = "_finalize.lock.json"  # beside _finalize/, which the commit removes
@@ -149,7 +152,14 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
         plan = location.read_json(PLAN)
         if plan["seed"] != seed:
             raise KuklaError(f"finalize of {location.url} was started with seed {plan['seed']}: rerun with that seed")
-        return plan
+        started_with = plan.get("memory_budget", budget)
+        if started_with == budget or not location.exists("_parts"):
+            if started_with != budget:  # pass 1 is done and its runs hold the rows: they fix the plan
+                logger.warning("finalize of %s resumes the plan it started with a %d-byte memory budget, not %d: "
+                               "its first pass is done", location.url, started_with, budget)
+            return plan
+        logger.info("finalize of %s: a new plan for the %d-byte memory budget (it started with %d)",
+                    location.url, budget, started_with)
     world = value["world"]
     unfinished = unfinished_ranks(location)
     if unfinished:
@@ -178,7 +188,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     widest = max(spec.row_bytes for spec in specs)
     shard_rows = max(chunk_rows, min(unit, TARGET_SHARD_BYTES // widest) // chunk_rows * chunk_rows)
     plan = {
-        "seed": seed, "n_rows": n_rows, "truth": truth, "n_windows": windows.planned_windows(entries, location.url),
+        "seed": seed, "memory_budget": budget, "n_rows": n_rows, "truth": truth, "n_windows": windows.planned_windows(entries, location.url),
         # a run and its sorted copy (plus decoded segments) stay within the budget
         "run_rows": max(1, budget // (4 * row_bytes)), "n_buckets": max(1, math.ceil(n_rows / unit)),
         "shard_rows": shard_rows, "holdout_rows": holdout_default(n_rows) if holdout_rows is None else holdout_rows,

@@ -125,6 +125,21 @@ def test_finalize_split_across_worker_processes_is_byte_identical(tmp_path: Path
     assert sorted(_ids(split).tolist()) == list(range(24 * 16))
 
 
+def test_a_finalize_resumed_with_another_memory_budget_plans_for_it_while_the_parts_remain(tmp_path: Path) -> None:
+    """Rerun with a smaller budget (say, after an out-of-memory kill), finalize must work in that
+    budget: it kept the first plan, so the store was the first budget's, silently."""
+    from kukla.storage import finalize_worker
+
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    for path in (resumed, fresh):
+        write_sequences(path, 48, 64, per_segment=8)
+    finalize_worker(resumed, 0, 1, memory_budget_bytes=1 << 20, seed=3)  # both passes, uncommitted, parts kept
+    finalize_store(resumed, memory_budget_bytes=64 << 10, seed=3)
+    finalize_store(fresh, memory_budget_bytes=64 << 10, seed=3)
+    assert open_store(resumed).meta["shuffle_buckets"] > 1
+    assert _tree(resumed) == _tree(fresh)
+
+
 def test_resumed_finalize_refuses_a_damaged_run_file(tmp_path: Path) -> None:
     from kukla.storage import finalize_worker
 
