@@ -207,12 +207,18 @@ def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, An
     kept, so a worker arriving late never wipes shards another one wrote."""
     group = zarr.open_group(location.zarr_store(), mode="a")
     for layout in array_layouts(attrs, plan):
-        try:
-            if Layout.from_metadata(location, layout.spec) == layout:
-                continue
-        except KuklaError:
-            pass
-        create_array(group, layout.spec, layout.n_rows, layout.chunk_rows, layout.shard_rows, attrs["codec"])
+        for attempt in range(3):
+            try:
+                if Layout.from_metadata(location, layout.spec) == layout:
+                    break
+            except KuklaError:
+                pass
+            try:
+                create_array(group, layout.spec, layout.n_rows, layout.chunk_rows, layout.shard_rows, attrs["codec"])
+                break
+            except FileNotFoundError:  # workers started together: another's overwrite took what this one wrote
+                if attempt == 2:
+                    raise
 
 
 # --- the two passes -------------------------------------------------------------------------
