@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from kukla.atomic import write_atomic
 from kukla.config import from_dict
 from kukla.pipeline.dictionary.config import DictionaryConfig
 from kukla.pipeline.evaluate import plots
@@ -137,7 +138,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
               "CE recovered = (CE_abl − CE_dict) / (CE_abl − CE_clean), against mean ablation (the hook replaced by "
               "its mean; below 0: the splice hurts more than that) and zero ablation; ΔLM loss = CE_dict − CE_clean, "
               "the nats per token the splice adds; KL score = 1 − KL_dict / KL_abl (mean ablation).", ""]
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines).encode())  # a kill mid-write leaves the old file or none, never half
 
 
 def _figures(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -200,7 +201,7 @@ def write_html(path: Path, report: dict[str, Any], browser: dict[str, Any] | Non
         training=[(f"Training: {n}", plots.training_curves(n, c)) for n, c in (training or {}).items()],
         figures=_figures(report), data=data, pages=pages,
         style=(TEMPLATES / "report.css").read_text(), script=(TEMPLATES / "report.js").read_text())
-    path.write_text(page)
+    write_atomic(path, page.encode())
 
 
 DEAD_MIN_TOKENS = 1_000_000
