@@ -172,11 +172,11 @@ returns what the writer thread calls for the rows."""
 
 
 def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple[dict, dict, SegmentWork]:
+    device = usable_device(config.device) if model is None else config.device  # first: the cheapest check
     text = config.dataset
     texts = iter_texts(text.name, text.subset, text.split, text.revision, text.text_column)
     first_text = next(texts, None)  # opens the dataset and checks its column before the model loads
-    model = model if model is not None else load_model(config.model, device=usable_device(config.device),
-                                                            dtype=config.model_dtype)
+    model = model if model is not None else load_model(config.model, device=device, dtype=config.model_dtype)
     if config.context_size > model.cfg.n_ctx:
         raise KuklaError(f"context_size {config.context_size} is above the model's n_ctx {model.cfg.n_ctx}; "
                          f"pass --context-size {model.cfg.n_ctx} or less")
