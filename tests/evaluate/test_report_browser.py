@@ -22,6 +22,7 @@ from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
 from kukla.pipeline.train import train
 from kukla.pipeline.train.config import TrainConfig
+from tests.evaluate.helpers import D, make_dictionary
 from tests.harvest.conftest import build_tiny_model_dir, write_texts
 
 HOOK = "blocks.1.hook_resid_post"
@@ -163,3 +164,24 @@ def test_matching_is_the_mean_max_correlation_on_the_scored_rows(demo_report: Pa
     best, _ = max_correlation(codes[0], codes[1])
     assert meta_a["matching"][b]["rows"] == len(rows)
     assert meta_a["matching"][b]["mean_max_correlation"] == pytest.approx(mean_max_correlation(best), abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("odd", ["my \"sae\" <v2> & 'x'", "<!--<script>"])
+def test_a_dictionary_named_with_html_characters_opens_in_the_browser(odd: str, rows_store: Path, tmp_path: Path,
+                                                                      browser) -> None:
+    """Names are folder names, and token text comes from any vocabulary: neither may break the page."""
+    g = torch.Generator().manual_seed(0)
+    paths = [make_dictionary(tmp_path / name, torch.randn(D, 16, generator=g), torch.randn(16, D, generator=g))
+                             for name in ("plain", odd)]
+    out = evaluate(EvaluateConfig(dictionaries=paths, store=rows_store, out=tmp_path / "report",
+                                  downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto((out / "report.html").resolve().as_uri() + "#latent=1:3")
+    page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    assert page.inner_text("#latent-title") == f"{odd} · latent 3"
+    assert page.inner_text("#count") == f"16 of 16 latents of {odd}"
+    assert page.locator("#dict option").all_inner_texts() == ["plain", odd]
+    assert errors == []

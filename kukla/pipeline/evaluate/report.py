@@ -191,7 +191,9 @@ def write_html(path: Path, report: dict[str, Any], browser: dict[str, Any] | Non
              "vocab": browser["vocab"],
              "dictionaries": {n: {k: v for k, v in browser["dictionaries"][n].items() if k != "pages"}
                               for n in dicts if n in browser["dictionaries"]}}
-    data = json.dumps(index, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # Every "<" as \u003c: inside a script element "</script" ends it early and "<!--<script>" (a folder
+    # name, or tokens of a web-text vocabulary) keeps it open past its end tag; neither is then JSON.
+    data = json.dumps(index, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     matching = {a: {b: _cell(v, ("mean_max_correlation",), ".3f") for b, v in m["matching"].items()}
                 for a, m in dicts.items() if m.get("matching")}
     page = _template().render(
