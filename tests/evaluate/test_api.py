@@ -117,6 +117,18 @@ def test_a_rerun_into_the_same_out_leaves_only_its_own_latent_tables(tmp_path: P
     assert list(json.loads((out / "metrics.json").read_text())["dictionaries"]) == ["identity"]
 
 
+def test_dictionaries_whose_names_differ_only_in_punctuation_each_keep_their_latent_table(
+        tmp_path: Path, rows_store: Path) -> None:
+    """A table file name keeps letters, digits and -_. only: "a b" and "a_b" must not share one."""
+    paths = [make_dictionary(tmp_path / name, torch.zeros(D, width), torch.zeros(width, D))
+             for name, width in (("a b", 4), ("a_b", 6))]
+    out = evaluate(_config(paths, rows_store, tmp_path / "out"))
+    widths = {name: m["width"] for name, m in json.loads((out / "metrics.json").read_text())["dictionaries"].items()}
+    tables = {p.name: len(pq.read_table(p)) for p in out.glob("latents_*.parquet")}
+    assert sorted(tables.values()) == sorted(widths.values()) == [4, 6]
+    assert all(tables["latents_" + re.sub(r"[^\w.-]", "_", name) + ".parquet"] == w for name, w in widths.items())
+
+
 def test_a_dictionary_of_another_width_or_hook_is_refused(tmp_path: Path, rows_store: Path) -> None:
     wide = make_dictionary(tmp_path / "wide", torch.zeros(D + 1, 4), torch.zeros(4, D + 1))
     with pytest.raises(KuklaError, match=f"d_in {D + 1}.*{D} wide"):

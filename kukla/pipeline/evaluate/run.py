@@ -82,7 +82,7 @@ def _hooks_of(dictionary: Dictionary, path: Path, store: Store) -> tuple[str, st
 def load_entries(config: EvaluateConfig, store: Store, device: str) -> list[Entry]:
     """Load and check every dictionary against the store before any work starts."""
     entries: list[Entry] = []
-    names: set[str] = set()
+    slugs: set[str] = set()
     for path in config.dictionaries:
         if not Path(path).is_dir():
             what = "is a file" if Path(path).exists() else "does not exist"
@@ -90,9 +90,9 @@ def load_entries(config: EvaluateConfig, store: Store, device: str) -> list[Entr
         dictionary = load_dictionary(path).to(device).eval()
         source, target = _hooks_of(dictionary, Path(path), store)
         name = Path(path).resolve().name
-        while name in names:
+        while _slug(name) in slugs:  # unique file names too: "a b" and "a_b" would share latents_a_b.parquet
             name = f"{Path(path).resolve().parent.name}/{name}"
-        names.add(name)
+        slugs.add(_slug(name))
         entries.append(Entry(name, Path(path), dictionary, source, target,
                              ReconstructionStats(dictionary.width, dictionary.levels),
                              TopActivations(dictionary.width, config.top_examples)))
@@ -295,6 +295,7 @@ def _browser(config: EvaluateConfig, store: Store, entries: list[Entry], context
 
 
 def _slug(name: str) -> str:
+    """The name as a file name: letters, digits and -_. kept, anything else _."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
