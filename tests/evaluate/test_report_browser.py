@@ -166,16 +166,41 @@ def test_matching_is_the_mean_max_correlation_on_the_scored_rows(demo_report: Pa
     assert meta_a["matching"][b]["mean_max_correlation"] == pytest.approx(mean_max_correlation(best), abs=1e-9)
 
 
+def _small_report(names: list[str], store: Path, root: Path) -> Path:
+    """A report of random 16-latent ReLU SAEs with these folder names, without downstream metrics."""
+    g = torch.Generator().manual_seed(0)
+    paths = [make_dictionary(root / name, torch.randn(D, 16, generator=g), torch.randn(16, D, generator=g))
+             for name in names]
+    return evaluate(EvaluateConfig(dictionaries=paths, store=store, out=root / "report",
+                                   downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
+
+
+@pytest.mark.slow
+def test_a_link_to_a_latent_the_dictionary_lacks_opens_the_report_without_errors(rows_store: Path, tmp_path: Path,
+                                                                                browser) -> None:
+    """A #latent= link made for a wider dictionary (another report, an edited URL) opens nothing, quietly."""
+    from playwright.sync_api import expect
+
+    url = (_small_report(["only"], rows_store, tmp_path) / "report.html").resolve().as_uri()
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    for link in ("#latent=0:16", "#latent=0:999", "#latent=1:0"):
+        page.goto(url + link)
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        assert page.inner_text("#detail") == "Open a latent from the list."
+        assert page.locator("#latents tr.row").count() == 16
+    page.goto(url + "#latent=0:15")
+    expect(page.locator("#latent-title")).to_have_text("only · latent 15")
+    assert errors == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("odd", ["my \"sae\" <v2> & 'x'", "<!--<script>"])
 def test_a_dictionary_named_with_html_characters_opens_in_the_browser(odd: str, rows_store: Path, tmp_path: Path,
                                                                       browser) -> None:
     """Names are folder names, and token text comes from any vocabulary: neither may break the page."""
-    g = torch.Generator().manual_seed(0)
-    paths = [make_dictionary(tmp_path / name, torch.randn(D, 16, generator=g), torch.randn(16, D, generator=g))
-                             for name in ("plain", odd)]
-    out = evaluate(EvaluateConfig(dictionaries=paths, store=rows_store, out=tmp_path / "report",
-                                  downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
+    out = _small_report(["plain", odd], rows_store, tmp_path)
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

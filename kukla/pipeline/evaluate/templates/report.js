@@ -185,9 +185,11 @@ $("next").addEventListener("click", () => { state.page += 1; renderList(); });
 // A link to one latent: report.html#latent=<dictionary index>:<latent>.
 async function openFromHash() {
   const m = /^#latent=(\d+):(\d+)$/.exec(location.hash);
-  if (!m || Number(m[1]) >= NAMES.length) return;
-  selectDict(Number(m[1]));
-  await openLatent(Number(m[2]));
+  if (!m) return;
+  const di = Number(m[1]), latent = Number(m[2]);
+  if (di >= NAMES.length || latent >= DATA.dictionaries[NAMES[di]].width) return;  // a link made for another report
+  selectDict(di);
+  await openLatent(latent);
   $("browser").scrollIntoView();
 }
 window.addEventListener("hashchange", openFromHash);
