@@ -122,6 +122,15 @@ def test_wandb_offline_run_is_written(store: Path, tmp_path: Path, monkeypatch: 
     assert b"topk-w32-k4-s0/fvu" in record.read_bytes()
 
 
+def test_a_wandb_project_without_wandb_says_it_logs_nowhere(store: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="kukla"):
+        train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="topk", width=[32], k=[4],
+                          wandb=WandbConfig(project="mine"), **SMALL))
+    assert any("W&B is off" in r.getMessage() and "--wandb" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "wandb").exists()
+
+
 def test_sweep_member_equals_the_same_dictionary_trained_alone(store: Path, tmp_path: Path) -> None:
     sweep = train(TrainConfig(store=store, out=tmp_path / "sweep", hook=HOOK, arch="batchtopk",
                               width=[32, 64], k=[2, 4], **SMALL))

@@ -39,7 +39,8 @@ class WandbConfig:
     """Logging the run's metric lines to Weights & Biases (rank 0 only)."""
 
     enabled: bool = False
-    """Log to W&B (respects WANDB_MODE=offline)."""
+    """Log to W&B (respects WANDB_MODE=offline): one W&B run per training run, each sweep member's
+    figures under its name (`batchtopk-w4096-k32-s0/fvu`); --resume continues the checkpoint's run."""
     project: str = "kukla"
     """W&B project."""
     name: str | None = None

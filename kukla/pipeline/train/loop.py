@@ -25,7 +25,7 @@ from kukla.pipeline.dictionary import calibrate_threshold, calibration_rows, sav
 from kukla.pipeline.dictionary.loss import snap_step
 from kukla.pipeline.massive import massive_rows
 from kukla.pipeline.train import checkpoint
-from kukla.pipeline.train.config import TrainConfig
+from kukla.pipeline.train.config import TrainConfig, WandbConfig
 from kukla.pipeline.train.distributed import (Ranks, agree, barrier, close_ranks, gather_objects, init_ranks,
                                               sum_over_ranks)
 from kukla.pipeline.train.log import TrainLog, start_wandb
@@ -141,6 +141,8 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
     wandb_run = None
     if config.wandb.enabled and ranks.is_main:
         wandb_run = start_wandb(out, config.wandb.project, config.wandb.name or out.name, wandb_id, to_dict(config))
+    elif ranks.is_main and config.wandb != WandbConfig(enabled=False):  # a project or name alone turns nothing on
+        logger.warning("W&B is off, so wandb.project / wandb.name log nowhere: add --wandb (wandb = true) to log")
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
                    start_step=step, enabled=ranks.is_main, wandb_run=wandb_run)
     if ranks.is_main and config.dead_window >= config.tokens:
