@@ -196,7 +196,7 @@ def test_a_link_to_a_latent_the_dictionary_lacks_opens_the_report_without_errors
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("odd", ["my \"sae\" <v2> & 'x'", "<!--<script>"])
+@pytest.mark.parametrize("odd", ["my \"sae\" <v2> & 'x'", "<!--<script>", "a|b"])
 def test_a_dictionary_named_with_html_characters_opens_in_the_browser(odd: str, rows_store: Path, tmp_path: Path,
                                                                       browser) -> None:
     """Names are folder names, and token text comes from any vocabulary: neither may break the page."""
@@ -210,3 +210,5 @@ def test_a_dictionary_named_with_html_characters_opens_in_the_browser(odd: str, 
     assert page.inner_text("#count") == f"16 of 16 latents of {odd}"
     assert page.locator("#dict option").all_inner_texts() == ["plain", odd]
     assert errors == []
+    header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| metric |"))
+    assert len(header.replace("\\|", "").split("|")) == 5 and "<" not in header  # | metric | plain | odd |

@@ -117,15 +117,20 @@ def _levels_rows(dicts: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _markdown_text(name: str) -> str:
+    """A name as table text: a `|` would add a cell, a `<` open an HTML tag or comment."""
+    return name.replace("|", "\\|").replace("<", "&lt;")
+
+
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     """The report as Markdown tables (no figures: those live in report.html)."""
     dicts = report["dictionaries"]
-    lines = [f"# kukla evaluation: {', '.join(dicts)}", "", f"Store: `{report['store']['path']}` "
+    lines = [f"# kukla evaluation: {', '.join(map(_markdown_text, dicts))}", "", f"Store: `{report['store']['path']}` "
              f"({report['store']['eval_tokens']} held-out tokens evaluated).", ""]
     lines += [f"> note: {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
     lines += [f"> warning ({name}): {w}" for name, m in dicts.items() for w in m.get("warnings", [])]
     lines += [""] if any(m.get("warnings") for m in dicts.values()) else []
-    lines += ["| metric | " + " | ".join(dicts) + " |", "|---|" + "---|" * len(dicts)]
+    lines += ["| metric | " + " | ".join(_markdown_text(n) for n in dicts) + " |", "|---|" + "---|" * len(dicts)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in summary_rows(dicts)]
     matching = [f"- {a} → {b}: {_cell(v, ('mean_max_correlation',), '.3f')} (on {v['rows']} rows)"
                 for a, m in dicts.items() for b, v in m.get("matching", {}).items()]
