@@ -176,6 +176,6 @@ def test_example_run_files_are_valid(example: Path) -> None:
 def test_a_job_running_only_later_stages_finds_the_store_of_the_harvest_section(tmp_path: Path) -> None:
     pipeline = build_pipeline(_sections(tmp_path), stages=["train", "evaluate"])
     assert pipeline.harvest is None
-    assert [t.store for t in pipeline.train] == [tmp_path / "store.zarr"] * 2
+    assert [t.store for t in pipeline.train] == [str(tmp_path / "store.zarr")] * 2
     assert all(t.hook == "toy" for t in pipeline.train)
-    assert pipeline.evaluate is not None and pipeline.evaluate.store == tmp_path / "store.zarr"
+    assert pipeline.evaluate is not None and pipeline.evaluate.store == str(tmp_path / "store.zarr")

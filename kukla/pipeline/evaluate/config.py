@@ -77,8 +77,8 @@ class EvaluateConfig:
 
     dictionaries: list[Path]
     """Dictionary directories (ours or SAELens'), compared side by side."""
-    store: Path
-    """The activation store whose held-out rows are the eval set."""
+    store: str
+    """The activation store whose held-out rows are the eval set (a path or fsspec URL)."""
     out: Path
     """Report directory to write (metrics.json, report.md, report.html, latents_<name>.parquet)."""
     max_tokens: int | None = None

@@ -52,7 +52,7 @@ class TrainConfig(DictionarySettings):
     """Every setting of `kukla train`: the store and hooks, the sweep axes (width × k × seed),
     the dictionary settings every member shares (inherited), and the run itself."""
 
-    store: Path
+    store: str
     """Finalized activation store to train on (a path or fsspec URL)."""
     out: Path
     """Output directory: one dictionary directory per sweep member, checkpoints, metrics.jsonl."""
