@@ -109,3 +109,11 @@ def test_train_takes_hook_short_forms(store: Path, tmp_path: Path, flags: list[s
     [cfg_file] = tmp_path.glob("*/cfg.json")
     cfg = json.loads(cfg_file.read_text())
     assert (cfg["metadata"]["hook_name"], cfg["metadata"].get("hook_name_out", cfg["metadata"]["hook_name"])) == hooks
+
+
+def test_a_batch_the_ranks_cannot_share_names_a_size_they_can() -> None:
+    config = TrainConfig(store="s.zarr", out=Path("o"), hook=HOOK, batch_size=255)
+    assert config.local_batch(1) == 255
+    with pytest.raises(ConfigError, match="batch_size: 255 does not split evenly over 2 ranks: give a multiple of 2, "
+                                          "such as 256"):
+        config.local_batch(2)

@@ -196,7 +196,8 @@ class TrainConfig(DictionarySettings):
     def local_batch(self, world: int) -> int:
         """Rows each rank reads per step."""
         if self.batch_size % world:
-            raise ConfigError("batch_size", f"{self.batch_size} does not split evenly over {world} ranks")
+            raise ConfigError("batch_size", f"{self.batch_size} does not split evenly over {world} ranks: give a "
+                                            f"multiple of {world}, such as {-(-self.batch_size // world) * world}")
         return self.batch_size // world
 
 

@@ -101,6 +101,7 @@ def run(config: TrainConfig, ranks: Ranks) -> list[Path]:
     """
     check_output_dir(config.out, "--out")
     store = open_checked_store(config)  # before the lease makes --out: a bad store leaves nothing behind
+    config.local_batch(ranks.world)  # and a batch the ranks cannot share equally
     lease = Lease(Location(config.out), "lock.json", f"training run {config.out}") if ranks.is_main else None
     try:
         if lease is not None:
