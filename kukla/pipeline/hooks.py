@@ -44,6 +44,8 @@ _FLAG_FOR_SUFFIX = {
     "hook_v_input": "set_use_split_qkv_input",
     "hook_result": "set_use_attn_result",
 }
+# What to pick instead when TransformerLens refuses a flag for this architecture.
+_INSTEAD = {"hook_attn_in": ", e.g. the same block's hook_q_input, hook_k_input or hook_v_input (split_qkv_input)"}
 _NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -89,8 +91,13 @@ def enable_hooks(model: HookedTransformer, hooks: list[str]) -> None:
     """Set the TransformerLens flags without which some hook points never fire."""
     for hook in hooks:
         for suffix, setter in _FLAG_FOR_SUFFIX.items():
-            if hook.endswith(suffix):
+            if not hook.endswith(suffix):
+                continue
+            try:
                 getattr(model, setter)(True)
+            except AssertionError as exc:  # TransformerLens' word for "this architecture has no such hook"
+                raise KuklaError(f"hook {hook!r} cannot fire in this model ({exc}); pick another hook"
+                                 f"{_INSTEAD.get(suffix, '')}") from None
 
 
 def _unknown_hook_message(spec: str, name: str, model: HookedTransformer) -> str:

@@ -56,3 +56,18 @@ def test_widths_measured_at_block_0_are_the_widths_every_block_produces() -> Non
         _, cache = model.run_with_cache(torch.zeros((1, 3), dtype=torch.long), names_filter=names)
     assert widths == {name: math.prod(cache[name].shape[2:]) for name in names}
     assert widths["blocks.2.attn.hook_k"] == 2 * 4 and widths["blocks.2.attn.hook_q"] == 4 * 4
+
+
+def test_a_hook_the_architecture_cannot_fire_is_one_line_error() -> None:
+    """TransformerLens asserts when a hook's flag does not fit the model (hook_mlp_in on an
+    attention-only model, hook_attn_in on grouped-query attention); kukla names the hook."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    base = dict(n_layers=2, d_model=16, n_heads=4, d_head=4, n_ctx=8, d_vocab=50, act_fn="gelu", seed=0)
+    attn_only = HookedTransformer(HookedTransformerConfig(**base, attn_only=True)).eval()
+    with pytest.raises(KuklaError, match=r"hook 'blocks.1.hook_mlp_in' cannot fire in this model.*attn_only"):
+        resolve_hooks(attn_only, ["mlp_in:1"])
+    gqa = HookedTransformer(HookedTransformerConfig(**base, d_mlp=24, n_key_value_heads=2)).eval()
+    with pytest.raises(KuklaError, match=r"hook 'blocks.0.hook_attn_in' cannot fire in this model.*hook_q_input"):
+        resolve_hooks(gqa, ["attn_in:0"])
+    assert resolve_hooks(gqa, ["blocks.0.hook_q_input"]) == {"blocks.0.hook_q_input": 4 * 16}
