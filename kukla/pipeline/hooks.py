@@ -106,9 +106,9 @@ def _unknown_hook_message(spec: str, name: str, model: HookedTransformer) -> str
     if match and int(match.group(1)) >= n_layers:
         return f"hook {spec!r}: layer {match.group(1)} is out of range; this model has layers 0–{n_layers - 1}"
     kinds = [k for k, t in SHORT_FORMS.items() if t.format(layer=0) in model.hook_dict]
+    examples = sorted(n for n in model.hook_dict if n.startswith("blocks.0.") and not n.endswith(_NOT_PER_TOKEN))
     return (f"unknown hook {spec!r}; valid: {', '.join(kinds)} with layers 0–{n_layers - 1} "
-            f"(e.g. {kinds[0] if kinds else 'resid_post'}:0), or a full name such as "
-            f"{', '.join(sorted(n for n in model.hook_dict if n.startswith('blocks.0.'))[:4])}, …")
+            f"(e.g. {kinds[0] if kinds else 'resid_post'}:0), or a full name such as {', '.join(examples[:4])}, …")
 
 
 def resolve_hooks(model: HookedTransformer, specs: list[str]) -> dict[str, int]:

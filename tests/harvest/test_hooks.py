@@ -71,3 +71,11 @@ def test_a_hook_the_architecture_cannot_fire_is_one_line_error() -> None:
     with pytest.raises(KuklaError, match=r"hook 'blocks.0.hook_attn_in' cannot fire in this model.*hook_q_input"):
         resolve_hooks(gqa, ["attn_in:0"])
     assert resolve_hooks(gqa, ["blocks.0.hook_q_input"]) == {"blocks.0.hook_q_input": 4 * 16}
+
+
+def test_an_unknown_hook_is_answered_with_full_names_kukla_accepts(config_model) -> None:
+    """The example full names in the message are ones harvest takes (not attention scores or patterns)."""
+    with pytest.raises(KuklaError, match="or a full name such as") as refused:
+        resolve_hooks(config_model, ["blocks.0.hook_resid_pots"])
+    examples = str(refused.value).split("such as ")[1].removesuffix(", …").split(", ")
+    assert len(examples) == 4 and resolve_hooks(config_model, examples).keys() == set(examples)
