@@ -25,6 +25,30 @@ def test_forward_stops_after_the_last_needed_block() -> None:
     assert stop_at_layer(["ln_final.hook_normalized"], 18) is None
 
 
+@pytest.mark.parametrize("hooks, skipped", [(["ln_final.hook_normalized"], "unembed"),
+                                            (["blocks.0.hook_resid_post", "blocks.2.hook_resid_mid"], "blocks.2.mlp")])
+def test_the_forward_ends_where_the_last_hook_fires(config_model, hooks: list[str], skipped: str) -> None:
+    """Nothing after the last hook is computed (the unembedding of an ln_final harvest, the MLP of a
+    resid_mid one), and every hook holds what a full forward caches."""
+    import torch
+
+    from kukla.pipeline.harvest.forward import capture
+
+    calls = []
+    handle = config_model.get_submodule(skipped).register_forward_hook(lambda *_: calls.append(1))
+    tokens = torch.randint(0, config_model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            got = capture(config_model, tokens, hooks, stop_at_layer(hooks, config_model.cfg.n_layers))
+            assert calls == []
+            _, full = config_model.run_with_cache(tokens, names_filter=hooks)
+    finally:
+        handle.remove()
+    assert calls == [1]  # the same module runs in the full forward: the count can see it
+    for hook in hooks:
+        assert torch.equal(got[hook], full[hook]), hook
+
+
 def test_hooks_are_checked_and_measured_against_the_model(config_model) -> None:
     widths = resolve_hooks(config_model, ["mlp_in:1", "mlp_post:0", "z:2", "blocks.0.hook_resid_mid"])
     assert widths == {"blocks.1.hook_mlp_in": 16, "blocks.0.mlp.hook_post": 32, "blocks.2.attn.hook_z": 16,

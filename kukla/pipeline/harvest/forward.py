@@ -94,8 +94,30 @@ class SegmentRows:
         return rows | whole  # every window whole, the dropped rows' positions too (windows/row: −1)
 
 
+class _Captured(Exception):
+    """Raised by the last of the hooks to fire: nothing the forward computes after it is kept."""
+
+
+def capture(model: HookedTransformer, tokens: torch.Tensor, hooks: list[str],
+            stop: int | None) -> dict[str, torch.Tensor]:
+    """Every hook's activation from one forward that ends as soon as the last of them fires: an
+    `ln_final` harvest never computes the unembedding, a `resid_mid` one never the block's MLP."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: object) -> None:
+        cache[hook.name] = act  # type: ignore[attr-defined]
+        if len(cache) == len(hooks):
+            raise _Captured
+
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[(h, keep) for h in hooks], stop_at_layer=stop, return_type=None)
+    except _Captured:
+        pass
+    return cache
+
+
 class SegmentForward:
-    """Runs segments through `model` at `hooks`, stopping after the last needed block."""
+    """Runs segments through `model` at `hooks`, stopping where the last of them fires."""
 
     def __init__(self, model: HookedTransformer, widths: dict[str, int], *, batch_size: int,
                  store_dtype: str) -> None:
@@ -118,8 +140,8 @@ class SegmentForward:
             keep = torch.from_numpy(np.flatnonzero(np.concatenate([w.keep for w in windows])))
             keep = keep.to(self.device, non_blocking=True)
             with torch.inference_mode():
-                _, cache = self.model.run_with_cache(tokens, names_filter=self.hooks, stop_at_layer=self.stop)
-                flat = [cache.cache_dict[h].flatten(0, 1).flatten(1).index_select(0, keep) for h in self.hooks]
+                cache = capture(self.model, tokens, self.hooks, self.stop)
+                flat = [cache[h].flatten(0, 1).flatten(1).index_select(0, keep) for h in self.hooks]
                 norms = torch.stack([torch.linalg.vector_norm(x.float(), dim=1) for x in flat], dim=1)
                 # all hooks side by side, so the batch crosses to the host in one copy, not one per hook
                 acts = flat[0].to(self.dtype) if len(flat) == 1 else torch.cat(flat, dim=1).to(self.dtype)
