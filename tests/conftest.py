@@ -32,6 +32,16 @@ def kukla_logger_as_found():
 
 
 @pytest.fixture
+def kukla_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """The `kukla` logger's records from INFO up, taken from it directly: an in-process CLI test's
+    `show_logs` may have stopped it propagating to caplog (`kukla_logger_as_found` undoes this)."""
+    logger = logging.getLogger("kukla")
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    return caplog
+
+
+@pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 

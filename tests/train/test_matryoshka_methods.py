@@ -4,7 +4,6 @@ switch and the restart are recorded."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -26,19 +25,11 @@ def _config(store: Path, out: Path, **changes: object) -> TrainConfig:
 
 
 def test_reordered_snap_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(store: Path, tmp_path: Path,
-                                                                                  caplog) -> None:
+                                                                                  kukla_log) -> None:
     """Resumed at step 20, the run passes the restart at step 36 again and ends where it would have."""
     resumed, whole = tmp_path / "run", tmp_path / "whole"
-    kukla_logger = logging.getLogger("kukla")  # straight from it: an in-process CLI test's show_logs may stop propagation
-    level = kukla_logger.level
-    kukla_logger.addHandler(caplog.handler)
-    kukla_logger.setLevel(logging.INFO)
-    try:
-        train(_config(store, resumed))
-    finally:
-        kukla_logger.removeHandler(caplog.handler)
-        kukla_logger.setLevel(level)  # the tests after this one see the logger as they would have
-    [restart] = {r.getMessage() for r in caplog.records if "latents restarted" in r.getMessage()}  # once or twice
+    train(_config(store, resumed))
+    [restart] = {r.getMessage() for r in kukla_log.records if "latents restarted" in r.getMessage()}  # once or twice
     assert restart.startswith(f"{NAME}, step 36:") and not restart.endswith(" 0 latents restarted"), restart
     shutil.copytree(resumed, whole)
     # rewind to a run killed right after its step-20 checkpoint: nothing later survives

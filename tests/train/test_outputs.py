@@ -123,11 +123,10 @@ def test_wandb_offline_run_is_written(store: Path, tmp_path: Path, monkeypatch: 
 
 
 def test_a_wandb_project_without_wandb_says_it_logs_nowhere(store: Path, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="kukla"):
-        train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="topk", width=[32], k=[4],
-                          wandb=WandbConfig(project="mine"), **SMALL))
-    assert any("W&B is off" in r.getMessage() and "--wandb" in r.getMessage() for r in caplog.records)
+                                                         kukla_log: pytest.LogCaptureFixture) -> None:
+    train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="topk", width=[32], k=[4],
+                      wandb=WandbConfig(project="mine"), **SMALL))
+    assert any("W&B is off" in r.getMessage() and "--wandb" in r.getMessage() for r in kukla_log.records)
     assert not (tmp_path / "wandb").exists()
 
 

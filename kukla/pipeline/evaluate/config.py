@@ -101,6 +101,7 @@ class EvaluateConfig:
     """Tokens of context (ending at the active token) shown for each top-activating row."""
 
     def __post_init__(self) -> None:
+        self.store = str(self.store)  # a Path from Python names the same store; a URL must stay a string
         self.device = resolve_device(self.device)
         if not self.dictionaries:
             raise ConfigError("dictionaries", "give at least one dictionary directory")

@@ -119,6 +119,7 @@ class TrainConfig(DictionarySettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.store = str(self.store)  # a Path from Python names the same store; a URL must stay a string
         for name in ("hook", "input_hook", "target_hook"):  # short forms become the store's full names here, once
             if getattr(self, name) is not None:
                 setattr(self, name, expand_hook(getattr(self, name)))
