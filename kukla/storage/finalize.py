@@ -1,21 +1,8 @@
-"""finalize_store: every rank's part merged into the final arrays by a two-pass global shuffle
-under a memory budget; the plan fixes both passes, made once and read back on resume.
+"""finalize_store: merge every rank's part with a two-pass global shuffle under a memory budget.
 
-Pass 1 (scatter) reads the written rows in runs that fit the budget, sends each row to a
-uniformly random bucket, and writes each run sorted by bucket (raw bytes, one file per
-array, a CRC32C per bucket piece), so a bucket's rows are one byte range per run. Pass 2
-(permute) builds each final shard from the buckets that cover its rows: bucket b's rows, in
-the order of a seeded uniform permutation, fill rows [start of b, end of b) of the final
-arrays. Random buckets and a uniform permutation inside each give a uniform permutation of all
-rows; the same seed gives the same store, byte for byte. Runs are scratch written once and read
-once, and shards are read once per epoch, so on a local disk both bypass the page cache
-(O_DIRECT), and every row buffer is reused: copying into fresh pages (cache or anonymous) cost
-more CPU than everything else together.
-
-Every unit of work (a run, a shard) is a pure function of the plan, written atomically and
-committed by one small object carrying the plan's id, so a unit is done once however many
-workers try it (doing a unit twice is harmless: same bytes). A run piece whose checksum fails
-is never used.
+Two passes (`kukla.storage.shuffle`): scatter the written rows into random buckets, then
+permute each bucket into the final shards; the plan fixes both, so the same seed gives the
+same store, byte for byte.
 
 A killed finalize resumes from the units already committed, and N workers (`finalize_worker`)
 can share the work: each does its own runs and shards first, then whatever nobody has
@@ -26,29 +13,23 @@ lease), and SIGTERM stops either like a kill would, minus the lease.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import math
-import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 
-from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
-from kukla.progress import progress
+from kukla.errors import KuklaError, stop_on_sigterm
 from kukla.storage import windows
-from kukla.storage.codecs import numcodecs_codec
-from kukla.storage.format import (TARGET_SHARD_BYTES, ArraySpec, Attributes, HookStats, SegmentTable, array_specs,
-                                  create_array, finished_key, holdout_default, read_blob, read_journal, segment_dir,
-                                  shard_key, write_manifest)
+from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, SegmentTable, array_specs, create_array,
+                                  finished_key, holdout_default, read_journal, write_manifest)
 from kukla.storage.lease import Lease
-from kukla.storage.location import DIRECT_ALIGN, Location, aligned, aligned_buffer, disk_full_error
-from kukla.storage.shards import Layout, crc32c, encode_shard
+from kukla.storage.location import Location, disk_full_error
+from kukla.storage.shards import Layout
+from kukla.storage.shuffle import array_layouts, permute, scatter
 
 
 logger = logging.getLogger(__name__)
@@ -220,233 +201,3 @@ def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, An
                 if attempt == 2:
                     raise
 
-
-# --- the two passes -------------------------------------------------------------------------
-
-def _specs(attrs: dict[str, Any], plan: dict[str, Any]) -> list[ArraySpec]:
-    return array_specs({**attrs, "truth": plan["truth"]})
-
-
-def array_layouts(attrs: dict[str, Any], plan: dict[str, Any]) -> list[Layout]:
-    """Where each final array's rows go under the plan: its shards, chunks and codec."""
-    codec = numcodecs_codec(attrs["codec"])
-    return [Layout(spec, plan["n_rows"], attrs["chunk_rows"], plan["shard_rows"], codec) for spec in _specs(attrs, plan)]
-
-
-def _run_key(k: int) -> str:
-    return f"_finalize/runs/run-{k:06d}"
-
-
-def _committed(location: Location, key: str, plan: dict[str, Any]) -> dict[str, Any] | None:
-    """A unit's commit record, if it was committed under this plan."""
-    try:
-        record = location.read_json(key)
-    except (FileNotFoundError, ValueError):
-        return None
-    return record if record.get("plan") == plan["id"] else None
-
-
-def _share(n: int, worker: int, workers: int) -> list[int]:
-    """Units 0..n-1 in the order a worker takes them: its own contiguous share, then the rest."""
-    lo, hi = worker * n // workers, (worker + 1) * n // workers
-    return [*range(lo, hi), *range(hi, n), *range(lo)]
-
-
-def scatter(location: Location, plan: dict[str, Any], worker: int, workers: int) -> None:
-    """Pass 1: each run's rows, sorted by a uniformly random bucket, one raw file per array."""
-    attrs = Attributes.read(location).value
-    specs, n_rows, run_rows = _specs(attrs, plan), plan["n_rows"], plan["run_rows"]
-    n_runs = math.ceil(n_rows / run_rows)
-    table, buffers = None, _Buffers()
-    with progress(n_rows, f"shuffle 1/2 scatter{_label(worker, workers)}") as bar:
-        for k in _share(n_runs, worker, workers):
-            preemption_point()
-            lo, hi = k * run_rows, min(n_rows, (k + 1) * run_rows)
-            if _committed(location, _run_key(k) + ".json", plan) is None:
-                table = table or SegmentTable.read(location, attrs["world"], attrs["codec"])
-                _scatter_run(location, plan, specs, table, k, lo, hi, buffers)
-            bar.update(hi - lo)
-
-
-def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec], table: SegmentTable, k: int,
-                 lo: int, hi: int, buffers: _Buffers) -> None:
-    buckets = np.random.default_rng([plan["seed"], 1, k]).integers(0, plan["n_buckets"], hi - lo)
-    order = np.argsort(buckets, kind="stable")
-    where = np.empty_like(order)
-    where[order] = np.arange(hi - lo)  # each row's place in the sorted run
-    counts = np.bincount(buckets, minlength=plan["n_buckets"])
-    edges = np.concatenate([[0], np.cumsum(counts)])
-    crcs, largest = {}, max(int(e["rows"]) for e in table.entries)
-    for spec in specs:
-        size = (hi - lo) * spec.row_bytes
-        run = buffers.raw("run", aligned(min(plan["run_rows"], plan["n_rows"]) * spec.row_bytes))
-        data = run[:size].view(spec.dtype).reshape(hi - lo, *spec.row_shape)
-        offset = 0
-        for entry in table.entries:  # segment by segment, each read into one reused buffer: no joined copy
-            rows = int(entry["rows"])
-            a, b = max(lo, offset), min(hi, offset + rows)
-            if a < b:
-                key = f"{segment_dir(int(entry['rank']), int(entry['segment']))}/{spec.name}.bin"
-                segment = read_blob(location, key, entry["arrays"][spec.name], table.codec,
-                                    buffers.raw("segment", largest * spec.row_bytes))
-                data[where[a - lo:b - lo]] = segment[a - offset:b - offset]
-            offset += rows
-        crcs[spec.name] = [crc32c(data[a:b]) for a, b in zip(edges[:-1], edges[1:])]
-        location.put_direct(f"{_run_key(k)}/{spec.name}.bin", run, size)
-    location.put_json(_run_key(k) + ".json", {"plan": plan["id"], "counts": counts.tolist(), "crc32c": crcs})
-
-
-class _Buffers:
-    """Scratch rows kept from one run, segment, shard or bucket to the next: a fresh page costs a
-    fault and a zeroing pass (on a VM more than the copy into it), a reused one nothing. Every
-    buffer is page-aligned, so runs go to and from the disk past the page cache (O_DIRECT)."""
-
-    def __init__(self) -> None:
-        self.bytes: dict[str, np.ndarray] = {}
-
-    def raw(self, name: str, size: int) -> np.ndarray:
-        """`size` bytes of buffer `name`, grown when too small."""
-        buf = self.bytes.get(name)
-        if buf is None or buf.size < size:
-            buf = self.bytes[name] = aligned_buffer(size)
-        return buf[:size]
-
-    def rows(self, name: str, n: int, spec: ArraySpec) -> np.ndarray:
-        """`n` rows of `spec` in buffer `name` (shared by all arrays)."""
-        return self.raw(name, n * spec.row_bytes).view(spec.dtype).reshape(n, *spec.row_shape)
-
-
-def permute(location: Location, plan: dict[str, Any], worker: int, workers: int) -> None:
-    """Pass 2: each final shard from the buckets covering its rows, each bucket uniformly permuted."""
-    attrs = Attributes.read(location).value
-    layouts, n_rows = array_layouts(attrs, plan), plan["n_rows"]
-    runs = _Runs(location, plan)
-    n_shards = layouts[0].n_shards if layouts else 0
-    with progress(n_rows, f"shuffle 2/2 permute{_label(worker, workers)}") as bar:
-        for s in _share(n_shards, worker, workers):
-            preemption_point()
-            lo, hi = layouts[0].shard_range(s)
-            done = f"_finalize/shards/shard-{s:09d}.json"
-            if _committed(location, done, plan) is None:
-                for layout in layouts:
-                    _put_shard(location, shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout, lo, hi)),
-                               runs.buffers)
-                location.put_json(done, {"plan": plan["id"]})
-            bar.update(hi - lo)
-
-
-def _put_shard(location: Location, key: str, pieces: list[np.ndarray], buffers: _Buffers) -> None:
-    """One shard, its pieces joined in a reused aligned buffer and written past the page cache
-    (O_DIRECT): the copy into warm memory costs a fraction of a write into fresh cache pages, and
-    a store is read once per epoch, mostly from disk at scale."""
-    size = sum(piece.nbytes for piece in pieces)
-    image, at = buffers.raw("image", aligned(size)), 0
-    for piece in pieces:
-        image[at:at + piece.nbytes] = piece
-        at += piece.nbytes
-    location.put_direct(key, image, size)
-
-
-class _Runs:
-    """Final rows [lo, hi) gathered from the committed runs, one checked bucket in memory at a time."""
-
-    def __init__(self, location: Location, plan: dict[str, Any]) -> None:
-        self.location, self.plan = location, plan
-        n_runs = math.ceil(plan["n_rows"] / plan["run_rows"]) if plan["n_rows"] else 0
-        self.records = []
-        for k in range(n_runs):
-            record = _committed(location, _run_key(k) + ".json", plan)
-            if record is None:
-                raise KuklaError(f"{location.url}: shuffle run {k} is not committed: rerun `kukla store finalize "
-                                 f"{location.url}` to redo it")
-            self.records.append(record)
-        self.counts = np.array([r["counts"] for r in self.records], np.int64).reshape(n_runs, plan["n_buckets"])
-        self.starts = np.cumsum(self.counts, axis=1) - self.counts  # where bucket b starts inside run k
-        self.bucket_end = np.cumsum(self.counts.sum(axis=0))
-        self.largest = int(self.counts.sum(axis=0).max(initial=0))  # bucket buffers never regrow
-        self.loaded: dict[str, int] = {}  # the bucket each array's bucket buffer holds
-        self.buffers = _Buffers()
-
-    def rows(self, layout: Layout, lo: int, hi: int) -> np.ndarray:
-        """Final rows [lo, hi) of one array, gathered straight into a buffer reused across shards."""
-        spec = layout.spec
-        out = self.buffers.rows("shard", min(layout.shard_rows, layout.n_rows), spec)[:hi - lo]
-        first = int(np.searchsorted(self.bucket_end, lo, side="right"))
-        last = int(np.searchsorted(self.bucket_end, hi - 1, side="right"))
-        for b in range(first, last + 1):
-            size = int(self.counts[:, b].sum())
-            start = int(self.bucket_end[b]) - size
-            if self.loaded.get(spec.name) != b:
-                self._bucket(spec, b, size)
-            a, z = max(lo, start), min(hi, start + size)
-            perm = _bucket_permutation(self.plan["seed"], b, size)
-            np.take(self._bucket_rows(spec)[:size], perm[a - start:z - start], axis=0, out=out[a - lo:z - lo],
-                    mode="clip")  # "raise" would gather into a temporary first
-        return out
-
-    def _bucket_rows(self, spec: ArraySpec) -> np.ndarray:
-        """One array's bucket buffer, sized once for the largest bucket."""
-        return self.buffers.rows(f"bucket {spec.name}", self.largest, spec)
-
-    def _bucket(self, spec: ArraySpec, b: int, size: int) -> None:
-        """Load bucket b of one array, unpermuted, into its buffer: one checked byte range from each run."""
-        self.loaded.pop(spec.name, None)
-        flat, at = self._bucket_rows(spec)[:size].reshape(-1).view(np.uint8), 0
-        for k in np.flatnonzero(self.counts[:, b]):
-            n = int(self.counts[k, b]) * spec.row_bytes
-            start = int(self.starts[k, b]) * spec.row_bytes
-            key = f"{_run_key(int(k))}/{spec.name}.bin"
-            piece = flat[at:at + n]
-            if _read_into(self.location, key, start, piece, self.buffers) != n or (
-                    crc32c(piece) != self.records[k]["crc32c"][spec.name][b]):
-                raise KuklaError(f"{self.location.join(key)} is damaged (checksum mismatch in bucket {b}): finalize "
-                                 "cannot use it; delete that run's .json beside it and rerun finalize if "
-                                 "_parts/ is still in the store, otherwise rebuild the store")
-            at += n
-        self.loaded[spec.name] = b
-
-
-@lru_cache(maxsize=4)
-def _bucket_permutation(seed: int, b: int, size: int) -> np.ndarray:
-    """Bucket b's seeded order, drawn once for all arrays of the shards it covers, not once per array."""
-    perm = np.random.default_rng([seed, 2, b]).permutation(size)
-    perm.flags.writeable = False
-    return perm
-
-
-def _read_into(location: Location, key: str, start: int, out: np.ndarray, buffers: _Buffers) -> int:
-    """Bytes [start, start + len(out)) of one run file into `out`; the count read. Local runs are
-    read past the page cache (O_DIRECT) where the file system allows."""
-    if not location.is_local:
-        data = location.read_range(key, start, start + len(out))
-        out[:len(data)] = np.frombuffer(data, np.uint8)
-        return len(data)
-    path = location.join(key)
-    if hasattr(os, "O_DIRECT"):
-        try:
-            return _read_direct(path, start, out, buffers)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # a file system without O_DIRECT: through the page cache
-                raise
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.preadv(fd, [out], start)
-    finally:
-        os.close(fd)
-
-
-def _read_direct(path: str, start: int, out: np.ndarray, buffers: _Buffers) -> int:
-    """`_read_into` with O_DIRECT: the aligned span around the bytes into a staging buffer."""
-    first = start // DIRECT_ALIGN * DIRECT_ALIGN
-    staging = buffers.raw("staging", aligned(start + len(out)) - first)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        got = max(0, min(len(out), os.preadv(fd, [staging], first) - (start - first)))
-    finally:
-        os.close(fd)
-    out[:got] = staging[start - first:start - first + got]
-    return got
-
-
-def _label(worker: int, workers: int) -> str:
-    return f" (worker {worker}/{workers})" if workers > 1 else ""
