@@ -9,7 +9,7 @@ from kukla import lazy_exports
 _EXPORTS = {
     "DEFAULT_CODEC": "kukla.storage.codecs",
     "finalize_store": "kukla.storage.finalize", "finalize_worker": "kukla.storage.finalize",
-    "unfinished_ranks": "kukla.storage.finalize",
+    "unfinished_ranks": "kukla.storage.format",
     "Store": "kukla.storage.store", "open_store": "kukla.storage.store",
     "ActivationStream": "kukla.storage.stream", "Batch": "kukla.storage.stream",
     "batches_per_epoch": "kukla.storage.stream", "rank_share": "kukla.storage.stream",

@@ -25,7 +25,7 @@ import zarr
 from kukla.errors import KuklaError, stop_on_sigterm
 from kukla.storage import windows
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, SegmentTable, array_specs, create_array,
-                                  finished_key, holdout_default, read_journal, write_manifest)
+                                  holdout_default, read_journal, unfinished_ranks, write_manifest)
 from kukla.storage.lease import Lease
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.shards import Layout
@@ -117,15 +117,6 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
     location.remove("_finalize")
 
 
-def unfinished_ranks(path: str | Path | Location) -> list[int]:
-    """Ranks of a store being written that have not called `finish()` yet (empty once finalized)."""
-    location = path if isinstance(path, Location) else Location(path)
-    attrs = Attributes.read(location).value
-    if attrs["state"] != "writing":
-        return []
-    return [r for r in range(attrs["world"]) if not location.exists(finished_key(r))]
-
-
 def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout_rows: int | None) -> dict[str, Any]:
     """The shuffle's fixed parameters: made once, read back on resume."""
     value = attrs.value
@@ -169,7 +160,8 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     widest = max(spec.row_bytes for spec in specs)
     shard_rows = max(chunk_rows, min(unit, TARGET_SHARD_BYTES // widest) // chunk_rows * chunk_rows)
     plan = {
-        "seed": seed, "memory_budget": budget, "n_rows": n_rows, "truth": truth, "n_windows": windows.planned_windows(entries, location.url),
+        "seed": seed, "memory_budget": budget, "n_rows": n_rows, "truth": truth,
+        "n_windows": windows.planned_windows(entries, location.url),
         # a run and its sorted copy (plus decoded segments) stay within the budget
         "run_rows": max(1, budget // (4 * row_bytes)), "n_buckets": max(1, math.ceil(n_rows / unit)),
         "shard_rows": shard_rows, "holdout_rows": holdout_default(n_rows) if holdout_rows is None else holdout_rows,
@@ -200,4 +192,3 @@ def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, An
             except FileNotFoundError:  # workers started together: another's overwrite took what this one wrote
                 if attempt == 2:
                     raise
-

@@ -24,6 +24,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -273,6 +274,15 @@ def journal_key(rank: int, segment: int) -> str:
 
 def finished_key(rank: int) -> str:
     return f"{part_dir(rank)}/finished.json"
+
+
+def unfinished_ranks(path: str | Path | Location) -> list[int]:
+    """Ranks of a store being written that have not called `finish()` yet (empty once finalized)."""
+    location = path if isinstance(path, Location) else Location(path)
+    attrs = Attributes.read(location).value
+    if attrs["state"] != "writing":
+        return []
+    return [r for r in range(attrs["world"]) if not location.exists(finished_key(r))]
 
 
 def read_journal(location: Location, rank: int) -> dict[int, dict[str, Any]]:

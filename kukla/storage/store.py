@@ -25,8 +25,7 @@ from kukla.errors import KuklaError
 from kukla.progress import progress
 from kukla.storage.codecs import from_stored
 from kukla.storage.format import (ArraySpec, Attributes, HookStats, SegmentTable, array_specs, data_crc32, open_array,
-                                  read_blob, read_journal, segment_dir, window_specs)
-from kukla.storage.finalize import unfinished_ranks
+                                  read_blob, read_journal, segment_dir, unfinished_ranks, window_specs)
 from kukla.storage.location import Location
 from kukla.storage.shards import Layout, ShardReader
 

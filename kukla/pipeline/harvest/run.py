@@ -188,7 +188,7 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
     spec = dataset_spec(text.name, text.subset, text.split, text.revision, text.text_column)
     windows = iter_windows(itertools.chain([] if first_text is None else [first_text], texts), model.tokenizer,
                            config.context_size, keep_special_tokens=config.keep_special_tokens)
-    first = next(windows, None)  # opens the dataset, checks its column, before any store exists
+    first = next(windows, None)  # a text that tokenizes to no window is refused before any store exists
     if first is None:
         raise KuklaError(f"dataset {text.name!r} holds no text in column {text.text_column!r}")
     segments = plan_segments(cut_budget(itertools.chain([first], windows), config.tokens), config.segment_windows)
