@@ -12,8 +12,8 @@ import torch
 from kukla.pipeline.dictionary import load_dictionary
 from kukla.pipeline.evaluate.latents import nearest_latents
 from kukla.pipeline.evaluate.browser import context_activations, lens_path, logit_lens
-from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, ActivationHistogram, CoFiring, max_correlation,
-                                             mean_max_correlation)
+from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, MIN_CHILD_FIRINGS, ActivationHistogram, CoFiring,
+                                             max_correlation, mean_max_correlation)
 from kukla.storage import open_store
 from tests.evaluate.helpers import D, HOOK, make_dictionary
 
@@ -48,31 +48,37 @@ def test_logit_lens_is_the_decoder_times_the_unembedding(rng: torch.Generator) -
     assert lens_path("blocks.3.mlp.hook_post", 24, 6) is None
 
 
-def test_each_later_latent_hangs_under_the_earlier_latent_that_fires_most_when_it_fires(rng: torch.Generator) -> None:
+def test_each_later_latent_hangs_under_the_earlier_latent_it_predicts_beyond_chance(rng: torch.Generator) -> None:
     levels = [4, 10, 24]
     z = _sparse_codes(rng, 600, 24, p=0.3)
+    z[:, 1] = (torch.rand(600, generator=rng) < 0.9).float()  # 1 fires on 90 % of tokens: beside anything
     z[:, 12] = z[:, 2] * (torch.rand(600, generator=rng) < 0.8)  # 12 fires only inside 2
     z[:, 5] = 0  # 5 never fires: no parent
+    z[:, 20] = 0
+    z[:3, 20] = z[:3, 2].clamp(min=1)  # 20 fires 3 times, inside 2: too few firings to say
     cofiring = CoFiring(levels)
     for batch in z.split(64):
         cofiring.update(batch)
     parent, fraction = cofiring.tree()
     fired = (z > 0).double().numpy()
+    density = fired.mean(0)
     starts = [0, 4, 10]
     for j in range(24):
         level = int(np.searchsorted(levels, j, side="right"))
         candidates = list(range(min(starts[level], cofiring.parents)))
-        if not candidates or fired[:, j].sum() == 0:
+        if not candidates or fired[:, j].sum() < MIN_CHILD_FIRINGS:
             assert parent[j] == -1
             continue
         share = [(fired[:, i] * fired[:, j]).sum() / fired[:, j].sum() for i in candidates]
-        best = int(np.argmax(share))
-        if share[best] >= 0.5:
+        kappa = [(share[n] - density[i]) / (1 - density[i]) for n, i in enumerate(candidates)]
+        best = int(np.argmax(kappa))
+        if kappa[best] >= 0.5:
             assert parent[j] == candidates[best] and fraction[j] == pytest.approx(share[best], abs=1e-6)
         else:
             assert parent[j] == -1 and fraction[j].isnan()
     assert parent[12] == 2 and fraction[12] == pytest.approx(1.0)
-    assert (parent[:4] == -1).all() and parent[5] == -1
+    assert not (parent == 1).any(), "a latent firing on 90 % of tokens fires beside every latent by chance"
+    assert (parent[:4] == -1).all() and parent[5] == -1 and parent[20] == -1
     assert CoFiring([24]).tree()[0].eq(-1).all()  # a plain dictionary has no tree
 
 

@@ -24,7 +24,7 @@ from kukla.atomic import write_atomic
 from kukla.config import from_dict
 from kukla.pipeline.dictionary.config import DictionaryConfig
 from kukla.pipeline.evaluate import plots
-from kukla.pipeline.evaluate.latents import MIN_FRACTION
+from kukla.pipeline.evaluate.latents import MIN_CHILD_FIRINGS, MIN_FRACTION
 from kukla.pipeline.train.log import METRICS_FILE
 
 
@@ -205,6 +205,7 @@ def write_html(path: Path, report: dict[str, Any], browser: dict[str, Any] | Non
         names=list(dicts), store=report["store"], notes=report["notes"], rows=summary_rows(dicts),
         warnings={n: m.get("warnings", []) for n, m in dicts.items()}, levels=_levels_rows(dicts),
         sweep=_sweep_figures(dicts), matching=matching, tree_min=round(100 * MIN_FRACTION),
+        tree_firings=MIN_CHILD_FIRINGS,
         training=[(f"Training: {n}", plots.training_curves(n, c)) for n, c in (training or {}).items()],
         figures=_figures(report), data=data, pages=pages,
         style=(TEMPLATES / "report.css").read_text(), script=(TEMPLATES / "report.js").read_text())
