@@ -12,7 +12,7 @@ most beyond i's own density: the chance-corrected share
 0 for latents that fire independently, 1 for a child that fires only inside i, kept when at
 least `min_fraction` and j fired at least `MIN_CHILD_FIRINGS` times. The share alone would
 make every latent denser than `min_fraction` a parent of whatever fires beside it (on the
-demo, latents firing on 54–68 % of tokens took 1,400 of 1,750 children), and a share of 1 or 2
+demo, five latents firing on 54–68 % of tokens took 1,450 of 1,750 children), and a share of 1 or 2
 firings is 0 % or 100 % by chance. The tree shows P(i fires | j fires). Co-firing is counted on
 eval rows with one [P, F] matmul of fire masks per batch; parents are the first `max_parents`
 latents of the levels before the last, so memory is P·F counts whatever the number of tokens.
