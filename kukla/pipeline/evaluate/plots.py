@@ -107,8 +107,12 @@ def frontier(dicts: dict[str, dict[str, Any]], metric: tuple[str, str], ylabel: 
         chosen = [p for p in points if p[3] == matryoshka]
         if chosen:
             ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], marker=marker, s=50, label=label)
-    for name, l0, value, _ in points:
-        ax.annotate(name, (l0, value), fontsize=6, xytext=(4, 4), textcoords="offset points")
+    middle = (min(p[1] for p in points) + max(p[1] for p in points)) / 2
+    for name, l0, value, _ in points:  # a name reads away from the nearer side, inside the frame
+        left = l0 > middle
+        ax.annotate(name, (l0, value), fontsize=6, xytext=(-4 if left else 4, 4), textcoords="offset points",
+                    ha="right" if left else "left")
+    ax.margins(0.15)
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
