@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from kukla.errors import KuklaError
 
 if TYPE_CHECKING:  # hook names are parsed without loading transformer_lens (the CLI stays fast)
+    import torch
     from transformer_lens import HookedTransformer
 
 SHORT_FORMS: dict[str, str] = {
@@ -100,15 +101,46 @@ def enable_hooks(model: HookedTransformer, hooks: list[str]) -> None:
                                  f"{_INSTEAD.get(suffix, '')}") from None
 
 
+def _refuses_flag(model: HookedTransformer, suffix: str) -> bool:
+    """Whether TransformerLens refuses the flag a `suffix` hook needs, asked by setting it to its current value."""
+    setter = _FLAG_FOR_SUFFIX[suffix]
+    try:
+        getattr(model, setter)(getattr(model.cfg, setter.removeprefix("set_")))
+    except AssertionError:
+        return True
+    return False
+
+
+def _block0_cache(model: HookedTransformer, names: list[str]) -> dict[str, torch.Tensor]:
+    """These hooks' activations on 3 tokens, from a forward that stops after the last block they need."""
+    import torch  # here, not at the top: configs expand hook names without torch
+
+    probe = torch.zeros((1, 3), dtype=torch.long, device=model.cfg.device)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(probe, names_filter=names, stop_at_layer=stop_at_layer(names, model.cfg.n_layers))
+    return cache.cache_dict
+
+
+def _usable_block0_hooks(model: HookedTransformer) -> list[str]:
+    """Block 0's hooks `resolve_hooks` accepts: per token, and firing (after their flag, where
+    TransformerLens allows it). An attention-only model builds `hook_mlp_in` / `hook_mlp_out` but
+    never calls them; grouped-query attention refuses `hook_attn_in`'s flag."""
+    names = [n for n in model.hook_dict if n.startswith("blocks.0.") and not n.endswith(_NOT_PER_TOKEN)]
+    gated = {n: suffix for n in names for suffix in _FLAG_FOR_SUFFIX if n.endswith(suffix)}
+    fired = _block0_cache(model, [n for n in names if n not in gated])
+    allowed = {n for n, suffix in gated.items() if not _refuses_flag(model, suffix)}
+    return sorted(n for n in names if n in fired or n in allowed)
+
+
 def _unknown_hook_message(spec: str, name: str, model: HookedTransformer) -> str:
     n_layers = model.cfg.n_layers
     match = _BLOCK.match(name)
     if match and int(match.group(1)) >= n_layers:
         return f"hook {spec!r}: layer {match.group(1)} is out of range; this model has layers 0–{n_layers - 1}"
-    kinds = [k for k, t in SHORT_FORMS.items() if t.format(layer=0) in model.hook_dict]
-    examples = sorted(n for n in model.hook_dict if n.startswith("blocks.0.") and not n.endswith(_NOT_PER_TOKEN))
+    usable = _usable_block0_hooks(model)
+    kinds = [k for k, t in SHORT_FORMS.items() if t.format(layer=0) in usable]
     return (f"unknown hook {spec!r}; valid: {', '.join(kinds)} with layers 0–{n_layers - 1} "
-            f"(e.g. {kinds[0] if kinds else 'resid_post'}:0), or a full name such as {', '.join(examples[:4])}, …")
+            f"(e.g. {kinds[0] if kinds else 'resid_post'}:0), or a full name such as {', '.join(usable[:4])}, …")
 
 
 def resolve_hooks(model: HookedTransformer, specs: list[str]) -> dict[str, int]:
@@ -130,18 +162,13 @@ def resolve_hooks(model: HookedTransformer, specs: list[str]) -> dict[str, int]:
             raise KuklaError(f"hook {spec!r} is given twice")
         names.append(name)
     enable_hooks(model, names)
-    import torch  # here, not at the top: configs expand hook names without torch
-
     stand_ins = {name: _BLOCK.sub("blocks.0.", name) for name in names}
-    probe = torch.zeros((1, 3), dtype=torch.long, device=model.cfg.device)
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(probe, names_filter=list(stand_ins.values()),
-                                        stop_at_layer=stop_at_layer(list(stand_ins.values()), model.cfg.n_layers))
+    cache = _block0_cache(model, list(stand_ins.values()))
     widths: dict[str, int] = {}
     for name in names:
-        if stand_ins[name] not in cache.cache_dict:
+        if stand_ins[name] not in cache:
             raise KuklaError(f"hook {name!r} exists but does not fire in this model's forward pass; pick another hook")
-        act = cache.cache_dict[stand_ins[name]]
+        act = cache[stand_ins[name]]
         if act.ndim < 3 or tuple(act.shape[:2]) != (1, 3):
             raise KuklaError(f"hook {name!r} is not one vector per token (shape {tuple(act.shape)})")
         widths[name] = math.prod(act.shape[2:])

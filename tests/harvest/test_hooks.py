@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kukla.errors import KuklaError
@@ -103,3 +105,28 @@ def test_an_unknown_hook_is_answered_with_full_names_kukla_accepts(config_model)
         resolve_hooks(config_model, ["blocks.0.hook_resid_pots"])
     examples = str(refused.value).split("such as ")[1].removesuffix(", …").split(", ")
     assert len(examples) == 4 and resolve_hooks(config_model, examples).keys() == set(examples)
+
+
+def _listed_as_valid(model, spec: str) -> tuple[list[str], list[str]]:
+    """The short-form kinds and the example full names the unknown-hook message offers."""
+    with pytest.raises(KuklaError, match="unknown hook") as refused:
+        resolve_hooks(model, [spec])
+    kinds, examples = re.fullmatch(r"unknown hook .*; valid: (.*) with layers .*, or a full name such as (.*), …",
+                                   str(refused.value)).groups()
+    return kinds.split(", "), examples.split(", ")
+
+
+@pytest.mark.parametrize("architecture, absent", [({"attn_only": True}, "mlp"),
+                                                  ({"d_mlp": 24, "n_key_value_heads": 2}, "attn_in")])
+def test_an_unknown_hook_is_answered_only_with_hooks_this_model_fires(architecture: dict, absent: str) -> None:
+    """An attention-only model has no MLP hooks to offer (TransformerLens builds hook_mlp_in and
+    hook_mlp_out but never calls them); grouped-query attention cannot fire hook_attn_in."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, n_ctx=8,
+                                                      d_vocab=50, act_fn="gelu", seed=0, **architecture)).eval()
+    kinds, examples = _listed_as_valid(model, "blocks.0.hook_resid_pots")
+    assert "resid_post" in kinds and not [name for name in kinds + examples if absent in name], (kinds, examples)
+    for kind in kinds:
+        assert resolve_hooks(model, [f"{kind}:1"]).keys() == {expand_hook(f"{kind}:1")}
+    assert resolve_hooks(model, examples).keys() == set(examples)
