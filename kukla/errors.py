@@ -45,7 +45,7 @@ class Preempted(BaseException):
     Exception` swallows it; the CLI prints it as one line and exits 143."""
 
     def __str__(self) -> str:
-        return self.args[0] if self.args else "stopped by SIGTERM: committed work is kept; rerun to resume"
+        return self.args[0] if self.args else "SIGTERM: committed work is kept; rerun the same command to resume"
 
 
 def sigterm_requested() -> bool:

@@ -61,7 +61,7 @@ def test_sigterm_to_torchrun_checkpoints_exits_143_and_the_resumed_run_equals_an
     # Both ranks, at the same step. The ranks and torchrun share stderr, so whatever one of them writes
     # while rank 0's bar is drawn (torchrun's own warnings too) lands after the bar on the same line:
     # look for the words, not the line start.
-    stops = re.findall(r"stopped: stopped by SIGTERM after step (\d+) of \d+", err)
+    stops = re.findall(r"stopped: SIGTERM after step (\d+) of \d+", err)
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]
     step = int(stops[0])
     assert 0 < step < STEPS and step % 4 == 0, stops

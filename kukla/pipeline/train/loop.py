@@ -179,7 +179,7 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
                 _checkpoint(config, store, trainees, stream, step, ranks, wandb_run,
                             min(CHECKPOINT_CALIBRATION_ROWS, config.calibration_tokens))
             if stop:
-                raise Preempted(f"stopped by SIGTERM after step {step} of {total_steps}: a checkpoint is written; "
+                raise Preempted(f"SIGTERM after step {step} of {total_steps}: a checkpoint is written; "
                                 "rerun with --resume to continue exactly")
         _verify(pending, trainees, ranks, out)
         final = _checkpoint(config, store, trainees, stream, step, ranks, wandb_run, config.calibration_tokens)
