@@ -46,7 +46,8 @@ def _root(
         None, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
     quiet: bool = typer.Option(
-        False, "--quiet", "-q", help=f"Log only warnings and errors (else the level is ${LOG_LEVEL_ENV}, or info)."
+        False, "--quiet", "-q", help=f"Log only warnings and errors, without transformers' own progress bars "
+                                   f"(else the level is ${LOG_LEVEL_ENV}, or info)."
     ),
 ) -> None:
     """kukla: harvest → train → evaluate sparse dictionaries."""
