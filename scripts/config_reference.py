@@ -11,7 +11,6 @@ benchmarks/RESULTS.md, whose owners keep them.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kukla.cli.app import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
-from kukla.cli.options import _default_text, type_name  # noqa: E402
+from kukla.cli.options import default_text, type_name  # noqa: E402
 from kukla.config import Setting, field_types, settings  # noqa: E402
 from kukla.pipeline.demo import DemoConfig  # noqa: E402
 from kukla.pipeline.evaluate.config import EvaluateConfig  # noqa: E402
@@ -45,8 +44,9 @@ COMMANDS: list[tuple[str, type, tuple[str, ...], str | None]] = [
 ]
 
 
-def _default(field: dataclasses.Field) -> str:
-    return _default_text(field).removeprefix("default: ")
+def _default(setting: Setting) -> str:
+    """The default column: empty where the meaning column already says what an unset setting does."""
+    return (default_text(setting) or "").removeprefix("default: ")
 
 
 def _cell(text: str) -> str:
@@ -61,7 +61,7 @@ def _row(setting: Setting, arguments: tuple[str, ...]) -> str:
         name = f"`{setting.key.upper()}` (argument; `{setting.key}`)"
     else:
         name = f"`{setting.flag}` (`{setting.key}`)"
-    return f"| {name} | {_cell(type_name(setting.type))} | {_cell(_default(setting.field))} | {_cell(setting.doc)} |"
+    return f"| {name} | {_cell(type_name(setting.type))} | {_cell(_default(setting))} | {_cell(setting.doc)} |"
 
 
 def command_table(command: str, cls: type, arguments: tuple[str, ...], section: str | None) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import pytest
 import typer
+import typer.main
 from typer.testing import CliRunner
 
 import kukla
@@ -50,6 +53,34 @@ def test_help_names_each_settings_type_as_the_readme_does(command: list[str], me
     text = text[text.index("─ Options "):]  # arguments show their name; typer types them itself
     assert "<list[" not in text and "<str>" not in text and "<float>" not in text
     assert f" {metavar} " in text
+
+
+def _settings_help() -> dict[str, str]:
+    """Every setting's --help text in the real CLI, by command and flag."""
+    found: dict[str, str] = {}
+
+    def walk(command: click.Command, name: str) -> None:
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{name} {sub_name}")
+        if getattr(command.callback, "config_class", None) is not None:
+            found.update({f"{name} {param.opts[0]}": param.help for param in command.params
+                          if param.name != "config" and getattr(param, "help", None)})
+
+    walk(typer.main.get_command(app), "kukla")
+    return found
+
+
+def test_no_settings_help_states_its_default_twice() -> None:
+    """A doc that already says what the default is or does (`Default: F·{1/32, …}`, `None: never`)
+    gets no `(default: None)` after it; every other setting still ends with its default."""
+    helps = _settings_help()
+    twice = {flag: text for flag, text in helps.items()
+             if (stated := re.search(r" \((default: .*|required)\)$", text, re.S))
+             and (re.search(r"(?i)\bdefaults?\b", text[:stated.start()])
+                  or stated.group(1) == "default: None" and re.search(r"\bNone\b", text[:stated.start()]))}
+    assert twice == {}, twice
+    assert "Default: F·{1/32" in helps["kukla train --levels"] and "(default: None)" not in helps["kukla train --levels"]
+    assert helps["kukla train --width"].endswith("(default: 16384)") and helps["kukla harvest output"].endswith("(required)")
 
 
 def test_python_dash_m_kukla_prints_the_version() -> None:

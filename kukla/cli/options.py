@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_origin
 
@@ -73,13 +74,22 @@ def type_name(tp: Any) -> str:
     return text + (" or none" if optional else "")
 
 
-def _default_text(field: dataclasses.Field) -> str:
+_SAYS_UNSET = re.compile(r"(?i:\bdefaults?\b)|\bNone\b")
+"""A doc that says what an unset setting does: `Default: F/32 …`, `defaults to RANK`, `None: never`."""
+
+
+def default_text(setting: Setting) -> str | None:
+    """`default: 64` or `required`, as --help and the README state it; None for a setting whose
+    default is None and whose doc already says what that does, so neither says it twice."""
+    field = setting.field
     if field.default is not dataclasses.MISSING:
         value = field.default
     elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = field.default_factory()  # type: ignore[misc]
     else:
         return "required"
+    if value is None and _SAYS_UNSET.search(setting.doc):
+        return None
     if isinstance(value, (list, tuple)):
         value = ",".join(map(_number, value)) or "none"
     return f"default: {_number(value)}"
@@ -113,7 +123,8 @@ def config_command(
     for param, setting in by_param.items():
         tp, _ = _strip_optional(setting.type)
         choices = f" [{'|'.join(map(str, get_args(tp)))}]" if get_origin(tp) is Literal else ""
-        help_text = escape(f"{setting.doc}{choices} ({_default_text(setting.field)})")  # [a|b], [rows, width] are text
+        stated = default_text(setting)
+        help_text = escape(setting.doc + choices + (f" ({stated})" if stated else ""))  # [a|b], [rows, width] are text
         metavar = "choice" if choices else type_name(setting.type)  # the choices follow the help text
         if setting.key in arguments:
             default = typer.Argument(None, help=help_text, show_default=False, metavar=setting.key.upper())

@@ -82,7 +82,7 @@ class HarvestConfig:
     segment_windows: int = 64
     """Windows per committed segment: the unit of resume and of the rank split."""
     keep_special_tokens: bool = False
-    """Store BOS/EOS/pad and other special-token positions too (left out by default)."""
+    """Store BOS/EOS/pad and other special-token positions too (else they are left out)."""
     outlier_factor: float | None = None
     """Drop tokens whose norm at any hook exceeds this many times that hook's median norm."""
     massive_ratio: float | None = MASSIVE_RATIO
