@@ -1,7 +1,10 @@
-"""The kukla CLI run in-process, and the one-line error every failed command must end in."""
+"""The kukla CLI run in-process, its commands built from a config, and the one-line error every
+failed command must end in."""
 
 from __future__ import annotations
 
+import click
+import typer.main
 from typer.testing import CliRunner
 
 from kukla.cli.app import app
@@ -22,3 +25,17 @@ def one_line_error(code: int, output: str, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], output
     return errors[0]
+
+
+def config_commands() -> dict[str, click.Command]:
+    """Every command of the real CLI that is built from a config dataclass, by its full name."""
+    found: dict[str, click.Command] = {}
+
+    def walk(command: click.Command, name: str) -> None:
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{name} {sub_name}")
+        if getattr(command.callback, "config_class", None) is not None:
+            found[name] = command
+
+    walk(typer.main.get_command(app), "kukla")
+    return found

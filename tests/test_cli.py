@@ -8,10 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import pytest
 import typer
-import typer.main
 from typer.testing import CliRunner
 
 import kukla
@@ -19,6 +17,7 @@ from kukla.cli.app import app
 from kukla.cli.options import config_command
 from kukla.config import field_docs, from_dict, load_config
 from kukla.errors import ConfigError
+from tests.cli import config_commands
 
 runner = CliRunner()
 
@@ -55,25 +54,11 @@ def test_help_names_each_settings_type_as_the_readme_does(command: list[str], me
     assert f" {metavar} " in text
 
 
-def _settings_help() -> dict[str, str]:
-    """Every setting's --help text in the real CLI, by command and flag."""
-    found: dict[str, str] = {}
-
-    def walk(command: click.Command, name: str) -> None:
-        for sub_name, sub in getattr(command, "commands", {}).items():
-            walk(sub, f"{name} {sub_name}")
-        if getattr(command.callback, "config_class", None) is not None:
-            found.update({f"{name} {param.opts[0]}": param.help for param in command.params
-                          if param.name != "config" and getattr(param, "help", None)})
-
-    walk(typer.main.get_command(app), "kukla")
-    return found
-
-
 def test_no_settings_help_states_its_default_twice() -> None:
     """A doc that already says what the default is or does (`Default: F·{1/32, …}`, `None: never`)
     gets no `(default: None)` after it; every other setting still ends with its default."""
-    helps = _settings_help()
+    helps = {f"{name} {param.opts[0]}": param.help for name, command in config_commands().items()
+             for param in command.params if param.name != "config" and getattr(param, "help", None)}
     twice = {flag: text for flag, text in helps.items()
              if (stated := re.search(r" \((default: .*|required)\)$", text, re.S))
              and (re.search(r"(?i)\bdefaults?\b", text[:stated.start()])

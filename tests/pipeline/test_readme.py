@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from tests.cli import config_commands
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,30 +24,10 @@ def test_readme_reference_and_figures_are_regenerated_from_the_code() -> None:
     assert readme == script.generated_readme(readme), "README.md is stale: run python scripts/config_reference.py"
 
 
-def _cli_config_commands() -> dict[str, type]:
-    """Every command of the real CLI that is built from a config dataclass, by its full name."""
-    import click
-    import typer.main
-
-    from kukla.cli.app import app
-
-    found: dict[str, type] = {}
-
-    def walk(command: click.Command, name: str) -> None:
-        for sub_name, sub in getattr(command, "commands", {}).items():
-            walk(sub, f"{name} {sub_name}")
-        cls = getattr(command.callback, "config_class", None)
-        if cls is not None:
-            found[name] = cls
-
-    walk(typer.main.get_command(app), "kukla")
-    return found
-
-
 def test_reference_covers_every_command_of_the_cli() -> None:
     script = _script()
     documented = {command: cls for command, cls, _, _ in script.COMMANDS}
-    cli = _cli_config_commands()
+    cli = {name: command.callback.config_class for name, command in config_commands().items()}
     assert {"kukla train", "kukla store info", "kukla store verify"} <= set(cli)
     assert {name: documented.get(name) for name in cli} == cli
 
