@@ -1,4 +1,5 @@
-"""A run killed mid-way (SIGKILL, a real subprocess) and resumed ends with the weights of a run never stopped."""
+"""A run killed mid-way (SIGKILL, a real subprocess) and resumed ends with the weights of a run never stopped,
+and logs to the W&B run it started."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 from kukla.cli.app import train_command as command
 from kukla.config import from_dict
 from kukla.errors import KuklaError
-from kukla.pipeline.train import TrainConfig, checkpoint, train
+from kukla.pipeline.train import TrainConfig, WandbConfig, checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "matryoshka-prefix-w64-k4-s0"
@@ -69,6 +70,48 @@ def test_run_killed_mid_way_and_resumed_matches_uninterrupted_run(store: Path, t
         assert torch.equal(value, state_b["members"][NAME]["dictionary"][key]), key
     lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "step" in line] == list(range(20, 121, 20))
+
+
+def _wandb_run_ids(out: Path) -> list[str]:
+    """The run id of every offline W&B run under out/wandb: each folder's (offline-run-<time>-<id>) and its log's."""
+    ids = []
+    for folder in (out / "wandb").glob("offline-run-*"):
+        ids += [folder.name.rpartition("-")[2], *(log.stem.removeprefix("run-") for log in folder.glob("run-*.wandb"))]
+    return ids
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_continues_its_wandb_run_when_resumed(store: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The W&B run id lived only in checkpoints: a run killed before the first one started a second W&B run."""
+    out, long = tmp_path / "run", {"tokens": 128 * 400, "checkpoint_every": 0}
+    flags = _flags(store, out, "--tokens", str(long["tokens"]), "--checkpoint-every", "0", "--wandb")
+    proc = subprocess.Popen([sys.executable, "-m", "kukla", "train", *flags], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists():  # W&B has started, and step 20 is logged
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest_checkpoint(out) is None, "the kill must land before the first checkpoint"
+
+    train(_config(store, out, resume=True, wandb=WandbConfig(enabled=True), **long))
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # one folder per attempt (wandb sync joins them)
+    ids = set(_wandb_run_ids(out))
+    assert len(ids) == 1, ids  # it was one W&B run per attempt
+    assert ids == {(out / "wandb_run_id").read_text().strip()}
+
+
+def test_a_checkpoint_of_an_older_kukla_continues_the_wandb_run_it_names(store: Path, tmp_path: Path) -> None:
+    """Older kuklas kept the W&B run id in the checkpoint only (`wandb_id`), and no out/wandb_run_id."""
+    short = {"tokens": 1280, "checkpoint_every": 0}
+    train(_config(store, tmp_path, **short))
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    checkpoint.save_state(latest, {**checkpoint.load_state(latest), "wandb_id": "older0run"})
+    train(_config(store, tmp_path, resume=True, wandb=WandbConfig(enabled=True), **short))
+    assert set(_wandb_run_ids(tmp_path)) == {"older0run"} == {(tmp_path / "wandb_run_id").read_text().strip()}
 
 
 def test_existing_run_needs_resume_and_the_same_settings(store: Path, tmp_path: Path) -> None:

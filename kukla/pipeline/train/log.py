@@ -2,14 +2,16 @@
 
 Only rank 0 logs. The jsonl log is the local record a batch job leaves behind; on resume
 it is cut back to the checkpoint's step, so every step appears once. W&B runs offline
-when `WANDB_MODE=offline` (nothing here needs the network), and a resumed run continues
-the same W&B run id.
+when `WANDB_MODE=offline` (nothing here needs the network). The W&B run id is chosen and
+written to `out/wandb_run_id` before the W&B run starts, so every rerun of the output dir
+(--resume, or a run killed before its first checkpoint started again) continues that W&B run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from kukla.errors import KuklaError
 from kukla.progress import progress
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_ID_FILE = "wandb_run_id"
 logger = logging.getLogger(__name__)
 
 
@@ -76,19 +79,31 @@ class TrainLog:
             self.wandb_run.finish()
 
 
-def start_wandb(out: Path, project: str, name: str | None, run_id: str | None,
+def start_wandb(out: Path, project: str, name: str | None, checkpointed_id: str | None,
                 config: dict[str, Any]) -> Any:
-    """A W&B run whose files live under `out/wandb`; `run_id` continues a resumed run."""
+    """The W&B run of the training run in `out`, its files under `out/wandb`; `checkpointed_id` is the
+    id a checkpoint of an older kukla recorded (its out dir has no `wandb_run_id`)."""
     try:
         import wandb
     except ImportError:
         raise KuklaError("--wandb needs the wandb package: pip install wandb") from None
+    run_id = wandb_run_id(out, checkpointed_id)
     try:
-        return wandb.init(project=project, name=name, id=run_id, resume="allow" if run_id else None,
-                          dir=str(out), config=config)
+        return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(out), config=config)
     except Exception as exc:  # wandb raises many types; the user needs one line
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KuklaError(f"W&B could not start ({first_line}); log in, or set WANDB_MODE=offline") from None
+
+
+def wandb_run_id(out: Path, checkpointed_id: str | None) -> str:
+    """The id kept in `out/wandb_run_id`, else `checkpointed_id` or a new one, written there (atomically)
+    before W&B starts: an id W&B chose would be lost with a run killed before its first checkpoint."""
+    path = Path(out) / WANDB_RUN_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = checkpointed_id or secrets.token_hex(6)  # W&B ids: letters and digits, unique in a project
+    write_atomic(path, (run_id + "\n").encode())
+    return run_id
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -134,14 +134,15 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
     stream = ActivationStream(store, list(hooks), local_batch, split="train", rank=ranks.rank, world=ranks.world,
                               epochs=epochs, seed=config.seed[0], device=ranks.device,
                               prefetch=config.prefetch, with_rows=True)
-    step, wandb_id = 0, None
+    step, checkpointed_id = 0, None
     if state is not None:
-        step, wandb_id = state["step"], state.get("wandb_id")
+        step, checkpointed_id = state["step"], state.get("wandb_id")  # only older kuklas' checkpoints hold one
         _restore(state, trainees, stream, ranks)
 
     wandb_run = None
     if config.wandb.enabled and ranks.is_main:
-        wandb_run = start_wandb(out, config.wandb.project, config.wandb.name or out.name, wandb_id, to_dict(config))
+        wandb_run = start_wandb(out, config.wandb.project, config.wandb.name or out.name, checkpointed_id,
+                                to_dict(config))
     elif ranks.is_main and config.wandb != WandbConfig(enabled=False):  # a project or name alone turns nothing on
         logger.warning("W&B is off, so wandb.project / wandb.name log nowhere: add --wandb (wandb = true) to log")
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
@@ -176,13 +177,13 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
             if logging:
                 log.record(step, step * config.batch_size, _averaged_metrics(trainees, ranks))
             if saving:
-                _checkpoint(config, store, trainees, stream, step, ranks, wandb_run,
+                _checkpoint(config, store, trainees, stream, step, ranks,
                             min(CHECKPOINT_CALIBRATION_ROWS, config.calibration_tokens))
             if stop:
                 raise Preempted(f"SIGTERM after step {step} of {total_steps}: a checkpoint is written; "
                                 "rerun with --resume to continue exactly")
         _verify(pending, trainees, ranks, out)
-        final = _checkpoint(config, store, trainees, stream, step, ranks, wandb_run, config.calibration_tokens)
+        final = _checkpoint(config, store, trainees, stream, step, ranks, config.calibration_tokens)
         outputs = _publish_final(final, trainees, out, ranks, log)
     finally:
         batches.close()  # stops the stream's prefetch thread
@@ -272,7 +273,7 @@ def _averaged_metrics(trainees: list[Trainee], ranks: Ranks) -> dict[str, dict[s
 
 
 def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stream: ActivationStream,
-                step: int, ranks: Ranks, wandb_run: Any, calibration_rows: int) -> Path | None:
+                step: int, ranks: Ranks, calibration_rows: int) -> Path | None:
     """Write a complete checkpoint on rank 0 (every rank hands over its stream cursor).
 
     Every rank re-sizes aux-k's candidates here, as a run resumed from this checkpoint will.
@@ -292,7 +293,7 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
         state = {
             "format": CHECKPOINT_FORMAT, "step": step, "world": ranks.world, "config": to_dict(config),
             "streams": streams, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
-            "wandb_id": getattr(wandb_run, "id", None), "store": store.identity,
+            "store": store.identity,
             "members": {t.name: {"dictionary": t.dictionary.state_dict(), "optimizer": t.optimizer.state_dict(),
                                  "generator": t.generator.get_state(),
                                  "sparse_path": t.dictionary.use_sparse_path} for t in trainees},
