@@ -82,6 +82,26 @@ def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budge
         raise disk_full_error(exc, location, "finalizing") or exc
 
 
+def check_shuffle_as_asked(location: Location, seed: int, holdout_rows: int | None) -> None:
+    """Refuse the shuffle settings a finalized store (its seed, its held-out rows) or a started
+    finalize (its plan's seed) has already fixed otherwise, wherever a rerun meets them: every
+    harvest rank, not only the one that finalizes, so no rank of a job reports success."""
+    attrs = Attributes.read(location).value
+    if attrs["state"] == "finalizing":
+        try:
+            _check_plan_seed(location, location.read_json(PLAN), seed)
+            return
+        except FileNotFoundError:  # committed since: the commit removes the plan after marking the store
+            attrs = Attributes.read(location).value
+    if attrs["state"] == "finalized":
+        check_finalized_as_asked(location, attrs, seed, holdout_rows)
+
+
+def _check_plan_seed(location: Location, plan: dict[str, Any], seed: int) -> None:
+    if plan["seed"] != seed:
+        raise KuklaError(f"finalize of {location.url} was started with seed {plan['seed']}: rerun with that seed")
+
+
 def check_finalized_as_asked(location: Location, attrs: dict[str, Any], seed: int, holdout_rows: int | None) -> None:
     """Refuse a rerun whose shuffle settings differ from the finished store's: it would otherwise
     succeed as if they had been applied."""
@@ -122,8 +142,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     value = attrs.value
     if value["state"] == "finalizing":
         plan = location.read_json(PLAN)
-        if plan["seed"] != seed:
-            raise KuklaError(f"finalize of {location.url} was started with seed {plan['seed']}: rerun with that seed")
+        _check_plan_seed(location, plan, seed)
         started_with = plan.get("memory_budget", budget)
         if started_with == budget or not location.exists("_parts"):
             if started_with != budget:  # pass 1 is done and its runs hold the rows: they fix the plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 
 from kukla.errors import KuklaError
 from kukla.pipeline.harvest import HarvestConfig, harvest
-from kukla.storage import open_store
+from kukla.storage import finalize_store, finalize_worker, open_store
+from tests.cli import kukla, one_line_error
 
 HOOKS = ["resid_post:0", "mlp_out:1"]
 
@@ -131,3 +133,27 @@ def test_harvest_killed_in_its_finalize_finishes_when_rerun(tiny_model_dir: Path
     assert resumed.specs.keys() == reference.specs.keys()
     for name in reference.specs:
         np.testing.assert_array_equal(resumed.read_stored(name), reference.read_stored(name), err_msg=name)
+
+
+@pytest.mark.slow
+def test_every_rank_refuses_shuffle_settings_the_store_has_fixed(tiny_model_dir: Path, tiny_model, texts: Path,
+                                                                 tmp_path: Path) -> None:
+    """A retried job on a finished (or finalizing) store: rank 0 refused a changed seed or holdout
+    while rank 1 exited 0, as if the settings had been applied."""
+    written = tmp_path / "written.zarr"
+    config = _config(tiny_model_dir, texts, written, tokens=300, segment_windows=2)
+    for rank in (1, 0):
+        _in_process(config, tiny_model, rank=rank, world=2, finalize=False)
+    finalized, finalizing = (shutil.copytree(written, tmp_path / name) for name in ("finalized", "finalizing"))
+    finalize_store(finalized)
+    finalize_worker(finalizing, 0, 2)  # does every unit, but only the commit marks the store finalized
+    held_out = open_store(str(finalized)).holdout_rows
+    cases = [(finalized, ["--seed", "5"], f"already finalized with shuffle seed 0 and {held_out} held-out rows"),
+             (finalized, ["--holdout-rows", "7"], "already finalized with shuffle seed 0"),
+             (finalizing, ["--seed", "5"], "was started with seed 0: rerun with that seed")]
+    for store, changed, refusal in cases:
+        before = (store / "zarr.json").read_bytes()
+        args = [*_cli_args(config | {"output": str(store)}), *changed, "--world", "2"]
+        errors = {one_line_error(*kukla(*args, "--rank", str(rank)), refusal) for rank in (0, 1)}
+        assert len(errors) == 1, errors  # the same line from every rank
+        assert (store / "zarr.json").read_bytes() == before

@@ -48,7 +48,7 @@ from kukla.pipeline.models import load_model, model_summary
 from kukla.pipeline.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
 from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
-from kukla.storage.finalize import check_memory_budget
+from kukla.storage.finalize import check_memory_budget, check_shuffle_as_asked
 from kukla.storage.location import Location, check_output_dir
 from kukla.storage.writer import Rows, run_state
 
@@ -122,8 +122,8 @@ def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
         meta, statics, segments = _toy_plan(config)
     else:
         meta, statics, segments = _model_plan(config, model)
-    state = None if config.overwrite else run_state(Location(config.output), meta, dtype=config.store_dtype,
-                                                    world=config.world)
+    location = Location(config.output)
+    state = None if config.overwrite else run_state(location, meta, dtype=config.store_dtype, world=config.world)
     if state in (None, "writing"):
         with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
                               overwrite=config.overwrite, dtype=config.store_dtype) as writer:  # names a full disk
@@ -133,6 +133,7 @@ def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
             writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
             writer.finish()
     else:  # a rerun after every rank finished writing (a retried job): what is left is finalize's
+        check_shuffle_as_asked(location, config.seed, config.holdout_rows)  # on every rank, as rank 0's finalize
         logger.info("%s: this harvest's rows are all written (%s): kept", config.output, state)
     if config.finalize and config.rank == 0:
         _finalize_when_ready(config)
