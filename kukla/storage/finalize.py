@@ -8,7 +8,9 @@ A killed finalize resumes from the units already committed, and N workers (`fina
 can share the work: each does its own runs and shards first, then whatever nobody has
 committed yet; a last `finalize_store` commits the store.
 One finalize commits at a time (a lease), each worker index runs once at a time (its own
-lease), and SIGTERM stops either like a kill would, minus the lease.
+lease), and SIGTERM stops either like a kill would, minus the lease. The commit, once every
+unit is committed, waits for the workers whose leases are live: each has at most a duplicate
+unit in flight, whose temporary the commit's clean-up would otherwise remove under it.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import zarr
 
-from kukla.errors import KuklaError, stop_on_sigterm
+from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.storage import windows
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, SegmentTable, array_specs, create_array,
                                   holdout_default, read_journal, unfinished_ranks, write_manifest)
-from kukla.storage.lease import Lease
+from kukla.storage.lease import Lease, live_holder
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.shards import Layout
 from kukla.storage.shuffle import array_layouts, permute, scatter
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 PLAN = "_finalize/plan.json"
 FINALIZE_LOCK = "_finalize.lock.json"  # beside _finalize/, which the commit removes
+WORKER_LOCK = "_finalize.worker-{}.lock.json"  # one per worker index, beside the commit's
 
 
 def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed: int = 0,
@@ -71,7 +75,7 @@ def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budge
         return
     check_memory_budget(memory_budget_bytes)
     try:
-        lease = Lease(location, f"_finalize.worker-{worker}.lock.json", f"finalize worker {worker} of {location.url}")
+        lease = Lease(location, WORKER_LOCK.format(worker), f"finalize worker {worker} of {location.url}")
         with lease, stop_on_sigterm():
             attrs = Attributes.read(location)
             if attrs.value["state"] != "finalized":
@@ -126,6 +130,7 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
     location.remove("_parts")
     permute(location, plan, 0, 1)
     windows.write_rows(location, attrs.value, plan, memory_budget_bytes)
+    _wait_for_workers(location)
     location.remove_temporaries()  # a shard write killed mid-way left one beside the shard: never read, never replaced
     lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
@@ -135,6 +140,28 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
                        **({"n_windows": plan["n_windows"]} if plan["n_windows"] else {}))
     attrs.write()
     location.remove("_finalize")
+
+
+def _wait_for_workers(location: Location) -> None:
+    """Wait while a worker's lease is live. Every unit is committed by now, so such a worker has at
+    most a duplicate unit in flight: removing the temporaries would fail its write, and its commit
+    record would land in the finished store. A dead worker's lease holds the commit until it expires."""
+    workers = _live_workers(location)
+    if workers:
+        logger.info("finalize of %s: every unit is done; waiting for finalize worker %s to finish the one it is "
+                    "writing (a dead worker's lease expires after KUKLA_LEASE_SECONDS, default 60)", location.url,
+                    ", ".join(workers))
+    while workers:
+        time.sleep(0.5)
+        preemption_point()
+        workers = _live_workers(location)
+
+
+def _live_workers(location: Location) -> list[str]:
+    """The indices of the finalize workers whose leases are live."""
+    prefix, _, suffix = WORKER_LOCK.partition("{}")
+    return [name[len(prefix):-len(suffix)] for name in location.listdir("")
+            if name.startswith(prefix) and name.endswith(suffix) and live_holder(location, name) is not None]
 
 
 def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout_rows: int | None) -> dict[str, Any]:

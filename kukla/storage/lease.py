@@ -85,6 +85,28 @@ def _expired(info: dict[str, Any], now: float) -> bool:
     return now - float(info.get("time", 0.0)) > float(info.get("lease", DEFAULT_LEASE_SECONDS))
 
 
+def _live(info: dict[str, Any]) -> bool:
+    """Whether the lease's holder may still be working: what no other process may take over."""
+    return not (_expired(info, time.time()) or _dead_here(info))
+
+
+def _read(location: Location, key: str) -> dict[str, Any] | None:
+    """The lease at `key`: None when there is none, {} when torn or unreadable (treated as expired)."""
+    try:
+        value = location.read_json(key)
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def live_holder(location: Location, key: str) -> dict[str, Any] | None:
+    """The lease at `key` while its holder may still be working (pid, host, …), else None."""
+    info = _read(location, key)
+    return info if info is not None and _live(info) else None
+
+
 class Lease:
     """One live holder of `key` in `location`; renewed in the background while held."""
 
@@ -100,7 +122,7 @@ class Lease:
     def acquire(self) -> "Lease":
         current = self._read()
         if current is not None:
-            if not (_expired(current, time.time()) or _dead_here(current)):
+            if _live(current):
                 age = time.time() - float(current.get("time", 0.0))
                 raise KuklaError(
                     f"{self.what} is in use by process {current.get('pid')} on {current.get('host')} (lease renewed "
@@ -144,13 +166,7 @@ class Lease:
                 "time": time.time(), "lease": self.seconds}
 
     def _read(self) -> dict[str, Any] | None:
-        try:
-            value = self.location.read_json(self.key)
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError):
-            return {}  # torn or unreadable: treated as expired
-        return value if isinstance(value, dict) else {}
+        return _read(self.location, self.key)
 
     def _create(self, info: dict[str, Any]) -> bool:
         """Exclusive create; False when another process created it first."""

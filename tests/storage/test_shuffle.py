@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +187,47 @@ def test_direct_put_writes_exactly_the_bytes_and_leaves_no_temp(tmp_path: Path, 
     Location(tmp_path).put_direct("runs/run.bin", buffer, size)
     assert (tmp_path / "runs" / "run.bin").read_bytes() == buffer[:size].tobytes()
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run.bin"]
+
+
+def _array_temporaries(path: Path) -> list[Path]:
+    """Temporaries of shard writes in flight, in the final arrays (not the leases' or _finalize/'s)."""
+    return [p for p in path.rglob("*.tmp-*") if not p.relative_to(path).parts[0].startswith("_")]
+
+
+@pytest.mark.slow
+def test_the_commit_waits_for_a_live_worker_before_removing_temporaries(tmp_path: Path) -> None:
+    """A worker still writing (a slow duplicate of a unit the commit did itself) when the commit
+    removed the arrays' temporaries lost its shard write under it and failed (FileNotFoundError)."""
+    path, single = tmp_path / "split", tmp_path / "single"
+    for store in (path, single):
+        write_sequences(store, 200, 16)
+    finalize_store(single, memory_budget_bytes=64 << 10)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    worker = subprocess.Popen([sys.executable, "-m", "kukla", "store", "finalize", str(path), "--workers", "2",
+                               "--worker", "1", "--memory-budget", "64KiB"], cwd=repo, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    commit_log = tmp_path / "commit.log"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # stop the worker mid-way through writing a shard: its temporary is on disk
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker finished before it was caught"
+            if _array_temporaries(path):
+                worker.send_signal(signal.SIGSTOP)
+                if _array_temporaries(path):
+                    break
+                worker.send_signal(signal.SIGCONT)
+            time.sleep(0.001)
+        with commit_log.open("w") as log:  # the commit does every unit itself, the one the worker writes too
+            commit = subprocess.Popen([sys.executable, "-m", "kukla", "store", "finalize", str(path),
+                                       "--memory-budget", "64KiB"], cwd=repo, env=env, stderr=log)
+            while commit.poll() is None and "waiting for finalize worker 1" not in commit_log.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert commit.wait(timeout=120) == 0, commit_log.read_text()
+    assert _state(path) == "finalized" and not _array_temporaries(path) and not (path / "_finalize").exists()
+    assert _tree(path) == _tree(single)
