@@ -24,6 +24,7 @@ from kukla.cli.app import train_command as command
 from kukla.config import from_dict
 from kukla.errors import KuklaError
 from kukla.pipeline.train import TrainConfig, WandbConfig, checkpoint, train
+from kukla.pipeline.train.log import wandb_run_id
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "matryoshka-prefix-w64-k4-s0"
@@ -101,17 +102,27 @@ def test_a_run_killed_before_its_first_checkpoint_continues_its_wandb_run_when_r
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # one folder per attempt (wandb sync joins them)
     ids = set(_wandb_run_ids(out))
     assert len(ids) == 1, ids  # it was one W&B run per attempt
-    assert ids == {(out / "wandb_run_id").read_text().strip()}
+    assert ids == {json.loads((out / "wandb_run.json").read_text())["id"]}
 
 
 def test_a_checkpoint_of_an_older_kukla_continues_the_wandb_run_it_names(store: Path, tmp_path: Path) -> None:
-    """Older kuklas kept the W&B run id in the checkpoint only (`wandb_id`), and no out/wandb_run_id."""
+    """Older kuklas kept the W&B run id in the checkpoint only (`wandb_id`), and no out/wandb_run.json."""
     short = {"tokens": 1280, "checkpoint_every": 0}
     train(_config(store, tmp_path, **short))
     latest = checkpoint.latest_checkpoint(tmp_path)
     checkpoint.save_state(latest, {**checkpoint.load_state(latest), "wandb_id": "older0run"})
     train(_config(store, tmp_path, resume=True, wandb=WandbConfig(enabled=True), **short))
-    assert set(_wandb_run_ids(tmp_path)) == {"older0run"} == {(tmp_path / "wandb_run_id").read_text().strip()}
+    assert set(_wandb_run_ids(tmp_path)) == {"older0run"} == {json.loads((tmp_path / "wandb_run.json").read_text())["id"]}
+
+
+def test_a_rerun_with_other_settings_gets_a_wandb_run_of_its_own(tmp_path: Path) -> None:
+    """A run killed before its first checkpoint and rerun with, say, a smaller batch is another training:
+    continuing its W&B run would mix the two runs' steps."""
+    run = {"lr": 1e-3, "batch_size": 4096, "store": {"fingerprint": "f0"}}
+    first = wandb_run_id(tmp_path, run, None)
+    assert wandb_run_id(tmp_path, dict(reversed(list(run.items()))), None) == first  # the same run, any key order
+    for other in ({**run, "batch_size": 2048}, {**run, "store": {"fingerprint": "f1"}}):
+        assert wandb_run_id(tmp_path, other, None) != first
 
 
 def test_existing_run_needs_resume_and_the_same_settings(store: Path, tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ class WandbConfig:
     enabled: bool = False
     """Log to W&B (respects WANDB_MODE=offline): one W&B run per training run, each sweep member's
     figures under its name (`batchtopk-w4096-k32-s0/fvu`); a rerun into the same --out (--resume, or one
-    killed before its first checkpoint started again) continues the W&B run named in out/wandb_run_id."""
+    killed before its first checkpoint started again with the same settings) continues the W&B run named in
+    out/wandb_run.json."""
     project: str = "kukla"
     """W&B project."""
     name: str | None = None

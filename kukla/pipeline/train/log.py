@@ -3,12 +3,13 @@
 Only rank 0 logs. The jsonl log is the local record a batch job leaves behind; on resume
 it is cut back to the checkpoint's step, so every step appears once. W&B runs offline
 when `WANDB_MODE=offline` (nothing here needs the network). The W&B run id is chosen and
-written to `out/wandb_run_id` before the W&B run starts, so every rerun of the output dir
+written to `out/wandb_run.json` before the W&B run starts, so every rerun of the same training
 (--resume, or a run killed before its first checkpoint started again) continues that W&B run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -21,7 +22,7 @@ from kukla.errors import KuklaError
 from kukla.progress import progress
 
 METRICS_FILE = "metrics.jsonl"
-WANDB_RUN_ID_FILE = "wandb_run_id"
+WANDB_RUN_FILE = "wandb_run.json"
 logger = logging.getLogger(__name__)
 
 
@@ -79,15 +80,16 @@ class TrainLog:
             self.wandb_run.finish()
 
 
-def start_wandb(out: Path, project: str, name: str | None, checkpointed_id: str | None,
+def start_wandb(out: Path, project: str, name: str | None, run: dict[str, Any], checkpointed_id: str | None,
                 config: dict[str, Any]) -> Any:
-    """The W&B run of the training run in `out`, its files under `out/wandb`; `checkpointed_id` is the
-    id a checkpoint of an older kukla recorded (its out dir has no `wandb_run_id`)."""
+    """The W&B run of the training run in `out`, its files under `out/wandb`. `run`: the settings and
+    store that make the training what it is; `checkpointed_id`: the id a checkpoint of an older kukla
+    recorded (its out dir has no `wandb_run.json`)."""
     try:
         import wandb
     except ImportError:
         raise KuklaError("--wandb needs the wandb package: pip install wandb") from None
-    run_id = wandb_run_id(out, checkpointed_id)
+    run_id = wandb_run_id(out, run, checkpointed_id)
     try:
         return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(out), config=config)
     except Exception as exc:  # wandb raises many types; the user needs one line
@@ -95,14 +97,21 @@ def start_wandb(out: Path, project: str, name: str | None, checkpointed_id: str 
         raise KuklaError(f"W&B could not start ({first_line}); log in, or set WANDB_MODE=offline") from None
 
 
-def wandb_run_id(out: Path, checkpointed_id: str | None) -> str:
-    """The id kept in `out/wandb_run_id`, else `checkpointed_id` or a new one, written there (atomically)
-    before W&B starts: an id W&B chose would be lost with a run killed before its first checkpoint."""
-    path = Path(out) / WANDB_RUN_ID_FILE
-    if path.exists():
-        return path.read_text().strip()
+def wandb_run_id(out: Path, run: dict[str, Any], checkpointed_id: str | None) -> str:
+    """The id kept in `out/wandb_run.json` for this same training `run`, else `checkpointed_id` or a
+    new one, written there (atomically) before W&B starts: an id W&B chose would be lost with a run
+    killed before its first checkpoint. A rerun with other settings (say, after an out-of-memory
+    crash at step 0) is another training, so it gets a W&B run of its own, never the old one's steps."""
+    path = Path(out) / WANDB_RUN_FILE
+    settings = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or torn: a new id
+        kept = {}
+    if isinstance(kept, dict) and kept.get("settings") == settings and kept.get("id"):
+        return str(kept["id"])
     run_id = checkpointed_id or secrets.token_hex(6)  # W&B ids: letters and digits, unique in a project
-    write_atomic(path, (run_id + "\n").encode())
+    write_atomic(path, json.dumps({"id": run_id, "settings": settings}).encode())
     return run_id
 
 

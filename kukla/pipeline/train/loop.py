@@ -141,8 +141,8 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
 
     wandb_run = None
     if config.wandb.enabled and ranks.is_main:
-        wandb_run = start_wandb(out, config.wandb.project, config.wandb.name or out.name, checkpointed_id,
-                                to_dict(config))
+        wandb_run = start_wandb(out, config.wandb.project, config.wandb.name or out.name, _run_identity(config, store),
+                                checkpointed_id, to_dict(config))
     elif ranks.is_main and config.wandb != WandbConfig(enabled=False):  # a project or name alone turns nothing on
         logger.warning("W&B is off, so wandb.project / wandb.name log nowhere: add --wandb (wandb = true) to log")
     log = TrainLog(out, total_steps * config.batch_size, start_tokens=step * config.batch_size,
@@ -215,6 +215,11 @@ def _stop_requested(step: int, config: TrainConfig, ranks: Ranks) -> bool:
     if ranks.world == 1:
         return sigterm_requested()
     return step % config.log_every == 0 and agree(sigterm_requested(), ranks)
+
+
+def _run_identity(config: TrainConfig, store: Store) -> dict[str, Any]:
+    """What makes a training run the one it is: every setting --resume must keep, and the store's rows."""
+    return {**{k: v for k, v in to_dict(config).items() if k not in RESUMABLE_CHANGES}, "store": store.identity}
 
 
 def _resume_state(config: TrainConfig, ranks: Ranks, store: Store) -> dict[str, Any] | None:
