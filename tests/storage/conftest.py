@@ -3,6 +3,9 @@ test can tell exactly which rows came back and whether hooks stayed aligned."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +46,25 @@ def write_sequences(path: Path | str, n_seq: int, ctx: int, *, per_segment: int 
         if finish:
             writer.finish()
     return len(mine) * ctx
+
+
+def store_state(path: Path) -> str:
+    """The store's state: writing, finalizing or finalized."""
+    return json.loads((path / "zarr.json").read_text())["attributes"]["kukla"]["state"]
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store and its bytes: two stores are the same store when these are equal."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Return as soon as `ready()` holds; the process must still be running then."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"finished too early: {proc.communicate()}"
+        assert time.time() < deadline, "timed out waiting for the process"
+        time.sleep(0.005)
 
 
 @pytest.fixture

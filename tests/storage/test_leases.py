@@ -24,7 +24,7 @@ from kukla.errors import KuklaError
 from kukla.pipeline.harvest import HarvestConfig, harvest
 from kukla.storage import StoreWriter, finalize_store, open_store
 
-from .conftest import HOOKS, write_sequences  # noqa: TID252
+from .conftest import HOOKS, wait_for, write_sequences  # noqa: TID252
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,15 +41,6 @@ HOLDER = textwrap.dedent("""
 def _start(args: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env})
-
-
-def _wait_for(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
-    """Return as soon as `ready()` holds; the process must still be running then."""
-    deadline = time.time() + timeout
-    while not ready():
-        assert proc.poll() is None, f"finished too early: {proc.communicate()}"
-        assert time.time() < deadline, "timed out waiting for the process"
-        time.sleep(0.005)
 
 
 STOPPED = "stopped: SIGTERM: committed work is kept; rerun the same command to resume"
@@ -90,7 +81,7 @@ def test_sigterm_stops_finalize_at_a_committed_point_and_the_rerun_equals_an_uni
     finalize_store(whole, memory_budget_bytes=64 << 10, seed=5)
 
     proc = _start(["-m", "kukla", "store", "finalize", str(stopped), "--memory-budget", "64KiB", "--seed", "5"])
-    _wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000003.json").exists())
+    wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000003.json").exists())
     with pytest.raises(KuklaError, match="finalize of .* is in use by process"):  # a second finalize is refused
         finalize_store(stopped, memory_budget_bytes=64 << 10, seed=5)
     proc.send_signal(signal.SIGTERM)
@@ -112,7 +103,7 @@ def test_sigterm_stops_harvest_releasing_its_lease_and_the_rerun_equals_an_unint
              "--context-size", "16", "--segment-windows", "2", "--memory-budget", "1MB"]
     journal = stopped / "_parts" / "rank-00000" / "journal"
     proc = _start(["-m", "kukla", "harvest", str(stopped), *flags])
-    _wait_for(proc, lambda: journal.exists() and len(os.listdir(journal)) >= 10)
+    wait_for(proc, lambda: journal.exists() and len(os.listdir(journal)) >= 10)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -134,7 +125,7 @@ def test_a_harvest_stopped_during_finalize_finishes_when_rerun_and_a_retry_after
              "--context-size", "16", "--segment-windows", "8", "--memory-budget", "64KiB", "--seed", "4"]
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     proc = _start(["-m", "kukla", "harvest", str(stopped), *flags])
-    _wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000002.json").exists())
+    wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000002.json").exists())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -159,7 +150,7 @@ def test_an_import_stopped_during_finalize_finishes_when_the_same_command_is_rer
     args = ["store", "import", "--hook", f"h={tmp_path / 'x.npy'}", "--memory-budget", "64KiB", "--seed", "2"]
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     proc = _start(["-m", "kukla", *args, str(stopped)])
-    _wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000002.json").exists())
+    wait_for(proc, lambda: (stopped / "_finalize" / "runs" / "run-000002.json").exists())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

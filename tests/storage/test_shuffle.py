@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +12,7 @@ from hypothesis import strategies as st
 from kukla.errors import KuklaError
 from kukla.storage import finalize_store, open_store, unfinished_ranks
 
-from .conftest import write_sequences  # noqa: TID252
+from .conftest import store_files, store_state, write_sequences  # noqa: TID252
 
 
 def _ids(path: Path) -> np.ndarray:
@@ -96,14 +90,6 @@ def test_holdout_tail_is_recorded(make_store) -> None:
     assert open_store(make_store(name="h", holdout_rows=40)).holdout_rows == 40
 
 
-def _state(path: Path) -> str:
-    return json.loads((path / "zarr.json").read_text())["attributes"]["kukla"]["state"]
-
-
-def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def test_finalize_split_across_worker_processes_is_byte_identical(tmp_path: Path) -> None:
     """Three real worker processes at once, then the commit step, give exactly the store one
     finalize gives with the same seed: every file, byte for byte."""
@@ -123,10 +109,10 @@ def test_finalize_split_across_worker_processes_is_byte_identical(tmp_path: Path
     for proc in workers:
         assert proc.wait(timeout=300) == 0, proc.communicate()[1]
     shards = list((split / "_finalize" / "shards").iterdir())
-    assert _state(split) == "finalizing" and len(shards) >= 3
+    assert store_state(split) == "finalizing" and len(shards) >= 3
     finalize_store(split, memory_budget_bytes=64 << 10, seed=7)  # the commit step: nothing left but to commit
-    assert _tree(split) == _tree(single)
-    assert {"windows/token_id/zarr.json", "windows/row/zarr.json"} <= set(_tree(single))  # the windows too
+    assert store_files(split) == store_files(single)
+    assert {"windows/token_id/zarr.json", "windows/row/zarr.json"} <= set(store_files(single))  # the windows too
     assert sorted(_ids(split).tolist()) == list(range(24 * 16))
 
 
@@ -142,7 +128,7 @@ def test_a_finalize_resumed_with_another_memory_budget_plans_for_it_while_the_pa
     finalize_store(resumed, memory_budget_bytes=64 << 10, seed=3)
     finalize_store(fresh, memory_budget_bytes=64 << 10, seed=3)
     assert open_store(resumed).meta["shuffle_buckets"] > 1
-    assert _tree(resumed) == _tree(fresh)
+    assert store_files(resumed) == store_files(fresh)
 
 
 def test_resumed_finalize_refuses_a_damaged_run_file(tmp_path: Path) -> None:
@@ -159,7 +145,7 @@ def test_resumed_finalize_refuses_a_damaged_run_file(tmp_path: Path) -> None:
     run.write_bytes(bytes(data))
     with pytest.raises(KuklaError, match=r"run-000000/acts/blocks.0.hook_resid_post.bin is damaged \(checksum"):
         finalize_store(path, memory_budget_bytes=64 << 10)
-    assert _state(path) == "finalizing"  # never finalized with bad rows
+    assert store_state(path) == "finalizing"  # never finalized with bad rows
 
 
 def test_runs_past_the_page_cache_give_the_store_a_buffered_finalize_gives(tmp_path: Path,
@@ -174,7 +160,7 @@ def test_runs_past_the_page_cache_give_the_store_a_buffered_finalize_gives(tmp_p
         write_sequences(path, 37, 16, per_segment=5)  # rows that are no multiple of a 4 KiB page
         finalize_store(path, memory_budget_bytes=96 << 10, seed=3)
         assert open_store(path).meta["shuffle_buckets"] > 1
-        trees.append(_tree(path))
+        trees.append(store_files(path))
     assert trees[0] == trees[1]
 
 
@@ -188,46 +174,3 @@ def test_direct_put_writes_exactly_the_bytes_and_leaves_no_temp(tmp_path: Path, 
     assert (tmp_path / "runs" / "run.bin").read_bytes() == buffer[:size].tobytes()
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run.bin"]
 
-
-def _array_temporaries(path: Path) -> list[Path]:
-    """Temporaries of shard writes in flight, in the final arrays (not the leases' or _finalize/'s)."""
-    return [p for p in path.rglob("*.tmp-*") if not p.relative_to(path).parts[0].startswith("_")]
-
-
-@pytest.mark.slow
-def test_the_commit_waits_for_a_live_worker_before_removing_temporaries(tmp_path: Path) -> None:
-    """A worker still writing (a slow duplicate of a unit the commit did itself) when the commit
-    removed the arrays' temporaries lost its shard write under it and failed (FileNotFoundError)."""
-    path, single = tmp_path / "split", tmp_path / "single"
-    for store in (path, single):
-        write_sequences(store, 200, 16)
-    finalize_store(single, memory_budget_bytes=64 << 10)
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    worker = subprocess.Popen([sys.executable, "-m", "kukla", "store", "finalize", str(path), "--workers", "2",
-                               "--worker", "1", "--memory-budget", "64KiB"], cwd=repo, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    commit_log = tmp_path / "commit.log"
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # stop the worker mid-way through writing a shard: its temporary is on disk
-            assert worker.poll() is None and time.monotonic() < deadline, "the worker finished before it was caught"
-            if _array_temporaries(path):
-                worker.send_signal(signal.SIGSTOP)
-                if _array_temporaries(path):
-                    break
-                worker.send_signal(signal.SIGCONT)
-            time.sleep(0.001)
-        with commit_log.open("w") as log:  # the commit does every unit itself, the one the worker writes too
-            commit = subprocess.Popen([sys.executable, "-m", "kukla", "store", "finalize", str(path),
-                                       "--memory-budget", "64KiB"], cwd=repo, env=env, stderr=log)
-            while commit.poll() is None and "waiting for finalize worker 1" not in commit_log.read_text():
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-    finally:
-        worker.send_signal(signal.SIGCONT)
-    _, err = worker.communicate(timeout=120)
-    assert worker.returncode == 0, err
-    assert commit.wait(timeout=120) == 0, commit_log.read_text()
-    assert _state(path) == "finalized" and not _array_temporaries(path) and not (path / "_finalize").exists()
-    assert _tree(path) == _tree(single)
