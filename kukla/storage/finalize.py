@@ -8,9 +8,10 @@ A killed finalize resumes from the units already committed, and N workers (`fina
 can share the work: each does its own runs and shards first, then whatever nobody has
 committed yet; a last `finalize_store` commits the store.
 One finalize commits at a time (a lease), each worker index runs once at a time (its own
-lease), and SIGTERM stops either like a kill would, minus the lease. The commit, once every
-unit is committed, waits for the workers whose leases are live: each has at most a duplicate
-unit in flight, whose temporary the commit's clean-up would otherwise remove under it.
+lease), and SIGTERM stops either like a kill would, minus the lease. The commit keeps `_parts/`
+past its first pass while a worker's lease is live, and once every unit is committed it waits
+for those workers: each has at most a duplicate unit in flight, reading `_parts/` or writing a
+temporary that the commit's clean-up would otherwise remove under it.
 """
 
 from __future__ import annotations
@@ -127,10 +128,12 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
     plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
     scatter(location, plan, 0, 1)
     windows.write_token_ids(location, attrs.value, plan, memory_budget_bytes)  # needs _parts/
-    location.remove("_parts")
+    if not _live_workers(location):  # else kept until they are done: one may be reading it for a run it duplicates
+        location.remove("_parts")
     permute(location, plan, 0, 1)
     windows.write_rows(location, attrs.value, plan, memory_budget_bytes)
     _wait_for_workers(location)
+    location.remove("_parts")
     location.remove_temporaries()  # a shard write killed mid-way left one beside the shard: never read, never replaced
     lease.check()  # a finalize that stalled past its lease and was taken over must not mark the store
     attrs.value.update(state="finalized", n_rows=plan["n_rows"], shuffle_seed=plan["seed"],
@@ -144,8 +147,8 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
 
 def _wait_for_workers(location: Location) -> None:
     """Wait while a worker's lease is live. Every unit is committed by now, so such a worker has at
-    most a duplicate unit in flight: removing the temporaries would fail its write, and its commit
-    record would land in the finished store. A dead worker's lease holds the commit until it expires."""
+    most a duplicate unit in flight: removing `_parts/` or the temporaries would fail it, and its
+    commit record would land in the finished store. A dead worker's lease holds the commit until it expires."""
     workers = _live_workers(location)
     if workers:
         logger.info("finalize of %s: every unit is done; waiting for finalize worker %s to finish the one it is "
