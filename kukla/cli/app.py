@@ -256,12 +256,12 @@ def _finalize(config: FinalizeConfig) -> None:
 
     settings = {"memory_budget_bytes": config.memory_budget, "seed": config.seed,
                 "holdout_rows": config.holdout_rows}
-    if config.worker is not None:
-        finalize_worker(config.path, config.worker, config.workers, **settings)
+    if config.worker is None:
+        finalize_store(config.path, **settings)
+    elif not finalize_worker(config.path, config.worker, config.workers, **settings):
         typer.echo(f"worker {config.worker} of {config.workers} done: once every worker is, run "
                    f"`kukla store finalize {config.path}` (same settings) to commit the store")
         return
-    finalize_store(config.path, **settings)
     typer.echo(f"finalized: {config.path}")
 
 

@@ -11,7 +11,9 @@ One finalize commits at a time (a lease), each worker index runs once at a time 
 lease), and SIGTERM stops either like a kill would, minus the lease. The commit keeps `_parts/`
 past its first pass while a worker's lease is live, and once every unit is committed it waits
 for those workers: each has at most a duplicate unit in flight, reading `_parts/` or writing a
-temporary that the commit's clean-up would otherwise remove under it.
+temporary that the commit's clean-up would otherwise remove under it. A worker that outlives
+the commit anyway (stalled past its lease, or started just as the commit ended) finds the store
+finalized and ends with nothing to do.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zarr
 
@@ -47,44 +49,72 @@ def finalize_store(path: str | Path, *, memory_budget_bytes: int = 2 << 30, seed
                    holdout_rows: int | None = None) -> None:
     """Shuffle all ranks' rows into the final arrays and mark the store finalized (resumable)."""
     location = Location(path)
-    attrs = Attributes.read(location)
-    if attrs.value["state"] == "finalized":
-        check_finalized_as_asked(location, attrs.value, seed, holdout_rows)
-        location.remove("_finalize")
+    if _finalized(location, seed, holdout_rows):
         return
     check_memory_budget(memory_budget_bytes)
-    try:
-        with Lease(location, FINALIZE_LOCK, f"finalize of {location.url}") as lease, stop_on_sigterm():
-            attrs = Attributes.read(location)  # another finalize may have finished just before our lease
-            if attrs.value["state"] != "finalized":
-                _finalize(location, attrs, memory_budget_bytes, seed, holdout_rows, lease)
-    except OSError as exc:
-        raise disk_full_error(exc, location, "finalizing") or exc
+    lease = Lease(location, FINALIZE_LOCK, f"finalize of {location.url}")
+    _unless_finalized(location, seed, holdout_rows, lease,
+                      lambda attrs: _finalize(location, attrs, memory_budget_bytes, seed, holdout_rows, lease))
 
 
 def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budget_bytes: int = 2 << 30,
-                    seed: int = 0, holdout_rows: int | None = None) -> None:
+                    seed: int = 0, holdout_rows: int | None = None) -> bool:
     """Worker `worker` of `workers`: its share of both passes, then any work still uncommitted.
     Run all workers at once with the same settings, then `finalize_store` to commit the store
-    (it does whatever is left itself, so a lost worker costs time, never rows)."""
+    (it does whatever is left itself, so a lost worker costs time, never rows). True when the
+    store is finalized already (a commit finished first, or meanwhile): nothing is left to do."""
     if not 0 <= worker < workers:
         raise KuklaError(f"worker {worker} is outside 0..{workers - 1}: give --worker between 0 and --workers - 1")
     location = Location(path)
-    attrs = Attributes.read(location).value
-    if attrs["state"] == "finalized":
-        check_finalized_as_asked(location, attrs, seed, holdout_rows)
-        return
-    check_memory_budget(memory_budget_bytes)
-    try:
+    finalized = _finalized(location, seed, holdout_rows)
+    if not finalized:
+        check_memory_budget(memory_budget_bytes)
         lease = Lease(location, WORKER_LOCK.format(worker), f"finalize worker {worker} of {location.url}")
+        finalized = _unless_finalized(location, seed, holdout_rows, lease,
+                                      lambda attrs: _work(location, attrs, memory_budget_bytes, seed, holdout_rows,
+                                                          worker, workers))
+    if finalized:
+        logger.info("finalize worker %d of %s: the store is finalized: nothing left to do", worker, location.url)
+    return finalized
+
+
+def _work(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int, holdout_rows: int | None,
+          worker: int, workers: int) -> None:
+    """A worker's share of both passes, then whatever nobody has committed yet."""
+    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+    scatter(location, plan, worker, workers)
+    permute(location, plan, worker, workers)
+
+
+def _unless_finalized(location: Location, seed: int, holdout_rows: int | None, lease: Lease,
+                      work: Callable[[Attributes], None]) -> bool:
+    """Run `work` under `lease` unless the store is finalized; True when it is finalized by the end.
+    A failure once the store is finalized is none: the commit removed what this process read, not
+    waiting for it (it stalled past its lease, or took its lease just after the commit's last
+    look), and marks the store finalized before it removes `_finalize/`."""
+    try:
         with lease, stop_on_sigterm():
-            attrs = Attributes.read(location)
+            attrs = Attributes.read(location)  # another finalize may have finished just before our lease
             if attrs.value["state"] != "finalized":
-                plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
-                scatter(location, plan, worker, workers)
-                permute(location, plan, worker, workers)
+                work(attrs)
+    except (FileNotFoundError, KuklaError):
+        if not _finalized(location, seed, holdout_rows):
+            raise
+        return True
     except OSError as exc:
         raise disk_full_error(exc, location, "finalizing") or exc
+    return _finalized(location, seed, holdout_rows)
+
+
+def _finalized(location: Location, seed: int, holdout_rows: int | None) -> bool:
+    """Whether the store is finalized (refusing other shuffle settings than its own); if so, what
+    finalize leaves behind is cleared."""
+    attrs = Attributes.read(location).value
+    if attrs["state"] != "finalized":
+        return False
+    check_finalized_as_asked(location, attrs, seed, holdout_rows)
+    location.remove("_finalize")  # a worker that outlived the commit may have written into it again
+    return True
 
 
 def check_shuffle_as_asked(location: Location, seed: int, holdout_rows: int | None) -> None:
@@ -141,8 +171,7 @@ def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, s
                        holdout_rows=plan["holdout_rows"] if holdout_rows is None else holdout_rows,
                        hook_stats=plan["hook_stats"], truth=plan["truth"],
                        **({"n_windows": plan["n_windows"]} if plan["n_windows"] else {}))
-    attrs.write()
-    location.remove("_finalize")
+    attrs.write()  # then `_finalized` clears `_finalize/`: a worker that finds it gone knows the store is done
 
 
 def _wait_for_workers(location: Location) -> None:

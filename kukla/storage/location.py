@@ -130,9 +130,14 @@ class Location:
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
 
     def remove(self, sub: str) -> None:
+        """Delete `sub` and everything under it. Another process deleting the same tree meanwhile
+        (the commit and a finalize worker that outlived it both clear `_finalize/`) is no error."""
         path = self.join(sub)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        while self.fs.exists(path):
+            try:
+                self.fs.rm(path, recursive=True)
+            except FileNotFoundError:  # a file the other process took: delete what is left
+                continue
 
     def remove_temporaries(self) -> None:
         """Delete the temporaries of writes killed mid-way in the store's arrays (local only: an

@@ -22,8 +22,8 @@ from __future__ import annotations
 import errno
 import math
 import os
-from functools import lru_cache
-from typing import Any
+from functools import cache, lru_cache, partial
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,6 +58,20 @@ def _committed(location: Location, key: str, plan: dict[str, Any]) -> dict[str, 
     return record if record.get("plan") == plan["id"] else None
 
 
+def _unit(location: Location, done: str, plan: dict[str, Any], write: Callable[[], None]) -> None:
+    """Do one unit (`write`, which commits it at `done`) unless it is committed. A unit that fails
+    but is committed by now was done by another process, whose commit may have removed what this
+    one read (`_parts/` once pass 1 is done, the temporaries once every unit is): this process
+    stalled past its lease, so the commit did not wait for it. Its failure is then moot."""
+    if _committed(location, done, plan) is not None:
+        return
+    try:
+        write()
+    except (FileNotFoundError, KuklaError):
+        if _committed(location, done, plan) is None:
+            raise
+
+
 def _share(n: int, worker: int, workers: int) -> list[int]:
     """Units 0..n-1 in the order a worker takes them: its own contiguous share, then the rest."""
     lo, hi = worker * n // workers, (worker + 1) * n // workers
@@ -69,19 +83,28 @@ def scatter(location: Location, plan: dict[str, Any], worker: int, workers: int)
     attrs = Attributes.read(location).value
     specs, n_rows, run_rows = _specs(attrs, plan), plan["n_rows"], plan["run_rows"]
     n_runs = math.ceil(n_rows / run_rows)
-    table, buffers = None, _Buffers()
+    segments, buffers = cache(partial(_segments, location, attrs, plan)), _Buffers()  # read only if a run needs them
     with progress(n_rows, f"shuffle 1/2 scatter{_label(worker, workers)}") as bar:
         for k in _share(n_runs, worker, workers):
             preemption_point()
             lo, hi = k * run_rows, min(n_rows, (k + 1) * run_rows)
-            if _committed(location, _run_key(k) + ".json", plan) is None:
-                table = table or SegmentTable.read(location, attrs["world"], attrs["codec"])
-                _scatter_run(location, plan, specs, table, k, lo, hi, buffers)
+            _unit(location, _run_key(k) + ".json", plan,
+                  partial(_scatter_run, location, plan, specs, segments, k, lo, hi, buffers))
             bar.update(hi - lo)
 
 
-def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec], table: SegmentTable, k: int,
-                 lo: int, hi: int, buffers: _Buffers) -> None:
+def _segments(location: Location, attrs: dict[str, Any], plan: dict[str, Any]) -> SegmentTable:
+    """The written segments pass 1 reads: every row the plan counted, or none of them is used."""
+    table = SegmentTable.read(location, attrs["world"], attrs["codec"])
+    if table.n_rows != plan["n_rows"]:
+        raise KuklaError(f"{location.url}: the written parts hold {table.n_rows} rows, not the {plan['n_rows']} "
+                         "finalize planned (_parts/ was changed or removed): rebuild the store")
+    return table
+
+
+def _scatter_run(location: Location, plan: dict[str, Any], specs: list[ArraySpec],
+                 segments: Callable[[], SegmentTable], k: int, lo: int, hi: int, buffers: _Buffers) -> None:
+    table = segments()
     buckets = np.random.default_rng([plan["seed"], 1, k]).integers(0, plan["n_buckets"], hi - lo)
     order = np.argsort(buckets, kind="stable")
     where = np.empty_like(order)
@@ -139,12 +162,16 @@ def permute(location: Location, plan: dict[str, Any], worker: int, workers: int)
             preemption_point()
             lo, hi = layouts[0].shard_range(s)
             done = f"_finalize/shards/shard-{s:09d}.json"
-            if _committed(location, done, plan) is None:
-                for layout in layouts:
-                    _put_shard(location, shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout, lo, hi)),
-                               runs.buffers)
-                location.put_json(done, {"plan": plan["id"]})
+            _unit(location, done, plan, partial(_permute_shard, location, plan, layouts, runs, s, lo, hi, done))
             bar.update(hi - lo)
+
+
+def _permute_shard(location: Location, plan: dict[str, Any], layouts: list[Layout], runs: _Runs, s: int, lo: int,
+                   hi: int, done: str) -> None:
+    """Final shard `s` (rows [lo, hi)) of every array, then its commit at `done`."""
+    for layout in layouts:
+        _put_shard(location, shard_key(layout.spec, s), encode_shard(layout, runs.rows(layout, lo, hi)), runs.buffers)
+    location.put_json(done, {"plan": plan["id"]})
 
 
 def _put_shard(location: Location, key: str, pieces: list[np.ndarray], buffers: _Buffers) -> None:

@@ -1,24 +1,27 @@
-"""Split finalize with real processes: workers and the commit, in any order and at any time,
-all exit 0 and leave the store a single-process finalize writes, byte for byte."""
+"""Split finalize with real processes: workers and the commit, in any order and at any time (a
+worker still working when the commit ends, one stalled past its lease), all exit 0 and leave the
+store a single-process finalize writes, byte for byte."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from kukla.storage import finalize_store
+from kukla.storage import finalize_store, finalize_worker
+from kukla.storage.location import Location
 
 from .conftest import store_files, store_state, wait_for, write_sequences  # noqa: TID252
 
 REPO = Path(__file__).resolve().parents[2]
-
 
 STOP_AT_READ = textwrap.dedent("""
     import os, re, runpy, signal, sys
@@ -117,3 +120,79 @@ def test_a_worker_reading_the_parts_when_the_commit_has_done_every_unit_finishes
     assert worker.wait(timeout=120) == 0, _err(tmp_path, "worker")
     assert commit.wait(timeout=120) == 0, _err(tmp_path, "commit")
     assert store_files(path) == store_files(single)
+
+
+STALLS = {
+    "pass 1, before reading the parts": r"/_finalize/runs/run-\d+\.json$",
+    "pass 1, reading the parts": SEGMENT,
+    "pass 2": r"/_finalize/shards/shard-\d+\.json$",
+    "having read the state finalizing": r"/_finalize/plan\.json$",
+}
+"""Where a worker stops: just before it reads a run's commit, a segment, a shard's commit or the plan."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", STALLS.values(), ids=list(STALLS))
+def test_a_worker_stalled_past_its_lease_through_the_whole_commit_ends_with_nothing_to_do(
+        tmp_path: Path, stores, stop_at: str) -> None:
+    """Continued once the commit had finished and removed _parts/ and _finalize/, the worker died
+    with a traceback (FileNotFoundError on a segment, a run file or the plan; ValueError on the
+    parts it found empty)."""
+    path, single = stores
+    if "plan" in stop_at:  # a store whose units are all done: the worker reads the plan, not the parts
+        finalize_worker(path, 0, 2, memory_budget_bytes=64 << 10)
+    worker = _worker(tmp_path, stop_at=stop_at, KUKLA_LEASE_SECONDS="1")
+    commit = _start(tmp_path, "commit")  # it waits for the worker until the worker's lease expires
+    try:
+        assert commit.wait(timeout=120) == 0, _err(tmp_path, "commit")
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert worker.wait(timeout=120) == 0, _err(tmp_path, "worker")
+    err = _err(tmp_path, "worker")
+    assert "Traceback" not in err and err.rstrip().endswith("the store is finalized: nothing left to do"), err
+    assert (tmp_path / "worker.out").read_text() == f"finalized: {path}\n"
+    assert store_files(path) == store_files(single)
+
+
+@pytest.mark.slow
+def test_a_worker_stalled_past_its_lease_into_the_commits_second_pass_finishes_alongside_it(
+        tmp_path: Path, stores) -> None:
+    """The commit, finding no live worker, removed _parts/ after its first pass; the worker,
+    continued then, lost the segments of a run the commit had done and died (FileNotFoundError)."""
+    path, single = stores
+    worker = _worker(tmp_path, stop_at=SEGMENT, KUKLA_LEASE_SECONDS="1")
+    lease = path / "_finalize.worker-1.lock.json"
+    wait_for(worker, lambda: time.time() - json.loads(lease.read_text())["time"] > 1.5)  # expired
+    commit = _start(tmp_path, "commit", stop_at=STALLS["pass 2"])
+    try:
+        assert not (path / "_parts").exists()
+        worker.send_signal(signal.SIGCONT)
+        assert worker.wait(timeout=120) == 0, _err(tmp_path, "worker")
+    finally:
+        commit.send_signal(signal.SIGCONT)
+    assert commit.wait(timeout=120) == 0, _err(tmp_path, "commit")
+    assert store_files(path) == store_files(single)
+
+
+def test_two_removers_clearing_one_tree_at_once_both_succeed(tmp_path: Path) -> None:
+    """The commit and a worker that outlived it may both clear _finalize/: the one that found a
+    file already gone failed (FileNotFoundError), and stopped with the rest of the tree left."""
+    for trial in range(3):
+        for folder in range(20):
+            (tmp_path / "tree" / str(folder)).mkdir(parents=True)
+            for name in range(100):
+                (tmp_path / "tree" / str(folder) / str(name)).touch()
+        errors: list[Exception] = []
+
+        def clear() -> None:
+            try:
+                Location(tmp_path).remove("tree")
+            except Exception as exc:  # noqa: BLE001 - what the test reports
+                errors.append(exc)
+
+        removers = [threading.Thread(target=clear) for _ in range(2)]
+        for remover in removers:
+            remover.start()
+        for remover in removers:
+            remover.join()
+        assert not errors and not (tmp_path / "tree").exists(), (trial, errors)
