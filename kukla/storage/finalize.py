@@ -32,7 +32,7 @@ from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.storage import windows
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, SegmentTable, array_specs, create_array,
                                   holdout_default, read_journal, unfinished_ranks, write_manifest)
-from kukla.storage.lease import Lease, live_holder
+from kukla.storage.lease import Lease, live_holder, remove_stale
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.shards import Layout
 from kukla.storage.shuffle import array_layouts, permute, scatter
@@ -108,12 +108,14 @@ def _unless_finalized(location: Location, seed: int, holdout_rows: int | None, l
 
 def _finalized(location: Location, seed: int, holdout_rows: int | None) -> bool:
     """Whether the store is finalized (refusing other shuffle settings than its own); if so, what
-    finalize leaves behind is cleared."""
+    finalize leaves behind is cleared, so the store's files are the same however it was finalized."""
     attrs = Attributes.read(location).value
     if attrs["state"] != "finalized":
         return False
     check_finalized_as_asked(location, attrs, seed, holdout_rows)
     location.remove("_finalize")  # a worker that outlived the commit may have written into it again
+    for key in _worker_leases(location):  # those of workers that died (killed, on another host, …)
+        remove_stale(location, key)
     return True
 
 
@@ -192,8 +194,13 @@ def _wait_for_workers(location: Location) -> None:
 def _live_workers(location: Location) -> list[str]:
     """The indices of the finalize workers whose leases are live."""
     prefix, _, suffix = WORKER_LOCK.partition("{}")
-    return [name[len(prefix):-len(suffix)] for name in location.listdir("")
-            if name.startswith(prefix) and name.endswith(suffix) and live_holder(location, name) is not None]
+    return [key[len(prefix):-len(suffix)] for key in _worker_leases(location) if live_holder(location, key) is not None]
+
+
+def _worker_leases(location: Location) -> list[str]:
+    """The finalize workers' lease files, live or left by dead workers."""
+    prefix, _, suffix = WORKER_LOCK.partition("{}")
+    return [name for name in location.listdir("") if name.startswith(prefix) and name.endswith(suffix)]
 
 
 def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout_rows: int | None) -> dict[str, Any]:

@@ -107,6 +107,14 @@ def live_holder(location: Location, key: str) -> dict[str, Any] | None:
     return info if info is not None and _live(info) else None
 
 
+def remove_stale(location: Location, key: str) -> None:
+    """Remove the lease at `key` if its holder is dead, unless it was renewed or taken over
+    between the two reads (a holder's renewal changes it)."""
+    current = _read(location, key)
+    if current is not None and not _live(current) and _read(location, key) == current:
+        location.remove(key)
+
+
 class Lease:
     """One live holder of `key` in `location`; renewed in the background while held."""
 
@@ -120,16 +128,14 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> "Lease":
-        current = self._read()
+        current = live_holder(self.location, self.key)
         if current is not None:
-            if _live(current):
-                age = time.time() - float(current.get("time", 0.0))
-                raise KuklaError(
-                    f"{self.what} is in use by process {current.get('pid')} on {current.get('host')} (lease renewed "
-                    f"{age:.0f} s ago, expires after {float(current.get('lease', 0)):.0f} s): wait for it or stop it; "
-                    "a dead holder's lease is taken over once it expires, so then rerun to resume")
-            if self._read() == current:  # still the stale lease we judged: take it over
-                self.location.remove(self.key)
+            age = time.time() - float(current.get("time", 0.0))
+            raise KuklaError(
+                f"{self.what} is in use by process {current.get('pid')} on {current.get('host')} (lease renewed "
+                f"{age:.0f} s ago, expires after {float(current.get('lease', 0)):.0f} s): wait for it or stop it; "
+                "a dead holder's lease is taken over once it expires, so then rerun to resume")
+        remove_stale(self.location, self.key)  # a dead holder's: taken over
         if not self._create(self._info()) or (self._read() or {}).get("token") != self.token:
             raise KuklaError(f"{self.what} was taken by another process at the same moment: rerun once it is done")
         self.held = True

@@ -1,6 +1,6 @@
 """Split finalize with real processes: workers and the commit, in any order and at any time (a
-worker still working when the commit ends, one stalled past its lease), all exit 0 and leave the
-store a single-process finalize writes, byte for byte."""
+worker still working when the commit ends, one stalled past its lease, one killed on another
+host), all exit 0 and leave the store a single-process finalize writes, byte for byte."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_a_worker_stalled_past_its_lease_through_the_whole_commit_ends_with_noth
         tmp_path: Path, stores, stop_at: str) -> None:
     """Continued once the commit had finished and removed _parts/ and _finalize/, the worker died
     with a traceback (FileNotFoundError on a segment, a run file or the plan; ValueError on the
-    parts it found empty)."""
+    parts it found empty); the commit left its expired lease in the finished store."""
     path, single = stores
     if "plan" in stop_at:  # a store whose units are all done: the worker reads the plan, not the parts
         finalize_worker(path, 0, 2, memory_budget_bytes=64 << 10)
@@ -145,6 +145,7 @@ def test_a_worker_stalled_past_its_lease_through_the_whole_commit_ends_with_noth
     commit = _start(tmp_path, "commit")  # it waits for the worker until the worker's lease expires
     try:
         assert commit.wait(timeout=120) == 0, _err(tmp_path, "commit")
+        assert not list(path.glob("_finalize*"))  # the stopped worker's lease too: it may be dead, for all we know
     finally:
         worker.send_signal(signal.SIGCONT)
     assert worker.wait(timeout=120) == 0, _err(tmp_path, "worker")
@@ -170,6 +171,20 @@ def test_a_worker_stalled_past_its_lease_into_the_commits_second_pass_finishes_a
         assert worker.wait(timeout=120) == 0, _err(tmp_path, "worker")
     finally:
         commit.send_signal(signal.SIGCONT)
+    assert commit.wait(timeout=120) == 0, _err(tmp_path, "commit")
+    assert store_files(path) == store_files(single)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_on_another_host_leaves_no_lease_in_the_finished_store(tmp_path: Path, stores) -> None:
+    """Its lease file stayed in the finished store's root: store info, verify and later finalizes
+    ignore it, but the store's files were no longer those a single finalize writes."""
+    path, single = stores
+    worker = _worker(tmp_path, stop_at=SEGMENT, KUKLA_HOST="node-b", KUKLA_LEASE_SECONDS="1")
+    worker.kill()  # node-b is gone: this host cannot tell its worker is dead before its lease expires
+    worker.wait()
+    assert (path / "_finalize.worker-1.lock.json").exists()
+    commit = _start(tmp_path, "commit")
     assert commit.wait(timeout=120) == 0, _err(tmp_path, "commit")
     assert store_files(path) == store_files(single)
 
