@@ -13,6 +13,7 @@ mostly the 262k-token tokenizer); every later load reads that folder (~5 s).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ GEMMA_CACHE_ENV = "KUKLA_GEMMA_CACHE"
 """Environment variable that moves the converted Gemma folder (default ~/.cache/kukla/gemma-3-270m)."""
 
 _COMPLETE_MARK = "kukla-converted"
+
+logger = logging.getLogger(__name__)
 
 
 def gemma_cache_dir() -> Path:
@@ -61,6 +64,7 @@ def convert_embedded_gemma(cache_dir: Path | None = None) -> Path:
         ) from None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    logger.info("converting the embedded %s from its GGUF into %s (once: ~100 s on 2 cores)", EMBEDDED_MODEL, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
     try:
@@ -138,19 +142,27 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: ModelDtype = "f
     (downloaded from the Hugging Face Hub, as `HookedTransformer.from_pretrained` does).
     Weights are laid out so TransformerLens' forward copies none (`skip_per_call_weight_copies`).
     """
-    torch_type = torch_dtype(coerce("dtype", ModelDtype, dtype))
+    dtype = coerce("dtype", ModelDtype, dtype)
+    torch_type = torch_dtype(dtype)
     path = Path(name_or_path).expanduser()
-    if (path / "config.json").exists():
-        return skip_per_call_weight_copies(_load_local_folder(path, device, torch_type))
-    if path.exists():
+    local = (path / "config.json").exists()
+    if not local and path.exists():
         raise KuklaError(f"{path} is not a Hugging Face model folder (it has no config.json)")
-    if name_or_path.lower() in (EMBEDDED_MODEL, EMBEDDED_MODEL.split("/")[1]):
+    embedded = not local and name_or_path.lower() in (EMBEDDED_MODEL, EMBEDDED_MODEL.split("/")[1])
+    if not local and not embedded:
+        names = official_model_names()
+        if name_or_path.lower() not in {n.lower() for n in names}:
+            near = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
+            hint = f"; nearest: {', '.join(near)}" if near else ""
+            raise KuklaError(f"unknown model {name_or_path!r}: not a TransformerLens name nor a local folder{hint}")
+    # No bar can follow this: the weights, the tokenizer and TransformerLens' conversion are the libraries'
+    # (Gemma-3-270m: ~20 s on 2 cores, most of it after transformers' own "Loading weights" bar).
+    logger.info("loading model %s (%s, %s): weights, tokenizer, TransformerLens conversion",
+                name_or_path, device, dtype)
+    if local:
+        return skip_per_call_weight_copies(_load_local_folder(path, device, torch_type))
+    if embedded:
         return skip_per_call_weight_copies(_load_embedded_gemma(device, torch_type).eval())
-    names = official_model_names()
-    if name_or_path.lower() not in {n.lower() for n in names}:
-        near = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
-        hint = f"; nearest: {', '.join(near)}" if near else ""
-        raise KuklaError(f"unknown model {name_or_path!r}: not a TransformerLens name nor a local folder{hint}")
     try:
         model = HookedTransformer.from_pretrained_no_processing(name_or_path, device=device, dtype=torch_type)
     except Exception as exc:  # noqa: BLE001 - only network failures are rephrased

@@ -198,19 +198,19 @@ def run_pipeline(pipeline: Pipeline) -> Path | None:
     if pipeline.evaluate is not None:
         check_output_dir(pipeline.evaluate.out, "[evaluate] out")
     if pipeline.harvest is not None:
+        _banner("harvest", pipeline.harvest.output)  # before the import: torch and TransformerLens take seconds
         from kukla.pipeline.harvest.run import harvest
 
-        _banner("harvest", pipeline.harvest.output)
         harvest(pipeline.harvest)  # a finalized store of this harvest is kept, one of another refused
     for config in pipeline.train:
+        _banner("train", config.out)
         from kukla.pipeline.train import train
 
-        _banner("train", config.out)
         train(config)
     if pipeline.evaluate is not None:
+        _banner("evaluate", pipeline.evaluate.out)
         from kukla.pipeline.evaluate import evaluate  # type: ignore[attr-defined]
 
-        _banner("evaluate", pipeline.evaluate.out)
         evaluate(pipeline.evaluate)
         return Path(pipeline.evaluate.out)
     return None

@@ -15,6 +15,7 @@ on; without the dataset, the store's own windows serve (harvested text, said in 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 from kukla.errors import KuklaError
 from kukla.progress import progress
 from kukla.storage import Store
+
+logger = logging.getLogger(__name__)
 
 SCAN_ROWS = 1 << 20
 POSITION_SPAN = 1 << 24
@@ -117,6 +120,7 @@ def load_tokenizer(store: Store, model: str | None = None) -> tuple[Any | None, 
     if not names:
         return None, f"store {store.url} names no model, so its token ids cannot be decoded"
     problems = []
+    logger.info("loading the tokenizer of %s to show the contexts as text", names[0])  # Gemma's 262k tokens: ~5 s
     for name in dict.fromkeys(names):
         try:
             if str(name).lower() in (EMBEDDED_MODEL, EMBEDDED_MODEL.split("/")[1]):
