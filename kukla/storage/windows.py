@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from kukla.errors import KuklaError, preemption_point
+from kukla.progress import progress
 from kukla.storage.codecs import as_numpy, numcodecs_codec
 from kukla.storage.format import (TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, SegmentTable, create_array, read_blob,
                                   segment_dir, shard_key)
@@ -85,24 +86,32 @@ def write_token_ids(location: Location, attrs: dict[str, Any], plan: dict[str, A
     layout = _layouts(attrs, n_windows, budget)[0]
     _create(location, attrs, layout)
     table = SegmentTable.read(location, attrs["world"], attrs["codec"])
-    for s in range(layout.n_shards):
-        preemption_point()
-        lo, hi = layout.shard_range(s)
-        slab, seen = np.full((hi - lo, layout.spec.row_shape[0]), -1, np.int32), np.zeros(hi - lo, bool)
-        for entry in table.entries:
-            info = entry["windows"]
-            if info["last"] < lo or info["first"] >= hi:
-                continue
-            seq, ids = (read_blob(location, f"{segment_dir(int(entry['rank']), int(entry['segment']))}/{name}.bin",
-                                  info["arrays"][name], table.codec) for name in ("windows/sequence", "windows/token_id"))
-            mine = (seq >= lo) & (seq < hi)
-            at = seq[mine] - lo
-            if seen[at].any() or len(np.unique(at)) != len(at):
-                raise KuklaError(f"{location.url}: window {lo + int(at[0])} (or another of segment "
-                                 f"{entry['segment']}) is given twice: each window id once; rewrite the store")
-            seen[at], slab[at] = True, ids[mine]
-        location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, slab))
+    with progress(n_windows, "windows 1/2 token ids", unit="window") as bar:
+        for s in range(layout.n_shards):
+            preemption_point()
+            lo, hi = layout.shard_range(s)
+            slab = _token_id_slab(location, table, layout.spec.row_shape[0], lo, hi)
+            location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, slab))
+            bar.update(hi - lo)
     location.put_json(TOKENS_DONE, {"plan": plan["id"]})
+
+
+def _token_id_slab(location: Location, table: SegmentTable, width: int, lo: int, hi: int) -> np.ndarray:
+    """windows/token_id of windows [lo, hi), from the segments that hold them (−1 where none does)."""
+    slab, seen = np.full((hi - lo, width), -1, np.int32), np.zeros(hi - lo, bool)
+    for entry in table.entries:
+        info = entry["windows"]
+        if info["last"] < lo or info["first"] >= hi:
+            continue
+        seq, ids = (read_blob(location, f"{segment_dir(int(entry['rank']), int(entry['segment']))}/{name}.bin",
+                              info["arrays"][name], table.codec) for name in ("windows/sequence", "windows/token_id"))
+        mine = (seq >= lo) & (seq < hi)
+        at = seq[mine] - lo
+        if seen[at].any() or len(np.unique(at)) != len(at):
+            raise KuklaError(f"{location.url}: window {lo + int(at[0])} (or another of segment "
+                             f"{entry['segment']}) is given twice: each window id once; rewrite the store")
+        seen[at], slab[at] = True, ids[mine]
+    return slab
 
 
 def write_rows(location: Location, attrs: dict[str, Any], plan: dict[str, Any], budget: int) -> None:
@@ -116,27 +125,37 @@ def write_rows(location: Location, attrs: dict[str, Any], plan: dict[str, Any], 
     readers = {name: ShardReader(location, Layout.from_metadata(location, ArraySpec(name, (), np.dtype(dtype))))
                for name, dtype in (("tokens/sequence", np.int64), ("tokens/position", np.int32))}
     per = max(1, budget // 2 // (layout.shard_rows * layout.spec.row_bytes))  # shards per slab
-    for first in range(0, layout.n_shards, per):
-        preemption_point()
-        shards = range(first, min(layout.n_shards, first + per))
-        lo, hi = layout.shard_range(shards[0])[0], layout.shard_range(shards[-1])[1]
-        slab = np.full((hi - lo, width), -1, np.int64)
-        for start in range(0, n_rows, SCAN_ROWS):
-            stop = min(n_rows, start + SCAN_ROWS)
-            seq, pos = np.empty(stop - start, np.int64), np.empty(stop - start, np.int32)
-            readers["tokens/sequence"].read_into(start, stop, seq)
-            readers["tokens/position"].read_into(start, stop, pos)
-            if first == 0:
-                _check_rows(location, seq, pos, start, n_windows, width)
-            mine = np.flatnonzero((seq >= lo) & (seq < hi))
-            w, p = seq[mine] - lo, pos[mine]
-            if (slab[w, p] >= 0).any() or len(np.unique(w * width + p)) != len(w):
-                raise KuklaError(f"{location.url}: two rows claim the same window position in windows "
-                                 f"{lo}-{hi - 1}: each (sequence, position) once; rewrite the store")
-            slab[w, p] = start + mine
-        for s in shards:
-            a, b = layout.shard_range(s)
-            location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, slab[a - lo:b - lo]))
+    slabs = range(0, layout.n_shards, per)
+    with progress(len(slabs) * n_rows, "windows 2/2 rows") as bar:  # each slab scans every row
+        for first in slabs:
+            preemption_point()
+            shards = range(first, min(layout.n_shards, first + per))
+            lo, hi = layout.shard_range(shards[0])[0], layout.shard_range(shards[-1])[1]
+            slab = _row_slab(location, readers, n_rows, n_windows, width, lo, hi, first == 0, bar)
+            for s in shards:
+                a, b = layout.shard_range(s)
+                location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, slab[a - lo:b - lo]))
+
+
+def _row_slab(location: Location, readers: dict[str, ShardReader], n_rows: int, n_windows: int, width: int,
+              lo: int, hi: int, check: bool, bar: Any) -> np.ndarray:
+    """windows/row of windows [lo, hi), from one scan of every row's sequence and position (−1: no row)."""
+    slab = np.full((hi - lo, width), -1, np.int64)
+    for start in range(0, n_rows, SCAN_ROWS):
+        stop = min(n_rows, start + SCAN_ROWS)
+        seq, pos = np.empty(stop - start, np.int64), np.empty(stop - start, np.int32)
+        readers["tokens/sequence"].read_into(start, stop, seq)
+        readers["tokens/position"].read_into(start, stop, pos)
+        if check:
+            _check_rows(location, seq, pos, start, n_windows, width)
+        mine = np.flatnonzero((seq >= lo) & (seq < hi))
+        w, p = seq[mine] - lo, pos[mine]
+        if (slab[w, p] >= 0).any() or len(np.unique(w * width + p)) != len(w):
+            raise KuklaError(f"{location.url}: two rows claim the same window position in windows "
+                             f"{lo}-{hi - 1}: each (sequence, position) once; rewrite the store")
+        slab[w, p] = start + mine
+        bar.update(stop - start)
+    return slab
 
 
 def _check_rows(location: Location, seq: np.ndarray, pos: np.ndarray, start: int, n_windows: int, width: int) -> None:
