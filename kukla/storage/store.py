@@ -231,7 +231,8 @@ def verify_store(path: str | Path) -> list[str]:
     if not store.finalized:
         return _verify_segments(store)
     problems = _check_manifest(store)
-    total = store.n_rows * sum(spec.row_bytes for spec in store.specs.values())
+    total = (store.n_rows * sum(spec.row_bytes for spec in store.specs.values())
+             + store.n_windows * sum(spec.row_bytes for spec in store.window_specs.values()))
     group = zarr.open_group(store.location.zarr_store(read_only=True), mode="r")
     with progress(total, "verify", unit="B") as bar:  # decoded bytes: each array's rows weigh what they hold
         for name, spec in store.specs.items():
@@ -244,14 +245,15 @@ def verify_store(path: str | Path) -> list[str]:
             for start in range(0, store.n_rows, step):
                 problems += _decode(store, name, start, min(store.n_rows, start + step))
                 bar.update((min(store.n_rows, start + step) - start) * spec.row_bytes)
-    for name, spec in store.window_specs.items():  # windows/*: every chunk decodes, as a reader reads it
-        step = max(1, READ_BYTES // spec.row_bytes)
-        for start in range(0, store.n_windows, step):
-            try:
-                store.read_stored(name, start, start + step)
-            except KuklaError as exc:
-                problems.append(str(exc))
-                break
+        for name, spec in store.window_specs.items():  # windows/*: every chunk decodes, as a reader reads it
+            step = max(1, READ_BYTES // spec.row_bytes)
+            for start in range(0, store.n_windows, step):
+                try:
+                    store.read_stored(name, start, start + step)
+                except KuklaError as exc:
+                    problems.append(str(exc))
+                    break
+                bar.update((min(store.n_windows, start + step) - start) * spec.row_bytes)
     for name in _static_names(store):
         try:
             store.read_stored(name)
@@ -316,13 +318,15 @@ def _verify_segments(store: Store) -> list[str]:
     """A store being written: every committed segment decodes and has its journal's row count."""
     problems = []
     table = store.segments
-    for entry in table.entries:
-        for name, info in entry["arrays"].items():
-            key = f"{segment_dir(entry['rank'], entry['segment'])}/{name}.bin"
-            try:
-                data = read_blob(store.location, key, info, table.codec)
-                if data.shape[0] != entry["rows"]:
-                    raise ValueError(f"{data.shape[0]} rows, journal says {entry['rows']}")
-            except Exception as exc:  # noqa: BLE001
-                problems.append(f"rank {entry['rank']} segment {entry['segment']} {name}: {exc}")
+    with progress(sum(int(e["rows"]) for e in table.entries), "verify (segments)") as bar:
+        for entry in table.entries:
+            for name, info in entry["arrays"].items():
+                key = f"{segment_dir(entry['rank'], entry['segment'])}/{name}.bin"
+                try:
+                    data = read_blob(store.location, key, info, table.codec)
+                    if data.shape[0] != entry["rows"]:
+                        raise ValueError(f"{data.shape[0]} rows, journal says {entry['rows']}")
+                except Exception as exc:  # noqa: BLE001
+                    problems.append(f"rank {entry['rank']} segment {entry['segment']} {name}: {exc}")
+            bar.update(int(entry["rows"]))
     return problems
