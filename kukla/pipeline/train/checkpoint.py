@@ -89,25 +89,40 @@ class _Writes:
     """A file whose write errors are kept (torch.save reports a full disk as a bare RuntimeError)
     and whose bytes are hashed as they go (a flipped byte in a pickle of tensors still loads)."""
 
-    def __init__(self, file: Any) -> None:
-        self.file, self.error, self.sha256 = file, None, hashlib.sha256()
+    def __init__(self, file: Any, written: Callable[[int], Any] | None = None) -> None:
+        self.file, self.error, self.sha256, self.written = file, None, hashlib.sha256(), written
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
         try:
-            return self.file.write(data)
+            n = self.file.write(data)
         except OSError as exc:
             self.error = exc
             raise
+        if self.written is not None:
+            self.written(len(data))
+        return n
 
     def flush(self) -> None:
         self.file.flush()
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the trainer state (a plain torch pickle of tensors, ints and dicts) and its SHA-256."""
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in `obj` (nested in dicts, lists and tuples): near what saving it writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_state(path: Path, state: dict[str, Any], written: Callable[[int], Any] | None = None) -> None:
+    """Write the trainer state (a plain torch pickle of tensors, ints and dicts) and its SHA-256;
+    `written(n)` hears of each n bytes as they go (a progress bar's `update`)."""
     with open(Path(path) / STATE_FILE, "wb") as f:
-        writes = _Writes(f)
+        writes = _Writes(f, written)
         try:
             torch.save(state, writes)
         except RuntimeError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import shutil
+from collections.abc import Iterator
 from logging import getLogger
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from kukla.pipeline.train.distributed import (Ranks, agree, barrier, close_ranks
 from kukla.pipeline.train.log import TrainLog, start_wandb
 from kukla.pipeline.train.sweep import (FiniteCheck, NonFiniteLoss, Trainee, build_trainees, oom_hint, step_metrics,
                                         train_step)
+from kukla.progress import progress
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
 from kukla.storage.lease import Lease
 from kukla.storage.location import Location, check_output_dir
@@ -292,8 +294,9 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
         if any(t.dictionary.rule.calibrated for t in trainees):
             held_out = _held_out_inputs(store, config, calibration_rows, ranks)
             for trainee in trainees:
-                if trainee.dictionary.rule.calibrated:
-                    calibrate_threshold(trainee.dictionary, held_out, per_latent=config.per_latent_thresholds,
+                if trainee.dictionary.rule.calibrated:  # each member encodes every row: rows × d × width
+                    batches = _counted(held_out, f"threshold calibration ({trainee.name})")
+                    calibrate_threshold(trainee.dictionary, batches, per_latent=config.per_latent_thresholds,
                                         l0_cap=config.l0_cap_for(trainee.member.config))
         state = {
             "format": CHECKPOINT_FORMAT, "step": step, "world": ranks.world, "config": to_dict(config),
@@ -306,15 +309,28 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
 
         calibrated = calibration_range(store, calibration_rows)
 
+        weights = [list(t.dictionary.parameters()) for t in trainees]  # what each dictionary's folder holds
+
         def build(tmp: Path) -> None:
-            for trainee in trainees:
+            for trainee, written in zip(trainees, weights):
                 save_dictionary(trainee.dictionary, tmp / trainee.name,
                                 _metadata(config, store, trainee, step, ranks.world, calibrated))
-            checkpoint.save_state(tmp, state)
+                bar.update(checkpoint.tensor_bytes(written))
+            checkpoint.save_state(tmp, state, written=bar.update)
+            bar.total = max(bar.total, bar.n)  # the pickle's own few bytes beyond its tensors': end at 100%
 
-        path = checkpoint.write_checkpoint(config.out, step, build, config.keep_checkpoints)
+        with progress(checkpoint.tensor_bytes([weights, state]), f"checkpoint step {step}", unit="B") as bar:
+            path = checkpoint.write_checkpoint(config.out, step, build, config.keep_checkpoints)
     barrier(ranks)
     return path
+
+
+def _counted(batches: list[torch.Tensor], desc: str) -> Iterator[torch.Tensor]:
+    """The batches, their rows counted on a bar as each one is consumed."""
+    with progress(sum(len(b) for b in batches), desc) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))
 
 
 def _held_out_inputs(store: Store, config: TrainConfig, rows: int, ranks: Ranks) -> list[torch.Tensor]:

@@ -59,6 +59,8 @@ class Trainee:
 def build_trainees(config: TrainConfig, members: list[Member], ranks: Ranks,
                    scales: tuple[float, float | None], init_rows: tuple[Tensor, ...]) -> list[Trainee]:
     """Initialise every member the same way on every rank (seeded; rank 0's copy is broadcast)."""
+    if config.compile and ranks.is_main:  # the train bar stays at 0 while it does
+        logger.info("torch.compile: the first step compiles each dictionary's loss (a minute or more)")
     trainees = []
     for member in members:
         torch.manual_seed(member.seed)
