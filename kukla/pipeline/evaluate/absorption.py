@@ -82,12 +82,14 @@ def train_probes(x: Tensor, targets: Tensor, *, l1: float = 0.0, epochs: int = 1
 
 
 def k_sparse_f1(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor, ranking: Tensor,
-                s: AbsorptionConfig) -> Tensor:
-    """Test F1 [max_k, C] of each class's k-sparse probe on its k top-ranked latents, k = 1..max_k."""
+                s: AbsorptionConfig, fitted: Callable[[int], Any] = lambda n: None) -> Tensor:
+    """Test F1 [max_k, C] of each class's k-sparse probe on its k top-ranked latents, k = 1..max_k;
+    `fitted(C)` hears of each k's C probes (a bar's `update`)."""
     rows = []
     for k in range(1, s.max_k + 1):
         feats = ranking[:, :k]  # [C, k]
         w, b = _fit(z_train[:, feats], y_train, False, l1=0.0, epochs=s.epochs, seed=s.seed)
+        fitted(y_train.shape[1])
         pred = (z_test[:, feats] * w).sum(-1) + b > 0
         rows.append(torch.tensor([_f1(pred[:, c], y_test[:, c]) for c in range(y_test.shape[1])]))
     return torch.stack(rows)
@@ -122,24 +124,30 @@ def word_absorption(act_proj: Tensor, latent_proj: Tensor, main: list[int], cos:
 
 
 def first_letter_absorption(acts: Tensor, letters: Tensor, encode: Callable[[Tensor], Tensor], w_dec: Tensor,
-                            s: AbsorptionConfig) -> dict[str, Any]:
+                            s: AbsorptionConfig, name: str = "") -> dict[str, Any]:
     """Absorption scores from word activations [N, d] and their first letters [N] (0–25); `w_dec`
-    [F, d] holds the decoder rows in the activations' units (`Dictionary.output_directions`)."""
+    [F, d] holds the decoder rows in the activations' units (`Dictionary.output_directions`).
+    `name` (the dictionary's) labels the bar over the probes: 26 per fit, 2 + max_k fits, the
+    one on the codes [N, F] growing with the width."""
     g = torch.Generator().manual_seed(s.seed)
     order = torch.randperm(acts.shape[0], generator=g)
     n_train = int(0.8 * len(order))
     train, test = order[:n_train], order[n_train:]
     onehot = torch.nn.functional.one_hot(letters.long(), len(LETTERS)).bool()
     acts = acts.float()
-    with torch.no_grad():
-        z = torch.cat([encode(chunk).float().cpu() for chunk in acts.split(1024)])
-    probe_w, probe_b = train_probes(acts[train], onehot[train], epochs=s.epochs, seed=s.seed)
-    code_w, _ = train_probes(z[train], onehot[train], l1=s.l1, epochs=s.epochs, seed=s.seed)
+    with progress((2 + s.max_k) * len(LETTERS), f"absorption probes ({name})" if name else "absorption probes",
+                  unit="probe") as bar:
+        with torch.no_grad():
+            z = torch.cat([encode(chunk).float().cpu() for chunk in acts.split(1024)])
+        probe_w, probe_b = train_probes(acts[train], onehot[train], epochs=s.epochs, seed=s.seed)
+        bar.update(len(LETTERS))
+        code_w, _ = train_probes(z[train], onehot[train], l1=s.l1, epochs=s.epochs, seed=s.seed)
+        bar.update(len(LETTERS))
+        ranking = code_w.argsort(dim=1, descending=True)[:, :s.max_k]
+        sparse_f1 = k_sparse_f1(z[train], onehot[train], z[test], onehot[test], ranking, s, fitted=bar.update)
     w_dec = w_dec.detach().float().cpu()
     unit_dec = w_dec / w_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
     scores = acts[test] @ probe_w.T + probe_b
-    ranking = code_w.argsort(dim=1, descending=True)[:, :s.max_k]
-    sparse_f1 = k_sparse_f1(z[train], onehot[train], z[test], onehot[test], ranking, s)
     per_letter: dict[str, dict[str, Any]] = {}
     for i, letter in enumerate(LETTERS):
         truth = onehot[test, i]

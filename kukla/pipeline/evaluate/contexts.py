@@ -142,7 +142,8 @@ def render_context(ids: list[int], tokenizer: Any | None) -> str:
 
 def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.Tensor, bool]:
     """`n_windows` full windows of the store's dataset, re-tokenized as the harvest did; the
-    second value says whether they all come after the harvested text (unseen by training)."""
+    second value says whether they all come after the harvested text (unseen by training).
+    Finding where the harvested text ends tokenizes all of it again (the bar counts its tokens)."""
     from kukla.pipeline.text import iter_texts, iter_windows
 
     meta = store.meta
@@ -157,15 +158,19 @@ def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.T
     seen: list[np.ndarray] = []
     unseen: list[np.ndarray] = []
     pad = meta.get("special_tokens", {}).get("pad_token_id")
-    for window in iter_windows(texts, tokenizer, store.context_size, keep_special_tokens=keep_special):
-        full = not (pad is not None and window.tokens[-1] == pad and not window.keep[-1] and window.tokens[-2] == pad)
-        if kept >= harvested:
-            if full:
-                unseen.append(window.tokens)
-            if len(unseen) >= n_windows:
-                break
-        elif full and len(seen) < n_windows:
-            seen.append(window.tokens)
-        kept += int(window.keep.sum())
+    with progress(harvested + n_windows * store.context_size, "downstream windows (tokenizing)") as bar:
+        for window in iter_windows(texts, tokenizer, store.context_size, keep_special_tokens=keep_special):
+            full = not (pad is not None and window.tokens[-1] == pad and not window.keep[-1] and window.tokens[-2] == pad)
+            if kept >= harvested:
+                if full:
+                    unseen.append(window.tokens)
+                if len(unseen) >= n_windows:
+                    break
+            elif full and len(seen) < n_windows:
+                seen.append(window.tokens)
+            kept += int(window.keep.sum())
+            if window.index % 64 == 0:  # a bar update per 64 windows: tokenizing them costs far more
+                bar.update(min(kept, harvested) + len(unseen) * store.context_size - bar.n)
+        bar.update(min(kept, harvested) + len(unseen) * store.context_size - bar.n)
     chosen = (unseen + seen)[:n_windows]
     return torch.from_numpy(np.stack(chosen)) if chosen else torch.empty(0, 0, dtype=torch.long), len(unseen) >= n_windows

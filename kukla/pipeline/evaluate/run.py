@@ -237,7 +237,7 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
                 return d.encode(x.to(d.W_enc.device)).cpu()
 
             e.absorption = first_letter_absorption(acts, letters, encode, e.dictionary.output_directions.cpu(),
-                                                   config.absorption)
+                                                   config.absorption, name=e.name)
 
 
 def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
