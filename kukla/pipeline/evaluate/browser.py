@@ -36,6 +36,7 @@ from torch import Tensor
 from kukla.pipeline.evaluate.contexts import RowContexts
 from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, ActivationHistogram, CoFiring, latent_levels,
                                              max_correlation, mean_max_correlation, nearest_latents)
+from kukla.progress import progress
 from kukla.storage import Store
 
 
@@ -67,8 +68,9 @@ def chunks_to_read(store: Store, rows: np.ndarray, max_rows: int = MAX_READ_ROWS
 @torch.no_grad()
 def context_activations(store: Store, hook: str, encode: Callable[[torch.Tensor], torch.Tensor],
                         source_rows: np.ndarray, latents: np.ndarray, device: str,
-                        max_rows: int = MAX_READ_ROWS) -> np.ndarray:
-    """z[source_rows[i], latents[i]] for every pair (NaN where the row is −1 or was not read)."""
+                        max_rows: int = MAX_READ_ROWS, desc: str = "context shading") -> np.ndarray:
+    """z[source_rows[i], latents[i]] for every pair (NaN where the row is −1 or was not read); the
+    bar `desc` counts the rows read (up to `max_rows`, each encoded: d·F multiply-adds a row)."""
     out = np.full(len(source_rows), np.nan, dtype=np.float32)
     valid = np.flatnonzero(source_rows >= 0)
     if len(valid) == 0:
@@ -76,18 +78,27 @@ def context_activations(store: Store, hook: str, encode: Callable[[torch.Tensor]
     rows, lat = source_rows[valid], latents[valid]
     order = np.argsort(rows, kind="stable")
     rows, lat, valid = rows[order], lat[order], valid[order]
-    for c in chunks_to_read(store, np.unique(rows), max_rows):
-        start = c * store.chunk_rows
-        lo, hi = np.searchsorted(rows, [start, start + store.chunk_rows])
-        if lo == hi:
-            continue
-        acts = store.read(hook, start, start + store.chunk_rows)
-        for a, b in _batches(rows, lo, hi):  # encode ENCODE_ROWS distinct rows at a time: z is [rows, F]
-            wanted, inverse = np.unique(rows[a:b] - start, return_inverse=True)
-            z = encode(acts[torch.from_numpy(wanted)].to(device))
-            values = z[torch.from_numpy(inverse).to(device), torch.from_numpy(lat[a:b]).to(device)]
-            out[valid[a:b]] = values.float().cpu().numpy()
+    chunks = chunks_to_read(store, np.unique(rows), max_rows)
+    sizes = [min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for c in chunks]
+    with progress(sum(sizes), desc) as bar:
+        for c, size in zip(chunks, sizes):
+            start = c * store.chunk_rows
+            lo, hi = np.searchsorted(rows, [start, start + store.chunk_rows])
+            if lo < hi:
+                _shade_chunk(store, hook, encode, rows, lat, valid, out, start, lo, hi, device)
+            bar.update(size)
     return out
+
+
+def _shade_chunk(store: Store, hook: str, encode: Callable[[torch.Tensor], torch.Tensor], rows: np.ndarray,
+                 lat: np.ndarray, valid: np.ndarray, out: np.ndarray, start: int, lo: int, hi: int, device: str) -> None:
+    """out[valid[i]] = z[rows[i], lat[i]] for the pairs lo..hi, whose rows lie in the chunk at `start`."""
+    acts = store.read(hook, start, start + store.chunk_rows)
+    for a, b in _batches(rows, lo, hi):  # encode ENCODE_ROWS distinct rows at a time: z is [rows, F]
+        wanted, inverse = np.unique(rows[a:b] - start, return_inverse=True)
+        z = encode(acts[torch.from_numpy(wanted)].to(device))
+        values = z[torch.from_numpy(inverse).to(device), torch.from_numpy(lat[a:b]).to(device)]
+        out[valid[a:b]] = values.float().cpu().numpy()
 
 
 RESIDUAL_SPACE = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
@@ -106,20 +117,24 @@ def lens_path(hook: str, width: int, d_model: int) -> str | None:
 
 
 @torch.no_grad()
-def logit_lens(w_dec: Tensor, w_u: Tensor, k: int, chunk_elements: int = 1 << 26) -> dict[str, Tensor]:
+def logit_lens(w_dec: Tensor, w_u: Tensor, k: int, chunk_elements: int = 1 << 26,
+               desc: str = "logit lens") -> dict[str, Tensor]:
     """Top and bottom `k` tokens of each decoder row through the unembedding W_U [d, vocab]:
-    ids and logit changes, [F, k] each, largest (resp. smallest) first."""
+    ids and logit changes, [F, k] each, largest (resp. smallest) first. F·d·vocab multiply-adds
+    (Gemma's 262k vocabulary: ~9 ms a latent on 2 CPU cores, 10 min at 65k latents): a bar `desc`."""
     w_u = w_u.detach().float()
     w_dec = w_dec.detach().float().to(w_u.device)
     k = min(k, w_u.shape[1])
     rows = max(1, chunk_elements // w_u.shape[1])
     parts: dict[str, list[Tensor]] = {"top_ids": [], "top_values": [], "bottom_ids": [], "bottom_values": []}
-    for start in range(0, w_dec.shape[0], rows):
-        logits = w_dec[start:start + rows] @ w_u
-        for side, largest in (("top", True), ("bottom", False)):
-            best = logits.topk(k, dim=1, largest=largest)
-            parts[f"{side}_ids"].append(best.indices.cpu())
-            parts[f"{side}_values"].append(best.values.cpu())
+    with progress(w_dec.shape[0], desc, unit="latent") as bar:
+        for start in range(0, w_dec.shape[0], rows):
+            logits = w_dec[start:start + rows] @ w_u
+            for side, largest in (("top", True), ("bottom", False)):
+                best = logits.topk(k, dim=1, largest=largest)
+                parts[f"{side}_ids"].append(best.indices.cpu())
+                parts[f"{side}_values"].append(best.values.cpu())
+            bar.update(min(rows, w_dec.shape[0] - start))
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
@@ -182,7 +197,7 @@ def _matches(inputs: list[BrowserInput], store: Store, scored: range, device: st
             for b in members:
                 if a is b:
                     continue
-                best, index = max_correlation(codes[a.name], codes[b.name])
+                best, index = max_correlation(codes[a.name], codes[b.name], desc=f"matching ({a.name} → {b.name})")
                 a.extra.setdefault("match", {})[b.name] = (best, index)
                 a.extra.setdefault("matching", {})[b.name] = {"mean_max_correlation": mean_max_correlation(best),
                                                               "rows": n}
@@ -198,7 +213,7 @@ def _shaded_contexts(item: BrowserInput, store: Store, contexts: RowContexts, de
     width = contexts.source_rows.shape[1]
     sources = contexts.source_rows[at].reshape(-1)
     acts = context_activations(store, item.input_hook, item.dictionary.encode, sources, np.repeat(latent, width),
-                               device).reshape(len(pairs), width)
+                               device, desc=f"context shading ({item.name})").reshape(len(pairs), width)
     unread = int(np.isnan(acts[contexts.source_rows[at] >= 0]).sum())  # tokens with a row left unread
     if unread:
         item.extra["unshaded_tokens"] = unread
@@ -231,11 +246,12 @@ def _dictionary_payload(item: BrowserInput, store: Store, contexts: RowContexts 
     d = item.dictionary
     width, levels = d.width, list(d.levels)
     w_dec = d.output_directions.detach()  # raw units: the lens gives the logit change per unit of activation
-    near_cos, near_idx = nearest_latents(w_dec, NEAREST)
+    near_cos, near_idx = nearest_latents(w_dec, NEAREST, desc=f"nearest latents ({item.name})")
     parent, fraction = item.stats.cofiring.tree()
     shaded = _shaded_contexts(item, store, contexts, device) if contexts is not None else [[] for _ in range(width)]
     path = lens_path(item.target_hook, d.d_out, w_u.shape[0]) if w_u is not None else None
-    lens = logit_lens(w_dec, w_u, LENS_TOKENS) if path is not None and w_u is not None else None
+    lens = (logit_lens(w_dec, w_u, LENS_TOKENS, desc=f"logit lens ({item.name})")
+            if path is not None and w_u is not None else None)
     if item.extra.get("unshaded_tokens"):
         notes.append(f"{item.name}: {item.extra['unshaded_tokens']} context tokens are not shaded (their rows "
                      f"lie beyond the {MAX_READ_ROWS}-row read budget); their activation shows as '?'")
@@ -247,28 +263,16 @@ def _dictionary_payload(item: BrowserInput, store: Store, contexts: RowContexts 
     for j in np.flatnonzero(parent.numpy() >= 0).tolist():
         children[int(parent[j])].append((j, float(fraction[j])))
     used: set[int] = set()
-    top_token = []
-    records = []
+    top_token = [ctx_f[0]["ids"][-1] if ctx_f else -1 for ctx_f in shaded]
     hist = item.stats.histogram.counts.numpy()
-    for f in range(width):
-        ctx_f = shaded[f]
-        for c in ctx_f:
-            used.update(c["ids"])
-        top_token.append(ctx_f[0]["ids"][-1] if ctx_f else -1)
-        nz = np.flatnonzero(hist[f])
-        record: dict[str, Any] = {
-            "contexts": ctx_f,
-            "histogram": [int(nz[0]), hist[f, nz[0]:nz[-1] + 1].tolist()] if len(nz) else None,
-            "nearest": [[int(j), c] for j, c in zip(near_idx[f].tolist(), _round(near_cos[f].numpy(), 3)) if j >= 0],
-            "children": [[j, round(s, 3)] for j, s in sorted(children[f], key=lambda t: -t[1])[:CHILDREN]],
-            "match": {b: [int(index[f]), _round([best[f]], 3)[0]] for b, (best, index) in item.extra.get("match", {}).items()},
-        }
-        if lens is not None:
-            for side in ("top", "bottom"):
-                ids = lens[f"{side}_ids"][f].tolist()
-                used.update(ids)
-                record[f"lens_{side}"] = [[i, v] for i, v in zip(ids, _round(lens[f"{side}_values"][f].numpy(), 3))]
-        records.append(record)
+    match = item.extra.get("match", {})
+    pages = []
+    with progress(width, f"browser pages ({item.name})", unit="latent") as bar:  # 65k latents: about a minute
+        for first in range(0, width, PAGE_LATENTS):
+            page = range(first, min(first + PAGE_LATENTS, width))
+            pages.append(_encode_page([_latent_record(f, shaded[f], hist[f], (near_cos[f], near_idx[f]), children[f],
+                                                      match, lens, used) for f in page]))
+            bar.update(len(page))
     index: dict[str, Any] = {
         "level": latent_levels(width, levels).tolist(),
         "density": _round(item.columns["density"].numpy()),
@@ -280,6 +284,28 @@ def _dictionary_payload(item: BrowserInput, store: Store, contexts: RowContexts 
         "children": [len(c) for c in children],
         "best_match": {b: _round(best.numpy(), 3) for b, (best, _) in item.extra.get("match", {}).items()},
     }
-    pages = [_encode_page(records[s:s + PAGE_LATENTS]) for s in range(0, width, PAGE_LATENTS)]
     return {"width": width, "levels": levels, "matryoshka": len(levels) > 1, "lens": path,
             "hook": item.target_hook, "index": index, "pages": pages}, used
+
+
+def _latent_record(f: int, contexts: list[dict[str, Any]], hist: np.ndarray, near: tuple[Tensor, Tensor],
+                   children: list[tuple[int, float]], match: dict[str, tuple[Tensor, Tensor]],
+                   lens: dict[str, Tensor] | None, used: set[int]) -> dict[str, Any]:
+    """Latent f's detail on its browser page; the token ids it shows join `used`."""
+    for c in contexts:
+        used.update(c["ids"])
+    nz = np.flatnonzero(hist)
+    near_cos, near_idx = near
+    record: dict[str, Any] = {
+        "contexts": contexts,
+        "histogram": [int(nz[0]), hist[nz[0]:nz[-1] + 1].tolist()] if len(nz) else None,
+        "nearest": [[int(j), c] for j, c in zip(near_idx.tolist(), _round(near_cos.numpy(), 3)) if j >= 0],
+        "children": [[j, round(s, 3)] for j, s in sorted(children, key=lambda t: -t[1])[:CHILDREN]],
+        "match": {b: [int(index[f]), _round([best[f]], 3)[0]] for b, (best, index) in match.items()},
+    }
+    if lens is not None:
+        for side in ("top", "bottom"):
+            ids = lens[f"{side}_ids"][f].tolist()
+            used.update(ids)
+            record[f"lens_{side}"] = [[i, v] for i, v in zip(ids, _round(lens[f"{side}_values"][f].numpy(), 3))]
+    return record

@@ -140,6 +140,18 @@ def render_context(ids: list[int], tokenizer: Any | None) -> str:
     return tokenizer.decode(before) + "«" + tokenizer.decode([last]) + "»"
 
 
+def render_contexts(contexts: RowContexts, tokenizer: Any | None) -> dict[int, str]:
+    """Every row's context as text (`render_context`); two decodes a row, so 65k latents' top 8
+    rows take ~10 s: a bar counts them, 4096 at a time."""
+    texts: dict[int, str] = {}
+    with progress(len(contexts.rows), "contexts (decoding)", unit="context") as bar:
+        for row, tokens in contexts.ids().items():
+            texts[row] = render_context(tokens, tokenizer)
+            if len(texts) % 4096 == 0 or len(texts) == len(contexts.rows):
+                bar.update(len(texts) - bar.n)
+    return texts
+
+
 def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.Tensor, bool]:
     """`n_windows` full windows of the store's dataset, re-tokenized as the harvest did; the
     second value says whether they all come after the harvested text (unseen by training).

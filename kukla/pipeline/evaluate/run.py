@@ -9,6 +9,7 @@ directory gets metrics.json LAST: a directory without it is an unfinished report
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from kukla.pipeline.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTrut
 from kukla.progress import progress
 from kukla.storage import Store, open_store
 from kukla.storage.location import check_output_dir
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -241,7 +244,7 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
 
 
 def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
-    max_cos = max_cosine_to_others(e.dictionary.W_dec.detach())
+    max_cos = max_cosine_to_others(e.dictionary.W_dec.detach(), desc=f"decoder max cosine ({e.name})")
     calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, scored)
     out: dict[str, Any] = {
         "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch or e.dictionary.cfg.label,
@@ -269,7 +272,7 @@ def _top_contexts(config: EvaluateConfig, store: Store, entries: list[Entry]) ->
 
 def _write_tables(entries: list[Entry], out: Path, contexts: ctx.RowContexts | None, tokenizer: Any | None,
                   max_cos: dict[str, torch.Tensor]) -> None:
-    texts = {row: ctx.render_context(tokens, tokenizer) for row, tokens in contexts.ids().items()} if contexts else None
+    texts = ctx.render_contexts(contexts, tokenizer) if contexts else None
     for e in entries:
         top = e.top.top_rows()
         columns = e.stats.latent_columns() | {"decoder_max_cosine": max_cos[e.name]}
@@ -361,6 +364,7 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
                                    "calibration_rows": [calibration.start, calibration.stop],
                                    "massive": massive, "fingerprint": store.fingerprint},
                          "config": to_dict(config), "notes": notes, "dictionaries": dicts})
+    logger.info("writing the report to %s: its figures take a few seconds a dictionary", out)
     write_markdown(out / "report.md", report)
     write_html(out / "report.html", report, payload, training)
     write_atomic(out / "metrics.json", json.dumps(report, indent=2).encode())
