@@ -13,6 +13,7 @@ import os
 import string
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,13 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 ALPHABET = string.ascii_letters + string.digits + " .,;:!?'\"-\n"
 
 
-def build_tiny_model_dir(folder: Path, *, n_layers: int = 2, n_ctx: int = 64) -> Path:
-    """A random GPT-2 and a char tokenizer saved with save_pretrained."""
+def build_tiny_model_dir(folder: Path, *, n_layers: int = 2, n_ctx: int = 64, words: Sequence[str] = ()) -> Path:
+    """A random GPT-2 and a char tokenizer saved with save_pretrained; `words` join its vocabulary as
+    word-initial tokens ("Ġword", as absorption looks for them) that text never tokenizes to."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(ALPHABET))}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(ALPHABET) + [f"Ġ{w}" for w in words])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
