@@ -223,13 +223,13 @@ def prompt_activations(model: HookedTransformer, hook: str, prefix: list[int], w
 
 
 def word_activations(model: HookedTransformer, hook: str, *, n_words: int = 4000,
-                     seed: int = 0) -> tuple[Tensor, Tensor] | None:
+                     seed: int = 0) -> tuple[Tensor, Tensor] | str:
     """(activations [N, d] at the word token, first-letter index [N]) for `n_words` words sampled
-    from the vocabulary (SAEBench takes them all); None without enough words."""
+    from the vocabulary (SAEBench takes them all); else why the probes cannot run."""
     tokenizer = model.tokenizer
     words = alphabetic_words(tokenizer, model.cfg.d_vocab)
     if len(words) < 10 * len(LETTERS):
-        return None
+        return "too few single-token alphabetic words in the vocabulary"
     rng = random.Random(seed)
     rng.shuffle(words)
     examples, words = words[:ICL_EXAMPLES], words[ICL_EXAMPLES:ICL_EXAMPLES + n_words]
@@ -237,5 +237,7 @@ def word_activations(model: HookedTransformer, hook: str, *, n_words: int = 4000
     prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None:
         prefix = [tokenizer.bos_token_id, *prefix]
+    if len(prefix) >= model.cfg.n_ctx:  # the word goes after it, and positions end at n_ctx
+        return f"the spelling prompt ({len(prefix) + 1} tokens) is longer than the model's context ({model.cfg.n_ctx})"
     acts = prompt_activations(model, hook, prefix, [token_id for token_id, _ in words])
     return acts, torch.tensor([LETTERS.index(w[0].lower()) for _, w in words])

@@ -231,8 +231,8 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
         return
     for hook in sorted({e.input_hook for e in targets}):
         words = word_activations(model, hook, n_words=config.absorption.words, seed=config.absorption.seed)
-        if words is None:
-            notes.append(f"absorption skipped for {hook}: too few single-token alphabetic words in the vocabulary")
+        if isinstance(words, str):
+            notes.append(f"absorption skipped for {hook}: {words}")
             continue
         acts, letters = words
         for e in (e for e in targets if e.input_hook == hook):
