@@ -84,11 +84,16 @@ def _wandb_run_ids(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_continues_its_wandb_run_when_resumed(store: Path,
                                                                                       tmp_path: Path) -> None:
-    """The W&B run id lived only in checkpoints: a run killed before the first one started a second W&B run."""
+    """The W&B run id lived only in checkpoints: a run killed before the first one started a second W&B run.
+
+    The killed run gets a W&B service of its own, as a separate job would: an earlier test's wandb.init
+    sets WANDB_SERVICE in this process, and a child sharing that service leaves its run open there
+    ("run ID … is in use" when this process resumes it)."""
     out, long = tmp_path / "run", {"tokens": 128 * 400, "checkpoint_every": 0}
     flags = _flags(store, out, "--tokens", str(long["tokens"]), "--checkpoint-every", "0", "--wandb")
     proc = subprocess.Popen([sys.executable, "-m", "kukla", "train", *flags], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
+                            env={**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # see below
+                                 "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists():  # W&B has started, and step 20 is logged
