@@ -125,13 +125,7 @@ def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
     location = Location(config.output)
     state = None if config.overwrite else run_state(location, meta, dtype=config.store_dtype, world=config.world)
     if state in (None, "writing"):
-        with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
-                              overwrite=config.overwrite, dtype=config.store_dtype) as writer:  # names a full disk
-            for name, array in statics.items():
-                writer.put_static(name, array)
-            planned, dropped = _write_owned_segments(writer, segments, config)
-            writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
-            writer.finish()
+        _write_part(config, meta, statics, segments)
     else:  # a rerun after every rank finished writing (a retried job): what is left is finalize's
         check_shuffle_as_asked(location, config.seed, config.holdout_rows)  # on every rank, as rank 0's finalize
         logger.info("%s: this harvest's rows are all written (%s): kept", config.output, state)
@@ -140,12 +134,27 @@ def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
     return config.output
 
 
+def _write_part(config: HarvestConfig, meta: dict[str, Any], statics: dict[str, np.ndarray],
+                segments: SegmentWork) -> None:
+    """This rank's part of the store, finished. The writer (and its journal, a few KB per
+    segment) is gone when finalize starts: finalize reads every rank's journal itself."""
+    with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
+                          overwrite=config.overwrite, dtype=config.store_dtype) as writer:  # names a full disk
+        for name, array in statics.items():
+            writer.put_static(name, array)
+        planned, dropped = _write_owned_segments(writer, segments, config)
+        writer.put_static(f"harvest_rows_rank_{config.rank:05d}", np.array([planned, dropped], dtype=np.int64))
+        writer.finish()
+
+
 def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: HarvestConfig) -> tuple[int, int]:
     """Harvest this rank's uncommitted segments; (planned rows, rows dropped as outliers) of the rank.
 
-    The forward of segment i+1 runs while the writer thread commits segment i."""
-    mine: list[Segment] = []
-    every_rank = 0
+    The forward of segment i+1 runs while the writer thread commits segment i. Only the ids and
+    planned rows of the rank's segments are kept, not the segments: a segment holds its windows
+    (token ids and masks, ~16 bytes a row), which would grow with the store."""
+    mine: list[int] = []
+    planned = every_rank = 0
     bar = progress(-(-config.tokens // config.world), f"harvest rank {config.rank}/{config.world}")
     try:
         with SegmentCommitter(writer) as committer:
@@ -154,7 +163,8 @@ def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: Ha
                 every_rank += segment.planned_rows
                 if not owned(segment.id, config.rank, config.world):
                     continue
-                mine.append(segment)
+                mine.append(segment.id)
+                planned += segment.planned_rows
                 if segment.id not in writer.committed:
                     committer.submit(segment.id, make_rows())  # the one place a segment is committed
                 bar.set_postfix_str(f"{committer.stored_bytes / 1e9:.3f} GB written", refresh=False)
@@ -163,8 +173,7 @@ def _write_owned_segments(writer: StoreWriter, segments: SegmentWork, config: Ha
         bar.close()
     if every_rank < config.tokens:
         logger.warning("the dataset ran out after %d of the %d tokens asked for", every_rank, config.tokens)
-    planned = sum(s.planned_rows for s in mine)
-    return planned, planned - sum(int(writer.journal[s.id]["rows"]) for s in mine)
+    return planned, planned - sum(int(writer.journal[s]["rows"]) for s in mine)
 
 
 SegmentWork = Iterator[tuple[Segment, Callable[[], Callable[[], Any]]]]
