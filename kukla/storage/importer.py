@@ -26,12 +26,14 @@ FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32
 
 @dataclass
 class Source:
-    """One hook's input file, read lazily by leading index (rows = leading dims flattened)."""
+    """One hook's input file, read lazily by leading index (rows = leading dims flattened).
+
+    The file is mapped for each read only (`mapped`): a mapping held for the whole import keeps
+    every page read so far resident, so the process's RSS would grow to the input's size."""
 
     path: Path
     key: str | None
     shape: tuple[int, ...]
-    array: Any  # np.memmap or a safetensors slice
 
     @property
     def width(self) -> int:
@@ -47,11 +49,21 @@ class Source:
         return math.prod(self.shape[:-1])
 
     def read(self, lo: int, hi: int) -> np.ndarray:
-        """Leading indices [lo, hi) as float32 rows."""
-        block = self.array[lo:hi]
-        if isinstance(block, torch.Tensor):
-            return block.float().reshape(-1, self.width).numpy()
-        return np.asarray(block, dtype=np.float32).reshape(-1, self.width)
+        """Leading indices [lo, hi) as float32 rows: a copy, so the mapping closes on return."""
+        block = mapped(self.path, self.key)[lo:hi]
+        if isinstance(block, torch.Tensor):  # a float32 slice may be the mapping's own pages: copied too
+            return block.to(torch.float32, copy=True).reshape(-1, self.width).numpy()
+        return np.array(block, dtype=np.float32).reshape(-1, self.width)
+
+
+def mapped(path: Path, key: str | None = None) -> Any:
+    """The array in `path` (a .npy, or tensor `key` of a .safetensors file), memory-mapped for as
+    long as it (or a slice of it) is referenced: its pages leave the process with the mapping."""
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt").get_slice(key)
 
 
 def open_source(spec: str, hook: str) -> Source:
@@ -92,11 +104,12 @@ def open_source(spec: str, hook: str) -> Source:
         raise KuklaError(f"{path}: unsupported dtype {dtype}: activations must be float16, bfloat16, float32 or float64")
     if len(shape) < 2 or 0 in shape:
         raise KuklaError(f"{path}: shape {tuple(shape)} is not [rows, width] (or [..., width]) with rows")
-    return Source(path, key, tuple(shape), array)
+    return Source(path, key, tuple(shape))
 
 
-def open_tokens(path: str | Path, leading: tuple[int, ...]) -> np.ndarray:
-    """The token ids of every row, as [sequences, context_size] matching the activations' leading dims."""
+def open_tokens(path: str | Path, leading: tuple[int, ...]) -> Path:
+    """The file of every row's token ids, checked to be [sequences, context_size] integers matching
+    the activations' leading dims (read a block at a time, as `Source` reads its file)."""
     path = Path(path)
     if path.suffix != ".npy" or not path.exists():
         raise KuklaError(f"--tokens {path}: give an existing .npy file of token ids [sequences, context_size]")
@@ -108,7 +121,7 @@ def open_tokens(path: str | Path, leading: tuple[int, ...]) -> np.ndarray:
         raise KuklaError(f"--tokens {path}: {ids.dtype} {tuple(ids.shape)} does not fit the activations: give "
                          f"integer ids shaped like their leading dims [sequences, context_size], here {leading}, "
                          "with activation files [sequences, context_size, width]")
-    return ids
+    return path
 
 
 def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloat16", codec: str = DEFAULT_CODEC,
@@ -144,7 +157,7 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
                           "mtime": path.stat().st_mtime} for h, (path, key) in files.items()},
             "drop_nonfinite": drop_nonfinite}
     if ids is not None:
-        meta["context_size"] = int(ids.shape[1])
+        meta["context_size"] = int(first.shape[1])
     if model is not None:
         meta["model"] = {"name": model}
     dtype = coerce("dtype", StoreDtype, dtype)
@@ -166,7 +179,7 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
     return stored, first.rows - stored
 
 
-def _write(out: str, sources: dict[str, Source], ids: np.ndarray | None, meta: dict[str, Any], *, dtype: str,
+def _write(out: str, sources: dict[str, Source], ids: Path | None, meta: dict[str, Any], *, dtype: str,
            codec: str, drop_nonfinite: bool, overwrite: bool, rows_per_segment: int) -> None:
     """The write phase: every source's rows in segments (resumed from the journal)."""
     first = next(iter(sources.values()))
@@ -193,9 +206,9 @@ def _write(out: str, sources: dict[str, Source], ids: np.ndarray | None, meta: d
         writer.finish()
 
 
-def _token_rows(ids: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
+def _token_rows(ids: Path, lo: int, hi: int) -> dict[str, np.ndarray]:
     """Sequences [lo, hi) as rows' tokens/* (sequence = leading index) and as whole windows."""
-    window = np.asarray(ids[lo:hi], dtype=np.int64)
+    window = np.array(mapped(ids)[lo:hi], dtype=np.int64)
     n, width = window.shape
     return {"tokens/token_id": window.reshape(-1), "tokens/sequence": np.repeat(np.arange(lo, hi), width),
             "tokens/position": np.tile(np.arange(width), n),

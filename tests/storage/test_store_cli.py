@@ -42,6 +42,37 @@ def test_import_npy_and_safetensors_gives_a_finalized_shuffled_store(tmp_path: P
     assert info["compression_ratio"] == pytest.approx(info["bytes_uncompressed"] / info["bytes_on_disk"])
 
 
+def test_import_maps_its_input_files_only_while_it_reads_a_block(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mapping held for the whole import keeps every page read so far resident, so the import's
+    RSS would end at the inputs' size (hundreds of GB at 10⁸ rows). No input file is still mapped
+    while a segment is written."""
+    from kukla.storage.importer import import_arrays
+    from kukla.storage.writer import StoreWriter
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    rng = np.random.default_rng(0)
+    files = {"x": tmp_path / "x.npy", "y": tmp_path / "y.safetensors", "ids": tmp_path / "ids.npy"}
+    np.save(files["x"], rng.standard_normal((40, 8, 16)).astype(np.float32))
+    save_file({"y": torch.from_numpy(rng.standard_normal((40, 8, 4)).astype(np.float32))}, files["y"])
+    np.save(files["ids"], rng.integers(0, 50, (40, 8)))
+    mapped: list[list[str]] = []
+    write = StoreWriter.write_segment
+
+    def noting(self: StoreWriter, segment: int, rows) -> None:
+        text = maps.read_text()
+        mapped.append([name for name, path in files.items() if str(path) in text])
+        write(self, segment, rows)
+
+    monkeypatch.setattr(StoreWriter, "write_segment", noting)
+    import_arrays(tmp_path / "s", {"a": str(files["x"]), "b": str(files["y"])}, tokens=files["ids"],
+                  rows_per_segment=64)
+    assert mapped == [[]] * 5  # 40 sequences of 8 rows, 8 sequences a segment
+    assert open_store(tmp_path / "s").n_rows == 320
+
+
 def test_import_refuses_or_drops_nonfinite_rows(tmp_path: Path) -> None:
     x = np.ones((50, 4), np.float32)
     x[[3, 7, 9], 1] = [np.nan, np.inf, -np.inf]
