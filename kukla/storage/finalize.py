@@ -31,7 +31,7 @@ import zarr
 from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.storage import windows
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, SegmentTable, array_specs, create_array,
-                                  holdout_default, read_journal, unfinished_ranks, write_manifest)
+                                  holdout_default, unfinished_ranks, write_manifest)
 from kukla.storage.lease import Lease, live_holder, remove_stale
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.shards import Layout
@@ -222,9 +222,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     if unfinished:
         raise KuklaError(f"rank {unfinished[0]} of {world} has not finished writing {location.url}: rerun that "
                          "rank's job (it resumes from its journal) before finalizing")
-    table = SegmentTable.read(location, world, value["codec"])
-    journals = [read_journal(location, rank) for rank in range(world)]
-    entries = [e for journal in journals for _, e in sorted(journal.items())]
+    entries = SegmentTable.read(location, world, value["codec"]).entries  # every journal, read once
     truth = entries[0]["truth"] if entries else []
     if any(e["truth"] != truth for e in entries):
         raise KuklaError(f"{location.url}: ranks wrote different truth arrays: rewrite the store")
@@ -235,7 +233,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
     write_manifest(location, "manifest.parquet", entries)
     specs = array_specs({**value, "truth": truth})
     row_bytes = sum(spec.row_bytes for spec in specs)
-    n_rows = table.n_rows
+    n_rows = sum(int(e["rows"]) for e in entries)
     if holdout_rows is not None and not 0 <= holdout_rows < n_rows:
         raise KuklaError(f"holdout_rows {holdout_rows} must leave training rows: the store has {n_rows} rows; "
                          f"its rows are kept: run kukla store finalize {location.url} --holdout-rows N with N "
