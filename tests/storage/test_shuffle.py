@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,31 @@ def test_direct_put_writes_exactly_the_bytes_and_leaves_no_temp(tmp_path: Path, 
     assert (tmp_path / "runs" / "run.bin").read_bytes() == buffer[:size].tobytes()
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run.bin"]
 
+
+def test_pass_two_reads_where_each_bucket_lies_a_block_of_buckets_at_a_time(tmp_path: Path) -> None:
+    """Where bucket b lies in run k, and its checksum per array, is one entry per (run, bucket):
+    n_runs · n_buckets of them, quadratic in rows / budget (held whole as the commits' lists, 25 GB
+    at 10⁹ Gemma rows under 2 GiB). Pass 2 holds a block of buckets' entries within 1/16 of the
+    budget, and each entry is the one its run committed."""
+    from kukla.storage.finalize import _plan
+    from kukla.storage.format import Attributes
+    from kukla.storage.location import Location
+    from kukla.storage.shuffle import _Runs, array_layouts, scatter
+
+    path, budget = tmp_path / "store", 64 << 10
+    write_sequences(path, 256, 16, per_segment=16)
+    location = Location(path)
+    plan = _plan(location, Attributes.read(location), budget, 0, None)
+    scatter(location, plan, 0, 1)
+    names = [layout.spec.name for layout in array_layouts(Attributes.read(location).value, plan)]
+    commits = [json.loads((path / "_finalize" / "runs" / f"run-{k:06d}.json").read_text())
+               for k in range(math.ceil(plan["n_rows"] / plan["run_rows"]))]
+    runs = _Runs(location, plan, names)
+    assert len(commits) > 10 and plan["n_buckets"] > 3 * runs.block_buckets  # several runs and blocks
+    for b in range(plan["n_buckets"]):
+        pieces = runs.pieces_of(b)
+        assert runs.block.nbytes <= budget // 16
+        assert pieces["rows"].tolist() == [c["counts"][b] for c in commits]
+        assert pieces["start"].tolist() == [sum(c["counts"][:b]) for c in commits]
+        assert pieces["crc32c"].tolist() == [[c["crc32c"][name][b] for name in names] for c in commits]
+    runs.close()
