@@ -166,3 +166,20 @@ def test_compressed_and_zarr_written_stores_read_exactly(make_store, codec: str)
         np.testing.assert_array_equal(open_store(path).read_stored(name), ours[::-1])
     batch = next(iter(ActivationStream(open_store(path), [HOOK], 16, with_rows=True, dtype=torch.float64)))
     assert torch.equal(batch.acts[0], open_store(path).read(HOOK)[batch.rows].double())
+
+
+def test_an_epoch_holds_its_chunk_order_and_makes_the_chunks_as_it_reads_them(make_store) -> None:
+    """An epoch's chunks were a list of row ranges (~0.5 byte a row at Gemma's 512-row chunks, per
+    epoch and rank); now the epoch holds only its seeded order and makes each range as it is read.
+    The ranges and their order are the ones earlier versions streamed, so a cursor saved by one
+    resumes the same batches."""
+    store = open_store(make_store(n_seq=17, ctx=16, holdout_rows=37))
+    chunk = store.chunk_rows
+    for split in ("train", "holdout", "all"):
+        stream = ActivationStream(store, [HOOK], 8, split=split, seed=4)
+        lo, hi = stream.rows.start, stream.rows.stop
+        edges = [lo, *range((lo // chunk + 1) * chunk, hi, chunk), hi]
+        ranges = list(zip(edges[:-1], edges[1:]))
+        blocks = stream.blocks(2)
+        assert not isinstance(blocks, (list, tuple)) and len(ranges) > 1
+        assert list(blocks) == [ranges[i] for i in np.random.default_rng([4, 2]).permutation(len(ranges))]
