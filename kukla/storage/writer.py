@@ -38,12 +38,16 @@ class StoreWriter:
         self.dtype: str = attrs["dtype"]
         self.codec = numcodecs_codec(attrs["codec"])
         self.lock = Lease(location, f"{part_dir(rank)}/lock.json", f"rank {rank} of store {location.url}").acquire()
-        self.journal = read_journal(location, rank)
-        self.committed: set[int] = set(self.journal)
+        journal = read_journal(location, rank)
+        self.committed: set[int] = set(journal)
         self.stats = {hook: HookStats() for hook in self.hooks}
-        for entry in self.journal.values():
+        for entry in journal.values():
             for hook, value in entry["stats"].items():
                 self.stats[hook].merge(HookStats.from_json(value))
+        self.reference: dict[str, Any] | None = next(iter(journal.values()), None)
+        """One committed segment's whole journal entry: the optional arrays every later one must match."""
+        self.journal: dict[int, dict[str, Any]] = {segment: _manifest_row(e) for segment, e in journal.items()}
+        """Each committed segment's manifest row (rows, sequence range): a whole entry is ~6 KB."""
 
     @classmethod
     def open(cls, path: str | Path, meta: dict[str, Any], *, rank: int = 0, world: int = 1,
@@ -86,11 +90,11 @@ class StoreWriter:
         """Release the lock (committed segments stay; the part can be resumed)."""
         self.lock.release()
 
-    def write_segment(self, segment: int, rows: Rows) -> None:
-        """Write one segment and commit it in the journal once its data is durable. Besides the
-        row-aligned arrays, `rows` may hold the whole windows its rows come from
-        (`windows/sequence` [m], `windows/token_id` [m, context_size]; in every segment or in none),
-        which finalize turns into windows/*."""
+    def write_segment(self, segment: int, rows: Rows) -> dict[str, Any]:
+        """Write one segment and commit it in the journal once its data is durable; returns its
+        journal entry. Besides the row-aligned arrays, `rows` may hold the whole windows its rows
+        come from (`windows/sequence` [m], `windows/token_id` [m, context_size]; in every segment or
+        in none), which finalize turns into windows/*."""
         if not self.lock.held:
             raise KuklaError(f"writer for {self.location.url} is closed: open a new StoreWriter to resume")
         self.lock.check()
@@ -101,7 +105,7 @@ class StoreWriter:
         arrays, truth, floats = self._stored_arrays(segment, {k: v for k, v in rows.items() if k not in windows})
         n = next(iter(arrays.values())).shape[0]
         given = segment_windows(windows, self.attrs.get("context_size"), segment) if windows else None
-        previous = next(iter(self.journal.values()), None)
+        previous = self.reference
         if previous is not None and (previous.get("windows") is None) != (given is None):
             raise KuklaError(f"segment {segment}: windows given in {'this' if given else 'earlier'} segment(s) "
                              "only: give them with every segment or with none")
@@ -126,10 +130,12 @@ class StoreWriter:
                  "last_sequence": int(sequences.max()) if n else -1, "time": time.time()}
         with _disk_full(self.location, f"committing segment {segment}"):
             self.location.put_json(journal_key(self.rank, segment), entry)
-        self.journal[segment] = entry
+        self.reference = self.reference or entry
+        self.journal[segment] = _manifest_row(entry)
         self.committed.add(segment)
         for hook, value in seg_stats.items():
             self.stats[hook].merge(HookStats.from_json(value))
+        return entry
 
     def _stored_arrays(self, segment: int, rows: Rows) -> tuple[dict[str, np.ndarray], list[Any],
                                                                  dict[str, np.ndarray]]:
@@ -167,7 +173,7 @@ class StoreWriter:
             data = as_numpy(rows[key])
             arrays[key] = np.ascontiguousarray(data, dtype=OPTIONAL_TOKEN_ARRAYS.get(key, data.dtype))
             truth.append(ArraySpec(key, arrays[key].shape[1:], arrays[key].dtype).to_json())
-        previous = next(iter(self.journal.values()), None)
+        previous = self.reference
         if previous is not None and previous["truth"] != truth:
             raise KuklaError(f"segment {segment}: optional arrays {truth} differ from earlier segments' "
                              f"{previous['truth']}: every segment holds the same truth/* and optional tokens/*")
@@ -195,6 +201,11 @@ class StoreWriter:
                 "rank": self.rank, "rows": sum(int(e["rows"]) for e in entries),
                 "segments": len(entries), "stats": {h: s.summary(self.hooks[h]) for h, s in self.stats.items()},
             })
+
+
+def _manifest_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """What `finish` writes of a segment's journal entry (manifest.parquet's columns)."""
+    return {key: entry[key] for key in ("segment", "rank", "rows", "first_sequence", "last_sequence")}
 
 
 @contextmanager

@@ -38,8 +38,8 @@ def test_a_harvest_holds_the_windows_of_a_few_segments_whatever_its_length(confi
 
 
 def test_a_harvest_finalizes_with_its_writer_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer keeps every segment's journal entry (~6 KB a segment); finalize reads every rank's
-    journals itself, so a writer still alive there would hold a second copy of them."""
+    """Finalize reads every rank's journal itself (~6 KB a segment): a writer still alive there would
+    add its own record of the rank's segments, and whatever else a later writer keeps."""
     writers: list[int] = []
     finalize = run.finalize_store
 

@@ -181,3 +181,24 @@ def test_rows_read_in_any_order_across_chunks_are_the_rows_read_one_by_one(tmp_p
         got = store.read_rows(name, asked)
         assert got.dtype == one_by_one.dtype and torch.equal(got, one_by_one)
     assert store.read_rows("h", np.empty(0, np.int64)).shape == (0, 4)
+
+
+def test_a_writer_keeps_each_committed_segments_manifest_row_not_its_journal_entry(tmp_path: Path) -> None:
+    """A journal entry (each array's size and checksum, statistics, windows) is ~6 KB a segment; the
+    writer keeps the manifest's few numbers of each, new or resumed, and writes the same manifest."""
+    import pyarrow.parquet as pq
+
+    def write(segments: range, finish: bool) -> StoreWriter:
+        with StoreWriter.open(tmp_path / "s", {"hooks": {"h": 4}}) as writer:
+            for s in segments:
+                writer.write_segment(s, {"acts/h": np.full((3, 4), s, np.float32), "tokens/sequence": np.full(3, s)})
+            if finish:
+                writer.finish()
+        return writer
+
+    write(range(3), finish=False)
+    writer = write(range(3, 5), finish=True)  # resumed: three segments from the journal, two new
+    assert writer.journal == {s: {"segment": s, "rank": 0, "rows": 3, "first_sequence": s, "last_sequence": s}
+                              for s in range(5)}
+    manifest = pq.read_table(tmp_path / "s" / "_parts" / "rank-00000" / "manifest.parquet").to_pydict()
+    assert manifest["segment"] == list(range(5)) and manifest["rows"] == [3] * 5

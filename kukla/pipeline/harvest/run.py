@@ -136,8 +136,8 @@ def _harvest(config: HarvestConfig, model: HookedTransformer | None) -> str:
 
 def _write_part(config: HarvestConfig, meta: dict[str, Any], statics: dict[str, np.ndarray],
                 segments: SegmentWork) -> None:
-    """This rank's part of the store, finished. The writer (and its journal, a few KB per
-    segment) is gone when finalize starts: finalize reads every rank's journal itself."""
+    """This rank's part of the store, finished; the writer is gone when finalize starts, which
+    reads every rank's journal itself."""
     with StoreWriter.open(config.output, meta, rank=config.rank, world=config.world,
                           overwrite=config.overwrite, dtype=config.store_dtype) as writer:  # names a full disk
         for name, array in statics.items():
@@ -308,8 +308,7 @@ class SegmentCommitter:
                 continue  # keep draining, so a blocked submit wakes up and sees the error
             segment, rows = item
             try:
-                self.writer.write_segment(segment, rows())
-                arrays = self.writer.journal[segment]["arrays"].values()
+                arrays = self.writer.write_segment(segment, rows())["arrays"].values()
                 self.stored_bytes += sum(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self._error = exc
