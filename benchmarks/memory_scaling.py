@@ -5,11 +5,12 @@ The promise under test: no stage's memory grows with the store's row count beyon
 documented per-row index structures. Rows are narrow (a toy tree at d=16, a random 1-layer
 GPT-2 with d=32 over generated text, an imported d=16 array with token ids), so the activations
 themselves are small and any per-row (or per-chunk, per-segment) structure shows in the slope.
-The shuffle's budget is small (`--budget`, 16 MiB by default) so every store is several budgets
+The shuffle's budget is small (`--budget`, 8 MiB by default) so every store is a budget or more
 large: below one budget, finalize's buffers simply fill up to it, which is not growth.
 
-Stages, each a `python -m kukla …` process of its own (peak RSS from `wait4`, imports included,
-so the slope is what matters, not the level):
+Stages, each a `python -m kukla …` process of its own (peak RSS from `wait4`, imports included),
+run on 8,192-row stores too, their floor: the slope between the two largest sizes is the growth,
+and the shuffling stages' peak over their floor is set against the budget:
 
     harvest-toy      kukla harvest --source toy-tree (writes, then finalizes: the two-pass shuffle)
     harvest-text     kukla harvest of a tiny model over text, --no-finalize (a store with windows/*)
@@ -22,12 +23,13 @@ so the slope is what matters, not the level):
                      It reads only the held-out rows, min(1% of rows, 2²⁰): its growth stops at
                      1.05·10⁸ rows, so its 10⁹ figure is its 10⁸ one.
     finalize-pairs   (opt-in: slow) finalize of the text store again under a budget 4× smaller: pass 2
-                     keeps an index entry per (run, bucket) pair, n_runs·n_buckets of them, quadratic in
-                     rows/budget; this stage has 16× the pairs of `finalize` at the same rows, and its
-                     time grows with the pairs too (one read per pair and array)
+                     reads where each bucket lies in each run, n_runs·n_buckets entries (quadratic in
+                     rows/budget), from a scratch file; this stage has 16× the pairs of `finalize` at
+                     the same rows, so its memory should not move while its time grows with the pairs
+                     (one read per pair and array)
 
-    python benchmarks/memory_scaling.py                      # N = 2¹⁸ rows: a few minutes
-    python benchmarks/memory_scaling.py --rows 1048576       # N = 2²⁰ (and 4·N), ~10 minutes
+    python benchmarks/memory_scaling.py                      # N = 2¹⁸ rows: ~6 minutes
+    python benchmarks/memory_scaling.py --rows 1048576       # N = 2²⁰ (and 4·N): ~12 minutes
     python benchmarks/memory_scaling.py --factors 1,4,16     # add 16·N
     python benchmarks/memory_scaling.py --dry-run            # every stage once on 4096 rows (no slope)
 """
@@ -53,6 +55,8 @@ TARGETS = (10**8, 10**9)
 STAGES = ("harvest-toy", "harvest-text", "finalize", "finalize-pairs", "import", "info", "verify", "train",
           "evaluate")
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "finalize-pairs")
+SHUFFLING = ("harvest-toy", "finalize", "finalize-pairs", "import")  # the stages that run the budgeted shuffle
+FLOOR = 8192  # rows of the floor stores: each stage's RSS with imports and small buffers only
 PAIRS_BUDGET = 4  # finalize-pairs' budget is --budget / this: 16x the (run, bucket) pairs
 
 
@@ -143,8 +147,9 @@ def measure(rows: int, args: argparse.Namespace, inputs: dict[str, Path], env: d
         "train": ["train", text, "--hook", "resid_post:0", "--width", "64", "--k", "4", "--tokens",
                   str(steps * batch), "--batch-size", str(batch), "--checkpoint-every", "0", "--device", "cpu",
                   "--init-tokens", "4096", "--calibration-tokens", "4096", "--out", str(work / "train")],
-        "evaluate": ["evaluate", str(work / "train" / "matryoshka-batchtopk-w64-k4-s0"), "--store", text, "--out", str(work / "report"),
-                     "--no-downstream", "--no-absorption", "--device", "cpu", "--batch-size", "4096"],
+        "evaluate": ["evaluate", str(work / "train" / "matryoshka-batchtopk-w64-k4-s0"), "--store", text,
+                     "--out", str(work / "report"), "--no-downstream", "--no-absorption", "--device", "cpu",
+                     "--batch-size", "4096"],
     }
     results: dict[str, tuple[float, float]] = {}
     for stage in STAGES:
@@ -169,16 +174,18 @@ def measure(rows: int, args: argparse.Namespace, inputs: dict[str, Path], env: d
     return results
 
 
-def report(sizes: list[int], results: dict[int, dict[str, tuple[float, float]]]) -> None:
-    """Peak RSS per stage per size, the slope between the two largest sizes, and its extrapolation."""
-    if len(sizes) == 1:  # the dry run: every stage ran, no slope to show
+def report(sizes: list[int], results: dict[int, dict[str, tuple[float, float]]], budget: int) -> None:
+    """Peak RSS per stage per size, the slope between the two largest sizes, its extrapolation,
+    and what the shuffling stages use over their floor against the budget."""
+    if len(sizes) < 3:  # the dry run: every stage ran, no slope to show
         return
     lo, hi = sizes[-2], sizes[-1]
     head = "".join(f"{n:>12,}" for n in sizes)
-    print(f"\npeak RSS (MB) by rows; growth = ΔRSS/Δrows between {lo:,} and {hi:,} rows, extrapolated "
-          f"(extra MB over the {hi:,}-row figure)")
-    print(f"{'stage':15s}{head}{'bytes/row':>11s}" + "".join(f"{'@' + f'{t:.0e}':>11s}" for t in TARGETS))
-    flagged = []
+    print(f"\npeak RSS (MB) by rows ({FLOOR:,}: the floor); growth = ΔRSS/Δrows between {lo:,} and {hi:,} rows, "
+          f"extrapolated (MB over the {hi:,}-row figure); over floor: the {hi:,}-row peak less the floor")
+    print(f"{'stage':15s}{head}{'bytes/row':>11s}" + "".join(f"{'@' + f'{t:.0e}':>11s}" for t in TARGETS)
+          + f"{'over floor':>12s}")
+    flagged, over = [], []
     for stage in STAGES:
         if stage not in results[hi]:
             continue
@@ -187,10 +194,14 @@ def report(sizes: list[int], results: dict[int, dict[str, tuple[float, float]]])
         # evaluate reads the held-out rows, min(1%, 2**20): its growth stops at 100·2**20 rows
         extra = [max(0.0, per_row) * ((min(t, 100 << 20) if stage == "evaluate" else t) - hi) / 1e6 for t in TARGETS]
         print(f"{stage:15s}" + "".join(f"{p:12.0f}" for p in peaks) + f"{per_row:11.1f}"
-              + "".join(f"{e:11.0f}" for e in extra))
+              + "".join(f"{e:11.0f}" for e in extra) + f"{peaks[-1] - peaks[0]:12.0f}")
         if extra[0] > 1000:
             flagged.append(stage)
+        limit = (budget // PAIRS_BUDGET if stage == "finalize-pairs" else budget) / 1e6
+        if stage in SHUFFLING and peaks[-1] - peaks[0] > 1.25 * limit:
+            over.append(f"{stage} ({peaks[-1] - peaks[0]:.0f} MB over its floor, budget {limit:.0f} MB)")
     print("stages over ~1 GB extra at 10⁸ rows: " + (", ".join(flagged) if flagged else "none"))
+    print("shuffling stages over 1.25× their budget: " + (", ".join(over) if over else "none"))
 
 
 def main() -> None:
@@ -199,8 +210,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1 << 18, help="N: rows of the smallest stores")
     parser.add_argument("--factors", default="1,4", help="store sizes in multiples of N (the slope uses the last two)")
-    parser.add_argument("--budget", type=parse_size, default=16 << 20,
-                        help="finalize memory budget (bytes, or 16MiB); keep N's stores larger than it")
+    parser.add_argument("--budget", type=parse_size, default=8 << 20,
+                        help="finalize memory budget (bytes, or 8MiB); keep N's stores larger than it")
     parser.add_argument("--steps", type=int, default=300, help="training steps (batch 1024)")
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                         help=f"comma-separated, from {','.join(STAGES)} (default: all but finalize-pairs)")
@@ -219,7 +230,8 @@ def main() -> None:
     if missing:
         parser.error(f"stage {missing[0][0]} needs stage {missing[0][1]}")
     sizes = [args.rows * int(f) for f in args.factors.split(",")]
-    if len(sizes) < 2 and not args.dry_run:
+    sizes = sizes if args.dry_run else [FLOOR, *sizes]
+    if len(sizes) < 3 and not args.dry_run:
         parser.error("give at least two --factors: the growth is the slope between the last two")
     shutil.rmtree(args.out, ignore_errors=True)
     Path(args.out).mkdir(parents=True)
@@ -229,7 +241,7 @@ def main() -> None:
     print(f"budget {args.budget >> 10} KiB (finalize-pairs: {max(1 << 16, args.budget // PAIRS_BUDGET) >> 10} KiB); "
           f"rows {', '.join(f'{n:,}' for n in sizes)}; one torch thread; log {log}", flush=True)
     results = {rows: measure(rows, args, inputs, env, log) for rows in sizes}
-    report(sizes, results)
+    report(sizes, results, args.budget)
     if args.dry_run:
         shutil.rmtree(args.out, ignore_errors=True)
 
