@@ -9,8 +9,9 @@ Finalize writes both in the committing process, from what every worker agrees on
 finalize gives the same bytes as one process: token ids from the segments (before `_parts/` is
 deleted; committed by `_finalize/windows.json`), rows from the final `tokens/sequence` and
 `tokens/position` once pass 2 is done. Each is built in slabs of whole windows within half the
-memory budget, the rows slab by one read of those two arrays (12 bytes a row) per slab: one read
-for a store of up to budget/16 rows, 8 of them for 10⁹ rows under the default 2 GiB budget.
+memory budget, the rows slab by one scan of those two arrays per slab (read 2²⁰ rows at a time,
+fewer under a small budget: their scratch stays within a quarter of it): one scan for a store
+of up to budget/16 rows, 8 of them for 10⁹ rows under the default 2 GiB budget.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from kukla.storage.shards import Layout, ShardReader, encode_shard
 TOKENS_DONE = "_finalize/windows.json"
 WINDOW_CHUNK_BYTES = 64 << 10
 SCAN_ROWS = 1 << 20
+SCAN_ROW_BYTES = 48
+"""Scratch a scanned row costs `write_rows` at its peak (its sequence and position, the masks and
+indices of the rows in the slab, the duplicate check's keys): 45 MB for a 2²⁰-row read."""
 
 
 def segment_windows(windows: Mapping[str, Any], context_size: Any, segment: int) -> dict[str, np.ndarray]:
@@ -125,24 +129,26 @@ def write_rows(location: Location, attrs: dict[str, Any], plan: dict[str, Any], 
     readers = {name: ShardReader(location, Layout.from_metadata(location, ArraySpec(name, (), np.dtype(dtype))))
                for name, dtype in (("tokens/sequence", np.int64), ("tokens/position", np.int32))}
     per = max(1, budget // 2 // (layout.shard_rows * layout.spec.row_bytes))  # shards per slab
+    scan = max(1024, min(SCAN_ROWS, budget // 4 // SCAN_ROW_BYTES))  # a read's scratch: within budget/4
     slabs = range(0, layout.n_shards, per)
     with progress(len(slabs) * n_rows, "windows 2/2 rows") as bar:  # each slab scans every row
         for first in slabs:
             preemption_point()
             shards = range(first, min(layout.n_shards, first + per))
             lo, hi = layout.shard_range(shards[0])[0], layout.shard_range(shards[-1])[1]
-            slab = _row_slab(location, readers, n_rows, n_windows, width, lo, hi, first == 0, bar)
+            slab = _row_slab(location, readers, n_rows, n_windows, width, lo, hi, scan, first == 0, bar)
             for s in shards:
                 a, b = layout.shard_range(s)
                 location.put_bytes(shard_key(layout.spec, s), encode_shard(layout, slab[a - lo:b - lo]))
 
 
 def _row_slab(location: Location, readers: dict[str, ShardReader], n_rows: int, n_windows: int, width: int,
-              lo: int, hi: int, check: bool, bar: Any) -> np.ndarray:
-    """windows/row of windows [lo, hi), from one scan of every row's sequence and position (−1: no row)."""
+              lo: int, hi: int, scan: int, check: bool, bar: Any) -> np.ndarray:
+    """windows/row of windows [lo, hi), from one scan of every row's sequence and position (−1: no
+    row), read `scan` rows at a time."""
     slab = np.full((hi - lo, width), -1, np.int64)
-    for start in range(0, n_rows, SCAN_ROWS):
-        stop = min(n_rows, start + SCAN_ROWS)
+    for start in range(0, n_rows, scan):
+        stop = min(n_rows, start + scan)
         seq, pos = np.empty(stop - start, np.int64), np.empty(stop - start, np.int32)
         readers["tokens/sequence"].read_into(start, stop, seq)
         readers["tokens/position"].read_into(start, stop, pos)
