@@ -65,7 +65,7 @@ def batches_per_epoch(store: Store, batch_size: int, *, split: Split = "train", 
 def rank_share(pieces: list[tuple[int, int]], batch_size: int, rank: int, world: int) -> list[tuple[int, int]]:
     """The rows of `pieces` (in order, the first starting a global batch) at positions
     [r·b, (r+1)·b) of every run of w·b: rank r's share of each global batch."""
-    return pieces if world == 1 else list(_rank_share(pieces, batch_size, rank, world))
+    return list(_rank_share(pieces, batch_size, rank, world))
 
 
 def _rank_share(pieces: Iterable[tuple[int, int]], batch_size: int, rank: int,
