@@ -75,7 +75,7 @@ def test_every_step_that_grows_with_the_data_shows_its_bar_in_a_whole_run(tmp_pa
         "checkpoint step 8", "checkpoint step 16",  # a periodic one and the last
         "downstream windows (tokenizing)",
         *(f"{step} ({name})" for name in (MATRYOSHKA, PLAIN)
-          for step in ("absorption probes", "decoder max cosine", "nearest latents", "logit lens", "context shading",
+          for step in ("absorption probes", "decoder cosines", "logit lens", "context shading",
                        "browser pages")),
         f"matching ({MATRYOSHKA} → {PLAIN})", f"matching ({PLAIN} → {MATRYOSHKA})", "contexts (decoding)",
     }

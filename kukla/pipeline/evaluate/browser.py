@@ -169,6 +169,8 @@ class BrowserInput:
     stats: BrowserStats
     top_rows: list[list[int]]
     columns: dict[str, Tensor]
+    nearest: tuple[Tensor, Tensor]
+    """Nearest latents by decoder cosine ([F, NEAREST] values, indices), as evaluate computed them."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -246,7 +248,7 @@ def _dictionary_payload(item: BrowserInput, store: Store, contexts: RowContexts 
     d = item.dictionary
     width, levels = d.width, list(d.levels)
     w_dec = d.output_directions.detach()  # raw units: the lens gives the logit change per unit of activation
-    near_cos, near_idx = nearest_latents(w_dec, NEAREST, desc=f"nearest latents ({item.name})")
+    near_cos, near_idx = item.nearest
     parent, fraction = item.stats.cofiring.tree()
     shaded = _shaded_contexts(item, store, contexts, device) if contexts is not None else [[] for _ in range(width)]
     path = lens_path(item.target_hook, d.d_out, w_u.shape[0]) if w_u is not None else None

@@ -231,7 +231,3 @@ def nearest_latents(w_dec: Tensor, k: int, chunk_elements: int = 1 << 24,
             bar.update(stop - start)
     return values, index
 
-
-def max_cosine_to_others(w_dec: Tensor, chunk_elements: int = 1 << 24, desc: str = "decoder max cosine") -> Tensor:
-    """For each decoder row, the largest cosine similarity to any *other* row ([F])."""
-    return nearest_latents(w_dec, 1, chunk_elements, desc)[0][:, 0]

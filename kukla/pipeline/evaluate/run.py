@@ -8,6 +8,7 @@ directory gets metrics.json LAST: a directory without it is an unfinished report
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from kukla.pipeline.dictionary import Dictionary, calibration_rows, evaluation_r
 from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
 from kukla.pipeline.evaluate.config import EvaluateConfig
-from kukla.pipeline.evaluate.latents import TopActivations, max_cosine_to_others, write_latent_table
+from kukla.pipeline.evaluate.latents import TopActivations, nearest_latents, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
 from kukla.pipeline.evaluate.report import calibration_overlap, caveats, training_curves, write_html, write_markdown
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
@@ -57,6 +58,14 @@ class Entry:
 
     def __post_init__(self) -> None:
         self.browse = browser.BrowserStats(self.dictionary.width, self.dictionary.levels)
+
+    @functools.cached_property
+    def nearest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each latent's nearest others by decoder cosine (values, indices [F, NEAREST]), closest first:
+        one F²·d pass for the metrics and the browser (output_directions is W_dec over one scale, so
+        the cosines are W_dec's)."""
+        return nearest_latents(self.dictionary.output_directions.detach(), browser.NEAREST,
+                               desc=f"decoder cosines ({self.name})")
 
     @property
     def transcoder(self) -> bool:
@@ -244,7 +253,7 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
 
 
 def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
-    max_cos = max_cosine_to_others(e.dictionary.W_dec.detach(), desc=f"decoder max cosine ({e.name})")
+    max_cos = e.nearest[0][:, 0]
     calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, scored)
     out: dict[str, Any] = {
         "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch or e.dictionary.cfg.label,
@@ -286,7 +295,7 @@ def _browser(config: EvaluateConfig, store: Store, entries: list[Entry], context
              dicts: dict[str, dict[str, Any]], notes: list[str]) -> dict[str, Any]:
     """The latent browser's data; adds matching summaries and warnings to each dictionary's metrics."""
     inputs = [browser.BrowserInput(e.name, e.dictionary, e.input_hook, e.target_hook, e.browse, e.top.top_rows(),
-                                   e.stats.latent_columns()) for e in entries]
+                                   e.stats.latent_columns(), e.nearest) for e in entries]
     w_u = lm.W_U.detach() if lm is not None else None
     payload, browser_notes = browser.build(inputs, store, contexts, tokenizer, w_u, scored, config.device)
     notes.extend(browser_notes)
