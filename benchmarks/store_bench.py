@@ -88,7 +88,7 @@ def bench_codecs(rows: np.ndarray) -> list[dict]:
     """Ratio and single-thread encode/decode MB per CPU-second per codec on bf16 chunks of 2048 rows."""
     import numcodecs
 
-    from kukla.storage.codecs import numcodecs_codec, to_stored
+    from kukla.storage.format import numcodecs_codec, to_stored
 
     numcodecs.blosc.set_nthreads(1)
     bits = to_stored(rows, "bfloat16", "bench")

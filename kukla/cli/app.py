@@ -22,7 +22,7 @@ from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.run import pipeline_settings
 from kukla.pipeline.train.config import TrainConfig
 from kukla.progress import LOG_LEVEL_ENV, show_logs
-from kukla.storage.codecs import DEFAULT_CODEC, check_codec
+from kukla.storage.format import DEFAULT_CODEC, check_codec
 
 app = typer.Typer(
     name="kukla",

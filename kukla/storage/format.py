@@ -1,4 +1,4 @@
-"""The store's on-disk format: layout, metadata, array geometry and each rank's part (docs/FORMATS.md §1).
+"""The final store's on-disk format: layout, metadata, array geometry, dtypes and codecs (docs/FORMATS.md §1).
 
 ```
 PATH/zarr.json                     group; attrs["kukla"] = metadata (state writing → finalizing → finalized)
@@ -10,11 +10,14 @@ PATH/_parts/rank-RRRRR/...         per-rank segments, journal, lock (gone after 
 PATH/_finalize/...                 the shuffle's plan, runs and progress (gone after finalize)
 ```
 
-Each rank's part of a store being written: a segment's data goes to
-`_parts/rank-R/seg-S/<array>.bin` (one compressed object per array, transient: the shuffle
-turns them into the final sharded Zarr arrays); only after it is durable does `_parts/rank-R/journal/seg-S.json` appear. The journal entry is the commit:
-a segment without one never happened, and is simply rewritten on resume. The part's writer
-holds a lease on `_parts/rank-R/lock.json` (kukla.storage.lease).
+zarr-python 3.1.6 has no bfloat16 data type, so bf16 activations are stored as their
+uint16 bit pattern (the top half of a float32) and the real dtype lives in the store's
+attributes; `to_stored`/`from_stored` are the only places that know.
+
+Codec names (see `benchmarks/RESULTS.md` for the measurement behind the default):
+`none`, `zstd-<level>`, `blosc-<zstd|lz4|lz4hc|zlib>-<level>-<noshuffle|shuffle|bitshuffle>`.
+
+`_parts/`, each rank's part of a store being written, is kukla.storage.part's.
 """
 
 from __future__ import annotations
@@ -22,19 +25,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 import kukla
 from kukla.errors import KuklaError
-from kukla.storage.codecs import STORED_NUMPY, compressors, numcodecs_codec
 from kukla.storage.location import Location
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 TOKEN_ARRAYS = {"tokens/token_id": np.dtype(np.int32), "tokens/sequence": np.dtype(np.int64),
@@ -51,6 +57,18 @@ RESERVED = ("format_version", "kukla_version", "state", "dtype", "codec", "world
             "n_windows")
 TARGET_CHUNK_BYTES = 4 << 20
 TARGET_SHARD_BYTES = 256 << 20
+
+#: Chosen by `benchmarks/store_bench.py` (docs/FORMATS.md states the rule): bf16 activations
+#: compress 1.26x at best with fast codecs (their 7 mantissa bits are noise), while decoding zstd-1
+#: alone costs more CPU than reading, checksumming and copying raw rows together, so raw chunks
+#: (still CRC32C-checked) are the default; zstd-1 stays an option where bytes cost more than CPU
+#: (object storage, archives).
+DEFAULT_CODEC = "none"
+
+#: How each store dtype sits on disk.
+STORED_NUMPY = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+FP16_MAX = float(np.finfo(np.float16).max)
+_CODEC_RE = re.compile(r"^(?:none|zstd-(-?\d+)|blosc-(zstd|lz4|lz4hc|zlib)-(\d)-(noshuffle|shuffle|bitshuffle))$")
 
 
 def meta_fingerprint(meta: dict[str, Any]) -> str:
@@ -260,113 +278,104 @@ def new_attributes(meta: dict[str, Any], *, dtype: str, codec: str, world: int, 
             "fingerprint": meta_fingerprint(meta), "chunk_rows": chunk_rows}
 
 
-def part_dir(rank: int) -> str:
-    return f"_parts/rank-{rank:05d}"
+def check_codec(name: str) -> str:
+    """The codec name, or a one-line error (checked before anything is written)."""
+    match = _CODEC_RE.match(name)
+    if match and match.group(1) is not None and not -131072 <= int(match.group(1)) <= 22:
+        raise KuklaError(f"codec {name!r}: zstd levels run from -131072 to 22 (1-3 is fast, 19-22 is small); "
+                         f"e.g. {DEFAULT_CODEC}")
+    if not match:
+        raise KuklaError(
+            f"unknown codec {name!r}: use none, zstd-<level> or blosc-<zstd|lz4|lz4hc|zlib>-<0-9>-"
+            f"<noshuffle|shuffle|bitshuffle> (default {DEFAULT_CODEC})"
+        )
+    return name
 
 
-def segment_dir(rank: int, segment: int) -> str:
-    return f"{part_dir(rank)}/seg-{segment:09d}"
+def _parse(name: str) -> tuple[str | None, ...]:
+    match = _CODEC_RE.match(check_codec(name))
+    assert match is not None
+    return match.groups()
 
 
-def journal_key(rank: int, segment: int) -> str:
-    return f"{part_dir(rank)}/journal/seg-{segment:09d}.json"
+def compressors(name: str, itemsize: int) -> tuple[Any, ...]:
+    """The zarr v3 bytes-to-bytes codecs for a codec name (numcodecs does the work)."""
+    zstd_level, cname, clevel, shuffle = _parse(name)
+    if name == "none":
+        return ()
+    if zstd_level is not None:
+        return (ZstdCodec(level=int(zstd_level)),)
+    return (BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle, typesize=itemsize),)
 
 
-def finished_key(rank: int) -> str:
-    return f"{part_dir(rank)}/finished.json"
+def numcodecs_codec(name: str) -> Any:
+    """The same compression as a plain numcodecs codec (for segment blobs), None for `none`."""
+    zstd_level, cname, clevel, shuffle = _parse(name)
+    if name == "none":
+        return None
+    if zstd_level is not None:
+        return numcodecs.Zstd(level=int(zstd_level))
+    modes = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+             "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+    return numcodecs.Blosc(cname=cname, clevel=int(clevel), shuffle=modes[shuffle])
 
 
-def unfinished_ranks(path: str | Path | Location) -> list[int]:
-    """Ranks of a store being written that have not called `finish()` yet (empty once finalized)."""
-    location = path if isinstance(path, Location) else Location(path)
-    attrs = Attributes.read(location).value
-    if attrs["state"] != "writing":
-        return []
-    return [r for r in range(attrs["world"]) if not location.exists(finished_key(r))]
+def as_numpy(array: Any) -> np.ndarray:
+    """A numpy view of a numpy array or torch tensor (bf16 tensors become float32)."""
+    import torch  # here, not at the top: the CLI reads codec names without torch
+
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.dtype == torch.bfloat16:
+            array = array.float()
+        return array.numpy()
+    return np.asarray(array)
 
 
-def read_journal(location: Location, rank: int) -> dict[int, dict[str, Any]]:
-    """Committed segments of one rank: {segment id: journal entry}."""
-    entries = {}
-    for name in location.listdir(f"{part_dir(rank)}/journal"):
-        if name.startswith("seg-") and name.endswith(".json"):
-            entry = location.read_json(f"{part_dir(rank)}/journal/{name}")
-            entries[int(entry["segment"])] = entry
-    return entries
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest, ties to even) and return the bit patterns."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
-def write_blob(location: Location, key: str, data: np.ndarray, codec: Any) -> dict[str, Any]:
-    """One array of a segment as one compressed object; its size and CRC go in the journal."""
-    raw = np.ascontiguousarray(data)
-    if codec is not None and raw.size:
-        blob = codec.encode(raw)
-    else:  # the array's own bytes, not a copy of them
-        blob = memoryview(raw.reshape(-1).view(np.uint8))
-    location.put_bytes(key, blob)
-    return {"shape": list(raw.shape), "dtype": raw.dtype.str, "bytes": len(blob), "crc32": zlib.crc32(blob)}
+def to_stored(array: Any, dtype: str, what: str) -> np.ndarray:
+    """Convert activations to their on-disk form, refusing NaN/inf and fp16 overflow."""
+    import torch
+
+    if isinstance(array, torch.Tensor) and array.dtype == torch.bfloat16 and dtype == "bfloat16":
+        bits = array.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+        if np.any((bits & 0x7F80) == 0x7F80):
+            raise KuklaError(f"{what}: {int(np.sum((bits & 0x7F80) == 0x7F80))} values are NaN or inf: "
+                             "check the model's numerics (or drop those rows) before writing")
+        return bits
+    x = as_numpy(array)
+    if x.dtype.kind not in "fiu":
+        raise KuklaError(f"{what}: unsupported dtype {x.dtype}: activations must be floating point")
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise KuklaError(f"{what}: {int(x.size - finite.sum())} values are NaN or inf: "
+                         "check the model's numerics (or drop those rows) before writing")
+    if dtype == "float32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float16":
+        peak = float(np.abs(x).max(initial=0.0))
+        if peak > FP16_MAX:
+            raise KuklaError(f"{what}: values reach {peak:.4g}, beyond float16's range ({FP16_MAX:g}): "
+                             "write with dtype bfloat16 or float32")
+        return np.ascontiguousarray(x, dtype=np.float16)
+    bits = _bf16_bits(x.astype(np.float32, copy=False))
+    if np.any((bits & 0x7F80) == 0x7F80):
+        raise KuklaError(f"{what}: values overflow bfloat16: write with dtype float32")
+    return bits
 
 
-def read_blob(location: Location, key: str, info: dict[str, Any], codec: Any,
-              out: np.ndarray | None = None) -> np.ndarray:
-    """Decode one segment array, refusing a blob whose checksum does not match its journal entry.
-    With `out` (a uint8 buffer at least the decoded size) the rows land there, a view of it is
-    returned, and no fresh pages are touched (the shuffle reuses one buffer for every segment)."""
-    dtype, shape = np.dtype(info["dtype"]), tuple(info["shape"])
-    size = int(np.prod(shape)) * dtype.itemsize
-    raw = codec is None or not size
-    with location.fs.open(location.join(key), "rb") as f:
-        if out is not None and raw:
-            blob = out[:info["bytes"]]
-            f.readinto(memoryview(blob))
-        else:
-            blob = f.read()
-    if zlib.crc32(blob) != info["crc32"]:
-        raise KuklaError(f"{location.join(key)} is damaged (checksum mismatch): delete its journal entry "
-                         f"{key.rsplit('/', 2)[0]} -> journal and rerun the writer to rewrite that segment")
-    if raw:
-        return np.frombuffer(blob, dtype=dtype).reshape(shape)
-    if out is None:
-        return np.frombuffer(codec.decode(blob), dtype=dtype).reshape(shape)
-    return np.frombuffer(codec.decode(blob, out=out[:size]), dtype=dtype).reshape(shape)
+def from_stored(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The torch tensor (bf16 when stored as bits) for an on-disk array, without copying."""
+    import torch
 
-
-@dataclass
-class SegmentTable:
-    """All committed segments of all ranks, read as one row sequence in (rank, segment) order."""
-
-    location: Location
-    entries: list[dict[str, Any]]
-    codec: Any
-    _last: dict[str, tuple[tuple[int, int], np.ndarray]] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, location: Location, world: int, codec: str) -> "SegmentTable":
-        entries = [e for rank in range(world) for _, e in sorted(read_journal(location, rank).items())]
-        return cls(location, entries, numcodecs_codec(codec))
-
-    @property
-    def n_rows(self) -> int:
-        return sum(int(e["rows"]) for e in self.entries)
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a row-aligned array across segment boundaries (stored dtype)."""
-        pieces, offset = [], 0
-        for entry in self.entries:
-            rows = int(entry["rows"])
-            lo, hi = max(start, offset), min(stop, offset + rows)
-            if lo < hi:
-                pieces.append(self._segment_array(entry, name)[lo - offset:hi - offset])
-            offset += rows
-            if offset >= stop:
-                break
-        return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
-
-    def _segment_array(self, entry: dict[str, Any], name: str) -> np.ndarray:
-        """A whole segment's array, decoded once for consecutive reads."""
-        key = (int(entry["rank"]), int(entry["segment"]))
-        cached = self._last.get(name)
-        if cached is None or cached[0] != key:
-            blob_key = f"{segment_dir(*key)}/{name}.bin"
-            cached = (key, read_blob(self.location, blob_key, entry["arrays"][name], self.codec))
-            self._last[name] = cached
-        return cached[1]
+    array = np.ascontiguousarray(array)
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    if dtype == "bfloat16" and array.dtype == np.uint16:
+        return tensor.view(torch.bfloat16)
+    return tensor

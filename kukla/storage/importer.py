@@ -15,11 +15,11 @@ import torch
 from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.progress import progress
 from kukla.config import StoreDtype, coerce
-from kukla.storage.codecs import DEFAULT_CODEC, check_codec
+from kukla.storage.format import DEFAULT_CODEC, check_codec
 from kukla.storage.location import Location
 from kukla.storage.finalize import check_memory_budget, finalize_store
 from kukla.storage.store import open_store
-from kukla.storage.writer import StoreWriter, run_state
+from kukla.storage.part import StoreWriter, run_state
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
 

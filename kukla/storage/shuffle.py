@@ -30,9 +30,9 @@ import numpy as np
 
 from kukla.errors import KuklaError, preemption_point
 from kukla.progress import progress
-from kukla.storage.codecs import numcodecs_codec
-from kukla.storage.format import ArraySpec, Attributes, SegmentTable, array_specs, read_blob, segment_dir, shard_key
+from kukla.storage.format import ArraySpec, Attributes, array_specs, numcodecs_codec, shard_key
 from kukla.storage.location import DIRECT_ALIGN, Location, aligned, aligned_buffer
+from kukla.storage.part import SegmentTable, read_blob, segment_dir
 from kukla.storage.shards import Layout, crc32c, encode_shard
 
 

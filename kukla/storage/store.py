@@ -23,10 +23,10 @@ import zarr
 from kukla.config import torch_dtype
 from kukla.errors import KuklaError
 from kukla.progress import progress
-from kukla.storage.codecs import from_stored
-from kukla.storage.format import (ArraySpec, Attributes, HookStats, SegmentTable, array_specs, data_crc32, open_array,
-                                  read_blob, read_journal, segment_dir, unfinished_ranks, window_specs)
+from kukla.storage.format import (ArraySpec, Attributes, HookStats, array_specs, data_crc32, from_stored, open_array,
+                                  window_specs)
 from kukla.storage.location import Location
+from kukla.storage.part import SegmentTable, read_blob, read_journal, segment_dir, unfinished_ranks
 from kukla.storage.shards import Layout, ShardReader
 
 

@@ -16,17 +16,16 @@ of up to budget/16 rows, 8 of them for 10⁹ rows under the default 2 GiB budget
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
 
 from kukla.errors import KuklaError, preemption_point
 from kukla.progress import progress
-from kukla.storage.codecs import as_numpy, numcodecs_codec
-from kukla.storage.format import (TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, SegmentTable, create_array, read_blob,
-                                  segment_dir, shard_key)
+from kukla.storage.format import TARGET_SHARD_BYTES, WINDOW_ARRAYS, ArraySpec, create_array, numcodecs_codec, shard_key
 from kukla.storage.location import Location
+from kukla.storage.part import SegmentTable, read_blob, segment_dir
 from kukla.storage.shards import Layout, ShardReader, encode_shard
 
 TOKENS_DONE = "_finalize/windows.json"
@@ -35,24 +34,6 @@ SCAN_ROWS = 1 << 20
 SCAN_ROW_BYTES = 48
 """Scratch a scanned row costs `write_rows` at its peak (its sequence and position, the masks and
 indices of the rows in the slab, the duplicate check's keys): 45 MB for a 2²⁰-row read."""
-
-
-def segment_windows(windows: Mapping[str, Any], context_size: Any, segment: int) -> dict[str, np.ndarray]:
-    """A segment's windows as stored ({"windows/sequence": int64 [m], "windows/token_id": int32 [m, C]}),
-    or a one-line error."""
-    if set(windows) != {"windows/sequence", "windows/token_id"}:
-        raise KuklaError(f"segment {segment}: windows need exactly windows/sequence and windows/token_id, "
-                         f"got {sorted(windows)}")
-    if not isinstance(context_size, int) or context_size < 1:
-        raise KuklaError(f"segment {segment}: windows need the store meta's 'context_size' (tokens per window)")
-    sequence = as_numpy(windows["windows/sequence"]).astype(np.int64).reshape(-1)
-    tokens = as_numpy(windows["windows/token_id"])
-    if tokens.shape != (len(sequence), context_size):
-        raise KuklaError(f"segment {segment}: windows/token_id has shape {tuple(tokens.shape)}, expected "
-                         f"({len(sequence)}, {context_size}): one row of context_size ids per window")
-    if (sequence < 0).any():
-        raise KuklaError(f"segment {segment}: window sequence ids must be ≥ 0 (they index windows/*)")
-    return {"windows/sequence": sequence, "windows/token_id": tokens.astype(np.int32)}
 
 
 def planned_windows(entries: list[dict[str, Any]], url: str) -> int | None:

@@ -48,7 +48,7 @@ def test_import_maps_its_input_files_only_while_it_reads_a_block(tmp_path: Path,
     RSS would end at the inputs' size (hundreds of GB at 10⁸ rows). No input file is still mapped
     while a segment is written."""
     from kukla.storage.importer import import_arrays
-    from kukla.storage.writer import StoreWriter
+    from kukla.storage.part import StoreWriter
 
     maps = Path("/proc/self/maps")
     if not maps.exists():

@@ -50,7 +50,7 @@ from kukla.progress import progress
 from kukla.storage import StoreWriter, finalize_store, unfinished_ranks
 from kukla.storage.finalize import check_memory_budget, check_shuffle_as_asked
 from kukla.storage.location import Location, check_output_dir
-from kukla.storage.writer import Rows, run_state
+from kukla.storage.part import Rows, run_state
 
 logger = logging.getLogger(__name__)
 

@@ -1,32 +1,99 @@
-"""StoreWriter: one rank's segments of row-aligned arrays, committed atomically, resumable.
+"""One rank's part of a store being written: its layout, journal and segment blobs, the
+StoreWriter that writes it, and the readers finalize, the shuffle and the store read parts back with.
 
-Every planned segment is written once: `committed` tells a resumed harvest what to skip,
-and a segment whose write was killed has no journal entry, so it is written again.
+A segment's data goes to `_parts/rank-R/seg-S/<array>.bin` (one compressed object per array,
+transient: the shuffle turns them into the final sharded Zarr arrays); only after it is durable
+does `_parts/rank-R/journal/seg-S.json` appear. The journal entry is the commit: a segment without
+one never happened, and is simply rewritten on resume. Every planned segment is written once:
+`committed` tells a resumed harvest what to skip. The part's writer holds a lease on
+`_parts/rank-R/lock.json` (kukla.storage.lease).
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
-import torch
 import zarr
 
 from kukla.config import StoreDtype, coerce
 from kukla.errors import KuklaError
-from kukla.storage.codecs import (DEFAULT_CODEC, STORED_NUMPY, as_numpy, check_codec, numcodecs_codec,
-                                  to_stored)
-from kukla.storage.format import (OPTIONAL_TOKEN_ARRAYS, TOKEN_ARRAYS, Attributes, ArraySpec, HookStats, check_meta,
-                                  chunk_rows_for, data_crc32, finished_key, journal_key, meta_fingerprint,
-                                  new_attributes, part_dir, read_journal, segment_dir, write_blob, write_manifest)
+from kukla.storage.format import (DEFAULT_CODEC, OPTIONAL_TOKEN_ARRAYS, STORED_NUMPY, TOKEN_ARRAYS, Attributes,
+                                  ArraySpec, HookStats, as_numpy, check_codec, check_meta, chunk_rows_for, data_crc32,
+                                  meta_fingerprint, new_attributes, numcodecs_codec, to_stored, write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.lease import Lease
-from kukla.storage.windows import segment_windows
+
+if TYPE_CHECKING:
+    import torch
 
 Rows = Mapping[str, "np.ndarray | torch.Tensor"]
+
+
+def part_dir(rank: int) -> str:
+    return f"_parts/rank-{rank:05d}"
+
+
+def segment_dir(rank: int, segment: int) -> str:
+    return f"{part_dir(rank)}/seg-{segment:09d}"
+
+
+def journal_key(rank: int, segment: int) -> str:
+    return f"{part_dir(rank)}/journal/seg-{segment:09d}.json"
+
+
+def finished_key(rank: int) -> str:
+    return f"{part_dir(rank)}/finished.json"
+
+
+def write_blob(location: Location, key: str, data: np.ndarray, codec: Any) -> dict[str, Any]:
+    """One array of a segment as one compressed object; its size and CRC go in the journal."""
+    raw = np.ascontiguousarray(data)
+    if codec is not None and raw.size:
+        blob = codec.encode(raw)
+    else:  # the array's own bytes, not a copy of them
+        blob = memoryview(raw.reshape(-1).view(np.uint8))
+    location.put_bytes(key, blob)
+    return {"shape": list(raw.shape), "dtype": raw.dtype.str, "bytes": len(blob), "crc32": zlib.crc32(blob)}
+
+
+def read_blob(location: Location, key: str, info: dict[str, Any], codec: Any,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Decode one segment array, refusing a blob whose checksum does not match its journal entry.
+    With `out` (a uint8 buffer at least the decoded size) the rows land there, a view of it is
+    returned, and no fresh pages are touched (the shuffle reuses one buffer for every segment)."""
+    dtype, shape = np.dtype(info["dtype"]), tuple(info["shape"])
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = codec is None or not size
+    with location.fs.open(location.join(key), "rb") as f:
+        if out is not None and raw:
+            blob = out[:info["bytes"]]
+            f.readinto(memoryview(blob))
+        else:
+            blob = f.read()
+    if zlib.crc32(blob) != info["crc32"]:
+        raise KuklaError(f"{location.join(key)} is damaged (checksum mismatch): delete its journal entry "
+                         f"{key.rsplit('/', 2)[0]} -> journal and rerun the writer to rewrite that segment")
+    if raw:
+        return np.frombuffer(blob, dtype=dtype).reshape(shape)
+    if out is None:
+        return np.frombuffer(codec.decode(blob), dtype=dtype).reshape(shape)
+    return np.frombuffer(codec.decode(blob, out=out[:size]), dtype=dtype).reshape(shape)
+
+
+def read_journal(location: Location, rank: int) -> dict[int, dict[str, Any]]:
+    """Committed segments of one rank: {segment id: journal entry}."""
+    entries = {}
+    for name in location.listdir(f"{part_dir(rank)}/journal"):
+        if name.startswith("seg-") and name.endswith(".json"):
+            entry = location.read_json(f"{part_dir(rank)}/journal/{name}")
+            entries[int(entry["segment"])] = entry
+    return entries
 
 
 class StoreWriter:
@@ -203,6 +270,24 @@ class StoreWriter:
             })
 
 
+def segment_windows(windows: Mapping[str, Any], context_size: Any, segment: int) -> dict[str, np.ndarray]:
+    """A segment's windows as stored ({"windows/sequence": int64 [m], "windows/token_id": int32 [m, C]}),
+    or a one-line error."""
+    if set(windows) != {"windows/sequence", "windows/token_id"}:
+        raise KuklaError(f"segment {segment}: windows need exactly windows/sequence and windows/token_id, "
+                         f"got {sorted(windows)}")
+    if not isinstance(context_size, int) or context_size < 1:
+        raise KuklaError(f"segment {segment}: windows need the store meta's 'context_size' (tokens per window)")
+    sequence = as_numpy(windows["windows/sequence"]).astype(np.int64).reshape(-1)
+    tokens = as_numpy(windows["windows/token_id"])
+    if tokens.shape != (len(sequence), context_size):
+        raise KuklaError(f"segment {segment}: windows/token_id has shape {tuple(tokens.shape)}, expected "
+                         f"({len(sequence)}, {context_size}): one row of context_size ids per window")
+    if (sequence < 0).any():
+        raise KuklaError(f"segment {segment}: window sequence ids must be ≥ 0 (they index windows/*)")
+    return {"windows/sequence": sequence, "windows/token_id": tokens.astype(np.int32)}
+
+
 def _manifest_row(entry: dict[str, Any]) -> dict[str, Any]:
     """What `finish` writes of a segment's journal entry (manifest.parquet's columns)."""
     return {key: entry[key] for key in ("segment", "rank", "rows", "first_sequence", "last_sequence")}
@@ -238,3 +323,54 @@ def _existing(location: Location) -> dict[str, Any] | None:
         return Attributes.read(location).value
     except KuklaError:
         return None
+
+
+def unfinished_ranks(path: str | Path | Location) -> list[int]:
+    """Ranks of a store being written that have not called `finish()` yet (empty once finalized)."""
+    location = path if isinstance(path, Location) else Location(path)
+    attrs = Attributes.read(location).value
+    if attrs["state"] != "writing":
+        return []
+    return [r for r in range(attrs["world"]) if not location.exists(finished_key(r))]
+
+
+@dataclass
+class SegmentTable:
+    """All committed segments of all ranks, read as one row sequence in (rank, segment) order."""
+
+    location: Location
+    entries: list[dict[str, Any]]
+    codec: Any
+    _last: dict[str, tuple[tuple[int, int], np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, location: Location, world: int, codec: str) -> "SegmentTable":
+        entries = [e for rank in range(world) for _, e in sorted(read_journal(location, rank).items())]
+        return cls(location, entries, numcodecs_codec(codec))
+
+    @property
+    def n_rows(self) -> int:
+        return sum(int(e["rows"]) for e in self.entries)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a row-aligned array across segment boundaries (stored dtype)."""
+        pieces, offset = [], 0
+        for entry in self.entries:
+            rows = int(entry["rows"])
+            lo, hi = max(start, offset), min(stop, offset + rows)
+            if lo < hi:
+                pieces.append(self._segment_array(entry, name)[lo - offset:hi - offset])
+            offset += rows
+            if offset >= stop:
+                break
+        return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+
+    def _segment_array(self, entry: dict[str, Any], name: str) -> np.ndarray:
+        """A whole segment's array, decoded once for consecutive reads."""
+        key = (int(entry["rank"]), int(entry["segment"]))
+        cached = self._last.get(name)
+        if cached is None or cached[0] != key:
+            blob_key = f"{segment_dir(*key)}/{name}.bin"
+            cached = (key, read_blob(self.location, blob_key, entry["arrays"][name], self.codec))
+            self._last[name] = cached
+        return cached[1]
