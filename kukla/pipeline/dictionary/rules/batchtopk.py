@@ -28,7 +28,7 @@ from torch import Tensor
 from kukla.errors import KuklaError
 from kukla.pipeline.dictionary.loss import ONE_PROCESS, GlobalBatch
 from kukla.pipeline.dictionary.rules.jumprelu import jumprelu_codes
-from kukla.pipeline.dictionary.rules.rule import Rule
+from kukla.pipeline.dictionary.rules import Rule
 from kukla.pipeline.dictionary.rules.topk import topk_codes
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from kukla.pipeline.dictionary.rules.rule import PenalisedRule
+from kukla.pipeline.dictionary.rules import PenalisedRule
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.config import DictionaryConfig

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
-from kukla.pipeline.dictionary.rules.rule import PenalisedRule
+from kukla.pipeline.dictionary.rules import PenalisedRule
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.config import DictionaryConfig

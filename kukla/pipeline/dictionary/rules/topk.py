@@ -9,7 +9,7 @@ from torch import Tensor
 
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary.loss import ONE_PROCESS, GlobalBatch
-from kukla.pipeline.dictionary.rules.rule import Rule
+from kukla.pipeline.dictionary.rules import Rule
 
 if TYPE_CHECKING:
     from kukla.pipeline.dictionary.config import DictionaryConfig
