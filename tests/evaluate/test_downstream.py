@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from kukla.pipeline.evaluate.downstream import Splice, evaluate_downstream
+from kukla.pipeline.evaluate.reconstruction import Splice, evaluate_downstream
 
 HOOK = "blocks.0.hook_resid_post"
 

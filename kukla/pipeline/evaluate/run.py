@@ -28,7 +28,7 @@ from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.latents import TopActivations, nearest_latents, write_latent_table
-from kukla.pipeline.evaluate.reconstruction import ReconstructionStats
+from kukla.pipeline.evaluate.reconstruction import ReconstructionStats, Splice, evaluate_downstream
 from kukla.pipeline.evaluate.report import calibration_overlap, caveats, training_curves, write_html, write_markdown
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.pipeline.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
@@ -195,8 +195,6 @@ def _load_model(config: EvaluateConfig, store: Store, model: HookedTransformer |
 def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], model: HookedTransformer,
                    notes: list[str]) -> None:
     """CE recovered / ΔLM / KL for every dictionary, on fresh windows of the store's dataset."""
-    from kukla.pipeline.evaluate.downstream import Splice, evaluate_downstream
-
     try:
         windows, unseen = ctx.fresh_windows(store, model.tokenizer, config.downstream.contexts)
     except KuklaError as exc:
