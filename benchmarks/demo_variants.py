@@ -28,10 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kukla, not an installed one
 
 from kukla.config import read_toml  # noqa: E402
-from kukla.pipeline.demo import DEMO_TOML, TRAIN_TABLE, write_demo_text  # noqa: E402
 from kukla.pipeline.dictionary import evaluation_rows  # noqa: E402
 from kukla.pipeline.dictionary.directory import load_dictionary  # noqa: E402
-from kukla.pipeline.run import build_pipeline, run_pipeline  # noqa: E402
+from kukla.pipeline.run import DEMO_TOML, TRAIN_TABLE, build_pipeline, run_pipeline, write_demo_text  # noqa: E402
 from kukla.storage import open_store  # noqa: E402
 
 VARIANTS = {  # name: (arch, extra TOML lines)

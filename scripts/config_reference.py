@@ -21,10 +21,9 @@ sys.path.insert(0, str(ROOT))
 from kukla.cli.app import FinalizeConfig, ImportConfig, InfoConfig, VerifyConfig  # noqa: E402
 from kukla.cli.options import default_text, type_name  # noqa: E402
 from kukla.config import Setting, field_types, settings  # noqa: E402
-from kukla.pipeline.demo import DemoConfig  # noqa: E402
 from kukla.pipeline.evaluate.config import EvaluateConfig  # noqa: E402
 from kukla.pipeline.harvest.config import HarvestConfig  # noqa: E402
-from kukla.pipeline.run import RunConfig  # noqa: E402
+from kukla.pipeline.run import DemoConfig, RunConfig  # noqa: E402
 from kukla.pipeline.train.config import TrainConfig  # noqa: E402
 
 README = ROOT / "README.md"

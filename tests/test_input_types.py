@@ -14,9 +14,9 @@ from kukla.cli.app import app
 from kukla.cli.app import FinalizeConfig, ImportConfig
 from kukla.config import DEFAULT_DEVICE, Bytes, from_dict, resolve_device
 from kukla.errors import ConfigError, KuklaError
-from kukla.pipeline.demo import DemoConfig
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.harvest.config import HarvestConfig
+from kukla.pipeline.run import DemoConfig
 from kukla.pipeline.train.config import TrainConfig
 from kukla.pipeline.text import iter_texts
 

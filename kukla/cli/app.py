@@ -16,10 +16,9 @@ import kukla
 from kukla.cli.options import config_command, friendly
 from kukla.config import DEFAULT_MEMORY_BUDGET, Bytes, StoreDtype
 from kukla.errors import ConfigError, KuklaError
-from kukla.pipeline.demo import DemoConfig
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.run import pipeline_settings
+from kukla.pipeline.run import DemoConfig, pipeline_settings
 from kukla.pipeline.train.config import TrainConfig
 from kukla.progress import LOG_LEVEL_ENV, show_logs
 from kukla.storage.format import DEFAULT_CODEC, check_codec
@@ -120,7 +119,7 @@ def _demo(config: DemoConfig) -> None:
     Measured 6 minutes on two free CPU cores the first time, after the package downloads (benchmarks/RESULTS.md).
     `--device cuda` runs every stage on the GPU.
     """
-    from kukla.pipeline.demo import demo
+    from kukla.pipeline.run import demo
 
     report = demo(config)
     typer.echo(f"run file: {Path(config.out).absolute() / 'pipeline.toml'}")

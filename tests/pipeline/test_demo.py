@@ -11,8 +11,7 @@ import pytest
 
 from kukla.config import read_toml
 from kukla.errors import ConfigError
-from kukla.pipeline.demo import DemoConfig, write_demo_pipeline
-from kukla.pipeline.run import build_pipeline
+from kukla.pipeline.run import DemoConfig, build_pipeline, write_demo_pipeline
 
 
 def test_demo_writes_a_run_file_for_the_embedded_model_and_both_dictionaries(tmp_path: Path) -> None:
