@@ -165,6 +165,25 @@ def test_resume_on_a_store_of_other_rows_is_refused_and_on_a_moved_copy_continue
     assert train(_config(moved, out, resume=True, **short)) == [out / NAME]
 
 
+def test_a_run_moved_to_another_out_path_resumes_there(store: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preempted job rescheduled on another host may see its output folder at another mount
+    point, or be given it relative to another working directory: the run is what the folder
+    holds, not the path it was reached by."""
+    whole, short = tmp_path / "whole", {"tokens": 1280, "checkpoint_every": 5}
+    train(_config(store, whole, **short))
+    moved = Path(shutil.copytree(whole, tmp_path / "elsewhere" / "moved"))
+    # as a kill right after the step-5 checkpoint leaves it: step 10 and the final dictionary not yet written
+    shutil.rmtree(moved / "checkpoints" / "step-00000010")
+    shutil.rmtree(moved / NAME)
+    (moved / "checkpoints" / "latest").write_text("step-00000005\n")
+    monkeypatch.chdir(moved.parent)
+    assert train(_config(store, Path("moved"), resume=True, **short)) == [Path("moved") / NAME]
+    a = load_file(str(whole / NAME / "sae_weights.safetensors"))
+    b = load_file(str(moved / NAME / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_resume_after_a_torn_metrics_line_logs_every_step_once(store: Path, tmp_path: Path) -> None:
     """A full disk or a power cut mid-append leaves half a line at the end of metrics.jsonl; the
     resume crashed on it with a JSONDecodeError."""

@@ -105,7 +105,8 @@ class TrainConfig(DictionarySettings):
     keep_checkpoints: int = 2
     """Newest checkpoints kept on disk."""
     resume: bool = False
-    """Continue the run in --out from its latest checkpoint (starts fresh if there is none)."""
+    """Continue the run in --out from its latest checkpoint (starts fresh if there is none); --out
+    and the store may be reached by other paths than the first time (a copy, another mount)."""
     log_every: int = 50
     """Steps between metric lines (metrics.jsonl, progress bar, W&B)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)

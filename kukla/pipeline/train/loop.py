@@ -40,9 +40,10 @@ from kukla.storage.stream import Batch
 
 logger = getLogger(__name__)  # `logging` names the logging steps below
 
-#: Settings that may change between a run and its resumption (they do not touch the math).
+#: Settings that may change between a run and its resumption (they do not touch the math; the
+#: store and `out` are paths, and a rescheduled job may reach the same folders by other ones).
 RESUMABLE_CHANGES = {"resume", "wandb", "threads", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "prefetch", "compile", "device", "store"}
+                     "checkpoint_every", "keep_checkpoints", "prefetch", "compile", "device", "store", "out"}
 #: Bumped whenever what a checkpoint holds changes meaning (2: global-batch shares, l0_cap, reordering buffers).
 CHECKPOINT_FORMAT = 2
 #: Held-out rows used to calibrate a periodic checkpoint (the final one uses calibration_tokens).
