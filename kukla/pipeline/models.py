@@ -219,7 +219,12 @@ def model_summary(model: HookedTransformer) -> dict[str, Any]:
         "n_layers": cfg.n_layers,
         "n_ctx": cfg.n_ctx,
         "d_vocab": cfg.d_vocab,
-        "tokenizer_name": cfg.tokenizer_name,
+        "tokenizer_name": _without_folder(cfg.tokenizer_name),  # a local folder's is its path
         "original_architecture": cfg.original_architecture,
         "dtype": str(cfg.dtype).removeprefix("torch."),
     }
+
+
+def _without_folder(name: str | None) -> str | None:
+    """A tokenizer loaded from a local folder by the folder's name: where it lies is no part of the model."""
+    return Path(name).name if name is not None and Path(name).is_absolute() else name

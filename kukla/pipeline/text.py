@@ -46,11 +46,19 @@ class Window:
 
 
 def dataset_spec(dataset: str, subset: str | None, split: str, revision: str | None, text_column: str) -> dict[str, Any]:
-    """What the store's metadata says about its text, enough to read it again."""
-    path = Path(dataset).expanduser()
-    local = path.exists()
-    return {"name": str(path.resolve()) if local else dataset, "local": local, "subset": subset,
-            "split": "train" if local else split, "revision": revision, "text_column": text_column}
+    """What the store's metadata says about its text: a Hub dataset by name and revision, a local
+    file by its name and size, not its path (`local_path`), so a rerun that reads the same file
+    by another path (another host's mount of it) is the same run."""
+    path = local_path(dataset)
+    return {"name": dataset if path is None else path.name, "local": path is not None, "subset": subset,
+            "split": split if path is None else "train", "revision": revision, "text_column": text_column,
+            **({} if path is None else {"bytes": path.stat().st_size})}
+
+
+def local_path(name_or_path: str) -> Path | None:
+    """The absolute path of a local file or folder, None for a Hub name."""
+    path = Path(name_or_path).expanduser()
+    return path.resolve() if path.exists() else None
 
 
 def iter_texts(dataset: str, subset: str | None, split: str, revision: str | None, text_column: str) -> Iterator[str]:

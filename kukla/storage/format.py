@@ -72,8 +72,10 @@ _CODEC_RE = re.compile(r"^(?:none|zstd-(-?\d+)|blosc-(zstd|lz4|lz4hc|zlib)-(\d)-
 
 
 def meta_fingerprint(meta: dict[str, Any]) -> str:
-    """A short hash of the caller's metadata: the same run always gives the same store."""
-    text = json.dumps(meta, sort_keys=True, default=str, separators=(",", ":"))
+    """A short hash of the caller's metadata but its `where` (the paths the inputs were read by):
+    the same run always gives the same store, from any host's mount of its inputs."""
+    text = json.dumps({k: v for k, v in meta.items() if k != "where"}, sort_keys=True, default=str,
+                      separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ one never happened, and is simply rewritten on resume. Every planned segment is 
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from contextlib import contextmanager
@@ -23,9 +24,10 @@ import zarr
 
 from kukla.config import StoreDtype, coerce
 from kukla.errors import KuklaError
-from kukla.storage.format import (DEFAULT_CODEC, OPTIONAL_TOKEN_ARRAYS, STORED_NUMPY, TOKEN_ARRAYS, Attributes,
-                                  ArraySpec, HookStats, as_numpy, check_codec, check_meta, chunk_rows_for, data_crc32,
-                                  meta_fingerprint, new_attributes, numcodecs_codec, to_stored, write_manifest)
+from kukla.storage.format import (DEFAULT_CODEC, OPTIONAL_TOKEN_ARRAYS, RESERVED, STORED_NUMPY, TOKEN_ARRAYS,
+                                  Attributes, ArraySpec, HookStats, as_numpy, check_codec, check_meta, chunk_rows_for,
+                                  data_crc32, meta_fingerprint, new_attributes, numcodecs_codec, to_stored,
+                                  write_manifest)
 from kukla.storage.location import Location, disk_full_error
 from kukla.storage.lease import Lease
 
@@ -132,7 +134,7 @@ class StoreWriter:
         if existing is not None:
             same = _same_run(existing, wanted)
             if not overwrite and not same:
-                raise KuklaError(f"{location.url} holds a store of a different run (or dtype/codec/world): "
+                raise KuklaError(f"{location.url} holds a store of a different run ({_difference(existing, wanted)}): "
                                  "choose another path, or pass --overwrite (overwrite = true in a file) to replace it")
             if not overwrite and existing.get("state") != "writing":
                 raise KuklaError(f"{location.url} is already a {existing.get('state')} store of this run: "
@@ -314,6 +316,17 @@ def run_state(location: Location, meta: dict[str, Any], *, dtype: str, codec: st
 
 def _same_run(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return all(existing.get(key) == wanted[key] for key in ("fingerprint", "dtype", "codec", "world"))
+
+
+def _difference(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """What differs between the store's run and this one, for the error that refuses it."""
+    keys = [k for k in ("dtype", "codec", "world") if existing.get(k) != wanted[k]]
+    keys += sorted(k for k in set(existing) | set(wanted)
+                   if k not in RESERVED and k != "where" and existing.get(k) != wanted.get(k))
+    if not keys:
+        return "its metadata differs"
+    there, now = (json.dumps(value.get(keys[0]), default=str)[:120] for value in (existing, wanted))
+    return f"{keys[0]}: {there} there, {now} now"
 
 
 def _existing(location: Location) -> dict[str, Any] | None:

@@ -87,6 +87,12 @@ class Store:
         return str(self.meta["fingerprint"])
 
     @property
+    def where(self) -> dict[str, str]:
+        """The paths the run read its local inputs by ({"model": folder, "dataset": file}, as far as
+        they were local), on the host that wrote the store first: not part of the fingerprint."""
+        return dict(self.meta.get("where") or {})
+
+    @property
     def identity(self) -> dict[str, Any]:
         """What fixes row i's content: the run (fingerprint), its shuffle and split, and the data's
         sums (two stores of one meta, e.g. imports, differ there). A moved copy keeps it."""

@@ -103,6 +103,31 @@ def test_two_rank_harvest_equals_one_rank_harvest(tiny_model_dir: Path, tiny_mod
     _assert_same_rows(read_rows(config["output"]), one)  # tokens/massive too: rank 1 never owned segment 0
 
 
+def test_ranks_on_hosts_that_mount_the_inputs_elsewhere_write_one_store(tiny_model_dir: Path, tiny_model,
+                                                                        long_texts: Path, tmp_path: Path,
+                                                                        store_rows) -> None:
+    """A cluster's ranks (or a preempted rank rescheduled on another host) may reach the same
+    model folder and text file by other paths; the run is the same, and the store says so. Other
+    text under the same name is another run, and the refusal names what differs."""
+    read_rows, _ = store_rows
+    config = _config(tiny_model_dir, long_texts, tmp_path / "two.zarr", tokens=600, segment_windows=3)
+    elsewhere = tmp_path / "other-host"
+    moved = {"model": str(shutil.copytree(tiny_model_dir, elsewhere / tiny_model_dir.name)),
+             "dataset": str(shutil.copy(long_texts, elsewhere / long_texts.name))}
+    _in_process(config | moved, tiny_model, rank=1, world=2, finalize=False)  # this rank creates the store
+    _in_process(config, tiny_model, rank=0, world=2)
+    store = open_store(config["output"])
+    assert store.where == {"model": moved["model"], "dataset": moved["dataset"]}
+    assert store.meta["dataset"]["name"] == long_texts.name and store.meta["model"]["name"] == tiny_model_dir.name
+    one = read_rows(_in_process(config | {"output": str(tmp_path / "one.zarr")}, tiny_model))
+    _assert_same_rows(read_rows(config["output"]), one)
+
+    with open(moved["dataset"], "a") as file:
+        file.write(json.dumps({"text": "More text than the first run read."}) + "\n")
+    with pytest.raises(KuklaError, match="holds a store of a different run \\(dataset: .* there, .* now\\)"):
+        _in_process(config | moved | {"output": str(tmp_path / "one.zarr")}, tiny_model)
+
+
 def _state(out: Path) -> str | None:
     try:
         return json.loads((out / "zarr.json").read_text())["attributes"]["kukla"]["state"]

@@ -116,7 +116,7 @@ def load_tokenizer(store: Store, model: str | None = None) -> tuple[Any | None, 
 
     summary = store.meta.get("model") or {}
     summary = summary if isinstance(summary, dict) else {"name": summary}  # a store may name its model only
-    names = [n for n in (model, summary.get("name"), summary.get("tokenizer_name")) if n]
+    names = [n for n in (model, store.where.get("model"), summary.get("name"), summary.get("tokenizer_name")) if n]
     if not names:
         return None, f"store {store.url} names no model, so its token ids cannot be decoded"
     problems = []
@@ -163,7 +163,7 @@ def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.T
         raise KuklaError(f"store {store.url} records no dataset to re-read")
     spec = meta["dataset"]
     keep_special = bool(meta.get("harvest", {}).get("keep_special_tokens", False))
-    texts = iter_texts(spec["name"], spec.get("subset"), spec.get("split", "train"), spec.get("revision"),
+    texts = iter_texts(store.where.get("dataset", spec["name"]), spec.get("subset"), spec.get("split", "train"), spec.get("revision"),
                        spec.get("text_column", "text"))
     harvested = int(meta.get("planned_tokens", 0))
     kept = 0

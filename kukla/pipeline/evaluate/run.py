@@ -178,7 +178,7 @@ def _load_model(config: EvaluateConfig, store: Store, model: HookedTransformer |
         return model
     from kukla.pipeline.models import load_model
 
-    name = config.model or (store.meta.get("model") or {}).get("name")
+    name = config.model or store.where.get("model") or (store.meta.get("model") or {}).get("name")
     if name is None:
         problem = f"store {store.url} names no model (source {store.meta.get('source', '?')})"
     else:

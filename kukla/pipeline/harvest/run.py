@@ -42,7 +42,7 @@ from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.pipeline.harvest.config import HarvestConfig
 from kukla.pipeline.harvest.forward import SegmentForward
 from kukla.pipeline.massive import MASSIVE_RULE, reference_median
-from kukla.pipeline.text import Window, dataset_spec, iter_texts, iter_windows, special_token_policy
+from kukla.pipeline.text import Window, dataset_spec, iter_texts, iter_windows, local_path, special_token_policy
 from kukla.pipeline.hooks import resolve_hooks, short_form
 from kukla.pipeline.models import load_model, model_summary
 from kukla.pipeline.toy import TOY_HOOK, ToyTree, toy_metadata, toy_segment_rows
@@ -202,10 +202,13 @@ def _model_plan(config: HarvestConfig, model: HookedTransformer | None) -> tuple
     if first is None:
         raise KuklaError(f"dataset {text.name!r} holds no text in column {text.text_column!r}")
     segments = plan_segments(cut_budget(itertools.chain([first], windows), config.tokens), config.segment_windows)
+    folder, file = local_path(config.model), local_path(text.name)
+    where = {name: str(path) for name, path in (("model", folder), ("dataset", file)) if path is not None}
     meta = _common_meta(config) | {
         "source": "model",
-        "model": {**model_summary(model), "name": config.model},
+        "model": {**model_summary(model), "name": config.model if folder is None else folder.name},
         "dataset": spec,
+        "where": where,  # the paths, kept out of the fingerprint: other hosts' mounts of the same inputs
         "special_tokens": special_token_policy(model.tokenizer, config.keep_special_tokens),
         "hooks": widths,
         "hook_short_forms": {h: short_form(h) for h in hooks},

@@ -360,7 +360,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, wo
     provenance = {
         "model_name": model.get("name") if isinstance(model, dict) else model,
         "context_size": store.context_size,
-        "dataset_path": dataset.get("name") if isinstance(dataset, dict) else None,
+        "dataset_path": store.where.get("dataset", dataset.get("name")) if isinstance(dataset, dict) else None,
     }
     return {
         **{key: value for key, value in provenance.items() if value is not None},
