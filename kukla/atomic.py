@@ -9,6 +9,7 @@ fails (a full disk, a SIGTERM) leaves the old file and no temporary behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -86,3 +87,43 @@ def write_atomic(path: str | Path, data: Buffer | list[Buffer]) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for piece in data if isinstance(data, list) else [data]:
             f.write(piece)
+
+
+def create_atomic(path: str | Path, data: Buffer) -> bool:
+    """Write `data` as `path` unless `path` exists: True when this call made it. Exclusive, so the
+    first of racing writers wins, and whole at once (a hard link of a finished temporary; where
+    the file system has no hard links, e.g. some FUSE mounts, an O_EXCL write that a kill can tear)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TEMPORARY}{secrets.token_hex(8)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        fsync_file(tmp)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        return _create_in_place(path, data)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+
+
+def _create_in_place(path: Path, data: Buffer) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)
+    return True

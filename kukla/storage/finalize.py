@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import zarr
 
+from kukla.config import Bytes
 from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.storage import windows
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, array_specs, create_array, holdout_default,
@@ -82,7 +83,7 @@ def finalize_worker(path: str | Path, worker: int, workers: int, *, memory_budge
 def _work(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int, holdout_rows: int | None,
           worker: int, workers: int) -> None:
     """A worker's share of both passes, then whatever nobody has committed yet."""
-    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows, worker=worker)
     scatter(location, plan, worker, workers)
     permute(location, plan, worker, workers)
 
@@ -115,7 +116,7 @@ def _finalized(location: Location, seed: int, holdout_rows: int | None) -> bool:
         return False
     check_finalized_as_asked(location, attrs, seed, holdout_rows)
     location.remove("_finalize")  # a worker that outlived the commit may have written into it again
-    for key in _worker_leases(location):  # those of workers that died (killed, on another host, …)
+    for key in [FINALIZE_LOCK, *_worker_leases(location)]:  # of a commit killed as it ended, of dead workers
         remove_stale(location, key)
     return True
 
@@ -158,7 +159,7 @@ def check_memory_budget(memory_budget_bytes: int) -> None:
 
 def _finalize(location: Location, attrs: Attributes, memory_budget_bytes: int, seed: int,
               holdout_rows: int | None, lease: Lease) -> None:
-    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows)
+    plan = _plan(location, attrs, memory_budget_bytes, seed, holdout_rows, worker=None)
     scatter(location, plan, 0, 1)
     windows.write_token_ids(location, attrs.value, plan, memory_budget_bytes)  # needs _parts/
     if not _live_workers(location):  # else kept until they are done: one may be reading it for a run it duplicates
@@ -204,20 +205,61 @@ def _worker_leases(location: Location) -> list[str]:
     return [name for name in location.listdir("") if name.startswith(prefix) and name.endswith(suffix)]
 
 
-def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout_rows: int | None) -> dict[str, Any]:
-    """The shuffle's fixed parameters: made once, read back on resume."""
+def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout_rows: int | None, *,
+          worker: int | None) -> dict[str, Any]:
+    """The shuffle's fixed parameters: made once (the first of racing workers wins) and followed
+    by every worker; only a commit (`worker` None) that no worker is running with may plan anew
+    for another budget."""
     value = attrs.value
     if value["state"] == "finalizing":
-        plan = location.read_json(PLAN)
-        _check_plan_seed(location, plan, seed)
-        started_with = plan.get("memory_budget", budget)
-        if started_with == budget or not location.exists("_parts"):
-            if started_with != budget:  # pass 1 is done and its runs hold the rows: they fix the plan
-                logger.warning("finalize of %s resumes the plan it started with a %d-byte memory budget, not %d: "
-                               "its first pass is done", location.url, started_with, budget)
-            return plan
-        logger.info("finalize of %s: a new plan for the %d-byte memory budget (it started with %d)",
-                    location.url, budget, started_with)
+        followed = _follow(location, location.read_json(PLAN), seed, budget, worker)
+        if followed is not None:
+            return followed
+    plan = _new_plan(location, value, budget, seed, holdout_rows)
+    if value["state"] == "finalizing":
+        location.put_json(PLAN, plan)
+    elif not location.create(PLAN, json.dumps(plan, sort_keys=True).encode()):
+        planned = location.read_json(PLAN)  # another worker planned first (or one killed before marking the store)
+        followed = None if planned["id"] == plan["id"] else _follow(location, planned, seed, budget, worker)
+        if followed is not None:
+            plan = followed
+        elif planned["id"] != plan["id"]:
+            location.put_json(PLAN, plan)
+    _create_arrays(location, {**value, "truth": plan["truth"]}, plan)
+    if Attributes.read(location).value["state"] == "finalized":  # this process stalled while a commit ended
+        raise KuklaError(f"finalize of {location.url}: the store was finalized meanwhile")
+    value.update(state="finalizing", truth=plan["truth"])
+    attrs.write()
+    return json.loads(json.dumps(plan, sort_keys=True))  # as a resumed finalize reads it back: same store bytes
+
+
+def _follow(location: Location, plan: dict[str, Any], seed: int, budget: int,
+            worker: int | None) -> dict[str, Any] | None:
+    """The plan a finalize already made, to follow; None when this commit plans anew for its own
+    budget (pass 1 not done, and no worker running the old plan, whose shards would mix with the new)."""
+    _check_plan_seed(location, plan, seed)
+    started_with = plan.get("memory_budget", budget)
+    if started_with == budget:
+        return plan
+    if not location.exists("_parts"):  # pass 1 is done and its runs hold the rows: they fix the plan
+        logger.warning("finalize of %s resumes the plan it started with a %s memory budget, not %s: its first "
+                       "pass is done", location.url, Bytes(started_with), Bytes(budget))
+        return plan
+    workers = [index for index in _live_workers(location) if index != str(worker)]
+    if worker is None and not workers:
+        logger.info("finalize of %s: a new plan for the %s memory budget (it started with %s)",
+                    location.url, Bytes(budget), Bytes(started_with))
+        return None
+    running = "" if not workers else (f" and finalize worker{'s' * (len(workers) > 1)} {', '.join(workers)} "
+                                       f"{'are' if len(workers) > 1 else 'is'} running it")
+    raise KuklaError(f"finalize of {location.url} is planned for a {Bytes(started_with)} memory budget{running}: "
+                     f"give every worker and the commit --memory-budget {Bytes(started_with)} (a commit with no "
+                     "worker running may plan anew for another)")
+
+
+def _new_plan(location: Location, value: dict[str, Any], budget: int, seed: int,
+              holdout_rows: int | None) -> dict[str, Any]:
+    """A plan from every rank's journal, and the manifest of its segments."""
     world = value["world"]
     unfinished = unfinished_ranks(location)
     if unfinished:
@@ -252,11 +294,7 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
         "hook_stats": {hook: s.summary(value["hooks"][hook]) for hook, s in stats.items()},
     }
     plan["id"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
-    location.put_json(PLAN, plan)  # concurrent workers write the same plan; older plans' work is ignored by id
-    _create_arrays(location, {**value, "truth": truth}, plan)
-    value.update(state="finalizing", truth=truth)
-    attrs.write()  # also restores our root zarr.json, which zarr rewrote
-    return json.loads(json.dumps(plan, sort_keys=True))  # as a resumed finalize reads it back: same store bytes
+    return plan
 
 
 def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ thread every `lease/4` seconds. Another process takes it over when:
 - it is older than its lease (the holder died or lost the network, on any host), or
 - it was written on this host by a process that no longer exists (no need to wait).
 
-The lease is created with an exclusive write: `O_EXCL` locally, `mode="xb"` on fsspec
+The lease is created with an exclusive write (`Location.create`): a hard link locally, `mode="xb"` on fsspec
 filesystems that implement it (s3fs sends `If-None-Match: *`, gcsfs `ifGenerationMatch=0`,
 adlfs `overwrite=False`). Where a filesystem has no exclusive write, kukla writes the
 lease, reads it back and checks its own token: two processes starting within one
@@ -175,28 +175,9 @@ class Lease:
         return _read(self.location, self.key)
 
     def _create(self, info: dict[str, Any]) -> bool:
-        """Exclusive create; False when another process created it first."""
-        data = json.dumps(info).encode()
-        path = self.location.join(self.key)
-        if self.location.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return True
-        try:
-            with self.location.fs.open(path, "xb") as f:
-                f.write(data)
-        except FileExistsError:
-            return False
-        except (ValueError, NotImplementedError, TypeError):  # no exclusive write here: write, then read back
-            self.location.put_bytes(self.key, data)
-        return True
+        """Exclusive create; False when another process created it first (where a filesystem has no
+        exclusive write, `acquire` reads the lease back)."""
+        return self.location.create(self.key, json.dumps(info).encode())
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.seconds / 4):

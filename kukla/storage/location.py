@@ -21,7 +21,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from kukla.atomic import atomic_path, fsync_tree, remove_temporaries, write_atomic
+from kukla.atomic import atomic_path, create_atomic, fsync_tree, remove_temporaries, write_atomic
 from kukla.errors import KuklaError
 
 #: OS errors that mean "no room left" (ENOSPC), a file size limit (EFBIG) or a quota (EDQUOT).
@@ -110,6 +110,22 @@ class Location:
             if exc.errno != errno.EINVAL:  # a file system without O_DIRECT: through the page cache
                 raise
             self.put_bytes(sub, memoryview(buffer[:size]))
+
+    def create(self, sub: str, data: bytes) -> bool:
+        """Write one object unless one is there: True when this call made it. Exclusive locally and on
+        object stores that implement `mode="xb"` (s3fs, gcsfs, adlfs); elsewhere it is written
+        regardless, so a caller racing others reads it back to learn whose it is."""
+        path = self.join(sub)
+        if self.is_local:
+            return create_atomic(path, data)
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError, TypeError):  # no exclusive write here
+            self.put_bytes(sub, data)
+        return True
 
     def put_json(self, sub: str, value: Any) -> None:
         self.put_bytes(sub, json.dumps(value, indent=1, sort_keys=True).encode())

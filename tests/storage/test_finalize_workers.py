@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kukla.errors import KuklaError
 from kukla.storage import finalize_store, finalize_worker
 from kukla.storage.location import Location
 
@@ -122,7 +123,11 @@ def test_a_worker_reading_the_parts_when_the_commit_has_done_every_unit_finishes
     assert store_files(path) == store_files(single)
 
 
+PLANNED = r"/acts/[^/]+/zarr\.json$"
+"""An array's metadata, which a worker reads once it has planned, before it marks the store finalizing."""
+
 STALLS = {
+    "having planned, before marking the store": PLANNED,
     "pass 1, before reading the parts": r"/_finalize/runs/run-\d+\.json$",
     "pass 1, reading the parts": SEGMENT,
     "pass 2": r"/_finalize/shards/shard-\d+\.json$",
@@ -152,6 +157,41 @@ def test_a_worker_stalled_past_its_lease_through_the_whole_commit_ends_with_noth
     err = _err(tmp_path, "worker")
     assert "Traceback" not in err and err.rstrip().endswith("the store is finalized: nothing left to do"), err
     assert (tmp_path / "worker.out").read_text() == f"finalized: {path}\n"
+    assert store_files(path) == store_files(single)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [PLANNED, SEGMENT], ids=["having planned", "in pass 1"])
+def test_a_finalize_given_another_memory_budget_never_replaces_the_plan_workers_run(tmp_path: Path, stores,
+                                                                                    stop_at: str) -> None:
+    """A worker started with another --memory-budget made a plan of its own and wrote it over the
+    one a running worker followed: shards laid out for two plans would meet in one array."""
+    path, single = stores
+    worker = _worker(tmp_path, stop_at=stop_at)  # planned for 64 KiB and holding its lease
+    try:
+        plan = (path / "_finalize" / "plan.json").read_bytes()
+        with pytest.raises(KuklaError, match="is planned for a 64KiB memory budget and finalize worker 1 is "
+                                             "running it: give every worker and the commit --memory-budget 64KiB"):
+            finalize_worker(path, 0, 2, memory_budget_bytes=128 << 10)
+        with pytest.raises(KuklaError, match="planned for a 64KiB memory budget and finalize worker 1 is running"):
+            finalize_store(path, memory_budget_bytes=128 << 10)
+        assert (path / "_finalize" / "plan.json").read_bytes() == plan
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert worker.wait(timeout=120) == 0, _err(tmp_path, "worker")
+    finalize_store(path, memory_budget_bytes=64 << 10)
+    assert store_files(path) == store_files(single)
+
+
+def test_a_commit_killed_as_it_ended_leaves_no_lease_once_the_store_is_seen_finalized(tmp_path: Path,
+                                                                                      stores) -> None:
+    """Killed between marking the store finalized and releasing its lease, the commit left
+    _finalize.lock.json in the finished store, and every later finalize kept it."""
+    path, single = stores
+    finalize_store(path, memory_budget_bytes=64 << 10)
+    dead = {"pid": 2 ** 22 + 1, "host": "node-b", "token": "0" * 32, "time": time.time() - 3600, "lease": 60}
+    (path / "_finalize.lock.json").write_text(json.dumps(dead))  # what the killed commit's lease file holds
+    finalize_store(path, memory_budget_bytes=64 << 10)
     assert store_files(path) == store_files(single)
 
 

@@ -190,7 +190,7 @@ def test_pass_two_reads_where_each_bucket_lies_a_block_of_buckets_at_a_time(tmp_
     path, budget = tmp_path / "store", 64 << 10
     write_sequences(path, 256, 16, per_segment=16)
     location = Location(path)
-    plan = _plan(location, Attributes.read(location), budget, 0, None)
+    plan = _plan(location, Attributes.read(location), budget, 0, None, worker=None)
     scatter(location, plan, 0, 1)
     names = [layout.spec.name for layout in array_layouts(Attributes.read(location).value, plan)]
     commits = [json.loads((path / "_finalize" / "runs" / f"run-{k:06d}.json").read_text())
