@@ -155,7 +155,7 @@ class FinalizeConfig:
     path: str
     """Store folder or fsspec URL whose ranks have all finished writing."""
     memory_budget: Bytes = DEFAULT_MEMORY_BUDGET
-    """Memory the two-pass shuffle may use (e.g. 512MiB, 8GB, or a byte count); more memory, fewer buckets."""
+    """Memory the two-pass shuffle may use (e.g. 512MiB, 8GB, or a byte count); pass 2 reads ~32·(store ÷ budget)² pieces, so a multi-TB store wants ~1% of its size."""
     seed: int = 0
     """Seed of the global shuffle: the same seed gives the same store."""
     holdout_rows: int | None = None

@@ -103,7 +103,7 @@ class HarvestConfig:
     finalize_wait: float = 86_400.0
     """Seconds rank 0 waits for the other ranks before leaving finalize to `kukla store finalize`."""
     memory_budget: Bytes = DEFAULT_MEMORY_BUDGET
-    """Memory the global shuffle may use (e.g. 512MiB, 8GB, or a byte count)."""
+    """Memory the global shuffle may use (e.g. 512MiB, 8GB, or a byte count); pass 2 reads ~32·(store ÷ budget)² pieces, so a multi-TB store wants ~1% of its size."""
     holdout_rows: int | None = None
     """Rows at the end of the shuffled store kept out of training, for evaluation and threshold
     calibration; default min(1% of rows, 2²⁰)."""
