@@ -22,6 +22,11 @@ from kukla.storage.store import open_store
 from kukla.storage.part import StoreWriter, run_state
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
+SEGMENT_BYTES = 32 << 20
+"""The float32 rows of every hook one segment reads at most, whatever the width: writing a segment
+and shuffling it take several copies (98k rows of one d=2304 hook under a 64 MiB budget peaked at
+2.4 GB with 65,536-row segments, at 370 MB with these, 250 MB being the process's floor). Each
+segment's journal entry stays in finalize's memory: at d=2304, ~0.8 byte a row, as harvest's."""
 
 
 @dataclass
@@ -183,7 +188,8 @@ def _write(out: str, sources: dict[str, Source], ids: Path | None, meta: dict[st
            codec: str, drop_nonfinite: bool, overwrite: bool, rows_per_segment: int) -> None:
     """The write phase: every source's rows in segments (resumed from the journal)."""
     first = next(iter(sources.values()))
-    step = max(1, rows_per_segment // max(1, first.per_index))
+    rows = min(rows_per_segment, SEGMENT_BYTES // (4 * sum(s.width for s in sources.values())))
+    step = max(1, rows // max(1, first.per_index))
     with StoreWriter.open(out, meta, dtype=dtype, codec=codec, overwrite=overwrite) as writer:
         with progress(first.rows, "import") as bar:
             for segment, lo in enumerate(range(0, first.shape[0], step)):
