@@ -3,6 +3,7 @@ globally shuffled store, so stores made by other tools train the same way as har
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from kukla.storage.location import Location
 from kukla.storage.finalize import check_memory_budget, finalize_store
 from kukla.storage.store import open_store
 from kukla.storage.part import StoreWriter, run_state
+
+logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
 SEGMENT_BYTES = 32 << 20
@@ -140,7 +143,8 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
     window, so evaluate shows contexts; `model` names the model (or tokenizer) they come from.
 
     Rerunning the same import after a kill or a full disk resumes it (writing or
-    finalizing). With `overwrite`, an existing store at `out` is left alone until the new
+    finalizing); after it finished, keeps the store (the input files may be read by other
+    paths: a file is its name, size and mtime). With `overwrite`, an existing store at `out` is left alone until the new
     one is complete: the new one is built beside it (`<out>.importing`) and replaces it
     at the end, so bad input (NaN rows, a kill) never costs the old store.
     """
@@ -158,8 +162,9 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
     ids = None if tokens is None else open_tokens(tokens, first.shape[:-1])
     files = {h: (s.path, s.key) for h, s in sources.items()} | ({} if tokens is None else {"tokens": (Path(tokens), None)})
     meta = {"source": "import", "hooks": {h: s.width for h, s in sources.items()},
-            "files": {h: {"path": str(path.absolute()), "key": key, "bytes": path.stat().st_size,
+            "files": {h: {"name": path.name, "key": key, "bytes": path.stat().st_size,
                           "mtime": path.stat().st_mtime} for h, (path, key) in files.items()},
+            "where": {h: str(path.resolve()) for h, (path, _) in files.items()},  # outside the fingerprint
             "drop_nonfinite": drop_nonfinite}
     if ids is not None:
         meta["context_size"] = int(first.shape[1])
@@ -173,7 +178,9 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
     build = staging if staged else target
     state = run_state(build, meta, dtype=dtype, codec=codec)
     with stop_on_sigterm():
-        if state != "finalizing" and not (staged and state == "finalized"):
+        if state == "finalized" and not staged and not overwrite:  # a retried job: its store is whole
+            logger.info("%s: this import's rows are all written (finalized): kept", build.url)
+        elif state != "finalizing" and not (staged and state == "finalized"):
             _write(build.url, sources, ids, meta, dtype=dtype, codec=codec, drop_nonfinite=drop_nonfinite,
                    overwrite=overwrite, rows_per_segment=rows_per_segment)
         finalize_store(build.url, memory_budget_bytes=memory_budget_bytes, seed=seed)

@@ -88,8 +88,9 @@ class Store:
 
     @property
     def where(self) -> dict[str, str]:
-        """The paths the run read its local inputs by ({"model": folder, "dataset": file}, as far as
-        they were local), on the host that wrote the store first: not part of the fingerprint."""
+        """The paths the run read its local inputs by (a harvest's `model` folder and `dataset` file,
+        as far as they were local; an import's file per hook and `tokens`), on the host that wrote
+        the store first: not part of the fingerprint, so the inputs may be mounted elsewhere."""
         return dict(self.meta.get("where") or {})
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from kukla.cli.app import app
+from kukla.errors import KuklaError
 from kukla.storage import open_store
+from kukla.storage.importer import import_arrays
 from tests.cli import kukla, one_line_error, runner
 
-from .conftest import write_sequences  # noqa: TID252
+from .conftest import store_files, write_sequences  # noqa: TID252
 
 
 def _stdout(*args: str) -> str:
@@ -47,7 +50,6 @@ def test_import_maps_its_input_files_only_while_it_reads_a_block(tmp_path: Path,
     """A mapping held for the whole import keeps every page read so far resident, so the import's
     RSS would end at the inputs' size (hundreds of GB at 10⁸ rows). No input file is still mapped
     while a segment is written."""
-    from kukla.storage.importer import import_arrays
     from kukla.storage.part import StoreWriter
 
     maps = Path("/proc/self/maps")
@@ -71,6 +73,23 @@ def test_import_maps_its_input_files_only_while_it_reads_a_block(tmp_path: Path,
                   rows_per_segment=64)
     assert mapped == [[]] * 5  # 40 sequences of 8 rows, 8 sequences a segment
     assert open_store(tmp_path / "s").n_rows == 320
+
+
+def test_an_import_rerun_that_reads_its_inputs_by_another_path_keeps_its_store(tmp_path: Path) -> None:
+    """A rescheduled import job may see its input files under another mount; the same files are the
+    same run (its rerun found "a store of a different run" and stopped), other contents are not."""
+    first, moved = tmp_path / "host-a" / "x.npy", tmp_path / "host-b" / "x.npy"
+    first.parent.mkdir()
+    moved.parent.mkdir()
+    np.save(first, np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32))
+    import_arrays(tmp_path / "s", {"h": str(first)})
+    kept = store_files(tmp_path / "s")
+    shutil.copy2(first, moved)  # contents, size and mtime
+    assert import_arrays(tmp_path / "s", {"h": str(moved)}) == (300, 0)
+    assert store_files(tmp_path / "s") == kept and open_store(tmp_path / "s").where == {"h": str(first)}
+    np.save(moved, np.ones((300, 8), np.float32))
+    with pytest.raises(KuklaError, match="holds a store of a different run \\(files: "):
+        import_arrays(tmp_path / "s", {"h": str(moved)})
 
 
 def test_import_refuses_or_drops_nonfinite_rows(tmp_path: Path) -> None:
