@@ -33,8 +33,7 @@ from kukla.errors import KuklaError, preemption_point, stop_on_sigterm
 from kukla.storage import windows
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, array_specs, create_array, holdout_default,
                                   write_manifest)
-from kukla.storage.lease import Lease, live_holder, remove_stale
-from kukla.storage.location import Location, disk_full_error
+from kukla.storage.location import Lease, Location, disk_full_error, live_holder, remove_stale
 from kukla.storage.part import SegmentTable, unfinished_ranks
 from kukla.storage.shards import Layout
 from kukla.storage.shuffle import array_layouts, permute, scatter

@@ -6,7 +6,7 @@ transient: the shuffle turns them into the final sharded Zarr arrays); only afte
 does `_parts/rank-R/journal/seg-S.json` appear. The journal entry is the commit: a segment without
 one never happened, and is simply rewritten on resume. Every planned segment is written once:
 `committed` tells a resumed harvest what to skip. The part's writer holds a lease on
-`_parts/rank-R/lock.json` (kukla.storage.lease).
+`_parts/rank-R/lock.json` (a lease, kukla.storage.location).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from kukla.storage.format import (DEFAULT_CODEC, OPTIONAL_TOKEN_ARRAYS, RESERVED
                                   Attributes, ArraySpec, HookStats, as_numpy, check_codec, check_meta, chunk_rows_for,
                                   data_crc32, meta_fingerprint, new_attributes, numcodecs_codec, to_stored,
                                   write_manifest)
-from kukla.storage.location import Location, disk_full_error
-from kukla.storage.lease import Lease
+from kukla.storage.location import Lease, Location, disk_full_error
 
 if TYPE_CHECKING:
     import torch

@@ -34,8 +34,7 @@ from kukla.pipeline.train.sweep import (FiniteCheck, NonFiniteLoss, Trainee, bui
                                         train_step)
 from kukla.progress import progress
 from kukla.storage import ActivationStream, Store, batches_per_epoch, open_store
-from kukla.storage.lease import Lease
-from kukla.storage.location import Location, check_output_dir
+from kukla.storage.location import Lease, Location, check_output_dir
 from kukla.storage.stream import Batch
 
 logger = getLogger(__name__)  # `logging` names the logging steps below
