@@ -12,8 +12,9 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 Buffer = bytes | bytearray | memoryview
 TEMPORARY = ".tmp-"
@@ -127,3 +128,32 @@ def _create_in_place(path: Path, data: Buffer) -> bool:
         os.fsync(f.fileno())
     fsync_dir(path.parent)
     return True
+
+
+STAGING = ".partial-"
+"""The prefix of `staged_files`' temporary folder inside the folder it fills."""
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | Path, replaces: Sequence[str], last: str) -> Iterator[Path]:
+    """A temporary folder inside `folder` for a new set of files. On success the old set (the
+    names or globs `replaces`) is removed, `last` first, and the new files are moved in, `last`
+    at the end: `folder` holds the old set whole until the new one is, and a reader that finds
+    `last` finds the rest. On failure (an error, SIGTERM) the new files go and the old stay."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for killed in folder.glob(f"{STAGING}*"):  # what a SIGKILL left mid-way
+        shutil.rmtree(killed, ignore_errors=True)
+    staging = folder / f"{STAGING}{secrets.token_hex(8)}"
+    staging.mkdir()
+    try:
+        yield staging
+        old = [folder / last, *(path for pattern in replaces for path in folder.glob(pattern))]
+        for path in dict.fromkeys(old):
+            path.unlink(missing_ok=True)
+        new = sorted(staging.iterdir(), key=lambda path: path.name == last)
+        for path in new:
+            os.replace(path, folder / path.name)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

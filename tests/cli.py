@@ -3,6 +3,10 @@ failed command must end in."""
 
 from __future__ import annotations
 
+import subprocess
+import textwrap
+from pathlib import Path
+
 import click
 import typer.main
 from typer.testing import CliRunner
@@ -39,3 +43,29 @@ def config_commands() -> dict[str, click.Command]:
 
     walk(typer.main.get_command(app), "kukla")
     return found
+
+
+_STOP_AT_READ = textwrap.dedent("""
+    import os, re, runpy, signal, sys
+    pattern, stopped = re.compile(sys.argv[1]), []
+    def stop(event, args):
+        reading = event == "open" and isinstance(args[0], (str, os.PathLike)) and args[1] in ("r", "rb")
+        if reading and not stopped and pattern.search(os.fspath(args[0])):
+            stopped.append(args[0])
+            os.kill(os.getpid(), signal.SIGSTOP)
+    sys.addaudithook(stop)
+    sys.argv = ["kukla", *sys.argv[2:]]
+    runpy.run_module("kukla", run_name="__main__")
+""")
+
+
+def stopping_at_read(pattern: str) -> list[str]:
+    """Python's arguments for `python -m kukla ARGS` (append ARGS) that SIGSTOPs itself just before
+    it first opens a file matching `pattern` for reading: a stop at an exact point of kukla's own
+    work, which runs unchanged."""
+    return ["-c", _STOP_AT_READ, pattern]
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """Whether the process is stopped (SIGSTOP), as `stopping_at_read` leaves it."""
+    return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,7 @@ from kukla.errors import KuklaError
 from kukla.pipeline.dictionary import evaluation_rows
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.storage import open_store
-from tests.cli import kukla, one_line_error
+from tests.cli import kukla, one_line_error, stopped, stopping_at_read
 from tests.evaluate.helpers import D, make_dictionary
 
 
@@ -169,3 +174,39 @@ def test_a_file_or_a_dictionary_given_twice_is_refused_by_name(tmp_path: Path, r
     code, output = kukla("evaluate", dicts["identity"], again, "--store", rows_store, "--out", tmp_path / "b")
     one_line_error(code, output, "dictionaries:", "is given twice: give each dictionary once")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_evaluation_stopped_by_sigterm_or_an_error_keeps_the_report_the_folder_held(
+        tmp_path: Path, rows_store: Path, dicts: dict[str, Path]) -> None:
+    """A re-evaluation stopped part-way (a preemption, a missing model) deleted the old metrics.json
+    and tables first and left the new tables beside the old report.html: neither evaluation."""
+    out = evaluate(_config(list(dicts.values())[:2], rows_store, tmp_path / "report"))
+    held = _files(out)
+    args = ["evaluate", *map(str, dicts.values()), "--store", str(rows_store), "--out", str(out),
+            "--no-downstream", "--no-absorption"]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, *stopping_at_read(r"/templates/report\.css$"), *args], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # stopped with the new tables and report.md written
+    deadline = time.monotonic() + 120
+    while not stopped(proc) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert any(out.glob(".partial-*/latents_*.parquet"))
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"stopped: SIGTERM: the evaluation stopped; {out} keeps"), err
+    assert _files(out) == held
+
+    with pytest.raises(KuklaError, match="downstream metrics are required"):
+        evaluate(_config(list(dicts.values()), rows_store, out, downstream=DownstreamConfig(require=True)))
+    assert _files(out) == held
+    evaluate(_config(list(dicts.values()), rows_store, out))
+    assert sorted(json.loads((out / "metrics.json").read_text())["dictionaries"]) == sorted(dicts)
+    assert not any(out.glob(".partial-*")) and len(list(out.glob("latents_*.parquet"))) == len(dicts)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -20,24 +19,11 @@ from kukla.errors import KuklaError
 from kukla.storage import finalize_store, finalize_worker
 from kukla.storage.location import Location
 
+from tests.cli import stopped, stopping_at_read
+
 from .conftest import store_files, store_state, wait_for, write_sequences  # noqa: TID252
 
 REPO = Path(__file__).resolve().parents[2]
-
-STOP_AT_READ = textwrap.dedent("""
-    import os, re, runpy, signal, sys
-    pattern, stopped = re.compile(sys.argv[1]), []
-    def stop(event, args):
-        reading = event == "open" and isinstance(args[0], str) and args[1] in ("r", "rb")
-        if reading and not stopped and pattern.search(args[0]):
-            stopped.append(args[0])
-            os.kill(os.getpid(), signal.SIGSTOP)
-    sys.addaudithook(stop)
-    sys.argv = ["kukla", *sys.argv[2:]]
-    runpy.run_module("kukla", run_name="__main__")
-""")
-"""`python -m kukla ARGS` that SIGSTOPs itself just before it first opens a file matching PATTERN
-for reading: a stop at an exact point of kukla's own work, which runs unchanged."""
 
 SEGMENT = r"/_parts/.*\.bin$"
 """A segment's data, which pass 1 reads."""
@@ -46,13 +32,13 @@ SEGMENT = r"/_parts/.*\.bin$"
 def _start(tmp_path: Path, name: str, *args: str, stop_at: str | None = None, **env: str) -> subprocess.Popen:
     """`kukla store finalize STORE ARGS` (split, 64 KiB budget), its stdout and stderr in NAME.out
     and NAME.err; with `stop_at`, stopped just before it first reads a file matching it."""
-    launch = ["-c", STOP_AT_READ, stop_at] if stop_at else ["-m", "kukla"]
+    launch = stopping_at_read(stop_at) if stop_at else ["-m", "kukla"]
     with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
         proc = subprocess.Popen([sys.executable, *launch, "store", "finalize", str(tmp_path / "split"),
                                  "--memory-budget", "64KiB", *args], cwd=REPO, stdout=out, stderr=err, text=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO), **env})
     if stop_at:
-        wait_for(proc, lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T")
+        wait_for(proc, lambda: stopped(proc))
     return proc
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from kukla.atomic import write_atomic
+from kukla.atomic import staged_files, write_atomic
 from kukla.config import to_dict, usable_device
-from kukla.errors import KuklaError
+from kukla.errors import KuklaError, Preempted, stop_on_sigterm
 from kukla.pipeline.dictionary import Dictionary, calibration_rows, evaluation_rows, load_dictionary
 from kukla.pipeline.evaluate import browser
 from kukla.pipeline.evaluate import contexts as ctx
@@ -332,10 +332,22 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
         raise KuklaError(f"store {store.url} holds no held-out rows to evaluate on after its calibration split "
                          f"({store.holdout_rows} held out): re-finalize it with held-out rows")
     entries = load_entries(config, store, device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for previous in [out / "metrics.json", *out.glob("latents_*.parquet")]:  # a report folder holds one evaluation
-        previous.unlink(missing_ok=True)
+    final = Path(config.out)
+    try:  # a report folder holds one evaluation, whole: the old one until the new one is complete
+        with stop_on_sigterm(), staged_files(final, REPORT_FILES, last="metrics.json") as out:
+            _evaluate(config, store, entries, device, model, out)
+    except Preempted:
+        raise Preempted(f"SIGTERM: the evaluation stopped; {final} keeps the report it held: rerun the same "
+                        "command to evaluate") from None
+    return final
+
+
+REPORT_FILES = ("report.md", "report.html", "latents_*.parquet")
+"""What an evaluation writes beside metrics.json, which it writes last."""
+
+
+def _evaluate(config: EvaluateConfig, store: Store, entries: list[Entry], device: str,
+              model: HookedTransformer | None, out: Path) -> None:
     notes: list[str] = []
     scored = stream_heldout(config, store, entries, device)
     massive = score_massive(store, entries, scored)
@@ -375,4 +387,3 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
     write_markdown(out / "report.md", report)
     write_html(out / "report.html", report, payload, training)
     write_atomic(out / "metrics.json", json.dumps(report, indent=2).encode())
-    return out
