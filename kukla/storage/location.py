@@ -13,6 +13,10 @@ thread every `lease/4` seconds. Another process takes it over when:
 - it is older than its lease (the holder died or lost the network, on any host), or
 - it was written on this host by a process that no longer exists (no need to wait).
 
+A lease held on another host is watched before it is refused: renewed, its holder lives (the
+error names it); expired, it is taken over. So a job rescheduled at once onto another host after
+a kill waits out its predecessor's lease (at most one lease) instead of failing on it.
+
 The lease is created with an exclusive write (`Location.create`): a hard link locally,
 `mode="xb"` on fsspec filesystems that implement it (s3fs sends `If-None-Match: *`, gcsfs `ifGenerationMatch=0`,
 adlfs `overwrite=False`). Where a filesystem has no exclusive write, kukla writes the
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import mmap
 import os
 import posixpath
@@ -47,6 +52,8 @@ from zarr.storage import FsspecStore, LocalStore
 
 from kukla.atomic import atomic_path, create_atomic, fsync_tree, remove_temporaries, write_atomic
 from kukla.errors import KuklaError
+
+logger = logging.getLogger(__name__)
 
 #: OS errors that mean "no room left" (ENOSPC), a file size limit (EFBIG) or a quota (EDQUOT).
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -310,7 +317,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> "Lease":
-        current = live_holder(self.location, self.key)
+        current = self._watched_holder()
         if current is not None:
             age = time.time() - float(current.get("time", 0.0))
             raise KuklaError(
@@ -324,6 +331,24 @@ class Lease:
         self._thread = threading.Thread(target=self._renew_loop, name=f"kukla-lease {self.key}", daemon=True)
         self._thread.start()
         return self
+
+    def _watched_holder(self) -> dict[str, Any] | None:
+        """The lease's live holder, None when there is none. A holder on another host may be dead
+        without this host being able to tell (a killed pod, a lost node, a job rescheduled at
+        once): its lease is watched until it is renewed (the holder lives) or expires (taken
+        over), so a rescheduled job starts instead of failing on its predecessor's lease."""
+        current = live_holder(self.location, self.key)
+        if current is None or current.get("host") == host_name():
+            return current
+        seconds = float(current.get("lease", self.seconds))
+        logger.info("%s: process %s on %s holds it; waiting up to %.0f s for its lease to be renewed (it lives) "
+                    "or to expire (taken over)", self.what, current.get("pid"), current.get("host"),
+                    float(current.get("time", 0.0)) + seconds - time.time())
+        while (now := live_holder(self.location, self.key)) is not None:
+            if (now.get("token"), now.get("time")) != (current.get("token"), current.get("time")):
+                return now  # renewed, or taken by another process: alive
+            time.sleep(seconds / 16)
+        return None
 
     def release(self) -> None:
         """Stop renewing and remove the lease (if it is still ours)."""
