@@ -90,6 +90,10 @@ def write_atomic(path: str | Path, data: Buffer | list[Buffer]) -> None:
             f.write(piece)
 
 
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+"""What `os.link` raises on a file system without hard links (some FUSE and SMB mounts)."""
+
+
 def create_atomic(path: str | Path, data: Buffer) -> bool:
     """Write `data` as `path` unless `path` exists: True when this call made it. Exclusive, so the
     first of racing writers wins, and whole at once (a hard link of a finished temporary; where
@@ -114,10 +118,8 @@ def create_atomic(path: str | Path, data: Buffer) -> bool:
     return True
 
 
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
-
-
 def _create_in_place(path: Path, data: Buffer) -> bool:
+    """`create_atomic` without a hard link: exclusive still, but a kill mid-write leaves a part."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:

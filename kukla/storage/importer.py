@@ -144,9 +144,10 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
 
     Rerunning the same import after a kill or a full disk resumes it (writing or
     finalizing); after it finished, keeps the store (the input files may be read by other
-    paths: a file is its name, size and mtime). With `overwrite`, an existing store at `out` is left alone until the new
-    one is complete: the new one is built beside it (`<out>.importing`) and replaces it
-    at the end, so bad input (NaN rows, a kill) never costs the old store.
+    paths: a file is its name, size and mtime). With `overwrite`, an existing store at `out`
+    is left alone until the new one is complete: the new one is built beside it
+    (`<out>.importing`) and replaces it at the end, so bad input (NaN rows, a kill) never
+    costs the old store.
     """
     if not hooks:
         raise KuklaError("give at least one --hook NAME=FILE")

@@ -163,8 +163,8 @@ def fresh_windows(store: Store, tokenizer: Any, n_windows: int) -> tuple[torch.T
         raise KuklaError(f"store {store.url} records no dataset to re-read")
     spec = meta["dataset"]
     keep_special = bool(meta.get("harvest", {}).get("keep_special_tokens", False))
-    texts = iter_texts(store.where.get("dataset", spec["name"]), spec.get("subset"), spec.get("split", "train"), spec.get("revision"),
-                       spec.get("text_column", "text"))
+    texts = iter_texts(store.where.get("dataset", spec["name"]), spec.get("subset"), spec.get("split", "train"),
+                       spec.get("revision"), spec.get("text_column", "text"))
     harvested = int(meta.get("planned_tokens", 0))
     kept = 0
     seen: list[np.ndarray] = []
