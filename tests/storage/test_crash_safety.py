@@ -127,3 +127,22 @@ def test_finalize_removes_what_a_killed_shard_write_left_in_the_arrays(tmp_path:
     _assert_every_row_once(path, 4 * 256)
     assert not left.exists()
     assert not [p for p in path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_racing_exclusive_creates_leave_one_winner_and_its_whole_file(tmp_path: Path) -> None:
+    """Finalize's plan and every lease are made by whichever racing process creates them first:
+    exactly one learns it won, the file is its data whole, and no temporary stays behind."""
+    script = textwrap.dedent("""
+        import sys
+        from kukla.atomic import create_atomic
+        data = sys.argv[2].encode() * 200_000
+        print(create_atomic(sys.argv[1], data), flush=True)
+    """)
+    for trial in range(3):
+        target = tmp_path / f"plan-{trial}.json"
+        racers = [subprocess.Popen([sys.executable, "-c", script, str(target), str(i)], stdout=subprocess.PIPE,
+                                   text=True, env={**os.environ, "PYTHONPATH": str(REPO)}) for i in range(4)]
+        won = [racer.communicate(timeout=60)[0].strip() == "True" for racer in racers]
+        assert sum(won) == 1, won
+        assert target.read_bytes() == str(won.index(True)).encode() * 200_000
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"plan-{t}.json" for t in range(trial + 1))
