@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +35,7 @@ from kukla.storage import windows
 from kukla.storage.format import (TARGET_SHARD_BYTES, Attributes, HookStats, array_specs, create_array, holdout_default,
                                   write_manifest)
 from kukla.storage.location import Lease, Location, disk_full_error, live_holder, remove_stale
-from kukla.storage.part import SegmentTable, unfinished_ranks
+from kukla.storage.part import SegmentTable, finished_key, unfinished_ranks
 from kukla.storage.shards import Layout
 from kukla.storage.shuffle import array_layouts, permute, scatter
 
@@ -265,6 +266,7 @@ def _new_plan(location: Location, value: dict[str, Any], budget: int, seed: int,
         raise KuklaError(f"rank {unfinished[0]} of {world} has not finished writing {location.url}: rerun that "
                          "rank's job (it resumes from its journal) before finalizing")
     entries = SegmentTable.read(location, world, value["codec"]).entries  # every journal, read once
+    _check_parts_whole(location, world, entries)
     truth = entries[0]["truth"] if entries else []
     if any(e["truth"] != truth for e in entries):
         raise KuklaError(f"{location.url}: ranks wrote different truth arrays: rewrite the store")
@@ -294,6 +296,21 @@ def _new_plan(location: Location, value: dict[str, Any], budget: int, seed: int,
     }
     plan["id"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
     return plan
+
+
+def _check_parts_whole(location: Location, world: int, entries: list[dict[str, Any]]) -> None:
+    """Refuse to plan from parts a finalize removed while this process read them (it saw the store
+    unfinalized, then stalled past its lease): planned from fewer segments than the ranks finished
+    with, it wrote an empty manifest and empty arrays over the finished store's."""
+    counts = Counter(int(e["rank"]) for e in entries)
+    for rank in range(world):
+        try:
+            whole = location.read_json(finished_key(rank))["segments"] == counts[rank]
+        except FileNotFoundError:
+            whole = False
+        if not whole:
+            raise KuklaError(f"finalize of {location.url}: rank {rank}'s part was removed as this process read it "
+                             "(another finalize is past its first pass): rerun to follow that finalize's plan")
 
 
 def _create_arrays(location: Location, attrs: dict[str, Any], plan: dict[str, Any]) -> None:

@@ -17,6 +17,8 @@ import pytest
 
 from kukla.errors import KuklaError
 from kukla.storage import finalize_store, finalize_worker
+from kukla.storage.finalize import _plan
+from kukla.storage.format import Attributes
 from kukla.storage.location import Location
 
 from tests.cli import stopped, stopping_at_read
@@ -143,6 +145,19 @@ def test_a_worker_stalled_past_its_lease_through_the_whole_commit_ends_with_noth
     err = _err(tmp_path, "worker")
     assert "Traceback" not in err and err.rstrip().endswith("the store is finalized: nothing left to do"), err
     assert (tmp_path / "worker.out").read_text() == f"finalized: {path}\n"
+    assert store_files(path) == store_files(single)
+
+
+def test_a_planner_that_saw_the_store_unfinalized_keeps_the_store_a_commit_finished_meanwhile(
+        tmp_path: Path, stores) -> None:
+    """A worker that read the store as not finalized, then stalled past its lease while a commit
+    finished it, planned from the parts the commit had removed: it wrote an empty manifest and
+    empty arrays over the finished store's, and ended with exit 0, "nothing left to do"."""
+    path, single = stores
+    seen = Attributes.read(Location(path))  # the worker's look at the store, before it stalled
+    finalize_store(path, memory_budget_bytes=64 << 10)
+    with pytest.raises(KuklaError):  # the parts it would plan from are gone
+        _plan(Location(path), seen, 64 << 10, 0, None, worker=1)
     assert store_files(path) == store_files(single)
 
 
