@@ -324,8 +324,18 @@ def _difference(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
                    if k not in RESERVED and k != "where" and existing.get(k) != wanted.get(k))
     if not keys:
         return "its metadata differs"
-    there, now = (json.dumps(value.get(keys[0]), default=str)[:120] for value in (existing, wanted))
-    return f"{keys[0]}: {there} there, {now} now"
+    name, there, now = _first_difference(keys[0], existing.get(keys[0]), wanted.get(keys[0]))
+    there, now = (json.dumps(value, default=str)[:120] for value in (there, now))
+    return f"{name}: {there} there, {now} now"
+
+
+def _first_difference(name: str, there: Any, now: Any) -> tuple[str, Any, Any]:
+    """The innermost entry of two values that differs (`dataset.bytes`), not the whole values: a
+    dataset's size is its last key, which a cut of the whole entry left out."""
+    if isinstance(there, dict) and isinstance(now, dict):
+        key = next(k for k in [*there, *(k for k in now if k not in there)] if there.get(k) != now.get(k))
+        return _first_difference(f"{name}.{key}", there.get(key), now.get(key))
+    return name, there, now
 
 
 def _existing(location: Location) -> dict[str, Any] | None:

@@ -124,7 +124,7 @@ def test_ranks_on_hosts_that_mount_the_inputs_elsewhere_write_one_store(tiny_mod
 
     with open(moved["dataset"], "a") as file:
         file.write(json.dumps({"text": "More text than the first run read."}) + "\n")
-    with pytest.raises(KuklaError, match="holds a store of a different run \\(dataset: .* there, .* now\\)"):
+    with pytest.raises(KuklaError, match=r"holds a store of a different run \(dataset\.bytes: \d+ there, \d+ now\)"):
         _in_process(config | moved | {"output": str(tmp_path / "one.zarr")}, tiny_model)
 
 

@@ -72,6 +72,16 @@ def test_other_runs_store_is_refused_unless_overwrite(tmp_path: Path) -> None:
         assert writer.committed == set()
 
 
+def test_the_refusal_of_another_run_names_the_entry_that_differs(tmp_path: Path) -> None:
+    """The run's entries were cut to 120 characters each: a local dataset's size, its last key,
+    was left out, so the error showed the same text "there" and "now"."""
+    dataset = {"name": "texts.jsonl", "local": True, "subset": None, "split": "train", "revision": None,
+               "text_column": "text", "bytes": 30984}
+    StoreWriter.open(tmp_path / "s", {"hooks": HOOKS, "dataset": dataset}).close()
+    with pytest.raises(KuklaError, match=r"different run \(dataset\.bytes: 30984 there, 31023 now\)"):
+        StoreWriter.open(tmp_path / "s", {"hooks": HOOKS, "dataset": dataset | {"bytes": 31023}})
+
+
 def test_resumed_writer_knows_committed_segments(tmp_path: Path) -> None:
     with StoreWriter.open(tmp_path / "s", {"hooks": HOOKS}) as writer:
         writer.write_segment(0, {"acts/h": np.ones((3, 16))})
