@@ -13,6 +13,7 @@ mostly the 262k-token tokenizer); every later load reads that folder (~5 s).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
 import shutil
@@ -222,7 +223,19 @@ def model_summary(model: HookedTransformer) -> dict[str, Any]:
         "tokenizer_name": _without_folder(cfg.tokenizer_name),  # a local folder's is its path
         "original_architecture": cfg.original_architecture,
         "dtype": str(cfg.dtype).removeprefix("torch."),
+        "weights": weights_digest(model),
     }
+
+
+def weights_digest(model: torch.nn.Module, corner: int = 8) -> str:
+    """A short hash of a corner of every parameter (its first `corner` entries along each dim): a
+    model is known by its weights, not by its folder's name, so a rerun with another checkpoint
+    of the same architecture is another run. Slices, not copies: nothing the size of the model."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        block = param.detach()[tuple(slice(0, corner) for _ in range(param.dim()))]
+        digest.update(name.encode() + block.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _without_folder(name: str | None) -> str | None:

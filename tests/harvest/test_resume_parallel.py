@@ -128,6 +128,22 @@ def test_ranks_on_hosts_that_mount_the_inputs_elsewhere_write_one_store(tiny_mod
         _in_process(config | moved | {"output": str(tmp_path / "one.zarr")}, tiny_model)
 
 
+def test_another_checkpoint_in_a_folder_of_the_same_name_is_another_run(tiny_model_dir: Path, texts: Path,
+                                                                        tmp_path: Path) -> None:
+    """A local model stood for itself by its folder's name and architecture alone, so a rerun with
+    another checkpoint (runs/b/final for runs/a/final) resumed the store and mixed the two models' rows."""
+    from safetensors.torch import load_file, save_file
+
+    other = Path(shutil.copytree(tiny_model_dir, tmp_path / "runs-b" / tiny_model_dir.name))
+    weights = load_file(other / "model.safetensors")
+    save_file({name: value * 1.01 for name, value in weights.items()}, other / "model.safetensors",
+              metadata={"format": "pt"})
+    config = _config(tiny_model_dir, texts, tmp_path / "s.zarr", tokens=200, segment_windows=3)
+    _in_process(config, None)
+    with pytest.raises(KuklaError, match=r"different run \(model\.weights: "):
+        _in_process(config | {"model": str(other)}, None)
+
+
 def _state(out: Path) -> str | None:
     try:
         return json.loads((out / "zarr.json").read_text())["attributes"]["kukla"]["state"]
