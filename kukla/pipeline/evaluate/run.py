@@ -383,7 +383,7 @@ def _evaluate(config: EvaluateConfig, store: Store, entries: list[Entry], device
                                    "calibration_rows": [calibration.start, calibration.stop],
                                    "massive": massive, "fingerprint": store.fingerprint},
                          "config": to_dict(config), "notes": notes, "dictionaries": dicts})
-    logger.info("writing the report to %s: its figures take a few seconds a dictionary", out)
+    logger.info("writing the report to %s: its figures take a few seconds a dictionary", config.out)
     write_markdown(out / "report.md", report)
     write_html(out / "report.html", report, payload, training)
     write_atomic(out / "metrics.json", json.dumps(report, indent=2).encode())
