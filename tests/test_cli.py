@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from kukla.cli.app import app
 from kukla.cli.options import config_command
 from kukla.config import field_docs, from_dict, load_config
 from kukla.errors import ConfigError
-from tests.cli import config_commands
+from tests.cli import config_commands, stopped, stopping_at_read
 
 runner = CliRunner()
 
@@ -156,3 +159,23 @@ def test_bad_config_values_name_the_field(tmp_path: Path) -> None:
         assert "did you mean 'width'" in str(exc)
     else:
         raise AssertionError("unknown key accepted")
+
+
+def test_sigterm_while_a_command_starts_stops_it_with_one_line(tmp_path: Path) -> None:
+    """A command's first seconds (torch's import, a model's load) ran under Python's default
+    SIGTERM: exit −15 and no line, where every later moment ends with `stopped:` and 143."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "toy.zarr"
+    proc = subprocess.Popen([sys.executable, *stopping_at_read(r"/torch/__init__\.py$"), "harvest", str(out),
+                             "--source", "toy-tree", "--tokens", "4096"], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    deadline = time.monotonic() + 60
+    while not stopped(proc):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "stopped: SIGTERM: committed work is kept; rerun the same command to resume"
+    assert not out.exists()

@@ -21,19 +21,22 @@ from rich.markup import escape
 
 from kukla.config import (COMMAND_LINE, Bytes, Setting, _strip_optional, field_types, from_dict, read_toml,
                           section_table, settings)
-from kukla.errors import EXIT_SIGTERM, KuklaError, Preempted
+from kukla.errors import EXIT_SIGTERM, KuklaError, Preempted, stop_on_sigterm
 
 C = TypeVar("C")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly(fn: F) -> F:
-    """Turn a KuklaError into one line on stderr and exit status 2 (no traceback); SIGTERM into 143."""
+    """Turn a KuklaError into one line on stderr and exit status 2 (no traceback); SIGTERM into 143,
+    from the command's first instant (its imports and model load take seconds) until a stage
+    takes SIGTERM over (training checkpoints first)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with stop_on_sigterm():
+                return fn(*args, **kwargs)
         except KuklaError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
