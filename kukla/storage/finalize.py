@@ -220,11 +220,12 @@ def _plan(location: Location, attrs: Attributes, budget: int, seed: int, holdout
         location.put_json(PLAN, plan)
     elif not location.create(PLAN, json.dumps(plan, sort_keys=True).encode()):
         planned = location.read_json(PLAN)  # another worker planned first (or one killed before marking the store)
-        followed = None if planned["id"] == plan["id"] else _follow(location, planned, seed, budget, worker)
-        if followed is not None:
-            plan = followed
-        elif planned["id"] != plan["id"]:
-            location.put_json(PLAN, plan)
+        if planned["id"] != plan["id"]:
+            followed = _follow(location, planned, seed, budget, worker)
+            if followed is None:  # this commit plans anew
+                location.put_json(PLAN, plan)
+            else:
+                plan = followed
     _create_arrays(location, {**value, "truth": plan["truth"]}, plan)
     if Attributes.read(location).value["state"] == "finalized":  # this process stalled while a commit ended
         raise KuklaError(f"finalize of {location.url}: the store was finalized meanwhile")

@@ -321,6 +321,10 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+REPORT_FILES = ("report.md", "report.html", "latents_*.parquet")
+"""What an evaluation writes beside metrics.json, which it writes last."""
+
+
 def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) -> Path:
     """Evaluate `config.dictionaries` on `config.store`'s held-out rows; returns the report directory.
 
@@ -340,10 +344,6 @@ def evaluate(config: EvaluateConfig, *, model: HookedTransformer | None = None) 
         raise Preempted(f"SIGTERM: the evaluation stopped; {final} keeps the report it held: rerun the same "
                         "command to evaluate") from None
     return final
-
-
-REPORT_FILES = ("report.md", "report.html", "latents_*.parquet")
-"""What an evaluation writes beside metrics.json, which it writes last."""
 
 
 def _evaluate(config: EvaluateConfig, store: Store, entries: list[Entry], device: str,
