@@ -192,6 +192,8 @@ class ImportConfig:
     """Memory the global shuffle may use (e.g. 512MiB, 8GB, or a byte count)."""
     seed: int = 0
     """Seed of the global shuffle."""
+    holdout_rows: int | None = None
+    """Rows held out for evaluation at the store's tail (default: 1% of rows, at most 2**20)."""
     overwrite: bool = False
     """Replace a store of another run at OUT."""
     tokens: str | None = None
@@ -209,6 +211,8 @@ class ImportConfig:
             check_codec(self.codec)
         except KuklaError as exc:
             raise ConfigError("codec", str(exc)) from None
+        if self.holdout_rows is not None and self.holdout_rows < 0:
+            raise ConfigError("holdout_rows", "must be 0 or more")
 
 
 def _info(config: InfoConfig) -> None:
@@ -277,7 +281,8 @@ def _import(config: ImportConfig) -> None:
     rows, dropped = import_arrays(config.out, hooks, dtype=config.store_dtype, codec=config.codec,
                                   drop_nonfinite=config.drop_nonfinite, seed=config.seed,
                                   memory_budget_bytes=config.memory_budget,
-                                  overwrite=config.overwrite, tokens=config.tokens, model=config.model)
+                                  overwrite=config.overwrite, tokens=config.tokens, model=config.model,
+                                  holdout_rows=config.holdout_rows)
     note = f", dropped {dropped:,} rows with NaN/inf" if config.drop_nonfinite else ""
     typer.echo(f"imported {rows:,} rows into {config.out}{note}")
 

@@ -135,12 +135,13 @@ def open_tokens(path: str | Path, leading: tuple[int, ...]) -> Path:
 def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloat16", codec: str = DEFAULT_CODEC,
                   drop_nonfinite: bool = False, seed: int = 0, memory_budget_bytes: int = 2 << 30,
                   overwrite: bool = False, rows_per_segment: int = 1 << 16, tokens: str | Path | None = None,
-                  model: str | None = None) -> tuple[int, int]:
+                  model: str | None = None, holdout_rows: int | None = None) -> tuple[int, int]:
     """Import, shuffle and finalize; returns (rows stored, rows dropped for NaN/inf).
 
     `tokens` (.npy [sequences, context_size], for activations [sequences, context_size, width])
     gives every row its token id, sequence and position, and the store keeps each sequence as a
     window, so evaluate shows contexts; `model` names the model (or tokenizer) they come from.
+    `holdout_rows` is the store's evaluation tail (default: 1% of rows, at most 2**20).
 
     Rerunning the same import after a kill or a full disk resumes it (writing or
     finalizing); after it finished, keeps the store (the input files may be read by other
@@ -184,7 +185,7 @@ def import_arrays(out: str | Path, hooks: dict[str, str], *, dtype: str = "bfloa
         elif state != "finalizing" and not (staged and state == "finalized"):
             _write(build.url, sources, ids, meta, dtype=dtype, codec=codec, drop_nonfinite=drop_nonfinite,
                    overwrite=overwrite, rows_per_segment=rows_per_segment)
-        finalize_store(build.url, memory_budget_bytes=memory_budget_bytes, seed=seed)
+        finalize_store(build.url, memory_budget_bytes=memory_budget_bytes, seed=seed, holdout_rows=holdout_rows)
         if staged:
             target.remove("")
             target.fs.mv(staging.root, target.root, recursive=True)

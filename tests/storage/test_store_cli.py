@@ -92,6 +92,23 @@ def test_an_import_rerun_that_reads_its_inputs_by_another_path_keeps_its_store(t
         import_arrays(tmp_path / "s", {"h": str(moved)})
 
 
+def test_an_import_holds_out_the_rows_asked_for_and_a_rebuild_changes_them(tmp_path: Path) -> None:
+    """Imported rows are evaluated on their held-out tail: 1% of 32,000 rows left 160 scored rows
+    and no setting to change it (finalize refused it on the finished store: "rebuild the store")."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((3000, 4)).astype(np.float32))
+    hook = ("--hook", f"h={tmp_path / 'x.npy'}")
+    assert kukla("store", "import", tmp_path / "s", *hook, "--holdout-rows", "600")[0] == 0
+    assert open_store(tmp_path / "s").holdout_rows == 600
+    one_line_error(*kukla("store", "import", tmp_path / "s", *hook, "--holdout-rows", "900"),
+                   "already finalized with shuffle seed 0 and 600 held-out rows", "--overwrite")
+    assert open_store(tmp_path / "s").holdout_rows == 600  # kept
+    assert kukla("store", "import", tmp_path / "s", *hook, "--holdout-rows", "900", "--overwrite")[0] == 0
+    store = open_store(tmp_path / "s")
+    assert (store.holdout_rows, store.n_rows) == (900, 3000)
+    one_line_error(*kukla("store", "import", tmp_path / "t", *hook, "--holdout-rows", "-1"),
+                   "holdout_rows: must be 0 or more")
+
+
 def test_import_refuses_or_drops_nonfinite_rows(tmp_path: Path) -> None:
     x = np.ones((50, 4), np.float32)
     x[[3, 7, 9], 1] = [np.nan, np.inf, -np.inf]
