@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 import re
+import string
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,56 @@ def test_evaluate_of_a_store_whose_dataset_is_gone_still_shows_and_shades_contex
             assert context["acts"][-1] == pytest.approx(own, rel=1e-2, abs=2e-3)  # the shading is the row's own code
             checked += 1
     assert checked > 0
+
+
+def _byte_fallback_tokenizer(folder: Path):
+    """A Llama-style tokenizer: ASCII letters, '▁' for spaces, every other character as UTF-8 byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "▁", *string.ascii_letters, *".,!", *(f"<0x{b:02X}>" for b in range(256))]
+    core = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Replace(" ", "▁")
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_a_character_split_into_byte_tokens_shows_whole_on_the_token_that_completes_it(tmp_path: Path) -> None:
+    """Emoji, CJK and accents are several byte tokens each; alone each decodes to U+FFFD, which
+    the browser and the latent table must never show in their place."""
+    tokenizer = _byte_fallback_tokenizer(tmp_path / "tokenizer")
+    text = "Tom saw 😀 and a café in 日本!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # the characters outside the vocabulary are bytes
+    n_seq, width = 300, 8
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "ids.npy", np.array([[tokenizer.bos_token_id, *ids]] * n_seq))
+    np.save(tmp_path / "acts.npy", rng.standard_normal((n_seq, len(ids) + 1, width)).astype(np.float32))
+    store = tmp_path / "s"
+    import_arrays(store, {HOOK: str(tmp_path / "acts.npy")}, tokens=tmp_path / "ids.npy", dtype="float32",
+                  model=str(tmp_path / "tokenizer"), holdout_rows=1200)
+    g = torch.Generator().manual_seed(0)
+    path = make_dictionary(tmp_path / "d", torch.randn(width, 16, generator=g), torch.randn(16, width, generator=g))
+    out = evaluate(EvaluateConfig(dictionaries=[path], store=store, out=tmp_path / "report",
+                                  downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False),
+                                  context_tokens=len(ids)))
+    full = [tokenizer.bos_token_id, *ids]
+    for latent in pq.read_table(out / "latents_d.parquet").to_pylist():
+        for shown, row in zip(latent["top_contexts"], latent["top_rows"]):
+            p = int(open_store(store).read("tokens/position", row, row + 1))
+            upto = tokenizer.decode(full[:p + 1])
+            before = next(t for j in range(p, -1, -1) if "\ufffd" not in (t := tokenizer.decode(full[:j])))
+            if upto.endswith("\ufffd"):  # the row's token starts or continues a character: its name shows
+                assert shown.endswith("«" + tokenizer.convert_ids_to_tokens(full[p]) + "»")
+            else:  # the token that completes a character carries all of it
+                assert shown == before + "«" + upto[len(before):] + "»"
+    html = (out / "report.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="kukla-data">(.*?)</script>', html, re.S).group(1))
+    assert not any("\ufffd" in piece for piece in data["vocab"].values())
+    records = [c for page in _pages(html) for c in page["contexts"]]
+    split = [c for c in records if "text" in c]
+    assert split and all(len(c["text"]) == len(c["ids"]) and "\ufffd" not in "".join(c["text"]) for c in split)
+    assert any("😀" in c["text"][-1] for c in split)  # the emoji's last byte, highlighted, shows the emoji

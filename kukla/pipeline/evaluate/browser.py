@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kukla.pipeline.evaluate.contexts import RowContexts
+from kukla.pipeline.evaluate.contexts import RowContexts, TokenText
 from kukla.pipeline.evaluate.latents import (HISTOGRAM_EDGES, ActivationHistogram, CoFiring, latent_levels,
                                              max_correlation, mean_max_correlation, nearest_latents)
 from kukla.progress import progress
@@ -205,8 +205,10 @@ def _matches(inputs: list[BrowserInput], store: Store, scored: range, device: st
                                                               "rows": n}
 
 
-def _shaded_contexts(item: BrowserInput, store: Store, contexts: RowContexts, device: str) -> list[list[dict[str, Any]]]:
-    """Per latent, its top contexts: token ids and this latent's activation at each token."""
+def _shaded_contexts(item: BrowserInput, store: Store, contexts: RowContexts, text: TokenText,
+                     device: str) -> list[list[dict[str, Any]]]:
+    """Per latent, its top contexts: token ids, this latent's activation at each token and, where a
+    character spans tokens, each token's share of the text (`TokenText.pieces`)."""
     row_at = {r: i for i, r in enumerate(contexts.rows.tolist())}
     pairs = [(f, row_at[r]) for f, rows in enumerate(item.top_rows) for r in rows]
     if not pairs:
@@ -223,11 +225,14 @@ def _shaded_contexts(item: BrowserInput, store: Store, contexts: RowContexts, de
     for (f, i), values in zip(pairs, acts):
         ids = contexts.token_ids[i]
         keep = ids >= 0
-        out[f].append({"row": int(contexts.rows[i]), "ids": ids[keep].tolist(), "acts": _round(values[keep], 3)})
+        record = {"row": int(contexts.rows[i]), "ids": ids[keep].tolist(), "acts": _round(values[keep], 3)}
+        if (pieces := text.pieces(record["ids"])) is not None:
+            record["text"] = pieces
+        out[f].append(record)
     return out
 
 
-def build(inputs: list[BrowserInput], store: Store, contexts: RowContexts | None, tokenizer: Any | None,
+def build(inputs: list[BrowserInput], store: Store, contexts: RowContexts | None, text: TokenText,
           w_u: Tensor | None, scored: range, device: str) -> tuple[dict[str, Any], list[str]]:
     """The browser payload for every dictionary, and notes on what it lacks."""
     notes: list[str] = []
@@ -235,22 +240,23 @@ def build(inputs: list[BrowserInput], store: Store, contexts: RowContexts | None
     used: set[int] = set()
     out: dict[str, Any] = {}
     for item in inputs:
-        data, ids = _dictionary_payload(item, store, contexts, w_u, device, notes)
+        data, ids = _dictionary_payload(item, store, contexts, text, w_u, device, notes)
         used |= ids
         out[item.name] = data
-    vocab = {i: (tokenizer.decode([i]) if tokenizer is not None else f"[{i}]") for i in sorted(used)}
+    vocab = {i: text.alone(i) for i in sorted(used)}
     return {"page_latents": PAGE_LATENTS, "histogram_edges": _round(HISTOGRAM_EDGES.numpy(), 3),
             "vocab": vocab, "dictionaries": out}, notes
 
 
-def _dictionary_payload(item: BrowserInput, store: Store, contexts: RowContexts | None, w_u: Tensor | None,
-                        device: str, notes: list[str]) -> tuple[dict[str, Any], set[int]]:
+def _dictionary_payload(item: BrowserInput, store: Store, contexts: RowContexts | None, text: TokenText,
+                        w_u: Tensor | None, device: str, notes: list[str]) -> tuple[dict[str, Any], set[int]]:
     d = item.dictionary
     width, levels = d.width, list(d.levels)
     w_dec = d.output_directions.detach()  # raw units: the lens gives the logit change per unit of activation
     near_cos, near_idx = item.nearest
     parent, fraction = item.stats.cofiring.tree()
-    shaded = _shaded_contexts(item, store, contexts, device) if contexts is not None else [[] for _ in range(width)]
+    shaded = (_shaded_contexts(item, store, contexts, text, device) if contexts is not None
+              else [[] for _ in range(width)])
     path = lens_path(item.target_hook, d.d_out, w_u.shape[0]) if w_u is not None else None
     lens = (logit_lens(w_dec, w_u, LENS_TOKENS, desc=f"logit lens ({item.name})")
             if path is not None and w_u is not None else None)

@@ -131,22 +131,74 @@ def load_tokenizer(store: Store, model: str | None = None) -> tuple[Any | None, 
     return None, "no tokenizer for the contexts (shown as token ids): " + "; ".join(problems)
 
 
-def render_context(ids: list[int], tokenizer: Any | None) -> str:
+REPLACEMENT = "\ufffd"
+"""What a byte token decodes to alone: a piece of a character (U+FFFD, the replacement character)."""
+
+
+class TokenText:
+    """What tokens read as. Most decode alone; byte-level and byte-fallback tokenizers (GPT-2,
+    Llama) split a character outside their vocabulary (emoji, CJK, accents) into byte tokens that
+    alone decode to U+FFFD. In a context such a character goes whole to the token that completes
+    it, the others show nothing; alone (a top token, the logit lens) a byte token shows its name."""
+
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer
+        self._alone: dict[int, str] = {}
+        self._split: set[int] = set()
+
+    def alone(self, token_id: int) -> str:
+        """The token's own text; its name (`<0xF0>`) for a piece of a character; `[id]` without a tokenizer."""
+        if token_id not in self._alone:
+            text = f"[{token_id}]" if self.tokenizer is None else self.tokenizer.decode([token_id])
+            if REPLACEMENT in text:
+                self._split.add(token_id)
+                text = self.tokenizer.convert_ids_to_tokens(token_id)
+            self._alone[token_id] = text
+        return self._alone[token_id]
+
+    def pieces(self, ids: list[int]) -> list[str] | None:
+        """Each token's share of the text of `ids`, or None when every token reads as it does alone.
+
+        Each prefix is decoded whole; a token's share is what its prefix adds to the last whole
+        text. A prefix ending inside a character decodes to U+FFFD (byte-fallback decoders turn
+        the whole run of bytes into U+FFFD), so its token waits, showing nothing, for the one that
+        completes the character. Tokens still waiting at the end (a character the context cuts
+        off) show their own text, their names for byte tokens."""
+        for token_id in ids:
+            self.alone(token_id)
+        if self.tokenizer is None or self._split.isdisjoint(ids):
+            return None
+        pieces: list[str] = []
+        done, waiting = "", []
+        for k, text in enumerate(self.tokenizer.batch_decode([ids[:k + 1] for k in range(len(ids))])):
+            whole = text.startswith(done) and REPLACEMENT not in text[len(done):]
+            pieces.append(text[len(done):] if whole else "")
+            done = text if whole else done
+            waiting = [] if whole else [*waiting, k]
+        for k in waiting:
+            pieces[k] = self.alone(ids[k])
+        return pieces
+
+
+def render_context(ids: list[int], text: TokenText) -> str:
     """The context as text with the active (last) token in «»; token ids when there is no tokenizer."""
     *before, last = ids
     before = [t for t in before if t >= 0]
-    if tokenizer is None:
+    if text.tokenizer is None:
         return " ".join(map(str, before)) + f" «{last}»"
-    return tokenizer.decode(before) + "«" + tokenizer.decode([last]) + "»"
+    pieces = text.pieces([*before, last])
+    if pieces is None:
+        return text.tokenizer.decode(before) + "«" + text.alone(last) + "»"
+    return "".join(pieces[:-1]) + "«" + pieces[-1] + "»"
 
 
-def render_contexts(contexts: RowContexts, tokenizer: Any | None) -> dict[int, str]:
+def render_contexts(contexts: RowContexts, text: TokenText) -> dict[int, str]:
     """Every row's context as text (`render_context`); two decodes a row, so 65k latents' top 8
     rows take ~10 s: a bar counts them, 4096 at a time."""
     texts: dict[int, str] = {}
     with progress(len(contexts.rows), "contexts (decoding)", unit="context") as bar:
         for row, tokens in contexts.ids().items():
-            texts[row] = render_context(tokens, tokenizer)
+            texts[row] = render_context(tokens, text)
             if len(texts) % 4096 == 0 or len(texts) == len(contexts.rows):
                 bar.update(len(texts) - bar.n)
     return texts

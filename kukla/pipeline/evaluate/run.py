@@ -277,9 +277,9 @@ def _top_contexts(config: EvaluateConfig, store: Store, entries: list[Entry]) ->
     return ctx.row_contexts(store, rows, config.context_tokens) if rows and ctx.has_token_ids(store) else None
 
 
-def _write_tables(entries: list[Entry], out: Path, contexts: ctx.RowContexts | None, tokenizer: Any | None,
+def _write_tables(entries: list[Entry], out: Path, contexts: ctx.RowContexts | None, text: ctx.TokenText,
                   max_cos: dict[str, torch.Tensor]) -> None:
-    texts = ctx.render_contexts(contexts, tokenizer) if contexts else None
+    texts = ctx.render_contexts(contexts, text) if contexts else None
     for e in entries:
         top = e.top.top_rows()
         columns = e.stats.latent_columns() | {"decoder_max_cosine": max_cos[e.name]}
@@ -289,13 +289,13 @@ def _write_tables(entries: list[Entry], out: Path, contexts: ctx.RowContexts | N
 
 
 def _browser(config: EvaluateConfig, store: Store, entries: list[Entry], contexts: ctx.RowContexts | None,
-             tokenizer: Any | None, lm: HookedTransformer | None, scored: range,
+             text: ctx.TokenText, lm: HookedTransformer | None, scored: range,
              dicts: dict[str, dict[str, Any]], notes: list[str]) -> dict[str, Any]:
     """The latent browser's data; adds matching summaries and warnings to each dictionary's metrics."""
     inputs = [browser.BrowserInput(e.name, e.dictionary, e.input_hook, e.target_hook, e.browse, e.top.top_rows(),
                                    e.stats.latent_columns(), e.nearest) for e in entries]
     w_u = lm.W_U.detach() if lm is not None else None
-    payload, browser_notes = browser.build(inputs, store, contexts, tokenizer, w_u, scored, config.device)
+    payload, browser_notes = browser.build(inputs, store, contexts, text, w_u, scored, config.device)
     notes.extend(browser_notes)
     for e, item in zip(entries, inputs):
         if "matching" in item.extra:
@@ -373,8 +373,9 @@ def _evaluate(config: EvaluateConfig, store: Store, entries: list[Entry], device
         tokenizer, problem = ctx.load_tokenizer(store, config.model)
         if problem:
             notes.append(problem)
-    _write_tables(entries, out, contexts, tokenizer, max_cos)
-    payload = _browser(config, store, entries, contexts, tokenizer, lm, scored, dicts, notes)
+    text = ctx.TokenText(tokenizer)
+    _write_tables(entries, out, contexts, text, max_cos)
+    payload = _browser(config, store, entries, contexts, text, lm, scored, dicts, notes)
     training = {e.name: c for e in entries
                 if (c := training_curves(e.path, (e.dictionary.metadata or {}).get("sweep_member")))}
     calibration = calibration_rows(store)

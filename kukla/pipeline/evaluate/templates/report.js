@@ -107,9 +107,9 @@ function contextHtml(c) {
     const a = c.acts[k];
     const alpha = a === null ? 0 : Math.max(0, a) / peak;
     const cls = "tok" + (k === last ? " max" : "") + (a === null ? " unread" : "");
-    return `<span class="${cls}" style="background: rgba(255,140,0,${alpha.toFixed(3)})" title="${a === null ? "?" : fmt(a, 3)}">${esc(piece(id))}</span>`;
+    return `<span class="${cls}" style="background: rgba(255,140,0,${alpha.toFixed(3)})" title="${a === null ? "?" : fmt(a, 3)}">${esc(c.text ? c.text[k] : piece(id))}</span>`;
   }).join("");
-  return `<div class="context"><span class="ctxval">${fmt(c.acts[last], 4)}</span>${toks}</div>`;
+  return `<div class="context"><span class="ctxval">${fmt(c.acts[last], 3)}</span>${toks}</div>`;
 }
 
 function latentLink(di, j, extra = "") {
