@@ -58,3 +58,22 @@ def test_mean_ablation_uses_the_given_mean(tiny_model: HookedTransformer, contex
                               mean_ablation={HOOK: mean})
     assert out["mean"]["ce_loss_recovered_mean_ablation"] == pytest.approx(0.0, abs=1e-9)
     assert out["mean"]["ce_loss_mean_ablation"] != out["mean"]["ce_loss_zero_ablation"]
+
+
+def test_a_splice_at_a_gated_hook_replaces_it() -> None:
+    """hook_mlp_in fires only once its model flag is set: the splice must set it, not be skipped."""
+    torch.manual_seed(1)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=12, d_head=4, n_heads=4, d_mlp=32,
+                                  d_vocab=40, act_fn="gelu", normalization_type="LN")
+    model = HookedTransformer(cfg).eval()
+    contexts = torch.randint(0, 40, (6, 12), generator=torch.Generator().manual_seed(2))
+    block = model.blocks[1]
+    mlp_in, mlp_out = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
+    splices = {"zero_sae": Splice(mlp_in, mlp_in, torch.zeros_like),
+               "exact_transcoder": Splice(mlp_in, mlp_out, lambda x: block.mlp(block.ln2(x)))}
+    out = evaluate_downstream(model, contexts, splices, batch_size=4)
+    zeroed = model.run_with_hooks(contexts, return_type="loss",
+                                  fwd_hooks=[(mlp_in, lambda act, hook: torch.zeros_like(act))]).item()
+    assert out["zero_sae"]["ce_loss_spliced"] == pytest.approx(zeroed, rel=1e-5)
+    assert out["zero_sae"]["ce_loss_spliced"] != pytest.approx(out["zero_sae"]["ce_loss_clean"], rel=1e-3)
+    assert out["exact_transcoder"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
+from kukla.pipeline.hooks import enable_hooks
 from kukla.progress import progress
 
 if TYPE_CHECKING:
@@ -268,6 +269,8 @@ class DownstreamEvaluator:
         self.model = model
         self.splices = splices
         self.first_position = first_position
+        # A gated hook (hook_mlp_in, …) never fires without its flag: a splice there would be skipped.
+        enable_hooks(model, sorted({h for s in splices.values() for h in (s.input_hook, s.target_hook)}))
         self.ablations: dict[str, Callable[[Tensor], Tensor]] = {}
         for hook in sorted({s.target_hook for s in splices.values()}):
             self.ablations[f"zero:{hook}"] = lambda act: torch.zeros_like(act)
