@@ -107,6 +107,16 @@ def test_metrics_log_has_a_line_per_member_per_log_step(store: Path, tmp_path: P
     assert last["fvu"] < first["fvu"]  # it learns
 
 
+def test_metrics_log_is_strict_json_for_an_uncalibrated_dictionary(store: Path, tmp_path: Path) -> None:
+    """jq, JavaScript and pandas' strict readers refuse NaN: a relu run has no inference L0, so null."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="relu", width=[32], **SMALL))
+    lines = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["final"] and lines[-1]["inference_l0"] is None
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_is_written(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")

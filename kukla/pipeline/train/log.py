@@ -69,7 +69,7 @@ class TrainLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"dictionary": name, "final": True, **values}) + "\n")
-        if values.get("inference_l0") == values.get("inference_l0"):  # not NaN: a calibrated BatchTopK
+        if values.get("inference_l0") is not None:  # a calibrated BatchTopK
             logger.info("%s: calibrated inference L0 %.3f", name, values["inference_l0"])
         if self.wandb_run is not None:
             self.wandb_run.summary.update({f"{name}/{k}": v for k, v in values.items()})

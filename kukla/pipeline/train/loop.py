@@ -389,7 +389,8 @@ def _publish_final(final: Path | None, trainees: list[Trainee], out: Path, ranks
         for trainee, path in zip(trainees, paths):
             checkpoint.publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True),
                                    path)
-            inference_l0 = float(trainee.dictionary.inference_l0)
-            log.summary(trainee.name, {"inference_l0": inference_l0, "path": str(path)})
+            inference_l0 = float(trainee.dictionary.inference_l0)  # NaN: no calibration (relu, jumprelu, topk)
+            log.summary(trainee.name, {"inference_l0": None if math.isnan(inference_l0) else inference_l0,
+                                       "path": str(path)})
     barrier(ranks)
     return paths
