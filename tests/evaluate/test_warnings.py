@@ -55,8 +55,8 @@ def test_weak_splices_thin_samples_and_a_model_mismatch_get_warnings_that_name_t
                         "delta_lm_loss": 4.7, "ce_loss_mean_ablation": 5.5, "ce_loss_recovered_mean_ablation": -0.38,
                         "ce_loss_recovered_zero_ablation": 0.76},
          "absorption": {"letters_kept": 11, "letters_total": 26}}
-    meta = {"model_name": "gpt2", "config": {"k": 32},
-            "metadata": {"dead_window": {"tokens": 10_000_000, "engaged": False}}}
+    meta = {"config": {"k": 32},  # kukla.json's shape: the trainer's figures under `metadata`
+            "metadata": {"model_name": "gpt2", "dead_window": {"tokens": 10_000_000, "engaged": False}}}
     warnings = caveats(m, meta, {"model": {"name": "google/gemma-3-270m"}})
     starts = [w.split(":")[0].split(" from")[0] for w in warnings]
     assert starts == ["dead latents counted on only 2,000 eval tokens", "EV, FVU and L0", "CE recovered and KL",
@@ -67,4 +67,6 @@ def test_weak_splices_thin_samples_and_a_model_mismatch_get_warnings_that_name_t
     assert any("aux-k never engaged" in w for w in warnings)
     assert any("only 11 of 26 letters" in w for w in warnings)
     plenty = {"reconstruction": {"n_tokens": 2_000_000, "dead_latents": 3}, "downstream": {"contexts": 64}}
-    assert caveats(plenty, {"model_name": "gpt2"}, {"model": {"name": "gpt2"}}) == []
+    assert caveats(plenty, {"metadata": {"model_name": "gpt2"}}, {"model": {"name": "gpt2"}}) == []
+    saelens = {"hooks": {}, "saelens": {"metadata": {"model_name": "gpt2"}}}  # a plain SAELens directory
+    assert [w.split(":")[0] for w in caveats(plenty, saelens, {"model": {"name": "pythia-70m"}})] == ["hook/model mismatch"]

@@ -258,12 +258,20 @@ def caveats(metrics: dict[str, Any], dictionary_meta: dict[str, Any] | None, sto
     if contexts is not None and contexts < DOWNSTREAM_MIN_CONTEXTS:
         out.append(f"CE recovered and KL from only {contexts} context windows: too few to compare "
                    f"dictionaries (use --downstream-contexts ≥ {DOWNSTREAM_MIN_CONTEXTS})")
-    trained_on = (dictionary_meta or {}).get("model_name")
+    trained_on = _trained_model(dictionary_meta or {})
     store_model = store_meta.get("model")
     store_model = store_model.get("name") if isinstance(store_model, dict) else store_model
     if trained_on and store_model and str(trained_on) != str(store_model):
         out.append(f"hook/model mismatch: trained on activations of {trained_on}, evaluated on a store of {store_model}")
     return out + _massive(recon, dictionary_meta or {}) + _baselines(metrics, dictionary_meta or {})
+
+
+def _trained_model(meta: dict[str, Any]) -> str | None:
+    """The model a dictionary was trained on: kukla.json keeps the trainer's metadata under `metadata`,
+    a SAELens directory its cfg.json (`saelens`) with the name under its own `metadata`."""
+    saelens = meta.get("saelens") or {}
+    return ((meta.get("metadata") or {}).get("model_name") or (saelens.get("metadata") or {}).get("model_name")
+            or saelens.get("model_name"))
 
 
 def _massive(recon: dict[str, Any], meta: dict[str, Any]) -> list[str]:
