@@ -112,6 +112,15 @@ def test_report_is_self_contained_and_the_latent_table_loads(report: Path, rows_
             assert table["max_activation"][latent] == pytest.approx(top_code, rel=1e-4)
 
 
+def test_one_scored_row_gives_a_report_that_says_ev_is_undefined(tmp_path: Path, rows_store: Path,
+                                                                 dicts: dict[str, Path]) -> None:
+    """One row has no variance around its mean: EV is n/a, per Matryoshka level too, not a crash."""
+    out = evaluate(_config([dicts["random"]], rows_store, tmp_path / "out", max_tokens=1))
+    levels = json.loads((out / "metrics.json").read_text())["dictionaries"]["random"]["reconstruction"]["levels"]
+    assert [lv["explained_variance"] for lv in levels] == [None, None, None]
+    assert "4: EV n/a, L0 " in (out / "report.md").read_text()
+
+
 def test_a_rerun_into_the_same_out_leaves_only_its_own_latent_tables(tmp_path: Path, rows_store: Path,
                                                                       dicts: dict[str, Path]) -> None:
     """Evaluating other dictionaries into a used report folder does not leave the earlier ones' tables

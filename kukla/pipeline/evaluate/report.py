@@ -112,7 +112,8 @@ def _levels_rows(dicts: dict[str, dict[str, Any]]) -> list[str]:
     for name, m in dicts.items():
         levels = m["reconstruction"]["levels"]
         if len(levels) > 1:
-            cells = ", ".join(f"{lv['width']}: EV {lv['explained_variance']:.3f}, L0 {lv['l0']:.1f}" for lv in levels)
+            cells = ", ".join(f"{lv['width']}: EV {_cell(lv, ('explained_variance',), '.3f')}, "
+                              f"L0 {_cell(lv, ('l0',), '.1f')}" for lv in levels)
             lines.append(f"{name} — {cells}")
     return lines
 
