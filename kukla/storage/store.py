@@ -11,7 +11,9 @@ then the committed segments in (rank, segment) order, unshuffled.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,11 @@ class Store:
         sums (two stores of one meta, e.g. imports, differ there). A moved copy keeps it."""
         return {key: self.meta.get(key) for key in ("fingerprint", "dtype", "n_rows", "holdout_rows", "shuffle_seed",
                                                      "shuffle_buckets", "hook_stats")}
+
+    @property
+    def identity_digest(self) -> str:
+        """A short hash of `identity`, which a dictionary keeps to know the store it trained on."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def check_hooks(self, hooks: list[str] | tuple[str, ...]) -> None:
         unknown = [h for h in hooks if h not in self.meta["hooks"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kukla.pipeline.dictionary import (Dictionary, DictionaryConfig, calibrate_threshold, calibration_rows, evaluation_rows,
@@ -12,7 +13,7 @@ from kukla.pipeline.dictionary import (Dictionary, DictionaryConfig, calibrate_t
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
 from kukla.pipeline.evaluate.report import caveats
 from kukla.storage import open_store
-from tests.evaluate.helpers import D, HOOK
+from tests.evaluate.helpers import D, HOOK, write_rows_store
 
 
 def _batchtopk(path: Path, store_path: Path, calibration: list[int] | None) -> Path:
@@ -21,7 +22,7 @@ def _batchtopk(path: Path, store_path: Path, calibration: list[int] | None) -> P
     d.set_scales(float(store.read(HOOK, 0, 1000).norm(dim=1).mean()))
     d.initialize(store.read(HOOK, 0, 1000))
     calibrate_threshold(d, [store.read(HOOK, 0, 500)])
-    metadata = {"hooks": {"input": HOOK}, "store": {"fingerprint": store.fingerprint}}
+    metadata = {"hooks": {"input": HOOK}, "store": {"fingerprint": store.fingerprint, "identity": store.identity_digest}}
     if calibration is not None:
         metadata["calibration"] = {"rows": calibration, "store_fingerprint": store.fingerprint}
     return save_dictionary(d, path, metadata)
@@ -47,6 +48,22 @@ def test_calibration_rows_among_the_scored_rows_are_stated(tmp_path: Path, rows_
     assert "> warning (overlapping): L0 and EV: 100 of the scored rows" in report
 
 
+def test_a_dictionary_scored_on_another_store_than_it_trained_on_is_warned_of(tmp_path: Path, rows_store: Path) -> None:
+    """Another store's held-out rows need not be unseen (the same text harvested again), and the
+    dictionary's calibration rows are rows of its own store, not of this one."""
+    store = open_store(rows_store)
+    split = calibration_rows(store)
+    path = _batchtopk(tmp_path / "d", rows_store, [split.start, split.stop])
+    other = write_rows_store(tmp_path / "other.zarr", np.random.default_rng(5).standard_normal((3000, D)).astype(np.float32),
+                             holdout_rows=1000)
+    for scored_on, warned in ((rows_store, False), (other, True)):
+        out = evaluate(EvaluateConfig(dictionaries=[path], store=scored_on, out=tmp_path / f"report-{warned}",
+                                      downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
+        entry = json.loads((out / "metrics.json").read_text())["dictionaries"]["d"]
+        assert any(w.startswith("held-out rows: the dictionary was trained on another store") for w in entry["warnings"]) == warned
+        assert entry["calibration_rows"] == (None if warned else [split.start, split.stop])
+
+
 def test_weak_splices_thin_samples_and_a_model_mismatch_get_warnings_that_name_the_metric() -> None:
     m = {"width": 4096, "reconstruction": {"n_tokens": 2000, "dead_latents": 300, "massive_variance_share": 0.38,
                                            "massive_rows_excluded": 3, "explained_variance_without_massive": 0.52,
@@ -60,7 +77,7 @@ def test_weak_splices_thin_samples_and_a_model_mismatch_get_warnings_that_name_t
     warnings = caveats(m, meta, {"model": {"name": "google/gemma-3-270m"}})
     starts = [w.split(":")[0].split(" from")[0] for w in warnings]
     assert starts == ["dead latents counted on only 2,000 eval tokens", "EV, FVU and L0", "CE recovered and KL",
-                      "hook/model mismatch", "explained variance", "L0", "dead latents", "CE loss recovered -0.38 against mean ablation",
+                      "CE recovered and KL against mean ablation", "hook/model mismatch", "explained variance", "L0", "dead latents", "CE loss recovered -0.38 against mean ablation",
                       "absorption"]
     assert any("38% of the eval variance; without them EV is 0.520" in w for w in warnings)
     assert any("from 2.10 to 6.80 nats/token (ΔLM 4.70)" in w and "(5.50)" in w for w in warnings)

@@ -223,8 +223,21 @@ MASSIVE_SHARE = 0.1
 """Warn when the massive-activation rows hold more than this share of the eval variance."""
 
 
-def calibration_overlap(metadata: dict[str, Any], fingerprint: str, evaluated: range) -> tuple[list[int] | None, str | None]:
+def trained_elsewhere(metadata: dict[str, Any], fingerprint: str, identity: str) -> str | None:
+    """A warning when the dictionary was trained on another store than the one scored (another run,
+    or the same run reshuffled or split otherwise): its held-out rows need not be unseen there."""
+    trained = (metadata.get("metadata") or {}).get("store") or {}
+    if trained.get("identity", identity) == identity and trained.get("fingerprint", fingerprint) == fingerprint:
+        return None
+    return (f"held-out rows: the dictionary was trained on another store ({trained.get('path')}); where both hold "
+            "the same text (shuffled or split otherwise), its training tokens are among the rows scored here")
+
+
+def calibration_overlap(metadata: dict[str, Any], fingerprint: str, identity: str,
+                        evaluated: range) -> tuple[list[int] | None, str | None]:
     """The dictionary's calibration rows (when known) and a warning when they may be among the scored rows."""
+    if trained_elsewhere(metadata, fingerprint, identity):  # its calibration rows are another store's
+        return None, None
     config, training = metadata.get("config") or {}, metadata.get("metadata") or {}
     calibration = training.get("calibration")
     if calibration is None:
@@ -234,8 +247,8 @@ def calibration_overlap(metadata: dict[str, Any], fingerprint: str, evaluated: r
                           "rows, which include the rows scored here: L0 ≈ k by construction")
         return None, None
     lo, hi = calibration["rows"]
-    if calibration.get("store_fingerprint") != fingerprint:
-        return [lo, hi], None
+    if calibration.get("store_fingerprint") != fingerprint:  # rows of another store: none of these
+        return None, None
     shared = max(0, min(hi, evaluated.stop) - max(lo, evaluated.start))
     if shared:
         return [lo, hi], (f"L0 and EV: {shared:,} of the scored rows also calibrated this dictionary's threshold "
@@ -259,6 +272,9 @@ def caveats(metrics: dict[str, Any], dictionary_meta: dict[str, Any] | None, sto
     if contexts is not None and contexts < DOWNSTREAM_MIN_CONTEXTS:
         out.append(f"CE recovered and KL from only {contexts} context windows: too few to compare "
                    f"dictionaries (use --downstream-contexts ≥ {DOWNSTREAM_MIN_CONTEXTS})")
+    if "ce_loss_mean_ablation" in downstream and n < EV_MIN_TOKENS:
+        out.append(f"CE recovered and KL against mean ablation: the mean they ablate to is taken over only {n:,} "
+                   f"eval tokens, so the baseline moves with them (use ≥ {EV_MIN_TOKENS:,})")
     trained_on = _trained_model(dictionary_meta or {})
     store_model = store_meta.get("model")
     store_model = store_model.get("name") if isinstance(store_model, dict) else store_model

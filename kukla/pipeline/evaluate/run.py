@@ -29,7 +29,8 @@ from kukla.pipeline.evaluate import contexts as ctx
 from kukla.pipeline.evaluate.config import EvaluateConfig
 from kukla.pipeline.evaluate.latents import TopActivations, nearest_latents, write_latent_table
 from kukla.pipeline.evaluate.reconstruction import ReconstructionStats, Splice, evaluate_downstream
-from kukla.pipeline.evaluate.report import calibration_overlap, caveats, training_curves, write_html, write_markdown
+from kukla.pipeline.evaluate.report import (calibration_overlap, caveats, trained_elsewhere, training_curves, write_html,
+                                            write_markdown)
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
 from kukla.pipeline.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
 from kukla.progress import progress
@@ -252,7 +253,7 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
 
 def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
     max_cos = e.nearest[0][:, 0]
-    calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, scored)
+    calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, store.identity_digest, scored)
     out: dict[str, Any] = {
         "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch or e.dictionary.cfg.label,
         "hooks": {"input": e.input_hook, "target": e.target_hook}, "d_in": e.dictionary.d_in,
@@ -267,7 +268,8 @@ def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str
             out[key] = value
     if e.toy is not None:
         out["toy"] = e.toy.summary()
-    out["warnings"] = [overlap] if overlap else []  # the rest are added with the browser's (caveats)
+    elsewhere = trained_elsewhere(e.dictionary.metadata, store.fingerprint, store.identity_digest)
+    out["warnings"] = [w for w in (overlap, elsewhere) if w]  # the rest are added with the browser's (caveats)
     return out, max_cos
 
 
