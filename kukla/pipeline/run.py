@@ -21,8 +21,8 @@ Paths that join the stages are filled in where a section leaves them out:
 
 `stages` (in `[run]`, or `kukla run --stages`) picks the stages to run, so every job of a
 batch pipeline can share one file: harvest ranks run `--stages harvest`, torchrun runs
-`--stages train`; a `[harvest]` section still says where the store is when harvest is
-not among them.
+`--stages train`, a last job `--stages evaluate`; `[harvest]` and `[train]` sections still
+say where the store and the dictionaries are when their stages are not among them.
 
 Rerunning the same file picks up where the last run stopped: harvest resumes from its
 journal (a finished store is kept), train resumes from its latest checkpoint
@@ -74,7 +74,7 @@ class RunConfig:
     out: Path = Path("kukla-run")
     """Run folder: the store, the dictionaries and the report go inside it unless a section says otherwise."""
     stages: list[Stage] = field(default_factory=lambda: list(STAGES))
-    """Stages to run, in pipeline order; a stage left out must not be needed by a later one without a path."""
+    """Stages to run, in pipeline order; the sections of stages left out still say where the store and dictionaries are."""
     device: str | None = None
     """Device for every stage whose section names none (auto, cpu, cuda, cuda:1); else each stage's default, auto."""
 
@@ -124,13 +124,15 @@ def build_pipeline(data: dict[str, Any], source: str = "config", stages: list[st
     missing = [stage for stage in run.stages if stage not in data]
     if missing:
         raise KuklaError(f"{source}: stage {missing[0]} is to run but the file has no [{missing[0]}] section")
-    # A [harvest] section is read even when harvest does not run: it says where the store is.
+    # [harvest] and [train] sections are read even when their stages do not run: they say where
+    # the store and the dictionaries are (a job of `--stages evaluate` after the training jobs).
     harvest = _harvest_config(data["harvest"], run, source) if "harvest" in data else None
-    train = _train_configs(data.get("train", []), run, harvest, source) if "train" in run.stages else []
+    train = _train_configs(data.get("train", []), run, harvest, source)
     evaluate = None
     if "evaluate" in run.stages:
         evaluate = _evaluate_config(data["evaluate"], run, harvest, train, source)
-    return Pipeline(run=run, harvest=harvest if "harvest" in run.stages else None, train=train, evaluate=evaluate)
+    return Pipeline(run=run, harvest=harvest if "harvest" in run.stages else None,
+                    train=train if "train" in run.stages else [], evaluate=evaluate)
 
 
 def _harvest_config(table: Any, run: RunConfig, source: str) -> HarvestConfig:

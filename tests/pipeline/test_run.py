@@ -179,3 +179,12 @@ def test_a_job_running_only_later_stages_finds_the_store_of_the_harvest_section(
     assert [t.store for t in pipeline.train] == [str(tmp_path / "store.zarr")] * 2
     assert all(t.hook == "toy" for t in pipeline.train)
     assert pipeline.evaluate is not None and pipeline.evaluate.store == str(tmp_path / "store.zarr")
+
+
+def test_a_job_running_only_evaluate_finds_the_dictionaries_of_the_train_sections(tmp_path: Path) -> None:
+    """The last job of a batch pipeline evaluates what the training jobs wrote, from the same file."""
+    everything = build_pipeline(_sections(tmp_path))
+    pipeline = build_pipeline(_sections(tmp_path), stages=["evaluate"])
+    assert pipeline.harvest is None and pipeline.train == []
+    assert pipeline.evaluate is not None and pipeline.evaluate.dictionaries == everything.evaluate.dictionaries
+    assert len(pipeline.evaluate.dictionaries) == 2 and pipeline.evaluate.store == str(tmp_path / "store.zarr")
