@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HOOK
 from stores import sparse_rows
 
 from kukla.errors import ConfigError
 from kukla.pipeline.dictionary import DictionaryConfig
+from kukla.pipeline.train import train
 from kukla.pipeline.train.config import TrainConfig
 from kukla.pipeline.train.distributed import Ranks
 from kukla.pipeline.train.sweep import build_trainees, train_step
@@ -47,3 +49,17 @@ def test_relu_training_l0_settles_at_the_target(target):
 def test_target_l0_is_for_penalised_dictionaries_only():
     with pytest.raises(ConfigError, match="target_l0"):
         DictionaryConfig(d_in=8, width=32, k=2, arch="batchtopk", target_l0=4)
+
+
+def test_a_run_that_ends_far_from_its_target_l0_says_so(store: Path, tmp_path: Path, caplog) -> None:
+    """A penalty too slow for the run leaves L0 far from the target; the run must not end as if it got there."""
+    import json
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kukla"):
+        train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="relu", width=[64], target_l0=0.5,
+                          l0_control_rate=0.001, batch_size=256, tokens=256 * 10, log_every=5, checkpoint_every=0,
+                          threads=1))
+    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and final["l0"] > 0.75
+    assert any(f"L0 ended at {final['l0']:.3g}, not near target_l0 0.5" in r.getMessage() for r in caplog.records)

@@ -38,6 +38,8 @@ from kukla.storage.location import Lease, Location, check_output_dir
 from kukla.storage.stream import Batch
 
 logger = getLogger(__name__)  # `logging` names the logging steps below
+L0_MISS = 1.5
+"""A final batch L0 beyond this factor of target_l0 is reported as the target missed."""
 
 #: Settings that may change between a run and its resumption (they do not touch the math; the
 #: store and `out` are paths, and a rescheduled job may reach the same folders by other ones).
@@ -391,7 +393,12 @@ def _publish_final(final: Path | None, trainees: list[Trainee], out: Path, ranks
             checkpoint.publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True),
                                    path)
             inference_l0 = float(trainee.dictionary.inference_l0)  # NaN: no calibration (relu, jumprelu, topk)
+            l0, target = float(trainee.last["l0"]), trainee.dictionary.cfg.target_l0
             log.summary(trainee.name, {"inference_l0": None if math.isnan(inference_l0) else inference_l0,
-                                       "path": str(path)})
+                                       "l0": l0, "path": str(path)})
+            if target is not None and not target / L0_MISS <= l0 <= target * L0_MISS:
+                logger.warning("%s: L0 ended at %.3g, not near target_l0 %g: the penalty did not get it there in "
+                               "this run; train longer or raise l0_control_rate (%g)", trainee.name, l0, target,
+                               trainee.dictionary.cfg.l0_control_rate)
     barrier(ranks)
     return paths
