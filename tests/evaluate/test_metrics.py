@@ -129,6 +129,8 @@ def test_ev_without_massive_rows_l0_tail_and_worst_rows_match_numpy() -> None:
     assert tails["explained_variance_without_massive"] == pytest.approx(ev_keep, abs=1e-9)
     assert tails["levels_without_massive"][0]["explained_variance"] == pytest.approx(ev_level, abs=1e-9)
     assert tails["massive_variance_share"] == pytest.approx(share, abs=1e-9) and tails["massive_rows_excluded"] == 3
+    none = stats.tails(torch.tensor([], dtype=torch.long), torch.zeros(x.shape[1], dtype=torch.float64))
+    assert none["massive_variance_share"] == 0.0 and none["massive_rows_excluded"] == 0  # exactly: no rounding residue
     for key, q in (("p99", 99), ("p99.9", 99.9)):
         assert tails["l0_tail"][key] == int(np.percentile(l0, q, method="inverted_cdf"))
     assert tails["l0_tail"]["max"] == l0.max()

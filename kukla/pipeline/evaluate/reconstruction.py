@@ -168,7 +168,8 @@ class ReconstructionStats:
         return {
             "explained_variance_without_massive": level_ev[-1],
             "massive_rows_excluded": int(out_mask.sum()),
-            "massive_variance_share": max(0.0, 1.0 - centred / self.target.total) if self.target.total > 0 else float("nan"),
+            "massive_variance_share": (0.0 if not out_mask.any() else max(0.0, 1.0 - centred / self.target.total))
+                                      if self.target.total > 0 else float("nan"),  # none excluded: 0, not 1e-16
             "levels_without_massive": [{"width": w, "explained_variance": ev}
                                        for w, ev in zip(self.levels, level_ev)] if len(level_ev) > 1 else [],
             "l0_tail": {"p99": rank(0.99), "p99.9": rank(0.999), "max": int(ranked[-1]) if ranked.numel() else 0},
