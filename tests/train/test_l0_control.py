@@ -51,15 +51,13 @@ def test_target_l0_is_for_penalised_dictionaries_only():
         DictionaryConfig(d_in=8, width=32, k=2, arch="batchtopk", target_l0=4)
 
 
-def test_a_run_that_ends_far_from_its_target_l0_says_so(store: Path, tmp_path: Path, caplog) -> None:
+def test_a_run_that_ends_far_from_its_target_l0_says_so(store: Path, tmp_path: Path, kukla_log) -> None:
     """A penalty too slow for the run leaves L0 far from the target; the run must not end as if it got there."""
     import json
-    import logging
 
-    with caplog.at_level(logging.WARNING, logger="kukla"):
-        train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="relu", width=[64], target_l0=0.5,
-                          l0_control_rate=0.001, batch_size=256, tokens=256 * 10, log_every=5, checkpoint_every=0,
-                          threads=1))
+    train(TrainConfig(store=store, out=tmp_path, hook=HOOK, arch="relu", width=[64], target_l0=0.5,
+                      l0_control_rate=0.001, batch_size=256, tokens=256 * 10, log_every=5, checkpoint_every=0,
+                      threads=1))
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["final"] and final["l0"] > 0.75
-    assert any(f"L0 ended at {final['l0']:.3g}, not near target_l0 0.5" in r.getMessage() for r in caplog.records)
+    assert any(f"L0 ended at {final['l0']:.3g}, not near target_l0 0.5" in r.getMessage() for r in kukla_log.records)

@@ -393,10 +393,11 @@ def _publish_final(final: Path | None, trainees: list[Trainee], out: Path, ranks
             checkpoint.publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True),
                                    path)
             inference_l0 = float(trainee.dictionary.inference_l0)  # NaN: no calibration (relu, jumprelu, topk)
-            l0, target = float(trainee.last["l0"]), trainee.dictionary.cfg.target_l0
+            l0 = float(trainee.last["l0"]) if "l0" in trainee.last else None  # none: resumed at the end
+            target = trainee.dictionary.cfg.target_l0
             log.summary(trainee.name, {"inference_l0": None if math.isnan(inference_l0) else inference_l0,
                                        "l0": l0, "path": str(path)})
-            if target is not None and not target / L0_MISS <= l0 <= target * L0_MISS:
+            if target is not None and l0 is not None and not target / L0_MISS <= l0 <= target * L0_MISS:
                 logger.warning("%s: L0 ended at %.3g, not near target_l0 %g: the penalty did not get it there in "
                                "this run; train longer or raise l0_control_rate (%g)", trainee.name, l0, target,
                                trainee.dictionary.cfg.l0_control_rate)
