@@ -75,6 +75,24 @@ def test_a_live_lease_on_another_host_is_refused_and_a_dead_ones_is_taken_over_o
     assert renewed + 2 <= time.time() < killed + 2 + 1
 
 
+def test_a_dead_holders_lease_is_taken_over_with_the_temporary_of_the_renewal_it_died_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder stopped or killed between writing its renewal and renaming it over the lease left
+    the temporary in the store for good (a finished store kept `_finalize.worker-1.lock.json.tmp-…`)."""
+    path = tmp_path / "s"
+    holder = _start(["-c", HOLDER, str(path)], KUKLA_HOST="node-a", KUKLA_LEASE_SECONDS="1")
+    assert holder.stdout.readline().strip() == "holding", holder.stderr.read()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lease = path / "_parts" / "rank-00000" / "lock.json"
+    lease.with_name(f"{lease.name}.tmp-0123456789abcdef").write_bytes(lease.read_bytes())  # its renewal's write
+    monkeypatch.setenv("KUKLA_HOST", "node-b")
+    time.sleep(1.5)  # past the lease
+    with StoreWriter.open(path, {"model": "toy", "hooks": HOOKS}) as writer:
+        assert writer.lock.held
+        assert sorted(p.name for p in lease.parent.glob("lock.json*")) == ["lock.json"]
+
+
 @pytest.mark.slow
 def test_sigterm_stops_finalize_at_a_committed_point_and_the_rerun_equals_an_uninterrupted_one(
         tmp_path: Path) -> None:
