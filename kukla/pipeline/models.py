@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -88,16 +89,35 @@ def convert_embedded_gemma(cache_dir: Path | None = None) -> Path:
     return folder
 
 
-def _load_embedded_gemma(device: str, dtype: torch.dtype) -> HookedTransformer:
+def _load_named(official: str, folder: Path, device: str, dtype: torch.dtype, hf_dtype: torch.dtype) -> HookedTransformer:
+    """A local folder's weights and tokenizer under an official TransformerLens name: the config
+    comes from the name (Gemma's are known to TransformerLens by name only), the weights from the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = convert_embedded_gemma()
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=hf_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "right"  # the GGUF tokenizer pads on the left
     return HookedTransformer.from_pretrained_no_processing(
-        EMBEDDED_MODEL, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        official, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
+
+
+def _named_twin(folder: Path) -> str | None:
+    """The official name whose TransformerLens config is this folder's architecture and shape
+    (a Gemma saved with save_pretrained, fine-tuned or not), or None. Only Gemma names are tried:
+    TransformerLens configures them from the name alone, so nothing is fetched."""
+    from transformer_lens import loading
+
+    hf = json.loads((folder / "config.json").read_text())
+    text = hf.get("text_config") or hf
+    shape = [text.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                   "vocab_size", "head_dim")]
+    for name in sorted(n for n in loading.OFFICIAL_MODEL_NAMES if "gemma" in n.lower()):
+        cfg = loading.convert_hf_model_config(name)
+        if (cfg["original_architecture"] in hf.get("architectures", [])
+                and [cfg[k] for k in ("d_model", "n_layers", "n_heads", "d_mlp", "d_vocab", "d_head")] == shape):
+            return name
+    return None
 
 
 def _load_local_folder(folder: Path, device: str, dtype: torch.dtype) -> HookedTransformer:
@@ -109,6 +129,9 @@ def _load_local_folder(folder: Path, device: str, dtype: torch.dtype) -> HookedT
     try:
         cfg = loading.get_pretrained_model_config(path, device=device, dtype=dtype)
     except NotImplementedError as exc:
+        if (official := _named_twin(folder)) is not None:
+            logger.info("%s: a %s by its architecture and shape; configured as that", folder, official)
+            return _load_named(official, folder, device, dtype, hf_dtype=dtype)
         raise KuklaError(f"{folder}: TransformerLens cannot load this architecture ({exc})") from None
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     state_dict = loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=dtype)
@@ -163,7 +186,8 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: ModelDtype = "f
     if local:
         return skip_per_call_weight_copies(_load_local_folder(path, device, torch_type))
     if embedded:
-        return skip_per_call_weight_copies(_load_embedded_gemma(device, torch_type).eval())
+        model = _load_named(EMBEDDED_MODEL, convert_embedded_gemma(), device, torch_type, hf_dtype=torch.float32)
+        return skip_per_call_weight_copies(model.eval())
     try:
         model = HookedTransformer.from_pretrained_no_processing(name_or_path, device=device, dtype=torch_type)
     except Exception as exc:  # noqa: BLE001 - only network failures are rephrased

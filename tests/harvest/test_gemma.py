@@ -47,3 +47,26 @@ def test_embedded_gemma_harvest_matches_its_forward_pass(tmp_path: Path) -> None
         expected = cache[hook][0, 1:].numpy()
         scale = np.abs(expected).max()
         np.testing.assert_allclose(stored, expected, atol=0.01 * scale, rtol=0.01)  # bf16 store
+
+
+@pytest.mark.slow
+def test_a_gemma_saved_as_a_local_folder_loads_as_the_model_it_is(tmp_path: Path) -> None:
+    """TransformerLens knows Gemma's configs by name only, so a folder saved with save_pretrained
+    (what kukla's offline advice says to pass) was refused: 'Gemma3ForCausalLM is not currently supported'."""
+    from kukla.errors import KuklaError
+    from kukla.pipeline.models import convert_embedded_gemma
+
+    local = tmp_path / "finetune"
+    local.mkdir()
+    for file in convert_embedded_gemma().iterdir():
+        (local / file.name).symlink_to(file)
+    embedded, folder = load_model(EMBEDDED_MODEL), load_model(str(local))
+    tokens = embedded.to_tokens(STORY)
+    with torch.no_grad():
+        assert torch.equal(folder(tokens), embedded(tokens))
+    other = tmp_path / "other-shape"
+    other.mkdir()
+    config = json.loads((local / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(KuklaError, match="TransformerLens cannot load this architecture"):
+        load_model(str(other))
