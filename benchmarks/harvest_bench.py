@@ -12,12 +12,21 @@ loop is the physical limit here: the same forward with nothing stored.
 
     python benchmarks/harvest_bench.py                       # Gemma-3-270m, 64 windows of 128
     python benchmarks/harvest_bench.py --device cuda --model-dtype bfloat16 --windows 512 --batch 32
-    python benchmarks/harvest_bench.py --dry-run             # tiny random model, seconds (no SAELens)
+    python benchmarks/harvest_bench.py --dry-run             # tiny random GPT-2 by the same path, seconds
+    python benchmarks/harvest_bench.py --shape gemma-2-2b --hook resid_post:12 --device cuda --model-dtype bfloat16
+
+`--shape gemma-2-2b` needs neither the network nor Gemma's weights: it builds, on this machine, a
+Hugging Face cache holding `google/gemma-2-2b` as a download leaves it, but with random bf16
+weights (transformers' `Gemma2Config` defaults are Gemma-2-2B's shape, the one TransformerLens
+hard-codes for that name) and a character tokenizer padded to its 256000-token vocabulary, and
+generated text; every way then loads `gemma-2-2b` by name, offline, as a user's harvest does.
+`--layers 2` shrinks it to its first two layers (full width): the check of that path on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -113,7 +122,11 @@ def way_saelens(model, args, work: Path) -> dict:
 
     tokens = args.windows * args.context
     d_in = model.cfg.d_model
-    hf_model, texts = _hf_model(args.model, args.model_dtype), datasets.Dataset.from_json(args.text)
+    texts = datasets.Dataset.from_json(args.text)
+    if args.shape:  # a Hub name SAELens loads itself, as kukla did
+        loading = {"first_n_layers": args.layers} if args.layers else {}
+    else:
+        loading = {"hf_model": _hf_model(args.model, args.model_dtype), "tokenizer": model.tokenizer}
     best = None
     for attempt in range(args.repeat):  # a fresh runner reads the same first tokens again
         out = work / f"saelens-{attempt}"
@@ -122,7 +135,7 @@ def way_saelens(model, args, work: Path) -> dict:
             hook_name=expand_hook(args.hook), d_in=d_in, training_tokens=tokens, context_size=args.context,
             device=args.device, dtype=args.model_dtype, buffer_size_gb=tokens * d_in * 4 / 1e9,
             new_cached_activations_path=str(out),
-            model_from_pretrained_kwargs={"hf_model": hf_model, "tokenizer": model.tokenizer, "dtype": args.model_dtype},
+            model_from_pretrained_kwargs={**loading, "dtype": args.model_dtype},
         )
         runner = CacheActivationsRunner(cfg, override_dataset=texts)
         start, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
@@ -151,6 +164,20 @@ def _hf_model(name: str, dtype: str):
 
     folder = convert_embedded_gemma() if name == EMBEDDED_MODEL else Path(name)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
+
+
+def _load(args):
+    """kukla's own load; a shrunken shape is the name's first `--layers` layers (TransformerLens
+    knows the name's layer count, so it must be told)."""
+    from kukla.config import torch_dtype
+    from kukla.pipeline.models import load_model, skip_per_call_weight_copies
+
+    if not args.layers:
+        return load_model(args.model, device=args.device, dtype=args.model_dtype)
+    from transformer_lens import HookedTransformer
+
+    return skip_per_call_weight_copies(HookedTransformer.from_pretrained_no_processing(
+        args.model, first_n_layers=args.layers, device=args.device, dtype=torch_dtype(args.model_dtype)).eval())
 
 
 def _warm_up(model, args) -> None:
@@ -184,10 +211,10 @@ def run_ways(args) -> None:
 
     import torch
 
-    from kukla.pipeline.models import load_model
-
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    start = time.perf_counter()
+    model = _load(args)
+    print(f"loaded {args.model} ({args.device}, {args.model_dtype}) in {time.perf_counter() - start:.0f} s", flush=True)
     _warm_up(model, args)
     ways = [w for w in WAYS if not (args.no_saelens and w == "saelens")] if args.way == "all" else [args.way]
     models = {way: as_transformer_lens_lays_it_out(model) if way.endswith("tl-layout") else model for way in ways}
@@ -214,14 +241,64 @@ def run_ways(args) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def _dry_run(args, work: Path) -> None:
-    """Tiny sizes on a random 2-layer GPT-2 saved as a local folder, so the script runs in seconds."""
-    from tests.harvest.conftest import build_tiny_model_dir, write_texts
+def _gemma_2_2b():
+    from transformers import Gemma2Config
 
-    args.model = str(build_tiny_model_dir(work / "tiny-model"))
-    args.text = str(write_texts(work / "texts.jsonl", n_docs=40))
-    args.hook, args.context, args.windows, args.batch, args.repeat = "resid_post:1", 16, 8, 4, 1
-    args.no_saelens = True
+    return Gemma2Config()  # its defaults are Gemma-2-2B's shape, the one TransformerLens hard-codes for the name
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, n_ctx=64)  # TransformerLens reads its shape
+
+
+SHAPES = {"gemma-2-2b": ("gemma-2-2b", "google/gemma-2-2b", _gemma_2_2b), "tiny-gpt2": ("gpt2", "gpt2", _tiny_gpt2)}
+"""Each `--shape`: the TransformerLens name a user passes, the Hub repository its cache holds, its config."""
+
+
+def _dry_run(args) -> None:
+    """Tiny sizes on a random 2-layer GPT-2 in a local Hub cache (the path of `--shape`), in seconds."""
+    args.shape, args.hook, args.context, args.windows, args.batch, args.repeat = "tiny-gpt2", "resid_post:1", 16, 8, 4, 1
+
+
+def _build_shape(args, work: Path) -> None:
+    """A Hub cache holding SHAPES[args.shape] as a download leaves it, with random bf16 weights made on
+    args.device (seconds on a GPU) and a char tokenizer of its vocabulary's size, and generated text
+    enough for every window; points this process's children at both."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.harvest.conftest import char_tokenizer, write_texts
+
+    start = time.perf_counter()
+    name, repo, shape = SHAPES[args.shape]
+    config = shape()
+    tokenizer = char_tokenizer(size=config.vocab_size)
+    for token in ("bos", "eos", "pad"):
+        setattr(config, f"{token}_token_id", getattr(tokenizer, f"{token}_token_id"))
+    config.num_hidden_layers = args.layers or config.num_hidden_layers
+    cache = work / "hub"
+    commit = "0" * 40
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # this process only waits for the ways' child from here
+    os.environ["HF_HUB_CACHE"] = str(cache)
+    args.model = name
+    args.text = str(write_texts(work / "texts.jsonl", n_docs=args.windows * args.context // 40 + 50))
+    disk = sum(f.stat().st_size for f in snapshot.iterdir()) / 1e9
+    print(f"built {repo} with random bf16 weights: {config.num_hidden_layers} layers, d_model {config.hidden_size}, "
+          f"{n_parameters / 1e9:.2f}B parameters, {disk:.1f} GB on disk, in {time.perf_counter() - start:.0f} s",
+          flush=True)
 
 
 def _report(results: dict, args) -> None:
@@ -268,27 +345,37 @@ def main() -> None:
     parser.add_argument("--store-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                         help="dtype kukla stores")
     parser.add_argument("--dry-run", action="store_true",
-                        help="tiny random model and sizes, kukla and the bare loop only: seconds on a CPU")
-    parser.add_argument("--no-saelens", action="store_true", help="leave SAELens out (implied by --dry-run)")
+                        help="--shape tiny-gpt2 at tiny sizes: every way, seconds on a CPU")
+    parser.add_argument("--no-saelens", action="store_true", help="leave SAELens out")
+    parser.add_argument("--shape", choices=SHAPES, help="build this model's shape with random weights and load it "
+                        "by name from a local Hub cache (no network, no weights to carry)")
+    parser.add_argument("--layers", type=int, help="with --shape: its first N layers only (a check on a CPU)")
     parser.add_argument("--way", choices=[*WAYS, "all"], help="run in this process (used by the driver)")
     parser.add_argument("--separate", action="store_true",
                         help="one process per way (own peak RSS) instead of interleaved repeats in one process")
     args = parser.parse_args()
+    if not args.no_saelens and importlib.util.find_spec("sae_lens") is None:  # a bare GPU image
+        print("saelens: not installed here, its way is left out", flush=True)
+        args.no_saelens = True
     with tempfile.TemporaryDirectory(prefix="harvest-bench-tiny-") as tiny:
         if args.dry_run:
-            _dry_run(args, Path(tiny))
+            _dry_run(args)
+        if args.shape and not args.way:
+            _build_shape(args, Path(tiny))
         if args.way:
             return run_ways(args)
         passed = ["--model", args.model, "--text", args.text, "--hook", args.hook, "--context", str(args.context),
                   "--windows", str(args.windows), "--batch", str(args.batch), "--repeat", str(args.repeat),
                   "--threads", str(args.threads), "--segment-windows", str(args.segment_windows),
                   "--device", args.device, "--model-dtype", args.model_dtype, "--store-dtype", args.store_dtype,
-                  *(["--no-saelens"] if args.no_saelens else [])]
+                  *(["--no-saelens"] if args.no_saelens else []),
+                  *(["--shape", args.shape] if args.shape else []), *(["--layers", str(args.layers)] if args.layers else [])]
         results = {}
         for way in (w for w in WAYS if not (args.no_saelens and w == "saelens")) if args.separate else ["all"]:
             cmd = [sys.executable, __file__, "--way", way, *passed]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            print("\n".join(line for line in out.stdout.splitlines() if line.startswith("loaded ")), flush=True)
             if not lines:
                 print(f"{way}: FAILED\n{out.stderr[-3000:]}")
                 raise SystemExit(1)

@@ -27,18 +27,28 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 ALPHABET = string.ascii_letters + string.digits + " .,;:!?'\"-\n"
 
 
-def build_tiny_model_dir(folder: Path, *, n_layers: int = 2, n_ctx: int = 64, words: Sequence[str] = ()) -> Path:
-    """A random GPT-2 and a char tokenizer saved with save_pretrained; `words` join its vocabulary as
-    word-initial tokens ("Ġword", as absorption looks for them) that text never tokenizes to."""
+def char_tokenizer(words: Sequence[str] = (), size: int | None = None):
+    """A character-level fast tokenizer (<pad> 0, <bos> 1, <eos> 2, <unk> 3); `words` join its vocabulary as
+    word-initial tokens ("Ġword", as absorption looks for them) that text never tokenizes to, and `size`
+    pads it with tokens no text reaches, to a real model's vocabulary size."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(ALPHABET) + [f"Ġ{w}" for w in words])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokens = SPECIALS + list(ALPHABET) + [f"Ġ{w}" for w in words]
+    tokens += [f"<unused{i}>" for i in range((size or len(tokens)) - len(tokens))]
+    core = Tokenizer(models.WordLevel({tok: i for i, tok in enumerate(tokens)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def build_tiny_model_dir(folder: Path, *, n_layers: int = 2, n_ctx: int = 64, words: Sequence[str] = ()) -> Path:
+    """A random GPT-2 and a char tokenizer (`char_tokenizer(words)`) saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = char_tokenizer(words)
     tokenizer.save_pretrained(folder)
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(vocab), n_positions=n_ctx, n_ctx=n_ctx, n_embd=32, n_layer=n_layers, n_head=4,
                         bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"])
