@@ -66,7 +66,7 @@ part() {  # part <title> <seconds> "<needs>" <command...>: run with a time limit
 if [[ "${1:-}" == "--dry-run" ]]; then
     part "train step (tiny, CPU)" 300 "zarr" python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
     part "harvest (tiny GPT-2 by the same path, CPU)" 120 "zarr transformer_lens" \
-        python benchmarks/harvest_bench.py --dry-run
+        python benchmarks/harvest_bench.py --dry-run --model-dtype bfloat16
     would() { local absent; absent=$(missing $1); shift; say "would ${absent:+skip (missing here: ${absent% }), not }run: $*"; }
     would "zarr numcodecs" python benchmarks/store_bench.py --rows 65536 --phase write, --phase finalize, \
         --phase read --device cuda --threads 1 and 2

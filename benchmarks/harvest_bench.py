@@ -116,6 +116,7 @@ def way_bare(model, args, work: Path) -> dict:
 
 def way_saelens(model, args, work: Path) -> dict:
     import datasets
+    import torch
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 
     from kukla.pipeline.hooks import expand_hook
@@ -123,6 +124,9 @@ def way_saelens(model, args, work: Path) -> dict:
     tokens = args.windows * args.context
     d_in = model.cfg.d_model
     texts = datasets.Dataset.from_json(args.text)
+    # SAELens stores in its config's dtype through pyarrow, which has no bfloat16: float16 is as wide
+    stored = "float16" if args.model_dtype == "bfloat16" else args.model_dtype
+    width = torch.finfo(getattr(torch, stored)).bits // 8  # one buffer of exactly `tokens`: SAELens rounds buffers up
     if args.shape:  # a Hub name SAELens loads itself, as kukla did
         loading = {"first_n_layers": args.layers} if args.layers else {}
     else:
@@ -133,7 +137,7 @@ def way_saelens(model, args, work: Path) -> dict:
         cfg = CacheActivationsRunnerConfig(
             dataset_path=args.text, model_name=args.model, model_batch_size=args.batch,
             hook_name=expand_hook(args.hook), d_in=d_in, training_tokens=tokens, context_size=args.context,
-            device=args.device, dtype=args.model_dtype, buffer_size_gb=tokens * d_in * 4 / 1e9,
+            device=args.device, dtype=stored, buffer_size_gb=(tokens * d_in * width + 1) / 1e9,  # + 1: no float shortfall
             new_cached_activations_path=str(out),
             model_from_pretrained_kwargs={**loading, "dtype": args.model_dtype},
         )
@@ -142,6 +146,7 @@ def way_saelens(model, args, work: Path) -> dict:
         dataset = runner.run()
         _sync(args)
         seconds = time.perf_counter() - start
+        assert len(dataset) * args.context == tokens, f"SAELens cached {len(dataset)} windows, not {args.windows}"
         if best is None or seconds < best["seconds"]:
             best = {"seconds": seconds, "cpu_seconds": time.process_time() - cpu,
                     "children_cpu_seconds": _children_cpu() - children, "rows": len(dataset) * args.context,

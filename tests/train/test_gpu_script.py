@@ -12,12 +12,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_gpu_script_dry_run_prints_the_train_and_harvest_figures_and_names_the_rest(tmp_path: Path) -> None:
     """The harvest part runs every way, SAELens' too, on a tiny GPT-2 loaded by name from a Hub cache built
-    on the spot, in bf16: the path the GPU run takes with Gemma-2-2B's shape."""
+    on the spot, in bf16 (which SAELens cannot store): the path the GPU run takes with Gemma-2-2B's shape."""
     run = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     logged = (tmp_path / "gpu_figures.txt").read_text()
-    harvest = ["built gpt2 with random bf16 weights", "model dtype float32", "× bare"] + ["× SAELens"] * bool(importlib.util.find_spec("sae_lens"))
+    harvest = ["built gpt2 with random bf16 weights", "model dtype bfloat16", "× bare"] + ["× SAELens"] * bool(importlib.util.find_spec("sae_lens"))
     for figure in (*harvest, "kukla / SAELens", "sparse / dense", "encoder matmuls", "Matryoshka step cost / plain BatchTopK",
                    "data wait", "store_bench.py --rows 65536", "--phase read --device cuda", "harvest_bench.py --shape gemma-2-2b", "--device cuda --model-dtype bfloat16",
                    "kukla demo --device cuda"):
