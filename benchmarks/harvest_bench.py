@@ -246,16 +246,16 @@ def run_ways(args) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def _gemma_2_2b():
+def _gemma_2_2b(**overrides):
     from transformers import Gemma2Config
 
-    return Gemma2Config()  # its defaults are Gemma-2-2B's shape, the one TransformerLens hard-codes for the name
+    return Gemma2Config(**overrides)  # its defaults are Gemma-2-2B's shape, the one TransformerLens hard-codes for the name
 
 
-def _tiny_gpt2():
+def _tiny_gpt2(**overrides):
     from transformers import GPT2Config
 
-    return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, n_ctx=64)  # TransformerLens reads its shape
+    return GPT2Config(**{"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "n_ctx": 64, **overrides})  # TransformerLens reads its shape
 
 
 SHAPES = {"gemma-2-2b": ("gemma-2-2b", "google/gemma-2-2b", _gemma_2_2b), "tiny-gpt2": ("gpt2", "gpt2", _tiny_gpt2)}
@@ -278,11 +278,10 @@ def _build_shape(args, work: Path) -> None:
 
     start = time.perf_counter()
     name, repo, shape = SHAPES[args.shape]
-    config = shape()
-    tokenizer = char_tokenizer(size=config.vocab_size)
+    config = shape(**{"num_hidden_layers": args.layers} if args.layers else {})  # through the constructor: it
+    tokenizer = char_tokenizer(size=config.vocab_size)                          # derives each layer's attention
     for token in ("bos", "eos", "pad"):
         setattr(config, f"{token}_token_id", getattr(tokenizer, f"{token}_token_id"))
-    config.num_hidden_layers = args.layers or config.num_hidden_layers
     cache = work / "hub"
     commit = "0" * 40
     snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
