@@ -353,6 +353,16 @@ def calibration_range(store: Store, rows: int) -> range:
     return split[:rows]
 
 
+def _token_policy(store: Store) -> dict[str, bool]:
+    """SAELens' `prepend_bos` and `exclude_special_tokens` for a store harvested from text (every window
+    starts with BOS; its special tokens are rows or not as the harvest chose): SAELens'
+    `ActivationsStore.from_sae`, the way into `sae_lens.evals`, refuses a cfg without `prepend_bos`."""
+    special = store.meta.get("special_tokens")
+    if not isinstance(special, dict):  # toy or imported rows: no windows kukla packed
+        return {}
+    return {"prepend_bos": True, "exclude_special_tokens": bool(special.get("excluded"))}
+
+
 def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, world: int,
               calibrated: range) -> dict[str, Any]:
     """What save_dictionary records beside the weights (model, context and dataset also go to SAELens' cfg)."""
@@ -362,6 +372,7 @@ def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, wo
         "model_name": model.get("name") if isinstance(model, dict) else model,
         "context_size": store.context_size,
         "dataset_path": store.where.get("dataset", dataset.get("name")) if isinstance(dataset, dict) else None,
+        **_token_policy(store),
     }
     return {
         **{key: value for key, value in provenance.items() if value is not None},
