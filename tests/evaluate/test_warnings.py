@@ -87,3 +87,20 @@ def test_weak_splices_thin_samples_and_a_model_mismatch_get_warnings_that_name_t
     assert caveats(plenty, {"metadata": {"model_name": "gpt2"}}, {"model": {"name": "gpt2"}}) == []
     saelens = {"hooks": {}, "saelens": {"metadata": {"model_name": "gpt2"}}}  # a plain SAELens directory
     assert [w.split(":")[0] for w in caveats(plenty, saelens, {"model": {"name": "pythia-70m"}})] == ["hook/model mismatch"]
+
+
+def test_a_saelens_directory_is_named_as_such_beside_its_numbers(tmp_path: Path, rows_store: Path) -> None:
+    """SAELens records no kukla store: the report says where the dictionary came from, and that its
+    training text may be among the scored rows, instead of passing it as trained on this store."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=16, metadata=SAEMetadata(
+        hook_name=HOOK, model_name="tiny", dataset_path="stories.jsonl", training_architecture="standard")))
+    sae.save_model(tmp_path / "saelens")
+    out = evaluate(EvaluateConfig(dictionaries=[tmp_path / "saelens"], store=rows_store, out=tmp_path / "report",
+                                  downstream=DownstreamConfig(enabled=False), absorption=AbsorptionConfig(enabled=False)))
+    warnings = json.loads((out / "metrics.json").read_text())["dictionaries"]["saelens"]["warnings"]
+    [origin] = [w for w in warnings if w.startswith("held-out rows: a SAELens directory")]
+    assert "model_name tiny" in origin and "dataset_path stories.jsonl" in origin
+    assert origin in (out / "report.md").read_text()

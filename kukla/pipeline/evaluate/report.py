@@ -225,7 +225,14 @@ MASSIVE_SHARE = 0.1
 
 def trained_elsewhere(metadata: dict[str, Any], fingerprint: str, identity: str) -> str | None:
     """A warning when the dictionary was trained on another store than the one scored (another run,
-    or the same run reshuffled or split otherwise): its held-out rows need not be unseen there."""
+    or the same run reshuffled or split otherwise): its held-out rows need not be unseen there. A SAELens
+    directory names no store at all, so the warning says where it came from instead."""
+    if "saelens" in metadata:
+        saelens = metadata["saelens"].get("metadata") or {}
+        origin = ", ".join(f"{key} {saelens[key]}" for key in ("sae_lens_training_version", "training_architecture",
+                                                                 "model_name", "dataset_path") if saelens.get(key))
+        return (f"held-out rows: a SAELens directory ({origin or 'no training record'}), not trained on a kukla "
+                "store; where it trained on the same text, its training tokens are among the rows scored here")
     trained = (metadata.get("metadata") or {}).get("store") or {}
     if trained.get("identity", identity) == identity and trained.get("fingerprint", fingerprint) == fingerprint:
         return None
