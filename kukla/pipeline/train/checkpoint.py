@@ -1,4 +1,4 @@
-"""Checkpoints that a kill can never leave half-written.
+"""Checkpoints that a kill can never leave half-written, and the dictionaries published from them.
 
 Layout of a run's output directory:
 
@@ -16,16 +16,29 @@ moment leaves `latest` pointing at a complete checkpoint, or at nothing yet.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
+from logging import getLogger
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from kukla.atomic import fsync_tree, write_atomic
+from kukla.config import to_dict
 from kukla.errors import KuklaError
+from kukla.pipeline.dictionary.loss import snap_step
+from kukla.pipeline.train.distributed import Ranks, barrier
 from kukla.storage.location import Location, disk_full_error
+
+if TYPE_CHECKING:
+    from kukla.pipeline.train.config import TrainConfig
+    from kukla.pipeline.train.log import TrainLog
+    from kukla.pipeline.train.sweep import Trainee
+    from kukla.storage import Store
+
+logger = getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 _DIGEST = STATE_FILE + ".sha256"
@@ -157,3 +170,69 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
 
+
+L0_MISS = 1.5
+"""A final batch L0 beyond this factor of target_l0 is reported as the target missed."""
+
+
+def _token_policy(store: Store) -> dict[str, bool]:
+    """SAELens' `prepend_bos` and `exclude_special_tokens` for a store harvested from text (every window
+    starts with BOS; its special tokens are rows or not as the harvest chose): SAELens'
+    `ActivationsStore.from_sae`, the way into `sae_lens.evals`, refuses a cfg without `prepend_bos`."""
+    special = store.meta.get("special_tokens")
+    if not isinstance(special, dict):  # toy or imported rows: no windows kukla packed
+        return {}
+    return {"prepend_bos": True, "exclude_special_tokens": bool(special.get("excluded"))}
+
+
+def dictionary_metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, world: int,
+                        calibrated: range) -> dict[str, Any]:
+    """What save_dictionary records beside the weights (model, context and dataset also go to SAELens' cfg)."""
+    summary = {k: float(v) for k, v in trainee.last.items()}
+    model, dataset = store.meta.get("model"), store.meta.get("dataset")
+    provenance = {
+        "model_name": model.get("name") if isinstance(model, dict) else model,
+        "context_size": store.context_size,
+        "dataset_path": store.where.get("dataset", dataset.get("name")) if isinstance(dataset, dict) else None,
+        **_token_policy(store),
+    }
+    return {
+        **{key: value for key, value in provenance.items() if value is not None},
+        "training": to_dict(config),
+        "sweep_member": trainee.name,
+        "seed": trainee.member.seed,
+        "store": {"path": str(config.store), "fingerprint": store.meta.get("fingerprint"),
+                  "identity": store.identity_digest},
+        "hooks": {"input": config.hooks[0], "target": config.hooks[-1]},
+        "step": step,
+        "tokens": step * config.batch_size,
+        "summary": summary,
+        **({"calibration": {"rows": [calibrated.start, calibrated.stop], "store_fingerprint": store.fingerprint,
+                            "per_latent_thresholds": config.per_latent_thresholds,
+                            "l0_cap": int(trainee.dictionary.l0_cap)}}
+           if trainee.dictionary.rule.calibrated else {}),
+        "dead_window": {"tokens": trainee.member.config.dead_tokens,
+                        "engaged": trainee.member.config.dead_tokens < config.tokens},
+        "snap_step": snap_step(config.snap_fraction, config.total_steps(world)),
+    }
+
+
+def publish_final(final: Path | None, trainees: list[Trainee], out: Path, ranks: Ranks,
+                  log: TrainLog) -> list[Path]:
+    """Copy the final checkpoint's dictionaries to out/<member> (atomically) and report them."""
+    paths = [out / t.name for t in trainees]
+    if ranks.is_main and final is not None:
+        for trainee, path in zip(trainees, paths):
+            publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True),
+                                   path)
+            inference_l0 = float(trainee.dictionary.inference_l0)  # NaN: no calibration (relu, jumprelu, topk)
+            l0 = float(trainee.last["l0"]) if "l0" in trainee.last else None  # none: resumed at the end
+            target = trainee.dictionary.cfg.target_l0
+            log.summary(trainee.name, {"inference_l0": None if math.isnan(inference_l0) else inference_l0,
+                                       "l0": l0, "path": str(path)})
+            if target is not None and l0 is not None and not target / L0_MISS <= l0 <= target * L0_MISS:
+                logger.warning("%s: L0 ended at %.3g, not near target_l0 %g: the penalty did not get it there in "
+                               "this run; train longer or raise l0_control_rate (%g)", trainee.name, l0, target,
+                               trainee.dictionary.cfg.l0_control_rate)
+    barrier(ranks)
+    return paths

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import shutil
 from collections.abc import Iterator
 from logging import getLogger
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch
 from kukla.config import to_dict
 from kukla.errors import KuklaError, Preempted, checkpoint_on_sigterm, sigterm_requested
 from kukla.pipeline.dictionary import calibrate_threshold, calibration_rows, save_dictionary
-from kukla.pipeline.dictionary.loss import snap_step
 from kukla.pipeline.massive import massive_rows
 from kukla.pipeline.train import checkpoint
 from kukla.pipeline.train.config import TrainConfig, WandbConfig
@@ -38,8 +36,6 @@ from kukla.storage.location import Lease, Location, check_output_dir
 from kukla.storage.stream import Batch
 
 logger = getLogger(__name__)  # `logging` names the logging steps below
-L0_MISS = 1.5
-"""A final batch L0 beyond this factor of target_l0 is reported as the target missed."""
 
 #: Settings that may change between a run and its resumption (they do not touch the math; the
 #: store and `out` are paths, and a rescheduled job may reach the same folders by other ones).
@@ -188,7 +184,7 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
                                 "rerun with --resume to continue exactly")
         _verify(pending, trainees, ranks, out)
         final = _checkpoint(config, store, trainees, stream, step, ranks, config.calibration_tokens)
-        outputs = _publish_final(final, trainees, out, ranks, log)
+        outputs = checkpoint.publish_final(final, trainees, out, ranks, log)
     finally:
         batches.close()  # stops the stream's prefetch thread
         log.close()
@@ -316,7 +312,7 @@ def _checkpoint(config: TrainConfig, store: Store, trainees: list[Trainee], stre
         def build(tmp: Path) -> None:
             for trainee, written in zip(trainees, weights):
                 save_dictionary(trainee.dictionary, tmp / trainee.name,
-                                _metadata(config, store, trainee, step, ranks.world, calibrated))
+                                checkpoint.dictionary_metadata(config, store, trainee, step, ranks.world, calibrated))
                 bar.update(checkpoint.tensor_bytes(written))
             checkpoint.save_state(tmp, state, written=bar.update)
             bar.total = max(bar.total, bar.n)  # the pickle's own few bytes beyond its tensors': end at 100%
@@ -351,66 +347,3 @@ def calibration_range(store: Store, rows: int) -> range:
     """The rows a calibration of `rows` rows reads: the start of the store's calibration split."""
     split = calibration_rows(store)
     return split[:rows]
-
-
-def _token_policy(store: Store) -> dict[str, bool]:
-    """SAELens' `prepend_bos` and `exclude_special_tokens` for a store harvested from text (every window
-    starts with BOS; its special tokens are rows or not as the harvest chose): SAELens'
-    `ActivationsStore.from_sae`, the way into `sae_lens.evals`, refuses a cfg without `prepend_bos`."""
-    special = store.meta.get("special_tokens")
-    if not isinstance(special, dict):  # toy or imported rows: no windows kukla packed
-        return {}
-    return {"prepend_bos": True, "exclude_special_tokens": bool(special.get("excluded"))}
-
-
-def _metadata(config: TrainConfig, store: Store, trainee: Trainee, step: int, world: int,
-              calibrated: range) -> dict[str, Any]:
-    """What save_dictionary records beside the weights (model, context and dataset also go to SAELens' cfg)."""
-    summary = {k: float(v) for k, v in trainee.last.items()}
-    model, dataset = store.meta.get("model"), store.meta.get("dataset")
-    provenance = {
-        "model_name": model.get("name") if isinstance(model, dict) else model,
-        "context_size": store.context_size,
-        "dataset_path": store.where.get("dataset", dataset.get("name")) if isinstance(dataset, dict) else None,
-        **_token_policy(store),
-    }
-    return {
-        **{key: value for key, value in provenance.items() if value is not None},
-        "training": to_dict(config),
-        "sweep_member": trainee.name,
-        "seed": trainee.member.seed,
-        "store": {"path": str(config.store), "fingerprint": store.meta.get("fingerprint"),
-                  "identity": store.identity_digest},
-        "hooks": {"input": config.hooks[0], "target": config.hooks[-1]},
-        "step": step,
-        "tokens": step * config.batch_size,
-        "summary": summary,
-        **({"calibration": {"rows": [calibrated.start, calibrated.stop], "store_fingerprint": store.fingerprint,
-                            "per_latent_thresholds": config.per_latent_thresholds,
-                            "l0_cap": int(trainee.dictionary.l0_cap)}}
-           if trainee.dictionary.rule.calibrated else {}),
-        "dead_window": {"tokens": trainee.member.config.dead_tokens,
-                        "engaged": trainee.member.config.dead_tokens < config.tokens},
-        "snap_step": snap_step(config.snap_fraction, config.total_steps(world)),
-    }
-
-
-def _publish_final(final: Path | None, trainees: list[Trainee], out: Path, ranks: Ranks,
-                   log: TrainLog) -> list[Path]:
-    """Copy the final checkpoint's dictionaries to out/<member> (atomically) and report them."""
-    paths = [out / t.name for t in trainees]
-    if ranks.is_main and final is not None:
-        for trainee, path in zip(trainees, paths):
-            checkpoint.publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True),
-                                   path)
-            inference_l0 = float(trainee.dictionary.inference_l0)  # NaN: no calibration (relu, jumprelu, topk)
-            l0 = float(trainee.last["l0"]) if "l0" in trainee.last else None  # none: resumed at the end
-            target = trainee.dictionary.cfg.target_l0
-            log.summary(trainee.name, {"inference_l0": None if math.isnan(inference_l0) else inference_l0,
-                                       "l0": l0, "path": str(path)})
-            if target is not None and l0 is not None and not target / L0_MISS <= l0 <= target * L0_MISS:
-                logger.warning("%s: L0 ended at %.3g, not near target_l0 %g: the penalty did not get it there in "
-                               "this run; train longer or raise l0_control_rate (%g)", trainee.name, l0, target,
-                               trainee.dictionary.cfg.l0_control_rate)
-    barrier(ranks)
-    return paths
