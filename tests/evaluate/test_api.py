@@ -143,6 +143,18 @@ def test_dictionaries_whose_names_differ_only_in_punctuation_each_keep_their_lat
     assert all(tables["latents_" + re.sub(r"[^\w.-]", "_", name) + ".parquet"] == w for name, w in widths.items())
 
 
+def test_the_same_member_of_two_sweeps_is_named_by_its_sweep_both_times(tmp_path: Path, rows_store: Path) -> None:
+    """Two training runs name their members alike (`…-w32-k2-s1` from `--seed 0,1` and from `--seed 1`):
+    the first was left bare, so it read as the one member of that name, the second alone got its folder."""
+    paths = [make_dictionary(tmp_path / sweep / name, torch.zeros(D, width), torch.zeros(width, D))
+             for sweep, name, width in (("sweep-a", "member", 4), ("sweep-b", "member", 6), ("sweep-b", "other", 8))]
+    out = evaluate(_config(paths, rows_store, tmp_path / "out"))
+    widths = {name: m["width"] for name, m in json.loads((out / "metrics.json").read_text())["dictionaries"].items()}
+    assert widths == {"sweep-a/member": 4, "sweep-b/member": 6, "other": 8}
+    assert sorted(p.name for p in out.glob("latents_*.parquet")) == [
+        "latents_other.parquet", "latents_sweep-a_member.parquet", "latents_sweep-b_member.parquet"]
+
+
 def test_a_dictionary_of_another_width_or_hook_is_refused(tmp_path: Path, rows_store: Path) -> None:
     wide = make_dictionary(tmp_path / "wide", torch.zeros(D + 1, 4), torch.zeros(4, D + 1))
     with pytest.raises(KuklaError, match=f"d_in {D + 1}.*{D} wide"):

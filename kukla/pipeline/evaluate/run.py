@@ -96,13 +96,12 @@ def load_entries(config: EvaluateConfig, store: Store, device: str) -> list[Entr
     """Load and check every dictionary against the store before any work starts."""
     entries: list[Entry] = []
     slugs: set[str] = set()
-    for path in config.dictionaries:
+    for path, name in zip(config.dictionaries, dictionary_names(config.dictionaries)):
         if not Path(path).is_dir():
             what = "is a file" if Path(path).exists() else "does not exist"
             raise KuklaError(f"dictionary directory {path} {what}: give a folder kukla train wrote (or a SAELens one)")
         dictionary = load_dictionary(path).to(device).eval()
         source, target = _hooks_of(dictionary, Path(path), store)
-        name = Path(path).resolve().name
         while _slug(name) in slugs:  # unique file names too: "a b" and "a_b" would share latents_a_b.parquet
             name = f"{Path(path).resolve().parent.name}/{name}"
         slugs.add(_slug(name))
@@ -110,6 +109,19 @@ def load_entries(config: EvaluateConfig, store: Store, device: str) -> list[Entr
                              ReconstructionStats(dictionary.width, dictionary.levels),
                              TopActivations(dictionary.width, config.top_examples)))
     return entries
+
+
+def dictionary_names(paths: list[Path]) -> list[str]:
+    """Each dictionary's name in the report: its folder's name, with as many parent folders as set it
+    apart from every other folder of that name (two sweeps' same member: `sweep-a/…-s1`, `sweep-b/…-s1`),
+    so no name is left bare to pass for the other run's."""
+    parts = [Path(p).resolve().parts[1:] for p in paths]  # the root ("/") names nothing
+    names = []
+    for i, own in enumerate(parts):
+        others = [other for j, other in enumerate(parts) if j != i]
+        n = next((n for n in range(1, len(own)) if all(other[-n:] != own[-n:] for other in others)), len(own))
+        names.append("/".join(own[-n:]))
+    return names
 
 
 def _attach_toy_truth(store: Store, entries: list[Entry]) -> bool:
