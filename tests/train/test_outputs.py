@@ -156,3 +156,22 @@ def test_sweep_member_equals_the_same_dictionary_trained_alone(store: Path, tmp_
     cursor = state["streams"][0]
     assert cursor["epoch"] * (3584 // 256) + cursor["batch"] == 60
     assert len(state["members"]) == 4
+
+
+def test_a_seed_sweeps_member_trains_alone_on_the_same_batches_with_its_data_seed(tmp_path: Path) -> None:
+    """The data order follows the sweep's first seed, so `--seed 1` alone trained other batches than
+    the s1 member of `--seed 0,1` (on a store of several chunks) and no setting could match it."""
+    from stores import sparse_rows
+
+    from tests.stores import write_store as write_columns
+
+    rows, _ = sparse_rows(6144, 16, 64, seed=3)
+    store = write_columns(tmp_path / "chunks.zarr", {HOOK: rows}, holdout_rows=512, chunk_rows=512,
+                          meta={"model": "test-rows"})
+    settings = dict(store=store, hook=HOOK, arch="topk", width=[32], k=[4], **SMALL)
+    [_, member] = train(TrainConfig(out=tmp_path / "sweep", seed=[0, 1], **settings))
+    [alone] = train(TrainConfig(out=tmp_path / "alone", seed=[1], data_seed=0, **settings))
+    [other] = train(TrainConfig(out=tmp_path / "other", seed=[1], **settings))
+    weights = [load_file(p / "sae_weights.safetensors") for p in (member, alone, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])  # data seed 1: other batches

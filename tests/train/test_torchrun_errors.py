@@ -31,6 +31,6 @@ def test_a_one_process_run_resumed_under_two_ranks_is_refused_in_one_line(store:
     torchrun = ["-m", "kukla.cli.torchrun", "--standalone", "--nproc_per_node", "2"]
     resumed = _train(store, tmp_path, torchrun, "--resume")
     assert resumed.returncode == 2, resumed.stderr[-3000:]  # a kukla error's status, as in one process
-    assert "the run used 1 ranks, this launch has 2; resume with the same number of processes" in resumed.stderr
+    assert "the run had 1 process(es), this launch has 2; resume with the same number of processes" in resumed.stderr
     assert "Traceback" not in resumed.stderr and "ChildFailedError" not in resumed.stderr, resumed.stderr[-3000:]
     assert resumed.stderr.rstrip().splitlines()[-1].startswith("error: rank "), resumed.stderr[-3000:]

@@ -69,7 +69,9 @@ class TrainConfig(DictionarySettings):
     k: list[float] = field(default_factory=lambda: [64.0])
     """Active latents per token (a per-token average for BatchTopK, so it may be fractional); several values sweep them. Ignored by relu and jumprelu."""
     seed: list[int] = field(default_factory=lambda: [0])
-    """Initialisation seeds; several values sweep them. The first also seeds the data order."""
+    """Initialisation seeds; several values sweep them. The first also seeds the data order (see data_seed)."""
+    data_seed: int | None = None
+    """Seed of the data order (default: the first seed), shared by every member: --seed 1 --data-seed 0 trains alone the s1 member of a --seed 0,1 sweep."""
     tokens: int = 100_000_000
     """Training tokens (summed over ranks); more than the store holds runs several epochs."""
     batch_size: int = 4096

@@ -132,7 +132,8 @@ def _train(config: TrainConfig, ranks: Ranks, lease: Lease | None, store: Store)
                          f"(--batch-size {config.batch_size}); lower it or harvest more tokens")
     epochs = math.ceil(total_steps / per_epoch)
     stream = ActivationStream(store, list(hooks), local_batch, split="train", rank=ranks.rank, world=ranks.world,
-                              epochs=epochs, seed=config.seed[0], device=ranks.device,
+                              epochs=epochs, seed=config.seed[0] if config.data_seed is None else config.data_seed,
+                              device=ranks.device,
                               prefetch=config.prefetch, with_rows=True)
     step, checkpointed_id = 0, None
     if state is not None:
@@ -242,7 +243,7 @@ def _resume_state(config: TrainConfig, ranks: Ranks, store: Store) -> dict[str, 
         raise KuklaError(f"--resume: {config.store} holds other rows than the store the run in {config.out} trained "
                          "on (another harvest, shuffle or holdout); resume on that store, or train into a new --out")
     if state["world"] != ranks.world:
-        raise KuklaError(f"--resume: the run used {state['world']} ranks, this launch has {ranks.world}; "
+        raise KuklaError(f"--resume: the run had {state['world']} process(es), this launch has {ranks.world}; "
                          "resume with the same number of processes")
     return state
 
