@@ -127,6 +127,13 @@ def special_token_policy(tokenizer: Any, keep_special_tokens: bool) -> dict[str,
     }
 
 
+def special_ids(tokenizer: Any) -> list[int]:
+    """The token ids a harvest leaves out unless `keep_special_tokens`: BOS, the separator, the pad
+    and every other special token."""
+    ids = {*tokenizer.all_special_ids, tokenizer.bos_token_id, _separator_id(tokenizer), _pad_id(tokenizer)}
+    return sorted(i for i in ids if i is not None)
+
+
 def _separator_id(tokenizer: Any) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
 
@@ -140,7 +147,7 @@ def iter_windows(texts: Iterator[str], tokenizer: Any, context_size: int, *,
     """Pack tokenized texts into BOS-led windows, in order, with their `keep` masks."""
     if tokenizer.bos_token_id is None:
         raise KuklaError("the tokenizer has no BOS token; kukla starts every window with one")
-    special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    special = np.array(special_ids(tokenizer), dtype=np.int64)
     separator, pad = _separator_id(tokenizer), _pad_id(tokenizer)
     body = context_size - 1
     ids: list[int] = []

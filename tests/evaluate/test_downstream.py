@@ -52,6 +52,26 @@ def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero_abla
     assert out["half"]["ce_loss_recovered"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_positions_of_tokens_the_harvest_leaves_out_keep_the_models_activation(
+        tiny_model: HookedTransformer, contexts: torch.Tensor) -> None:
+    """The dictionary never saw BOS or separator activations (the harvest stores no rows for them),
+    so neither the splice nor the ablation replaces them: BOS (0) leads each window, separators (1) sit inside."""
+    windows = contexts.clone() % 38 + 2
+    windows[:, 0], windows[:, [4, 9]] = 0, 1
+
+    def halved(act, hook):
+        return torch.where(torch.isin(windows, torch.tensor([0, 1]))[..., None], act, 0.5 * act)
+
+    out = evaluate_downstream(tiny_model, windows, {"half": Splice(HOOK, HOOK, lambda x: 0.5 * x)}, unspliced=[0, 1])
+    spliced = tiny_model.run_with_hooks(windows, return_type="loss", fwd_hooks=[(HOOK, halved)]).item()
+    zeroed = tiny_model.run_with_hooks(windows, return_type="loss", fwd_hooks=[(
+        HOOK, lambda act, hook: torch.where(torch.isin(windows, torch.tensor([0, 1]))[..., None], act, 0 * act))]).item()
+    assert out["half"]["ce_loss_spliced"] == pytest.approx(spliced, rel=1e-6)
+    assert out["half"]["ce_loss_zero_ablation"] == pytest.approx(zeroed, rel=1e-6)
+    everywhere = evaluate_downstream(tiny_model, windows, {"half": Splice(HOOK, HOOK, lambda x: 0.5 * x)})
+    assert everywhere["half"]["ce_loss_spliced"] != pytest.approx(spliced, rel=1e-6)
+
+
 def test_mean_ablation_uses_the_given_mean(tiny_model: HookedTransformer, contexts: torch.Tensor) -> None:
     mean = torch.randn(16, generator=torch.Generator().manual_seed(6))
     out = evaluate_downstream(tiny_model, contexts, {"mean": Splice(HOOK, HOOK, lambda x: mean.expand_as(x))},

@@ -32,6 +32,7 @@ from kukla.pipeline.evaluate.reconstruction import ReconstructionStats, Splice, 
 from kukla.pipeline.evaluate.report import (calibration_overlap, caveats, trained_elsewhere, training_curves, write_html,
                                             write_markdown)
 from kukla.pipeline.massive import has_flags, massive_by_norm, massive_ratio, massive_rows
+from kukla.pipeline.text import special_ids
 from kukla.pipeline.toy import TOY_ACTIVITY, TOY_DIRECTIONS, TOY_PARENT, ToyTruth
 from kukla.progress import progress
 from kukla.storage import Store, open_store
@@ -229,7 +230,7 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
         if e.stats.target.mean is not None:
             means.setdefault(e.target_hook, e.stats.target.mean.float())
     results = evaluate_downstream(model, windows, splices, batch_size=config.downstream.batch_size,
-                                  first_position=0 if keep_special else 1,
+                                  unspliced=[] if keep_special else special_ids(model.tokenizer),
                                   mean_ablation=means if config.downstream.mean_ablation else None)
     for e in entries:
         e_result = results[e.name]
