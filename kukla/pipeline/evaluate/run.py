@@ -223,14 +223,14 @@ def run_downstream(config: EvaluateConfig, store: Store, entries: list[Entry], m
                      f"store's text: {exc})")
     if not unseen:
         notes.append("downstream contexts include harvested text (the dataset has no more windows after it)")
-    keep_special = bool(store.meta.get("harvest", {}).get("keep_special_tokens", False))
+    left_out = bool((store.meta.get("special_tokens") or {}).get("excluded"))  # a harvest's; an import keeps all
     splices = {e.name: Splice(e.input_hook, e.target_hook, e.dictionary.forward) for e in entries}
     means = {}
     for e in entries:
         if e.stats.target.mean is not None:
             means.setdefault(e.target_hook, e.stats.target.mean.float())
     results = evaluate_downstream(model, windows, splices, batch_size=config.downstream.batch_size,
-                                  unspliced=[] if keep_special else special_ids(model.tokenizer),
+                                  unspliced=special_ids(model.tokenizer) if left_out else [],
                                   mean_ablation=means if config.downstream.mean_ablation else None)
     for e in entries:
         e_result = results[e.name]
