@@ -64,3 +64,21 @@ def test_batchtopk_shows_absorption_holes_and_matryoshka_clearly_fewer(tmp_path:
         by_hand = _holes_by_hand(store, directory)
         assert entry["absorption_holes"] == pytest.approx({str(p): h for p, h in by_hand.items()}, abs=1e-9)
     assert "Toy ground truth" in (out / "report.html").read_text()
+
+
+def test_a_toy_store_has_no_massive_activations_to_warn_of(tmp_path: Path) -> None:
+    """Where most toy rows are noise, the rows carrying features are many times the median norm: the
+    norm rule flagged them ("347 massive-activation rows hold 100% of the eval variance")."""
+    import torch
+
+    from tests.evaluate.helpers import make_dictionary
+
+    store = tmp_path / "toy.zarr"
+    harvest(HarvestConfig(output=store, source="toy-tree", tokens=20_000, store_dtype="float32",
+                          toy=ToyConfig(tree=[8, 2], dim=32, p_root=0.05, p_child=0.3), holdout_rows=4000))
+    g = torch.Generator().manual_seed(0)
+    path = make_dictionary(tmp_path / "d", torch.randn(32, 16, generator=g), torch.randn(16, 32, generator=g), hook="toy")
+    out = evaluate(EvaluateConfig(dictionaries=[path], store=store, out=tmp_path / "report"))
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["store"]["massive"]["rows"] == {"toy": 0} and report["store"]["massive"]["rule"].startswith("none")
+    assert not any(w.startswith("massive") for w in report["dictionaries"]["d"]["warnings"])

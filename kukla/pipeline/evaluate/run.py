@@ -170,17 +170,20 @@ def score_massive(store: Store, entries: list[Entry], scored: range) -> dict[str
     """Flag the scored rows' massive activations (the store's flags, else the norm rule on each target
     hook) and give every dictionary its EV without them, its L0 tail and its worst rows."""
     ratio = massive_ratio(store)
+    toy = store.meta.get("source") == "toy-tree"  # no model: its feature rows would pass for massive ones
     flags = massive_rows(store, scored.start, scored.stop) if has_flags(store) else None
     found: dict[str, int] = {}
     for hook in sorted({e.target_hook for e in entries}):
         mine = [e for e in entries if e.target_hook == hook]
         rows, norm_sq, _, _ = mine[0].stats.per_row()
-        excluded = flags if flags is not None else rows[massive_by_norm(norm_sq.sqrt(), ratio)]
+        excluded = (torch.zeros(0, dtype=torch.long) if toy else flags if flags is not None
+                    else rows[massive_by_norm(norm_sq.sqrt(), ratio)])
         total = store.read_rows(hook, excluded.numpy()).double().sum(0) if excluded.numel() else torch.zeros(1)
         for e in mine:
             e.tails = e.stats.tails(excluded, total)
         found[hook] = int(excluded.numel())
-    rule = ("the store's tokens/massive flags" if flags is not None
+    rule = ("none: a toy-tree store has no model, so no massive activations" if toy
+            else "the store's tokens/massive flags" if flags is not None
             else f"row norm above {ratio:g}× the median of the scored rows (the store has no tokens/massive flags)")
     return {"rule": rule, "rows": found}
 
