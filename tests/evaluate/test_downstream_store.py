@@ -16,11 +16,9 @@ from transformers import GPT2LMHeadModel
 
 from kukla.pipeline.dictionary import Dictionary, DictionaryConfig, save_dictionary
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
-from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.harvest.run import harvest
 from kukla.storage import finalize_store
 from tests.evaluate.helpers import make_dictionary
-from tests.harvest.conftest import build_tiny_model_dir, write_texts
+from tests.harvest.conftest import harvest_tiny_text
 
 RESID = "blocks.0.hook_resid_post"
 MID, MLP_OUT = "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"
@@ -29,11 +27,8 @@ MID, MLP_OUT = "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"
 @pytest.fixture(scope="module")
 def text_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("text")
-    model_dir = build_tiny_model_dir(root / "model")
-    texts = write_texts(root / "texts.jsonl", n_docs=300)
-    store = root / "store.zarr"
-    harvest(HarvestConfig(output=store, model=str(model_dir), hook=[RESID, MID, MLP_OUT], dataset=str(texts),
-                          context_size=16, tokens=1200, store_dtype="float32", finalize=False, segment_windows=16))
+    store, _, model_dir = harvest_tiny_text(root, [RESID, MID, MLP_OUT], n_docs=300, context_size=16, tokens=1200,
+                                            finalize=False, segment_windows=16)
     finalize_store(store, holdout_rows=400)
     return store, model_dir
 

@@ -17,13 +17,11 @@ import pytest
 import torch
 
 from kukla.pipeline.evaluate import AbsorptionConfig, DownstreamConfig, EvaluateConfig, evaluate
-from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
 from kukla.pipeline.train import train
 from kukla.pipeline.train.config import TrainConfig
 from tests.evaluate.helpers import D, make_dictionary
-from tests.harvest.conftest import build_tiny_model_dir, write_texts
+from tests.harvest.conftest import harvest_tiny_text
 
 HOOK = "blocks.1.hook_resid_post"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -32,11 +30,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-network
 
 def build_demo_report(root: Path) -> Path:
     """Harvest, train two dictionaries (Matryoshka and plain) and evaluate: the report directory."""
-    model_dir = build_tiny_model_dir(root / "model")
-    texts = write_texts(root / "texts.jsonl", n_docs=400)
-    store = root / "store.zarr"
-    harvest(HarvestConfig(output=store, model=str(model_dir), hook=[HOOK], dataset=str(texts), context_size=32,
-                          tokens=3000, store_dtype="float32", holdout_rows=800))
+    store, _, model_dir = harvest_tiny_text(root, [HOOK], n_docs=400, context_size=32, tokens=3000, holdout_rows=800)
     dictionaries = []
     for arch in ("matryoshka-batchtopk", "batchtopk"):
         dictionaries += train(TrainConfig(store=store, out=root / arch, hook=HOOK, arch=arch, width=[64], k=[4],

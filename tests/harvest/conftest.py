@@ -14,6 +14,7 @@ import string
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,20 @@ def write_texts(path: Path, n_docs: int = 40, seed: int = 0) -> Path:
             text = " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=rng)) + "."
             f.write(json.dumps({"text": text, "id": _}) + "\n")
     return path
+
+
+def harvest_tiny_text(root: Path, hooks: list[str], *, n_docs: int, **settings: Any) -> tuple[Path, Path, Path]:
+    """A tiny GPT-2 folder and `n_docs` documents under `root`, harvested at `hooks` in float32 into
+    root/store.zarr (`settings`: the rest of HarvestConfig): (store, texts, model folder)."""
+    from kukla.pipeline.harvest.config import HarvestConfig
+    from kukla.pipeline.harvest.run import harvest
+
+    model_dir = build_tiny_model_dir(root / "model")
+    texts = write_texts(root / "texts.jsonl", n_docs=n_docs)
+    store = root / "store.zarr"
+    harvest(HarvestConfig(output=store, model=str(model_dir), hook=hooks, dataset=str(texts), store_dtype="float32",
+                          **settings))
+    return store, texts, model_dir
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import torch
 
-from kukla.pipeline.harvest.config import HarvestConfig
-from kukla.pipeline.harvest.run import harvest
 from kukla.pipeline.models import load_model
 from kukla.pipeline.train import TrainConfig, train
-from tests.harvest.conftest import build_tiny_model_dir, write_texts
+from tests.harvest.conftest import harvest_tiny_text
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -20,11 +18,8 @@ def test_saelens_activations_store_accepts_a_dictionary_trained_on_harvested_tex
     from datasets import Dataset
     from sae_lens import SAE, ActivationsStore
 
-    model_dir = build_tiny_model_dir(tmp_path / "model")
-    texts = write_texts(tmp_path / "texts.jsonl", n_docs=200)
-    store = tmp_path / "store.zarr"
-    harvest(HarvestConfig(output=store, model=str(model_dir), hook=[HOOK], dataset=str(texts), context_size=16,
-                          tokens=2000, store_dtype="float32", holdout_rows=400))
+    store, texts, model_dir = harvest_tiny_text(tmp_path, [HOOK], n_docs=200, context_size=16, tokens=2000,
+                                                holdout_rows=400)
     [path] = train(TrainConfig(store=store, out=tmp_path / "out", hook=HOOK, arch="topk", width=[32], k=[4],
                                batch_size=128, tokens=128 * 10, checkpoint_every=0, threads=1))
 
