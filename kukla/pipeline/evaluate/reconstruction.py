@@ -255,13 +255,9 @@ def _kl_sum(clean_logp: Tensor, logits: Tensor) -> Tensor:
     return (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum()
 
 
-def _replace(value: Tensor, spliced: Tensor) -> Callable[[Tensor, Any], Tensor]:
-    """A hook that puts `value` where `spliced` [batch, ctx] is true and keeps the activation elsewhere."""
-    def hook(act: Tensor, hook: Any) -> Tensor:
-        where = spliced.view(*spliced.shape, *[1] * (act.ndim - 2))
-        return torch.where(where, value.to(act.dtype), act)
-
-    return hook
+def _put(act: Tensor, value: Tensor, replaced: Tensor) -> Tensor:
+    """`value` where `replaced` [batch, ctx] is true, the model's own `act` elsewhere."""
+    return torch.where(replaced.view(*replaced.shape, *[1] * (act.ndim - 2)), value.to(act.dtype), act)
 
 
 class DownstreamEvaluator:
@@ -272,7 +268,6 @@ class DownstreamEvaluator:
         self.model = model
         self.splices = splices
         self.unspliced = torch.tensor(sorted(set(unspliced)), dtype=torch.long, device=model.cfg.device)
-        self.replaced = torch.ones(0, dtype=torch.bool)  # the batch's positions to replace (`update`)
         # A gated hook (hook_mlp_in, …) never fires without its flag: a splice there would be skipped.
         enable_hooks(model, sorted({h for s in splices.values() for h in (s.input_hook, s.target_hook)}))
         self.ablations: dict[str, Callable[[Tensor], Tensor]] = {}
@@ -287,22 +282,22 @@ class DownstreamEvaluator:
         self.ablated = {key: _Sums() for key in self.ablations}
         self.spliced = {name: _Sums() for name in splices}
 
-    def _run_replacing(self, tokens: Tensor, hook: str, make: Callable[[Tensor], Tensor]) -> Tensor:
+    def _run_replacing(self, tokens: Tensor, replaced: Tensor, hook: str, make: Callable[[Tensor], Tensor]) -> Tensor:
         def fn(act: Tensor, hook: Any) -> Tensor:
-            return _replace(make(act), self.replaced)(act, hook)
+            return _put(act, make(act), replaced)
 
         return self.model.run_with_hooks(tokens, fwd_hooks=[(hook, fn)], return_type="logits")
 
-    def _run_splice(self, tokens: Tensor, splice: Splice) -> Tensor:
+    def _run_splice(self, tokens: Tensor, replaced: Tensor, splice: Splice) -> Tensor:
         if splice.input_hook == splice.target_hook:
-            return self._run_replacing(tokens, splice.target_hook, splice.forward)
+            return self._run_replacing(tokens, replaced, splice.target_hook, splice.forward)
         cache: dict[str, Tensor] = {}
 
         def keep(act: Tensor, hook: Any) -> None:
             cache["x"] = act
 
         def put(act: Tensor, hook: Any) -> Tensor:
-            return _replace(splice.forward(cache["x"]), self.replaced)(act, hook)
+            return _put(act, splice.forward(cache["x"]), replaced)
 
         return self.model.run_with_hooks(
             tokens, fwd_hooks=[(splice.input_hook, keep), (splice.target_hook, put)], return_type="logits")
@@ -311,18 +306,18 @@ class DownstreamEvaluator:
     def update(self, tokens: Tensor) -> None:
         """Run one batch of contexts [batch, ctx]: clean and ablated once, then each dictionary."""
         tokens = tokens.to(self.model.cfg.device)
-        self.replaced = ~torch.isin(tokens, self.unspliced)
+        replaced = ~torch.isin(tokens, self.unspliced)
         clean = self.model(tokens, return_type="logits")
         clean_logp = torch.log_softmax(clean.float(), dim=-1)
         self.clean_ce += _token_ce(clean, tokens).item()
         self.n_predicted += tokens.shape[0] * (tokens.shape[1] - 1)
         self.n_positions += tokens.numel()
         for key, ablate in self.ablations.items():
-            logits = self._run_replacing(tokens, key.split(":", 1)[1], ablate)
+            logits = self._run_replacing(tokens, replaced, key.split(":", 1)[1], ablate)
             self.ablated[key].ce += _token_ce(logits, tokens).item()
             self.ablated[key].kl += _kl_sum(clean_logp, logits).item()
         for name, splice in self.splices.items():
-            logits = self._run_splice(tokens, splice)
+            logits = self._run_splice(tokens, replaced, splice)
             self.spliced[name].ce += _token_ce(logits, tokens).item()
             self.spliced[name].kl += _kl_sum(clean_logp, logits).item()
 
