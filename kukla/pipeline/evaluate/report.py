@@ -240,11 +240,9 @@ def trained_elsewhere(metadata: dict[str, Any], fingerprint: str, identity: str)
             "the same text (shuffled or split otherwise), its training tokens are among the rows scored here")
 
 
-def calibration_overlap(metadata: dict[str, Any], fingerprint: str, identity: str,
-                        evaluated: range) -> tuple[list[int] | None, str | None]:
-    """The dictionary's calibration rows (when known) and a warning when they may be among the scored rows."""
-    if trained_elsewhere(metadata, fingerprint, identity):  # its calibration rows are another store's
-        return None, None
+def calibration_overlap(metadata: dict[str, Any], fingerprint: str, evaluated: range) -> tuple[list[int] | None, str | None]:
+    """The dictionary's calibration rows (when known) and a warning when they may be among the scored
+    rows; for a dictionary trained on this store (`trained_elsewhere` says when not)."""
     config, training = metadata.get("config") or {}, metadata.get("metadata") or {}
     calibration = training.get("calibration")
     if calibration is None:

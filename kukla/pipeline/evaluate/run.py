@@ -171,13 +171,13 @@ def score_massive(store: Store, entries: list[Entry], scored: range) -> dict[str
     hook) and give every dictionary its EV without them, its L0 tail and its worst rows."""
     ratio = massive_ratio(store)
     toy = store.meta.get("source") == "toy-tree"  # no model: its feature rows would pass for massive ones
-    flags = massive_rows(store, scored.start, scored.stop) if has_flags(store) else None
+    flags = (torch.zeros(0, dtype=torch.long) if toy
+             else massive_rows(store, scored.start, scored.stop) if has_flags(store) else None)
     found: dict[str, int] = {}
     for hook in sorted({e.target_hook for e in entries}):
         mine = [e for e in entries if e.target_hook == hook]
         rows, norm_sq, _, _ = mine[0].stats.per_row()
-        excluded = (torch.zeros(0, dtype=torch.long) if toy else flags if flags is not None
-                    else rows[massive_by_norm(norm_sq.sqrt(), ratio)])
+        excluded = flags if flags is not None else rows[massive_by_norm(norm_sq.sqrt(), ratio)]
         total = store.read_rows(hook, excluded.numpy()).double().sum(0) if excluded.numel() else torch.zeros(1)
         for e in mine:
             e.tails = e.stats.tails(excluded, total)
@@ -269,7 +269,9 @@ def run_absorption(config: EvaluateConfig, entries: list[Entry], model: HookedTr
 
 def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str, Any], torch.Tensor]:
     max_cos = e.nearest[0][:, 0]
-    calibrated, overlap = calibration_overlap(e.dictionary.metadata, store.fingerprint, store.identity_digest, scored)
+    elsewhere = trained_elsewhere(e.dictionary.metadata, store.fingerprint, store.identity_digest)
+    calibrated, overlap = (None, None) if elsewhere else calibration_overlap(e.dictionary.metadata, store.fingerprint,
+                                                                             scored)
     out: dict[str, Any] = {
         "path": str(e.path), "kind": "transcoder" if e.transcoder else "SAE", "arch": e.dictionary.cfg.arch or e.dictionary.cfg.label,
         "hooks": {"input": e.input_hook, "target": e.target_hook}, "d_in": e.dictionary.d_in,
@@ -284,7 +286,6 @@ def _dictionary_metrics(e: Entry, store: Store, scored: range) -> tuple[dict[str
             out[key] = value
     if e.toy is not None:
         out["toy"] = e.toy.summary()
-    elsewhere = trained_elsewhere(e.dictionary.metadata, store.fingerprint, store.identity_digest)
     out["warnings"] = [w for w in (overlap, elsewhere) if w]  # the rest are added with the browser's (caveats)
     return out, max_cos
 
