@@ -96,7 +96,7 @@ def _load_named(official: str, folder: Path, device: str, dtype: torch.dtype, hf
 
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=hf_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "right"  # the GGUF tokenizer pads on the left
+    tokenizer.padding_side = "right"  # as every load sets it (the embedded GGUF tokenizer pads on the left)
     return HookedTransformer.from_pretrained_no_processing(
         official, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
@@ -129,10 +129,12 @@ def _load_local_folder(folder: Path, device: str, dtype: torch.dtype) -> HookedT
     try:
         cfg = loading.get_pretrained_model_config(path, device=device, dtype=dtype)
     except NotImplementedError as exc:
-        if (official := _named_twin(folder)) is not None:
-            logger.info("%s: a %s by its architecture and shape; configured as that", folder, official)
-            return _load_named(official, folder, device, dtype, hf_dtype=dtype)
-        raise KuklaError(f"{folder}: TransformerLens cannot load this architecture ({exc})") from None
+        if (official := _named_twin(folder)) is None:
+            raise KuklaError(f"{folder}: TransformerLens cannot load this architecture ({exc})") from None
+        cfg = None
+    if cfg is None:  # outside the except: a failed load is not shown as raised while handling the refusal
+        logger.info("%s: a %s by its architecture and shape; configured as that", folder, official)
+        return _load_named(official, folder, device, dtype, hf_dtype=dtype)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     state_dict = loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -223,8 +223,7 @@ def publish_final(final: Path | None, trainees: list[Trainee], out: Path, ranks:
     paths = [out / t.name for t in trainees]
     if ranks.is_main and final is not None:
         for trainee, path in zip(trainees, paths):
-            publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True),
-                                   path)
+            publish_dir(lambda tmp, src=final / trainee.name: shutil.copytree(src, tmp, dirs_exist_ok=True), path)
             inference_l0 = float(trainee.dictionary.inference_l0)  # NaN: no calibration (relu, jumprelu, topk)
             l0 = float(trainee.last["l0"]) if "l0" in trainee.last else None  # none: resumed at the end
             target = trainee.dictionary.cfg.target_l0
