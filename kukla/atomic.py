@@ -58,7 +58,17 @@ def fsync_tree(path: str | Path) -> None:
 def remove_temporaries(folder: str | Path) -> None:
     """Delete what killed writers left under `folder`: their temporaries are never renamed, and
     their random names mean no later write of the same file replaces them."""
-    for tmp in Path(folder).rglob(f"*{TEMPORARY}*"):
+    _remove(Path(folder).rglob(f"*{TEMPORARY}*"))
+
+
+def remove_temporaries_of(path: str | Path) -> None:
+    """Delete the temporaries killed writers of the one file `path` left beside it."""
+    path = Path(path)
+    _remove(path.parent.glob(f"{path.name}{TEMPORARY}*"))
+
+
+def _remove(candidates: Iterator[Path]) -> None:
+    for tmp in candidates:  # atomic_path's names: the file's, TEMPORARY, 16 random hex digits
         if tmp.is_file() and len(tmp.name.rpartition(TEMPORARY)[2]) == 16:
             tmp.unlink(missing_ok=True)
 

@@ -50,7 +50,8 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from kukla.atomic import TEMPORARY, atomic_path, create_atomic, fsync_tree, remove_temporaries, write_atomic
+from kukla.atomic import (atomic_path, create_atomic, fsync_tree, remove_temporaries, remove_temporaries_of,
+                          write_atomic)
 from kukla.errors import KuklaError
 
 logger = logging.getLogger(__name__)
@@ -303,9 +304,7 @@ def remove_stale(location: Location, key: str) -> None:
     if current is not None and not _live(current) and _read(location, key) == current:
         location.remove(key)
         if location.is_local:  # and the temporary of a renewal it was stopped or killed in
-            lease = Path(location.join(key))
-            for tmp in lease.parent.glob(f"{lease.name}{TEMPORARY}*"):
-                tmp.unlink(missing_ok=True)
+            remove_temporaries_of(location.join(key))
 
 
 class Lease:
